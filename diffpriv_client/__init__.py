@@ -1,0 +1,1 @@
+"""Command-line client that drives ComfyUI through its HTTP API."""

@@ -1,0 +1,182 @@
+"""A small client for ComfyUI's HTTP API and websocket.
+
+Used by the `diffpriv` command and by the end-to-end tests, so both speak to the
+server exactly the same way: queue an API-format graph on ``/prompt``, follow it
+on ``/ws``, read the result from ``/history`` and download files from ``/view``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+import websocket
+
+
+class PromptRejected(RuntimeError):
+    """The server refused a graph at validation time (``node_errors``)."""
+
+
+class PromptFailed(RuntimeError):
+    """The graph ran and one of its nodes raised; ``message`` is the node's error text."""
+
+    def __init__(self, message: str, node_type: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.node_type = node_type
+        self.details = details or {}
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    outputs: dict[str, Any]
+    status: dict[str, Any] = field(default_factory=dict)
+
+    def files(self, node_id: str, kind: str = "images") -> list[dict]:
+        """The file records (filename, subfolder, type) a node wrote under ``kind``."""
+        return list(self.outputs.get(str(node_id), {}).get(kind, []))
+
+
+class ComfyClient:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+        self.http = requests.Session()
+
+    # --- plain endpoints -------------------------------------------------------------
+    def get(self, path: str, **params) -> Any:
+        r = self.http.get(f"{self.base_url}{path}", params=params, timeout=self.timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, payload: dict | None = None) -> requests.Response:
+        r = self.http.post(f"{self.base_url}{path}", json=payload or {}, timeout=self.timeout)
+        r.raise_for_status()
+        return r
+
+    def is_up(self) -> bool:
+        try:
+            self.get("/system_stats")
+            return True
+        except (requests.RequestException, ValueError):
+            return False
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")
+
+    def queue_remaining(self) -> int:
+        return int(self.get("/prompt")["exec_info"]["queue_remaining"])
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def free(self, unload_models: bool = True) -> None:
+        self.post("/free", {"unload_models": unload_models, "free_memory": True})
+
+    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True) -> str:
+        """Upload a picture to the server's input folder; returns the name nodes refer to."""
+        path = Path(path)
+        with path.open("rb") as fh:
+            r = self.http.post(
+                f"{self.base_url}/upload/image",
+                files={"image": (path.name, fh)},
+                data={"subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
+                timeout=self.timeout,
+            )
+        r.raise_for_status()
+        info = r.json()
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def view(self, file_record: dict) -> bytes:
+        r = self.http.get(
+            f"{self.base_url}/view",
+            params={k: file_record.get(k, "") for k in ("filename", "subfolder", "type")},
+            timeout=self.timeout,
+        )
+        r.raise_for_status()
+        return r.content
+
+    # --- prompts ---------------------------------------------------------------------
+    def queue(self, graph: dict) -> str:
+        r = self.http.post(
+            f"{self.base_url}/prompt",
+            json={"prompt": graph, "client_id": self.client_id},
+            timeout=self.timeout,
+        )
+        if r.status_code == 400:
+            raise PromptRejected(json.dumps(r.json(), indent=1))
+        r.raise_for_status()
+        body = r.json()
+        if body.get("node_errors"):
+            raise PromptRejected(json.dumps(body["node_errors"], indent=1))
+        return body["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get(f"/history/{prompt_id}").get(prompt_id)
+
+    def wait(
+        self,
+        prompt_id: str,
+        timeout: float = 600.0,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> PromptResult:
+        """Block until the prompt finishes; raise PromptFailed with the node's error text.
+
+        Progress comes from the websocket; completion is confirmed through /history, which
+        also covers prompts that finished before we connected.
+        """
+        deadline = time.monotonic() + timeout
+        ws = None
+        try:
+            ws = websocket.create_connection(
+                f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}", timeout=2.0
+            )
+        except (OSError, websocket.WebSocketException):
+            ws = None  # fall back to polling /history only
+        try:
+            while time.monotonic() < deadline:
+                entry = self.history(prompt_id)
+                if entry is not None and entry.get("status", {}).get("completed") is not None:
+                    return self._result(prompt_id, entry)
+                if ws is None:
+                    time.sleep(0.25)
+                    continue
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except (OSError, websocket.WebSocketException):
+                    ws = None
+                    continue
+                if isinstance(raw, str):
+                    msg = json.loads(raw)
+                    data = msg.get("data", {})
+                    if data.get("prompt_id") not in (None, prompt_id):
+                        continue
+                    if on_progress is not None and msg.get("type") == "progress":
+                        on_progress(data)
+            raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+        finally:
+            if ws is not None:
+                ws.close()
+
+    def run(self, graph: dict, timeout: float = 600.0, **kw) -> PromptResult:
+        return self.wait(self.queue(graph), timeout=timeout, **kw)
+
+    @staticmethod
+    def _result(prompt_id: str, entry: dict) -> PromptResult:
+        status = entry.get("status", {})
+        if status.get("status_str") == "error":
+            for kind, data in status.get("messages", []):
+                if kind == "execution_error":
+                    raise PromptFailed(data.get("exception_message", "").strip(), data.get("node_type"), data)
+                if kind == "execution_interrupted":
+                    raise PromptFailed("interrupted", data.get("node_type"), data)
+            raise PromptFailed("the prompt failed without an error message", None, status)
+        return PromptResult(prompt_id, entry.get("outputs", {}), status)

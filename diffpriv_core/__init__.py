@@ -1,0 +1,1 @@
+"""Diff-Privacy: the method, importable without ComfyUI."""

@@ -1,0 +1,94 @@
+"""Shared fixtures: generated test-size models and the real ComfyUI server on CPU."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diffpriv_client.comfy_http import ComfyClient  # noqa: E402
+from diffpriv_client.embedded import EmbeddedComfy, prepare_base_directory  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_models  # noqa: E402
+
+MODEL_CACHE = ROOT / ".cache" / "test-models" / f"v{make_models.GENERATOR_VERSION}-seed1234"
+
+
+def pack_node_ids() -> set[str]:
+    """Every node id the pack defines, read from the node sources."""
+    ids = set()
+    for path in (ROOT / "nodes").glob("*.py"):
+        ids.update(re.findall(r'node_id="(DiffPrivacy\w+)"', path.read_text()))
+    return ids
+
+
+@pytest.fixture(scope="session")
+def test_models() -> Path:
+    """A models/ folder with the seeded random-weight SD1.5 checkpoint and CLIP vision."""
+    wanted = [MODEL_CACHE / make_models.CHECKPOINT, MODEL_CACHE / make_models.CLIP_VISION]
+    if not all(p.exists() for p in wanted):
+        subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "make_models.py"), str(MODEL_CACHE)],
+                       check=True)
+    return MODEL_CACHE
+
+
+def _models_folder(base: Path, test_models: Path) -> None:
+    for rel in (make_models.CHECKPOINT, make_models.CLIP_VISION):
+        link = base / "models" / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(test_models / rel)
+
+
+class Host:
+    def __init__(self, server: EmbeddedComfy):
+        self.server = server
+        self.client = ComfyClient(server.url, timeout=60)
+        self.base = server.base_dir
+
+    def log(self) -> str:
+        return self.server.log()
+
+    def upload(self, image: np.ndarray, name: str) -> str:
+        path = self.base / "uploads" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+        return self.client.upload_image(path)
+
+
+def start_host(base: Path, test_models: Path) -> EmbeddedComfy:
+    prepare_base_directory(base)
+    _models_folder(base, test_models)
+    server = EmbeddedComfy(base).start()
+    log = server.log()
+    info = ComfyClient(server.url, timeout=60).object_info()
+    missing = sorted(pack_node_ids() - set(info))
+    pack_failed = re.search(r"Cannot import \S*comfyui-diffprivacy", log)
+    if missing or pack_failed:
+        server.stop()
+        pytest.fail(f"pack nodes missing from /object_info: {missing}\n--- server log ---\n{log}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def comfy_host(tmp_path_factory, test_models) -> Host:
+    """The real ComfyUI server, headless on CPU, with the pack and the test models."""
+    server = start_host(tmp_path_factory.mktemp("comfy"), test_models)
+    try:
+        yield Host(server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.astronaut()
