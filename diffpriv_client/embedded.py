@@ -86,7 +86,10 @@ class EmbeddedComfy:
 
     def start(self) -> "EmbeddedComfy":
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The pack's own folder first, so the server runs this checkout's diffpriv_core even
+        # where another checkout is pip-installed (ComfyUI's folder still comes before it).
+        pythonpath = os.pathsep.join(p for p in (str(PACK_DIR), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=self.base_dir, start_new_session=True,

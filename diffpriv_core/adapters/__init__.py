@@ -1,0 +1,1 @@
+"""The small protocols the core needs from a host, and their implementations."""
