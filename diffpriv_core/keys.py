@@ -195,3 +195,47 @@ def load_key(path: str | os.PathLike, passphrase: str | None = None) -> tuple[Ke
     if path.stat().st_size > MAX_FILE_BYTES:
         raise KeyFileError(f"{path.name} is not a key file: far larger than any key")
     return load_key_bytes(path.read_bytes(), passphrase)
+
+
+def model_fingerprint(named_tensors, samples_per_tensor: int = 64) -> str:
+    """A short, dtype-independent fingerprint of a network's weights.
+
+    Recovery needs the exact UNet the keys were made with. Hashing every weight of a real
+    checkpoint would cost seconds, so each tensor contributes its name, shape and a fixed,
+    evenly spaced sample of its values rounded to float16 (the same whether the checkpoint
+    is loaded in fp16 or fp32).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples_per_tensor, flat.numel())).long()
+        sample = flat[idx.to(flat.device)].float().cpu().to(torch.float16)
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+KEY_SUFFIX = ".dpkey.safetensors"
+
+
+def safe_join(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name``, refusing any name that could leave the folder (absolute paths,
+    '..', backslashes, NUL, links pointing outside)."""
+    if not name or "\x00" in name or "\\" in name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(f"invalid key file name {name!r}: use a plain name or sub/folder/name inside the key folder")
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if root != path and root not in path.parents:
+        raise ValueError(f"invalid key file name {name!r}: it points outside {root}")
+    return path
+
+
+def next_key_path(folder: str | os.PathLike, prefix: str) -> Path:
+    """The next free ``prefix_00001.dpkey.safetensors`` (numbered like ComfyUI's images)."""
+    base = safe_join(folder, prefix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    taken = {p.name for p in base.parent.glob(f"{base.name}_*{KEY_SUFFIX}")}
+    counter = 1
+    while f"{base.name}_{counter:05d}{KEY_SUFFIX}" in taken:
+        counter += 1
+    return base.parent / f"{base.name}_{counter:05d}{KEY_SUFFIX}"

@@ -1,6 +1,14 @@
 """Thin ComfyUI adapters over diffpriv_core."""
 from .faces import FaceDetect
+from .keyfiles import LoadPrivacyKey, SavePrivacyKey
+from .recovery import DDIMInversionKey, Recover
+from .scheduler import EmbeddingScheduler
 
 NODES = [
+    EmbeddingScheduler,
+    DDIMInversionKey,
+    Recover,
+    SavePrivacyKey,
+    LoadPrivacyKey,
     FaceDetect,
 ]

@@ -92,3 +92,11 @@ def astronaut() -> np.ndarray:
     import skimage.data
 
     return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def comfy_inproc():
+    """ComfyUI's modules and this pack, imported in the test process (see inprocess.py)."""
+    from inprocess import load_host_in_process
+
+    return load_host_in_process()

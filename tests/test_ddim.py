@@ -6,7 +6,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from diffpriv_core import ddim
-from diffpriv_core.schedule import Grid, alphas_cumprod, ddim_grid, grid_from_sigmas, scheduled_stage, stage_of
+from diffpriv_core.schedule import (Grid, alphas_cumprod, ddim_grid, embedding_schedule, grid_from_sigmas,
+                                    scheduled_stage, stage_of)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
           steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True)
@@ -128,3 +129,11 @@ def test_grid_validation():
         Grid((1, 2), (0.5, 1.0))
     with pytest.raises(ValueError):
         ddim_grid(0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4, 0.45, 0.6, 1.0])
+def test_embedding_schedule_covers_every_timestep_once(tau):
+    ranges = embedding_schedule(tau)
+    for t in range(1000):
+        owners = [stage for stage, lo, hi in ranges if lo <= t <= hi]
+        assert owners == [scheduled_stage(t, tau)], t
