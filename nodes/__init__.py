@@ -1,5 +1,6 @@
 """Thin ComfyUI adapters over diffpriv_core."""
 from .faces import FaceDetect
+from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
 from .recovery import DDIMInversionKey, Recover
 from .scheduler import EmbeddingScheduler
@@ -11,4 +12,6 @@ NODES = [
     SavePrivacyKey,
     LoadPrivacyKey,
     FaceDetect,
+    FaceRecognizerLoader,
+    IdentityGuidanceNode,
 ]

@@ -225,23 +225,27 @@ def load_recognizer(path: str | Path) -> FaceRecognizer:
 
 @dataclass(frozen=True)
 class KnownModel:
-    file: str
     folder: str  # the ComfyUI models/ sub-folder it belongs in
+    path: str  # its usual place inside that folder
     what: str
     source: str
     licence: str
 
+    @property
+    def file(self) -> str:
+        return Path(self.path).name
+
 
 KNOWN_MODELS = (
-    KnownModel("w600k_r50.onnx", "insightface", "ArcFace R50, insightface pack buffalo_l "
-               "(models/insightface/models/buffalo_l/)", "insightface model zoo "
-               "(github.com/deepinsight/insightface, python-package README)", "non-commercial research only"),
-    KnownModel("glintr100.onnx", "insightface", "ArcFace R100, insightface pack antelopev2 "
-               "(models/insightface/models/antelopev2/)", "insightface model zoo", "non-commercial research only"),
-    KnownModel("model_ir_se50.pth", "arcface", "IR-SE50 ArcFace of the reference code",
+    KnownModel("insightface", "models/buffalo_l/w600k_r50.onnx", "ArcFace R50 of insightface's buffalo_l pack",
+               "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
+               "non-commercial research only"),
+    KnownModel("insightface", "models/antelopev2/glintr100.onnx", "ArcFace R100 of insightface's antelopev2 pack",
+               "insightface model zoo", "non-commercial research only"),
+    KnownModel("arcface", "model_ir_se50.pth", "IR-SE50 ArcFace of the reference code",
                "the InsightFace_Pytorch release (github.com/TreB1eN/InsightFace_Pytorch, 'IR-SE50')",
                "MIT code; weights trained on MS1M, check their terms"),
-    KnownModel("20180402-114759-vggface2.pt", "facenet", "FaceNet InceptionResnetV1, VGGFace2",
+    KnownModel("facenet", "20180402-114759-vggface2.pt", "FaceNet InceptionResnetV1, VGGFace2",
                "facenet-pytorch releases (github.com/timesler/facenet-pytorch/releases, v2.2.9)",
                "MIT code; VGGFace2-trained weights, check their terms"),
 )
@@ -253,7 +257,7 @@ NOT_RECOGNISERS = frozenset({"det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx", "
 
 class MissingFaceModelError(FileNotFoundError):
     def __init__(self, name: str, searched: list[str]):
-        known = "\n".join(f"  - {m.file} in models/{m.folder}/: {m.what}; from {m.source}; licence: {m.licence}"
+        known = "\n".join(f"  - models/{m.folder}/{m.path}: {m.what}; from {m.source}; licence: {m.licence}"
                           for m in KNOWN_MODELS)
         folders = "\n".join(f"  - {f}" for f in searched) or "  (none registered)"
         super().__init__(
@@ -266,14 +270,6 @@ class MissingFaceModelError(FileNotFoundError):
 def is_recognizer_file(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix in ONNX_SUFFIXES + STATE_DICT_SUFFIXES and path.name not in NOT_RECOGNISERS
-
-
-def list_recognizers(folder: str | Path) -> list[str]:
-    """Recogniser files under a folder, as paths relative to it (any layout depth)."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and is_recognizer_file(p))
 
 
 def find_recognizer(name: str, folders: list[str]) -> Path:
