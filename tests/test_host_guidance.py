@@ -1,10 +1,14 @@
 """The face recogniser loader and the identity guidance node in the real ComfyUI server."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import make_face_models
+from conftest import ROOT
 from diffpriv_client.comfy_http import PromptFailed
 from test_host_foundation import fetch_image
 
@@ -69,3 +73,13 @@ def test_missing_recogniser_is_a_clear_error(comfy_host, uploads):
     message = str(err.value)
     assert "'model_ir_se50.pth' not found" in message
     assert str(comfy_host.base / "models" / "arcface") in message and "InsightFace_Pytorch" in message
+
+
+def test_guidance_built_inside_a_prompt_gives_gradients(face_models):
+    """Inference tensors cannot be saved for backward: the nodes must hand the sampler normal
+    tensors (recogniser weights, reference embeddings, alignment matrices)."""
+    script = ROOT / "tests" / "fixtures" / "guidance_in_a_prompt.py"
+    out = subprocess.run([sys.executable, str(script), str(face_models)], capture_output=True, text=True, check=True)
+    magnitude, window = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(magnitude) > 0
+    assert window == "(0, 15, 29, 41)"  # the astronaut's face and half its size around it, in latent cells
