@@ -18,7 +18,7 @@ from diffpriv_core.energy import LambdaSchedule
 from diffpriv_core.faces.align import warp_faces
 
 TABLE = schedule.alphas_cumprod()
-GRID = schedule.ddim_grid(50)
+GRID = schedule.ddim_grid(25)
 
 
 class ToyDecoder(nn.Module):

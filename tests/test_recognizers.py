@@ -131,3 +131,27 @@ def test_pack_layouts_are_found_by_file_name(tmp_path, layout):
     assert find_recognizer("w600k_r50.onnx", [str(empty), str(root)]) == root / layout
     assert recognizers.is_recognizer_file(root / layout)
     assert not recognizers.is_recognizer_file((root / layout).with_name("det_10g.onnx"))
+
+
+def test_mxnet_era_packs_get_raw_pixels(tmp_path):
+    """insightface's rule: a graph that starts with Sub and Mul standardises by itself."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["data", "mean"], ["centred"], name="_minusscalar0"),
+         helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mulscalar0"),
+         helper.make_node("Flatten", ["scaled"], ["fc1"], name="flatten0")],
+        "mxnet_like",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 48])],
+        [helper.make_tensor("mean", TensorProto.FLOAT, [], [127.5]),
+         helper.make_tensor("scale", TensorProto.FLOAT, [], [0.0078125])])
+    path = tmp_path / "mxnet_like.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+    model = load_recognizer(path)
+    assert model.input_range == recognizers.PIXEL_RANGE and model.input_size == 4
+    x = faces(4, count=1)
+    expected = torch.nn.functional.normalize(((x * 255 - 127.5) * 0.0078125).flatten(1), dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)

@@ -55,7 +55,8 @@ class FaceRecognizer(nn.Module):
         size = (self.input_size, self.input_size)
         if tuple(aligned.shape[-2:]) != size:
             aligned = F.interpolate(aligned, size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = (aligned - self.input_range.mean) / self.input_range.std
+        # The networks hold float32 weights; decoders may hand over half precision.
+        x = (aligned.float() - self.input_range.mean) / self.input_range.std
         return F.normalize(self.net(x).flatten(1).float(), dim=-1)
 
 
