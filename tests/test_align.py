@@ -32,6 +32,12 @@ def landmarks_in_aligned_crop(image: torch.Tensor, matrix: torch.Tensor, size: i
     return np.asarray(face.landmarks) - pad
 
 
+def apply_matrix(matrix: torch.Tensor, points) -> torch.Tensor:
+    """Points [N, 2] mapped by a [2, 3] matrix."""
+    pts = torch.as_tensor(np.asarray(points, dtype=np.float32))
+    return pts @ matrix[:, :2].T + matrix[:, 2]
+
+
 def mean_distance(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b), axis=1).mean())
 
@@ -44,7 +50,7 @@ def test_landmarks_of_the_aligned_crop_land_on_the_template(photos_with_faces, s
         for face in faces:
             matrix = align.alignment_matrix(face.landmarks, size)
             found = landmarks_in_aligned_crop(image, matrix, size)
-            to_mapped.append(mean_distance(found, align.apply_matrix(matrix, face.landmarks)))
+            to_mapped.append(mean_distance(found, apply_matrix(matrix, face.landmarks)))
             to_template.append(mean_distance(found, align.arcface_template(size)))
     # The warp applies exactly the estimated transform (up to MTCNN's landmark noise) ...
     assert max(to_mapped) < 6 * scale and np.mean(to_mapped) < 3 * scale
@@ -59,7 +65,7 @@ def test_an_aligned_crop_stays_aligned():
     matrix = align.alignment_matrix(face.landmarks, 112)
     scale = float(torch.linalg.det(matrix[:, :2]).sqrt())
     rotation = float(torch.atan2(matrix[1, 0], matrix[0, 0]).rad2deg())
-    corners = align.apply_matrix(matrix, [[0, 0], [111, 111]]).numpy()
+    corners = apply_matrix(matrix, [[0, 0], [111, 111]]).numpy()
     assert 0.9 < scale < 1.1 and abs(rotation) < 5
     # within MTCNN's landmark noise on a tight crop
     assert np.abs(corners - [[0, 0], [111, 111]]).max() < 10
@@ -92,7 +98,7 @@ def test_gradient_reaches_the_input_only_inside_the_face_region(photos_with_face
     ys, xs = torch.nonzero(touched, as_tuple=True)
     # The crop's corners mapped back into the photo bound the pixels that receive gradient.
     inverse = torch.linalg.inv(torch.cat([matrix, torch.tensor([[0.0, 0.0, 1.0]])]))[:2]
-    corners = align.apply_matrix(inverse, [[0, 0], [111, 0], [0, 111], [111, 111]])
+    corners = apply_matrix(inverse, [[0, 0], [111, 0], [0, 111], [111, 111]])
     lo, hi = corners.min(0).values - 1, corners.max(0).values + 1
     assert xs.min() >= lo[0] and xs.max() <= hi[0] and ys.min() >= lo[1] and ys.max() <= hi[1]
     x1, y1, x2, y2 = face.box

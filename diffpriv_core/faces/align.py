@@ -58,12 +58,6 @@ def shift_source(matrix: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return shifted
 
 
-def apply_matrix(matrix: torch.Tensor, points) -> torch.Tensor:
-    """Source points [N, 2] mapped into the aligned crop."""
-    pts = torch.as_tensor(np.asarray(points, dtype=np.float32))
-    return pts @ matrix[:, :2].T + matrix[:, 2]
-
-
 def warp_faces(images: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tensor:
     """Differentiably align faces: [B, H, W, 3] (ComfyUI) or [B, 3, H, W] images and [B, 2, 3]
     (or one [2, 3]) matrices -> [B, 3, size, size]. Outside the source the crop is black,
