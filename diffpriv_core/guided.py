@@ -50,6 +50,7 @@ class FaceTarget:
     matrix: torch.Tensor  # [2, 3]: the ORIGINAL image's pixels -> the recogniser's aligned crop
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the original image's pixels
     embedding: torch.Tensor  # [D]: F(x), the original face's identity
+    image_hw: tuple[int, int]  # the original image's height and width
 
 
 def face_target(embedder: FaceEmbedder, image: torch.Tensor, face: Face) -> FaceTarget:
@@ -57,7 +58,7 @@ def face_target(embedder: FaceEmbedder, image: torch.Tensor, face: Face) -> Face
     matrix = alignment_matrix(face.landmarks, embedder.input_size)
     with torch.no_grad():
         embedding = embedder(warp_faces(image[None].float(), matrix, embedder.input_size))[0]
-    return FaceTarget(matrix, face.box, embedding.detach())
+    return FaceTarget(matrix, face.box, embedding.detach(), (image.shape[0], image.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,17 @@ def latent_window(box, latent_hw: tuple[int, int], margin: float, factor: int) -
     return top, left, bottom, right
 
 
+def frame_offset(image_hw: tuple[int, int], latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(dx, dy) of the latent's frame in the original image. VAE encoders crop the image to a
+    multiple of their factor, centred (ComfyUI's ``vae_encode_crop_pixels``); a latent of any
+    other size is not this image's, and the fixed alignment would miss the face."""
+    (height, width), (h, w) = image_hw, latent_hw
+    if not (0 <= height - h * factor < factor and 0 <= width - w * factor < factor):
+        raise ValueError(f"the latent ({w * factor} x {h * factor} px) is not the encoding of the reference image "
+                         f"({width} x {height} px): give the guidance the image that was encoded")
+    return (width - w * factor) // 2, (height - h * factor) // 2
+
+
 class IdentityCorrection:
     """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
 
@@ -125,12 +137,14 @@ class IdentityCorrection:
     def energy_gradient(self, x0: torch.Tensor) -> torch.Tensor:
         """dE/dz0hat' with z0hat' a detached leaf: no gradient flows back into the UNet."""
         embedder = self.guidance.embedder
-        top, left, bottom, right = self.window(tuple(x0.shape[-2:]))
+        latent_hw = tuple(x0.shape[-2:])
+        top, left, bottom, right = self.window(latent_hw)
         with torch.enable_grad():
             leaf = x0.detach().requires_grad_(True)
             image = self.decoder(leaf[..., top:bottom, left:right])
-            factor = image.shape[1] / (bottom - top)  # the decoder's own pixels per latent cell
-            matrix = shift_source(self.target.matrix, left * factor, top * factor)
+            factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
+            dx, dy = frame_offset(self.target.image_hw, latent_hw, factor)
+            matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
             samples = embedder(warp_faces(image, matrix, embedder.input_size))
             total = energy(self.guidance.mode, self.target.embedding.to(samples), samples, self.guidance.diversity)
             (grad,) = torch.autograd.grad(total, leaf)

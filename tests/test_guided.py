@@ -61,7 +61,7 @@ class Toy:
         matrix = torch.tensor([[scale, 0.0, -scale * box[0]], [0.0, scale, -scale * box[1]]])
         with torch.no_grad():
             reference = self.net(warp_faces(self.decoder(self.z0), matrix, 32))[0]
-        self.target = guided.FaceTarget(matrix, box, reference)
+        self.target = guided.FaceTarget(matrix, box, reference, (8 * latent_side, 8 * latent_side))
 
     def eps(self, z, t):
         """The noise predictor of N(0, I) data, plus a fixed drift so samples are not trivial."""
@@ -154,6 +154,23 @@ def test_decoding_only_the_face_crop_gives_the_whole_frames_gradient():
     assert g_crop[..., outside].abs().max() == 0
     # Only the decoder's border effects at the window's edge differ.
     assert F.cosine_similarity(g_whole.flatten(), g_crop.flatten(), dim=0) > 0.95
+
+
+def test_the_latent_frame_is_the_centred_crop_vae_encoders_take():
+    assert guided.frame_offset((517, 130), (64, 16), 8) == (1, 2)
+    assert guided.frame_offset((512, 128), (64, 16), 8) == (0, 0)
+    with pytest.raises(ValueError, match="not the encoding of the reference image"):
+        guided.frame_offset((512, 512), (32, 32), 8)
+
+
+def test_an_uncropped_reference_guides_like_the_cropped_one(toy):
+    """A 70 px reference whose 64 px centre was encoded: same gradient as a 64 px reference."""
+    target = toy.target
+    padded = guided.FaceTarget(guided.shift_source(target.matrix, -3, -3), target.box, target.embedding, (70, 70))
+    x0 = torch.randn(2, 4, 8, 8)
+    gradient = [guided.IdentityCorrection(toy.guidance("anonymize", 1.0), t, toy.decoder, GRID).energy_gradient(x0)
+                for t in (target, padded)]
+    assert torch.allclose(*gradient, atol=1e-6)
 
 
 def test_one_reference_serves_a_batch_and_missing_references_are_named(toy):
