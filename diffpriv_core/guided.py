@@ -63,7 +63,12 @@ def face_target(embedder: FaceEmbedder, image: torch.Tensor, face: Face) -> Face
 
 @dataclass(frozen=True)
 class IdentityGuidance:
-    """The identity guidance of a batch of images (the DP_GUIDANCE the nodes pass on)."""
+    """The identity guidance of a batch of images (the DP_GUIDANCE the nodes pass on).
+
+    The embedder stays where its loader put it; a sampler on another device moves it there
+    (``guidance.embedder.to(device)``: the recognisers are torch modules). Matrices and
+    embeddings follow the decoded images by themselves.
+    """
 
     embedder: FaceEmbedder
     mode: str  # "anonymize" or "hide" (energy.MODES)
