@@ -15,12 +15,6 @@ def as_image(photo: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(photo)).float() / 255.0
 
 
-def astronaut() -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.astronaut()
-
-
 def insightface_photo(name: str) -> np.ndarray:
     """One of the photos in insightface's data/images folder, RGB uint8."""
     spec = importlib.util.find_spec("insightface")

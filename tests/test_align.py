@@ -7,14 +7,14 @@ import torch
 
 from diffpriv_core.faces import align
 from diffpriv_core.faces.detect import detect_faces
-from photos import as_image, astronaut, insightface_photo
+from photos import as_image, insightface_photo
 
 
 @pytest.fixture(scope="module")
-def photos_with_faces():
+def photos_with_faces(astronaut):
     """(image, faces) for the astronaut and insightface's six-person group photo."""
     out = []
-    for photo in (astronaut(), insightface_photo("t1.jpg")):
+    for photo in (astronaut, insightface_photo("t1.jpg")):
         image = as_image(photo)
         out.append((image, detect_faces(image)))
     assert [len(faces) for _, faces in out] == [1, 6]
