@@ -83,6 +83,7 @@ def test_pickled_objects_are_refused(tmp_path):
         load_recognizer(path)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter is the one that writes Identity
 def test_identity_routed_weights_convert(tmp_path):
     """Two equal convolutions: the exporter routes the second's weight through an Identity
     node, which onnx2torch cannot follow unless the loader bypasses it."""
