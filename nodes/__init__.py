@@ -2,11 +2,14 @@
 from .faces import FaceDetect
 from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
+from .protect import GuidedDDIMSampler, GuidedDDIMSamplerSelect
 from .recovery import DDIMInversionKey, Recover
 from .scheduler import EmbeddingScheduler
 
 NODES = [
     EmbeddingScheduler,
+    GuidedDDIMSampler,
+    GuidedDDIMSamplerSelect,
     DDIMInversionKey,
     Recover,
     SavePrivacyKey,
