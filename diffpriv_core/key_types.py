@@ -1,0 +1,35 @@
+"""The key types the stages hand to each other (and that the key file stores)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .schedule import STAGES
+
+
+@dataclass
+class KeyE:
+    """key-E: the per-stage conditionings C^0..C^9 MSI learned for one image, plus UC.
+
+    ``stages`` [10, 77, 768] float32 (row i conditions timesteps 100 i .. 100 i + 99),
+    ``uc`` [1, 77, 768] float32 (the empty prompt), ``meta`` free text about how it was made.
+    """
+
+    stages: torch.Tensor
+    uc: torch.Tensor
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stages.ndim != 3 or self.stages.shape[0] != STAGES:
+            raise ValueError(f"key-E needs {STAGES} stage embeddings [{STAGES}, tokens, dim], got {tuple(self.stages.shape)}")
+        if tuple(self.uc.shape) != (1, *self.stages.shape[1:]):
+            raise ValueError(f"key-E's UC must be [1, {self.stages.shape[1]}, {self.stages.shape[2]}], got {tuple(self.uc.shape)}")
+        if self.stages.dtype != torch.float32 or self.uc.dtype != torch.float32:
+            raise ValueError("key-E tensors must be float32")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.meta.items()):
+            raise ValueError("key-E metadata must map str to str")
+
+    def stage(self, i: int) -> torch.Tensor:
+        """C^i as a [1, tokens, dim] conditioning."""
+        return self.stages[i:i + 1]
