@@ -42,3 +42,12 @@ def pick_blocks(block_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         raise ValueError(f"MSI needs a CLIP image encoder with at least {max(FEATURE_BLOCKS) + 2} blocks "
                          f"(OpenAI CLIP ViT-L/14 has 24), got {len(block_outputs)}")
     return [block_outputs[k].float().clone() for k in FEATURE_BLOCKS]
+
+
+def check_vit_l14(kind: str, hidden_size: int, layers: int, patch_size: int) -> None:
+    """Refuse image encoders MSI was not built for (its first layers expect 1024 features)."""
+    if (kind, hidden_size, layers, patch_size) != ("clip", 1024, 24, 14):
+        raise ValueError(
+            "MSI needs the OpenAI CLIP ViT-L/14 image encoder (hidden size 1024, 24 layers, patch 14), "
+            "e.g. clip_vit_large_patch14.safetensors in models/clip_vision; the CLIP_VISION given is "
+            f"{kind} with hidden size {hidden_size}, {layers} layers, patch {patch_size}")

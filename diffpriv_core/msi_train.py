@@ -99,6 +99,22 @@ class _Encodings:
         return encoded
 
 
+MIN_SIDE = 64
+LATENT_FACTOR = 8
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Refuse batches MSI cannot train on, with a message that says what to do."""
+    if images.shape[0] == 0:
+        raise ValueError("MSI Inversion got an empty image batch")
+    h, w = images.shape[1:3]
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"MSI needs images of at least {MIN_SIDE} x {MIN_SIDE} pixels, got {w} x {h}")
+    if h % LATENT_FACTOR or w % LATENT_FACTOR:
+        raise ValueError(f"MSI needs image sides divisible by {LATENT_FACTOR} (the VAE's factor), got {w} x {h}; "
+                         "crop or resize the image first")
+
+
 def sample_timesteps(config: MSITrainConfig, generator: torch.Generator) -> torch.Tensor:
     """This step's timesteps: uniform over 0..999, or one uniform draw inside each stage."""
     if config.stratified:
@@ -139,6 +155,7 @@ def train_msi(image: torch.Tensor, host: MSIHost, config: MSITrainConfig,
     """Train MSI on one image [1, H, W, 3] in [0, 1] and return its key-E and loss curve."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"train_msi takes one image [1, H, W, 3], got {tuple(image.shape)}")
+    check_images(image)
     encodings = _Encodings(image, host, config.reuse_encodings)
     generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
     _, _, features = encodings(False)

@@ -2,3 +2,4 @@
 from comfy_api.v0_0_2 import io
 
 Faces = io.Custom("DP_FACES")
+KeyE = io.Custom("DP_KEY_E")  # a list of diffpriv_core.key_types.KeyE, one per image

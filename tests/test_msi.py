@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from diffpriv_core.clip_features import CLIP_MEAN, CLIP_STD, pick_blocks, to_clip_pixels
+from diffpriv_core.clip_features import CLIP_MEAN, CLIP_STD, check_vit_l14, pick_blocks, to_clip_pixels
 from diffpriv_core.key_types import KeyE
 from diffpriv_core.msi import MSI, MSIShape, make_key_e
-from diffpriv_core.msi_train import PRESETS, held_out_loss, lr_factor, preset, sample_timesteps, train_msi
+from diffpriv_core.msi_train import (PRESETS, check_images, held_out_loss, lr_factor, preset, sample_timesteps,
+                                     train_msi)
 from diffpriv_core.schedule import STAGES
 
 import tiny_diffusers
@@ -256,3 +257,22 @@ def test_training_on_diffusers_models_touches_only_msi(tiny):
     assert silent == {n for n in grads if n.startswith("self_attn.")} | {"cross_attn.to_q.weight", "cross_attn.to_k.weight"}
     assert result.key.stages.shape == (STAGES, 77, tiny_diffusers.TOKEN_DIM)
     assert result.key.uc.shape == (1, 77, tiny_diffusers.TOKEN_DIM)
+
+
+# --- input checks ----------------------------------------------------------------------------
+
+def test_image_checks_name_the_problem():
+    check_images(torch.zeros(2, 64, 72, 3))
+    with pytest.raises(ValueError, match="empty image batch"):
+        check_images(torch.zeros(0, 64, 64, 3))
+    with pytest.raises(ValueError, match="at least 64 x 64 pixels, got 64 x 56"):
+        check_images(torch.zeros(1, 56, 64, 3))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        check_images(torch.zeros(1, 68, 64, 3))
+
+
+def test_only_openai_vit_l14_is_accepted():
+    check_vit_l14("clip", 1024, 24, 14)
+    for wrong in (("clip", 1280, 32, 14), ("siglip", 1024, 24, 14), ("Dinov2Model", 1024, 24, 14), ("clip", 768, 12, 32)):
+        with pytest.raises(ValueError, match="OpenAI CLIP ViT-L/14 .*hidden size 1024, 24 layers"):
+            check_vit_l14(*wrong)
