@@ -2,11 +2,13 @@
 from .faces import FaceDetect
 from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
+from .msi import MSIInversion
 from .protect import GuidedDDIMSampler, GuidedDDIMSamplerSelect
 from .recovery import DDIMInversionKey, Recover
 from .scheduler import EmbeddingScheduler
 
 NODES = [
+    MSIInversion,
     EmbeddingScheduler,
     GuidedDDIMSampler,
     GuidedDDIMSamplerSelect,
