@@ -1,15 +1,16 @@
 """The face recogniser loader and the identity guidance node in the real ComfyUI server."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib
 
 import numpy as np
 import pytest
+import torch
 
 import make_face_models
-from conftest import ROOT
 from diffpriv_client.comfy_http import PromptFailed
+from diffpriv_core import guided
+from diffpriv_core.schedule import ddim_grid
 from test_host_foundation import fetch_image
 
 pytestmark = pytest.mark.host
@@ -75,11 +76,26 @@ def test_missing_recogniser_is_a_clear_error(comfy_host, uploads):
     assert str(comfy_host.base / "models" / "arcface") in message and "InsightFace_Pytorch" in message
 
 
-def test_guidance_built_inside_a_prompt_gives_gradients(face_models):
+def test_guidance_built_inside_a_prompt_gives_gradients(comfy_inproc, face_models, astronaut):
     """Inference tensors cannot be saved for backward: the nodes must hand the sampler normal
     tensors (recogniser weights, reference embeddings, alignment matrices)."""
-    script = ROOT / "tests" / "fixtures" / "guidance_in_a_prompt.py"
-    out = subprocess.run([sys.executable, str(script), str(face_models)], capture_output=True, text=True, check=True)
-    magnitude, window = out.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert float(magnitude) > 0
-    assert window == "(0, 15, 29, 41)"  # the astronaut's face and half its size around it, in latent cells
+    import folder_paths
+
+    guidance_nodes = importlib.import_module("diffprivacy_pack.nodes.guidance")
+    host = importlib.import_module("diffprivacy_pack.nodes.host")
+    folder_paths.add_model_folder_path("insightface", str(face_models / "insightface"))
+    image = torch.from_numpy(astronaut.copy()).float()[None] / 255
+
+    def decoder(z):  # a stand-in VAE decoder: the first three channels, 8x upsampled
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).permute(0, 2, 3, 1)
+
+    with torch.inference_mode():  # what execution.py wraps every prompt in
+        (model,) = guidance_nodes.FaceRecognizerLoader.execute(TEST_RECOGNIZER).result
+        guidance, _ = guidance_nodes.IdentityGuidanceNode.execute(
+            model, image, "anonymize", 1.0, False, True, "face crop", 0, 0.9, "error").result
+        with host.gradients():
+            correction = guided.IdentityCorrection(guidance, guidance.target_for(0), decoder, ddim_grid(10))
+            grad = correction.energy_gradient(torch.randn(2, 4, 64, 64))
+    assert grad.abs().sum() > 0
+    # the astronaut's face and half its size around it, in latent cells
+    assert correction.window((64, 64)) == (0, 15, 29, 41)
