@@ -1,0 +1,123 @@
+"""All measurements over a set of cases, as one JSON-ready dictionary.
+
+Identity is measured at the primary (largest) MTCNN face of each original; originals
+without a face are listed under "skipped" and left out of every table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from diffpriv_core.eval import metrics
+from diffpriv_core.eval.detectors import Detector, MtcnnDetector
+from diffpriv_core.eval.diversity import pairwise_distances
+from diffpriv_core.eval.identity import protection_success_rate
+from diffpriv_core.eval.images import Case
+from diffpriv_core.eval.recognizers import Recognizer, cosines, distances
+from diffpriv_core.eval.utility import compare_detections
+from diffpriv_core.faces.detect import Face
+
+
+@dataclass
+class EmbeddingSet:
+    """One recogniser's embeddings of the originals and of every candidate, for plots."""
+
+    originals: np.ndarray  # [cases, D]
+    candidates: np.ndarray  # [candidates, D]
+    candidate_case: list[int]  # index of each candidate's case
+
+
+@dataclass
+class Evaluation:
+    results: dict
+    embeddings: dict[str, EmbeddingSet] = field(default_factory=dict)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _candidate_pairs(cases: Sequence[Case], faces: Sequence[Face]):
+    """Every protected candidate with its case index and the face position to read."""
+    return [(k, image, faces[k]) for k, case in enumerate(cases) for image in case.protected]
+
+
+def _protection(recognizer: Recognizer, cases: Sequence[Case], faces: Sequence[Face]) -> tuple[dict, EmbeddingSet]:
+    originals = recognizer.embed([c.original for c in cases], faces)
+    pairs = _candidate_pairs(cases, faces)
+    index = [k for k, _, _ in pairs]
+    candidates = recognizer.embed([img for _, img, _ in pairs], [f for _, _, f in pairs]) if pairs else \
+        np.empty((0, originals.shape[1]))
+    to_original = distances(candidates, originals[index]) if pairs else np.empty(0)
+    spread = [pairwise_distances(candidates[np.equal(index, k)]) for k in range(len(cases))]
+    spread = np.concatenate([s for s in spread if s.size] or [np.empty(0)])
+    result = {
+        "threshold": recognizer.threshold,
+        "candidates": len(pairs),
+        "success_rate": protection_success_rate(to_original, recognizer.threshold) if pairs else None,
+        "mean_distance_to_original": _mean(to_original),
+        "distances_to_original": {cases[k].stem: [] for k in sorted(set(index))},
+        "diversity": {"pairs": int(spread.size), "mean_pairwise_distance": _mean(spread),
+                      "min_pairwise_distance": float(spread.min()) if spread.size else None},
+    }
+    for k, d in zip(index, to_original):
+        result["distances_to_original"][cases[k].stem].append(float(d))
+    return result, EmbeddingSet(originals, candidates, index)
+
+
+def _recovery(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face]) -> dict:
+    pairs = [(c, f) for c, f in zip(cases, faces) if c.recovered is not None]
+    if not pairs:
+        return {"images": 0}
+    per_image = {c.stem: {"mse": metrics.mse(c.original, c.recovered), "psnr": metrics.psnr(c.original, c.recovered),
+                          "ssim": metrics.ssim(c.original, c.recovered)} for c, _ in pairs}
+    lpips_reason = metrics.lpips_unavailable_reason()
+    if lpips_reason is None:
+        for c, _ in pairs:
+            per_image[c.stem]["lpips"] = metrics.lpips(c.original, c.recovered)
+    recovered_faces = [f for _, f in pairs]
+    for recognizer in recognizers:
+        cos = cosines(recognizer.embed([c.original for c, _ in pairs], recovered_faces),
+                      recognizer.embed([c.recovered for c, _ in pairs], recovered_faces))
+        for (c, _), value in zip(pairs, cos):
+            per_image[c.stem][f"identity_cosine_{recognizer.name}"] = float(value)
+    keys = per_image[pairs[0][0].stem].keys()
+    return {"images": len(pairs), "lpips_not_computed": lpips_reason,
+            "mean": {k: _mean([v[k] for v in per_image.values()]) for k in keys}, "per_image": per_image}
+
+
+def _utility(detector: Detector, cases: Sequence[Case]) -> dict:
+    found = [detector.detect(c.original) for c in cases]
+    with_face = [(c, f[0]) for c, f in zip(cases, found) if f]
+    result = {"originals": len(cases), "original_detection_rate": len(with_face) / len(cases)}
+    pairs = [(ref, image) for c, ref in with_face for image in c.protected]
+    if pairs:
+        result["protected"] = compare_detections([r for r, _ in pairs], [detector.detect(i) for _, i in pairs]).as_dict()
+    return result
+
+
+def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector]) -> Evaluation:
+    """Protection, recovery, utility and diversity for `cases` (see the module doc)."""
+    reference = MtcnnDetector()
+    located = [(c, reference.detect(c.original)) for c in cases]
+    usable = [(c, found[0]) for c, found in located if found]
+    kept, faces = [c for c, _ in usable], [f for _, f in usable]
+    evaluation = Evaluation({
+        "cases": [c.stem for c in kept],
+        "skipped": {c.stem: "no face found by MTCNN in the original" for c, found in located if not found},
+        "resized": {c.stem: c.resized for c in cases if c.resized},
+        "faces": {c.stem: f.as_dict() for c, f in usable},
+        "protection": {}, "recovery": {"images": 0}, "utility": {},
+    })
+    if not kept:
+        return evaluation
+    for recognizer in recognizers:
+        result, embeddings = _protection(recognizer, kept, faces)
+        evaluation.results["protection"][recognizer.name] = result
+        evaluation.embeddings[recognizer.name] = embeddings
+    evaluation.results["recovery"] = _recovery(recognizers, kept, faces)
+    for detector in detectors:
+        evaluation.results["utility"][detector.name] = _utility(detector, kept)
+    return evaluation
