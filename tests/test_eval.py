@@ -176,11 +176,12 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
         Image.fromarray(image).save(recovered / f"{name}.png")
         for k, sigma in enumerate((3.0, 9.0), start=1):
             Image.fromarray(gaussian_blur(image, sigma)).save(protected / f"{name}_{k:05d}.png")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(originals / "wall.png")  # no face
     out = tmp_path / "report"
     assert eval_main(["--originals", str(originals), "--protected", str(protected),
                       "--recovered", str(recovered), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["cases"] == ["astronaut", "hanks"]
+    assert results["cases"] == ["astronaut", "hanks"] and list(results["skipped"]) == ["wall"]
     assert results["protection"]["dlib"]["candidates"] == 4
     assert results["protection"]["dlib"]["diversity"]["pairs"] == 2
     recovery = results["recovery"]
@@ -192,3 +193,16 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
     for png in ("grids/astronaut.png", "grids/hanks.png", "diversity_dlib.png"):
         with Image.open(out / png) as image:
             assert image.width > 100
+
+
+def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, tmp_path):
+    Image.fromarray(photos["hanks"]).save(tmp_path / "hanks.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(tmp_path / "hanks.png"), "--baseline", "mosaic", "--strength", "24",
+                      "--out", str(out)]) == 0
+    with Image.open(out / "protected" / "hanks.png") as image:
+        assert not np.array_equal(np.asarray(image), photos["hanks"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["protection"]["dlib"]["success_rate"] == 1.0
+    assert results["recovery"] == {"images": 0}
+    assert "mosaic, strength 24 px" in (out / "report.md").read_text()

@@ -39,32 +39,26 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def _candidate_pairs(cases: Sequence[Case], faces: Sequence[Face]):
-    """Every protected candidate with its case index and the face position to read."""
-    return [(k, image, faces[k]) for k, case in enumerate(cases) for image in case.protected]
-
-
 def _protection(recognizer: Recognizer, cases: Sequence[Case], faces: Sequence[Face]) -> tuple[dict, EmbeddingSet]:
+    """Each candidate's identity distance to its original, and between candidates of
+    the same original (diversity)."""
     originals = recognizer.embed([c.original for c in cases], faces)
-    pairs = _candidate_pairs(cases, faces)
-    index = [k for k, _, _ in pairs]
-    candidates = recognizer.embed([img for _, img, _ in pairs], [f for _, _, f in pairs]) if pairs else \
-        np.empty((0, originals.shape[1]))
-    to_original = distances(candidates, originals[index]) if pairs else np.empty(0)
-    spread = [pairwise_distances(candidates[np.equal(index, k)]) for k in range(len(cases))]
-    spread = np.concatenate([s for s in spread if s.size] or [np.empty(0)])
-    result = {
-        "threshold": recognizer.threshold,
-        "candidates": len(pairs),
-        "success_rate": protection_success_rate(to_original, recognizer.threshold) if pairs else None,
+    owner = [k for k, case in enumerate(cases) for _ in case.protected]
+    result = {"threshold": recognizer.threshold, "candidates": len(owner)}
+    if not owner:
+        return result, EmbeddingSet(originals, np.empty((0, originals.shape[1])), [])
+    candidates = recognizer.embed([p for case in cases for p in case.protected], [faces[k] for k in owner])
+    to_original = distances(candidates, originals[owner])
+    of_case = [np.equal(owner, k) for k in range(len(cases))]
+    spread = np.concatenate([pairwise_distances(candidates[mask]) for mask in of_case])
+    result.update({
+        "success_rate": protection_success_rate(to_original, recognizer.threshold),
         "mean_distance_to_original": _mean(to_original),
-        "distances_to_original": {cases[k].stem: [] for k in sorted(set(index))},
+        "distances_to_original": {c.stem: to_original[mask].tolist() for c, mask in zip(cases, of_case) if mask.any()},
         "diversity": {"pairs": int(spread.size), "mean_pairwise_distance": _mean(spread),
                       "min_pairwise_distance": float(spread.min()) if spread.size else None},
-    }
-    for k, d in zip(index, to_original):
-        result["distances_to_original"][cases[k].stem].append(float(d))
-    return result, EmbeddingSet(originals, candidates, index)
+    })
+    return result, EmbeddingSet(originals, candidates, owner)
 
 
 def _recovery(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face]) -> dict:

@@ -69,7 +69,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 
 def _protection_section(results: dict) -> list[str]:
-    rows = [(name, r["threshold"], r["candidates"], r["success_rate"], r["mean_distance_to_original"])
+    rows = [(name, r["threshold"], r["candidates"], r.get("success_rate"), r.get("mean_distance_to_original"))
             for name, r in results["protection"].items()]
     return ["## Protection success (Table 1)", "",
             "A protected face succeeds when its identity distance to the original exceeds the recogniser's "
@@ -101,8 +101,9 @@ def _utility_section(utility: dict) -> list[str]:
 
 
 def _diversity_section(results: dict, plots: dict[str, str]) -> list[str]:
-    rows = [(name, r["diversity"]["pairs"], r["diversity"]["mean_pairwise_distance"],
-             r["diversity"]["min_pairwise_distance"]) for name, r in results["protection"].items()]
+    spreads = {name: r.get("diversity", {}) for name, r in results["protection"].items()}
+    rows = [(name, d.get("pairs", 0), d.get("mean_pairwise_distance"), d.get("min_pairwise_distance"))
+            for name, d in spreads.items()]
     lines = ["## Diversity", "", "Identity distances between candidates of the same original.", ""]
     lines += _table(["recogniser", "pairs", "mean distance", "min distance"], rows)
     return lines + [f"![{name} embeddings]({file})" for name, file in plots.items()] + [""]
