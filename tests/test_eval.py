@@ -3,6 +3,8 @@ recogniser (all shipped in installed packages; nothing is downloaded)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,16 @@ def _insightface_image(name: str) -> np.ndarray:
 
     path = Path(insightface.__file__).parent / "data" / "images" / name
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """MTCNN runs many tiny convolutions: on a busy 2-core runner one thread takes
+    0.2 s per photo where two threads take 3 s. Restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +218,9 @@ def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, tmp
     assert results["protection"]["dlib"]["success_rate"] == 1.0
     assert results["recovery"] == {"images": 0}
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
+
+
+def test_importing_the_toolkit_does_not_load_dlib():
+    code = ("import sys, diffpriv_core.eval.cli; "
+            "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -54,11 +54,12 @@ def diversity_png(embeddings: EmbeddingSet, stems: Sequence[str], path: Path, re
                 f"{recognizer} embeddings, PCA (squares: originals, dots: protected candidates)")
 
 
-def _fmt(value, digits: int = 3) -> str:
+def _fmt(value) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else "inf"
+        # Significant digits, not decimals: recovery MSE lives around 1e-3.
+        return f"{value:.4g}" if math.isfinite(value) else "inf"
     return str(value)
 
 
