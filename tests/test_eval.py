@@ -20,18 +20,8 @@ from diffpriv_core.eval.diversity import pairwise_distances, pca_2d
 from diffpriv_core.eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_core.eval.images import group_by_stem
 from diffpriv_core.eval.recognizers import DlibRecognizer, distances
+from diffpriv_core.eval.sample_photos import sample_photos
 from diffpriv_core.eval.utility import compare_detections
-
-# Boxes around four people in insightface's t1.jpg (MTCNN boxes plus a margin), so the
-# tests detect on small crops instead of the whole 1280 px group photo.
-T1_CROPS = [(15, 223, 205, 437), (228, 110, 415, 312), (868, 22, 1054, 242), (425, 222, 610, 445)]
-
-
-def _insightface_image(name: str) -> np.ndarray:
-    import insightface
-
-    path = Path(insightface.__file__).parent / "data" / "images" / name
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,14 +36,7 @@ def single_torch_thread():
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    """Six real faces of six different people, each a small photo with one main face."""
-    import skimage.data
-
-    group = _insightface_image("t1.jpg")
-    faces = {f"t1_{i}": np.ascontiguousarray(group[y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(T1_CROPS)}
-    faces["astronaut"] = np.ascontiguousarray(skimage.data.astronaut()[0:300, 100:350])
-    faces["hanks"] = _insightface_image("Tom_Hanks_54745.png")
-    return faces
+    return sample_photos()
 
 
 @pytest.fixture(scope="module")
