@@ -172,12 +172,15 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
         for k, sigma in enumerate((3.0, 9.0), start=1):
             Image.fromarray(gaussian_blur(image, sigma)).save(protected / f"{name}_{k:05d}.png")
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(originals / "wall.png")  # no face
+    Image.fromarray(photos["t1_0"]).save(originals / "t1_0.png")  # neither protected nor recovered
     out = tmp_path / "report"
     assert eval_main(["--originals", str(originals), "--protected", str(protected),
                       "--recovered", str(recovered), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["cases"] == ["astronaut", "hanks"] and list(results["skipped"]) == ["wall"]
+    assert results["cases"] == ["astronaut", "hanks", "t1_0"] and list(results["skipped"]) == ["wall"]
     assert results["protection"]["dlib"]["candidates"] == 4
+    assert list(results["protection"]["dlib"]["distances_to_original"]) == ["astronaut", "hanks"]
+    assert results["recovery"]["images"] == 2
     assert results["protection"]["dlib"]["diversity"]["pairs"] == 2
     recovery = results["recovery"]
     assert recovery["mean"]["psnr"] == "inf" and recovery["mean"]["ssim"] == pytest.approx(1.0)

@@ -39,10 +39,10 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def _protection(recognizer: Recognizer, cases: Sequence[Case], faces: Sequence[Face]) -> tuple[dict, EmbeddingSet]:
-    """Each candidate's identity distance to its original, and between candidates of
-    the same original (diversity)."""
-    originals = recognizer.embed([c.original for c in cases], faces)
+def _protection(recognizer: Recognizer, originals: np.ndarray, cases: Sequence[Case],
+                faces: Sequence[Face]) -> tuple[dict, EmbeddingSet]:
+    """Each candidate's identity distance to its original (`originals`: their
+    embeddings), and between candidates of the same original (diversity)."""
     owner = [k for k, case in enumerate(cases) for _ in case.protected]
     result = {"threshold": recognizer.threshold, "candidates": len(owner)}
     if not owner:
@@ -61,25 +61,30 @@ def _protection(recognizer: Recognizer, cases: Sequence[Case], faces: Sequence[F
     return result, EmbeddingSet(originals, candidates, owner)
 
 
-def _recovery(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face]) -> dict:
-    pairs = [(c, f) for c, f in zip(cases, faces) if c.recovered is not None]
-    if not pairs:
+def _pixel_metrics(original: np.ndarray, recovered: np.ndarray, with_lpips: bool) -> dict[str, float]:
+    values = {"mse": metrics.mse(original, recovered), "psnr": metrics.psnr(original, recovered),
+              "ssim": metrics.ssim(original, recovered)}
+    if with_lpips:
+        values["lpips"] = metrics.lpips(original, recovered)
+    return values
+
+
+def _recovery(recognizers: Sequence[Recognizer], originals: dict[str, np.ndarray], cases: Sequence[Case],
+              faces: Sequence[Face]) -> dict:
+    """Pixel metrics and, per recogniser, the identity cosine of recovered vs original."""
+    recovered = [(k, c) for k, c in enumerate(cases) if c.recovered is not None]
+    if not recovered:
         return {"images": 0}
-    per_image = {c.stem: {"mse": metrics.mse(c.original, c.recovered), "psnr": metrics.psnr(c.original, c.recovered),
-                          "ssim": metrics.ssim(c.original, c.recovered)} for c, _ in pairs}
     lpips_reason = metrics.lpips_unavailable_reason()
-    if lpips_reason is None:
-        for c, _ in pairs:
-            per_image[c.stem]["lpips"] = metrics.lpips(c.original, c.recovered)
-    recovered_faces = [f for _, f in pairs]
+    per_image = {c.stem: _pixel_metrics(c.original, c.recovered, lpips_reason is None) for _, c in recovered}
+    index = [k for k, _ in recovered]
     for recognizer in recognizers:
-        cos = cosines(recognizer.embed([c.original for c, _ in pairs], recovered_faces),
-                      recognizer.embed([c.recovered for c, _ in pairs], recovered_faces))
-        for (c, _), value in zip(pairs, cos):
+        embedded = recognizer.embed([c.recovered for _, c in recovered], [faces[k] for k in index])
+        for (_, c), value in zip(recovered, cosines(originals[recognizer.name][index], embedded)):
             per_image[c.stem][f"identity_cosine_{recognizer.name}"] = float(value)
-    keys = per_image[pairs[0][0].stem].keys()
-    return {"images": len(pairs), "lpips_not_computed": lpips_reason,
-            "mean": {k: _mean([v[k] for v in per_image.values()]) for k in keys}, "per_image": per_image}
+    names = next(iter(per_image.values())).keys()
+    return {"images": len(recovered), "lpips_not_computed": lpips_reason,
+            "mean": {n: _mean([v[n] for v in per_image.values()]) for n in names}, "per_image": per_image}
 
 
 def _utility(detector: Detector, cases: Sequence[Case]) -> dict:
@@ -107,11 +112,12 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
     })
     if not kept:
         return evaluation
+    originals = {r.name: r.embed([c.original for c in kept], faces) for r in recognizers}
     for recognizer in recognizers:
-        result, embeddings = _protection(recognizer, kept, faces)
+        result, embeddings = _protection(recognizer, originals[recognizer.name], kept, faces)
         evaluation.results["protection"][recognizer.name] = result
         evaluation.embeddings[recognizer.name] = embeddings
-    evaluation.results["recovery"] = _recovery(recognizers, kept, faces)
+    evaluation.results["recovery"] = _recovery(recognizers, originals, kept, faces)
     for detector in detectors:
         evaluation.results["utility"][detector.name] = _utility(detector, kept)
     return evaluation
