@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from urllib.parse import quote
 from pathlib import Path
 from typing import Sequence
 
@@ -107,7 +108,7 @@ def _diversity_section(results: dict, plots: dict[str, str]) -> list[str]:
             for name, d in spreads.items()]
     lines = ["## Diversity", "", "Identity distances between candidates of the same original.", ""]
     lines += _table(["recogniser", "pairs", "mean distance", "min distance"], rows)
-    return lines + [f"![{name} embeddings]({file})" for name, file in plots.items()] + [""]
+    return lines + [f"![{name} embeddings]({quote(file)})" for name, file in plots.items()] + [""]
 
 
 def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title: str) -> Path:
@@ -129,7 +130,8 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
     lines += [f"- resized to the original's size: {', '.join(names)}" for names in results["resized"].values()]
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
-    lines += ["## Images", ""] + [f"![{c.stem}](grids/{c.stem}.png)" for c in kept] + [""]
+    lines += ["## Images", "", "original | protected candidates | recovered", ""]
+    lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
