@@ -209,6 +209,16 @@ def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, tmp
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
 
 
+def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as both_missing:
+        eval_main(["--originals", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert both_missing.value.code == 2
+    assert eval_main(["--originals", str(tmp_path / "missing"), "--baseline", "blur", "--out", str(tmp_path)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert eval_main(["--originals", str(tmp_path), "--baseline", "blur", "--out", str(tmp_path / "r")]) == 2
+    assert "no original images" in capsys.readouterr().err
+
+
 def test_importing_the_toolkit_does_not_load_dlib():
     code = ("import sys, diffpriv_core.eval.cli; "
             "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")

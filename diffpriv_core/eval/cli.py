@@ -1,7 +1,6 @@
 """Command line: evaluate protected/recovered sets, or a blur/mosaic baseline.
 
-    python -m diffpriv_core.eval --originals DIR_OR_FILES... --protected DIR \
-        [--recovered DIR] --out REPORT_DIR
+    python -m diffpriv_core.eval --originals DIR_OR_FILES... --protected DIR [--recovered DIR] --out REPORT_DIR
     python -m diffpriv_core.eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
@@ -49,14 +48,15 @@ def protect_with_baseline(cases: list[Case], name: str, strength: float, folder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.baseline and args.protected:
-        print("give either --protected or --baseline, not both", file=sys.stderr)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.baseline) == bool(args.protected):
+        parser.error("give exactly one of --protected DIR and --baseline blur|mosaic")
+    try:
+        cases = load_cases(args.originals, args.protected, args.recovered)
+    except (FileNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
         return 2
-    if not args.baseline and not args.protected:
-        print("give --protected DIR or --baseline blur|mosaic", file=sys.stderr)
-        return 2
-    cases = load_cases(args.originals, args.protected, args.recovered)
     if not cases:
         print("no original images found", file=sys.stderr)
         return 2
