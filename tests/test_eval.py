@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_face_models
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,8 @@ from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_core.eval.diversity import pairwise_distances, pca_2d
 from diffpriv_core.eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_core.eval.images import group_by_stem
-from diffpriv_core.eval.recognizers import DlibRecognizer, distances
-from diffpriv_core.eval.sample_photos import sample_photos
+from diffpriv_core.eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
+from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_core.eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
 
@@ -37,7 +38,16 @@ def single_torch_thread():
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    return sample_photos()
+    try:
+        return sample_photos()
+    except SamplePhotoMissingError:
+        pytest.skip("insightface (optional) is not installed: its sample photos are needed")
+
+
+@pytest.fixture(scope="module")
+def arcface_file(face_models) -> Path:
+    """A seeded random-weight ArcFace ONNX file (recognises nobody; exercises the plumbing)."""
+    return face_models / make_face_models.ARCFACE_ONNX
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +74,18 @@ def test_dlib_distance_is_zero_to_itself_and_above_threshold_between_people(loca
     assert np.allclose(distances(embeddings, again), 0.0)
     assert np.linalg.norm(embeddings[0] - embeddings[1]) > recognizer.threshold  # astronaut vs Tom Hanks
     assert np.linalg.norm(embeddings[2] - embeddings[3]) > recognizer.threshold  # two people in t1.jpg
+
+
+def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface_file):
+    recognizer = load_paper_recognizer(arcface_file, "ArcFace")
+    assert recognizer.threshold == ARCFACE_THRESHOLD
+    item = located["astronaut"]
+    shifted = np.roll(item.image, shift=(5, 7), axis=(0, 1))  # 5 px down, 7 px right
+    moved = Face(item.face.box, tuple((x + 7, y + 5) for x, y in item.face.landmarks), item.face.score)
+    embedded = recognizer.embed([item.image, shifted, shifted], [item.face, moved, item.face])
+    assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
+    assert np.linalg.norm(embedded[0] - embedded[1]) < 1e-4  # the alignment follows the face
+    assert np.linalg.norm(embedded[0] - embedded[2]) > 1e-3  # stale landmarks read other pixels
 
 
 @pytest.mark.parametrize("baseline, weak, strong", [(gaussian_blur, 0.5, 12.0), (mosaic, 2.0, 24.0)])
@@ -164,7 +186,7 @@ def test_diversity_counts_pairs_and_projects_on_the_main_axis():
     assert np.allclose(np.abs(projected[:, 0]), np.abs(points[:, 0] - points[:, 0].mean()))
 
 
-def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos, tmp_path):
+def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos, arcface_file, tmp_path):
     originals, protected, recovered = (tmp_path / n for n in ("originals", "protected", "recovered"))
     for folder in (originals, protected, recovered):
         folder.mkdir()
@@ -178,7 +200,7 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
     Image.fromarray(photos["t1_0"]).save(originals / "t1_0.png")  # neither protected nor recovered
     out = tmp_path / "report"
     assert eval_main(["--originals", str(originals), "--protected", str(protected),
-                      "--recovered", str(recovered), "--out", str(out)]) == 0
+                      "--recovered", str(recovered), "--out", str(out), "--arcface", str(arcface_file)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["cases"] == ["astronaut", "hanks", "t1_0"] and list(results["skipped"]) == ["wall"]
     assert results["protection"]["dlib"]["candidates"] == 4
@@ -188,6 +210,8 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
     recovery = results["recovery"]
     assert recovery["mean"]["psnr"] == "inf" and recovery["mean"]["ssim"] == pytest.approx(1.0)
     assert recovery["mean"]["identity_cosine_dlib"] == pytest.approx(1.0)
+    assert recovery["mean"]["identity_cosine_ArcFace"] == pytest.approx(1.0)
+    assert results["protection"]["ArcFace"]["threshold"] == ARCFACE_THRESHOLD
     assert set(results["utility"]) == {"MTCNN", "dlib"}
     report = (out / "report.md").read_text()
     assert "Protection success" in report and "grids/astronaut.png" in report
@@ -217,6 +241,8 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert eval_main(["--originals", str(tmp_path), "--baseline", "blur", "--out", str(tmp_path / "r")]) == 2
     assert "no original images" in capsys.readouterr().err
+    assert eval_main(["--originals", str(tmp_path), "--protected", str(tmp_path), "--out", str(tmp_path / "r"),
+                      "--facenet", str(tmp_path / "missing.pt")]) == 2
 
 
 def test_importing_the_toolkit_does_not_load_dlib():

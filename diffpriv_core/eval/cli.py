@@ -17,7 +17,7 @@ from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_core.eval.dlib_models import DlibUnavailableError
 from diffpriv_core.eval.evaluate import evaluate
 from diffpriv_core.eval.images import Case, load_cases, save_rgb
-from diffpriv_core.eval.recognizers import DlibRecognizer
+from diffpriv_core.eval.recognizers import DlibRecognizer, load_paper_recognizer
 from diffpriv_core.eval.report import write_report
 
 
@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--protected", type=Path, help="folder of protected candidates")
     parser.add_argument("--recovered", type=Path, help="folder of recovered images")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--arcface", type=Path, metavar="FILE",
+                        help="also measure with this ArcFace / IR-SE50 file (threshold 0.8)")
+    parser.add_argument("--facenet", type=Path, metavar="FILE",
+                        help="also measure with this FaceNet InceptionResnetV1 file (threshold 1.1)")
     parser.add_argument("--baseline", choices=sorted(BASELINES),
                         help="make the protected set from the originals with this obfuscation")
     parser.add_argument("--strength", type=float, default=8.0,
@@ -47,14 +51,20 @@ def protect_with_baseline(cases: list[Case], name: str, strength: float, folder:
         case.protected = [protected]
 
 
+def _recognizers(args: argparse.Namespace) -> list:
+    extra = [(kind, path) for kind, path in (("ArcFace", args.arcface), ("FaceNet", args.facenet)) if path]
+    return [DlibRecognizer()] + [load_paper_recognizer(path, kind) for kind, path in extra]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if bool(args.baseline) == bool(args.protected):
         parser.error("give exactly one of --protected DIR and --baseline blur|mosaic")
     try:
+        recognizers = _recognizers(args)
         cases = load_cases(args.originals, args.protected, args.recovered)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # missing or unreadable inputs
         print(exc, file=sys.stderr)
         return 2
     if not cases:
@@ -65,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         protect_with_baseline(cases, args.baseline, args.strength, args.out / "protected")
         title = f"Baseline evaluation: {args.baseline}, strength {args.strength:g} px"
     try:
-        evaluation = evaluate(cases, [DlibRecognizer()], [MtcnnDetector(), DlibDetector()])
+        evaluation = evaluate(cases, recognizers, [MtcnnDetector(), DlibDetector()])
     except DlibUnavailableError as exc:
         print(exc, file=sys.stderr)
         return 2

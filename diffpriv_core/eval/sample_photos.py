@@ -14,11 +14,16 @@ from PIL import Image
 T1_CROPS = ((15, 223, 205, 437), (228, 110, 415, 312), (868, 22, 1054, 242), (425, 222, 610, 445))
 
 
-def _insightface_image(name: str) -> np.ndarray:
-    # Found without importing insightface, whose import needs onnxruntime.
+class SamplePhotoMissingError(FileNotFoundError):
+    """The package that ships a sample photo is not installed."""
+
+
+def insightface_image(name: str) -> np.ndarray:
+    """One of the photos in insightface's data/images folder, RGB uint8. Found without
+    importing insightface, whose import needs onnxruntime."""
     spec = importlib.util.find_spec("insightface")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("insightface is not installed; its sample photos are needed")
+        raise SamplePhotoMissingError("insightface is not installed; its sample photos are needed")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / name
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -28,8 +33,8 @@ def sample_photos() -> dict[str, np.ndarray]:
     """Six photos of six different people, one main face each, RGB uint8."""
     import skimage.data
 
-    group = _insightface_image("t1.jpg")
+    group = insightface_image("t1.jpg")
     photos = {f"t1_{i}": np.ascontiguousarray(group[y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(T1_CROPS)}
     photos["astronaut"] = np.ascontiguousarray(skimage.data.astronaut()[0:300, 100:350])
-    photos["hanks"] = _insightface_image("Tom_Hanks_54745.png")
+    photos["hanks"] = insightface_image("Tom_Hanks_54745.png")
     return photos
