@@ -129,6 +129,9 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
     lines += [f"- skipped {stem}: {why}" for stem, why in results["skipped"].items()]
     lines += [f"- resized to the original's size: {', '.join(names)}" for names in results["resized"].values()]
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
+    lines += ["## Identification accuracy (Table 3)", "",
+              "Not part of this report: AVIH's protocol needs a second photo of each person and a photo of someone "
+              "else; compute it with `diffpriv_core.eval.identity.identification_accuracy`.", ""]
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
     lines += ["## Images", "", "original | protected candidates | recovered", ""]
     lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]
