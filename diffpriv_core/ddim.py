@@ -76,14 +76,30 @@ def invert_step(eps_fn: EpsFn, z_next: torch.Tensor, t: int, alpha: float, alpha
     Plain DDIM inversion evaluates the noise at z_next instead of the unknown z. With
     ``refine`` > 0 the estimate is improved by fixed-point iteration on the exact step
     equation z = sqrt(a) x0(z_next, eps(z)) + sqrt(1 - a) eps(z), which leaves the key a
-    single latent and recovery unchanged.
+    single latent and recovery unchanged. Where the iteration stops contracting (large
+    steps on a rough model), each image keeps its iterate whose sampling step lands
+    closest to ``z_next``, so refinement never ends worse than where it started.
     """
     eps = _eps32(eps_fn, z_next, t)
     z = ddim_step(predict_x0(z_next, eps, alpha_next), eps, alpha)
+    if refine == 0:
+        return z
+    best, best_miss, improved = z, None, None
     for _ in range(refine):
         eps = _eps32(eps_fn, z, t)
+        miss = (ddim_step(predict_x0(z, eps, alpha), eps, alpha_next) - z_next).flatten(1).norm(dim=1)
+        improved = torch.ones_like(miss, dtype=torch.bool) if best_miss is None else miss <= best_miss
+        if not bool(improved.any()):
+            return best  # diverging for every image: stop spending UNet calls
+        best_miss = miss if best_miss is None else torch.minimum(miss, best_miss)
+        best = torch.where(_per_image(improved, z), z, best)
         z = ddim_step(predict_x0(z_next, eps, alpha_next), eps, alpha)
-    return z
+    # The newest iterate is unmeasured: keep it where the last measurement still improved.
+    return torch.where(_per_image(improved, z), z, best)
+
+
+def _per_image(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.view(-1, *[1] * (like.ndim - 1))
 
 
 def invert(
