@@ -23,7 +23,7 @@ from .schedule import STAGE_SPAN, STAGES, T, alphas_cumprod
 
 StepCallback = Callable[[int, int, float], None]
 """Called after every step with (step, total, loss), step counting from 1; raise to stop."""
-Probe = Callable[[int, "MSI"], None]
+Probe = Callable[[int, MSI], None]
 """Called after every step with (step, module in training): held-out evaluation in benchmarks."""
 
 
