@@ -7,6 +7,8 @@ import torch
 
 from .schedule import STAGES
 
+EMBED_SHAPE = (77, 768)  # SD 1.x: 77 tokens of CLIP ViT-L/14 text width
+
 
 @dataclass
 class KeyE:
@@ -30,6 +32,21 @@ class KeyE:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.meta.items()):
             raise ValueError("key-E metadata must map str to str")
 
-    def stage(self, i: int) -> torch.Tensor:
-        """C^i as a [1, tokens, dim] conditioning."""
-        return self.stages[i:i + 1]
+    def condition(self, stage: int | None) -> torch.Tensor:
+        """[1, tokens, dim]: C^stage, or UC for None."""
+        return self.uc if stage is None else self.stages[stage:stage + 1]
+
+
+@dataclass
+class KeyI:
+    """key-I: the DDIM inversion of one image's latent under its key-E."""
+
+    latent: torch.Tensor  # [4, h, w] float32, SD scaled latent space
+    steps: int
+    inversion: str  # "ddim" or "fixed_point"
+    refine: int  # fixed-point iterations per step (0 for "ddim")
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.latent.ndim != 3 or self.latent.shape[0] != 4:
+            raise ValueError(f"key-I must be one [4, h, w] latent, got {tuple(self.latent.shape)}")

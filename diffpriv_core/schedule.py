@@ -92,3 +92,17 @@ def scheduled_stage(t: int, tau: float) -> int | None:
     """Eq. 16: the stage whose embedding C^{t//100} conditions timestep t, or None
     (the unconditional embedding) when t <= tau * T."""
     return stage_of(t) if t > tau * T else None
+
+
+def embedding_schedule(tau: float) -> list[tuple[int | None, int, int]]:
+    """Eq. 16 as inclusive timestep ranges: (stage, first t, last t) for each stage above
+    tau * T, and (None, 0, tau * T) for the unconditional embedding below."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+    cut = int(tau * T)  # t <= cut -> UC
+    ranges: list[tuple[int | None, int, int]] = [(None, 0, cut)] if cut >= 0 else []
+    for stage in range(STAGES):
+        lo, hi = max(stage * STAGE_SPAN, cut + 1), stage * STAGE_SPAN + STAGE_SPAN - 1
+        if lo <= hi:
+            ranges.append((stage, lo, hi))
+    return ranges

@@ -88,7 +88,7 @@ def test_key_e_holds_one_conditioning_per_stage_and_the_empty_prompt():
     assert key.stages.shape == (STAGES, toy_host.TOKENS, toy_host.TOKEN_DIM) and key.uc.shape == (1, *key.stages.shape[1:])
     assert torch.equal(key.uc, nets.encode_empty())
     msi.eval()
-    assert torch.allclose(key.stage(3), nets.encode_with_token(msi(feats, torch.tensor([3]))), atol=1e-6)
+    assert torch.allclose(key.condition(3), nets.encode_with_token(msi(feats, torch.tensor([3]))), atol=1e-6)
     assert msi.training is False and key.meta == {"note": "x"}
 
 

@@ -1,0 +1,82 @@
+"""ComfyUI objects as the core's protocols (see diffpriv_core/adapters/protocols.py)."""
+from __future__ import annotations
+
+import comfy.model_management
+import torch
+
+from diffpriv_core.keys import model_fingerprint
+
+from .host import autograd_copy
+from diffpriv_core.key_types import KeyE
+from diffpriv_core.schedule import scheduled_stage, stage_of
+
+
+class ComfyEpsModel:
+    """The host's UNet (with whatever patches the user applied) as eps(z_t, t, cond).
+
+    ComfyUI's ``apply_model`` works in k-diffusion's space, x = z_t / sqrt(alpha_bar), with
+    sigma = sqrt((1 - alpha_bar) / alpha_bar), and returns the x0 estimate; the noise
+    prediction is (x - x0) / sigma. Latents here are SD's scaled latents.
+    """
+
+    def __init__(self, model_patcher):
+        comfy.model_management.load_models_gpu([model_patcher])
+        self.patcher = model_patcher
+        self.base = model_patcher.model
+        self.model_sampling = model_patcher.get_model_object("model_sampling")
+        self.device = model_patcher.load_device
+
+    def sigma(self, t: int) -> torch.Tensor:
+        return self.model_sampling.sigma(torch.tensor(float(t))).float()
+
+    def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma(int(t)).to(self.device)
+        x = (z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + sigma**2))
+        cond = cond.to(self.device).expand(z_t.shape[0], -1, -1)
+        x0 = self.base.apply_model(x, sigma.expand(z_t.shape[0]), c_crossattn=cond)
+        return ((x - x0.float()) / sigma).to(z_t.device)
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.base.diffusion_model.state_dict().items())
+
+    def to_z(self, samples: torch.Tensor) -> torch.Tensor:
+        """LATENT samples (raw VAE latents) -> scaled latents, float32."""
+        return self.base.process_latent_in(samples.float()).float()
+
+    def to_samples(self, z: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_out(z.float().cpu())
+
+
+def stage_conditioned(eps_model, keys_e: list[KeyE], tau: float | None = None):
+    """eps_fn(z, t) with each image's C^{t//100} (or UC at t <= tau*T when tau is given)."""
+    def eps_fn(z, t):
+        stage = stage_of(t) if tau is None else scheduled_stage(t, tau)
+        cond = torch.cat([k.condition(stage) for k in keys_e]).float()
+        return eps_model(z, t, cond)
+
+    return eps_fn
+
+
+def check_multiple_of_8(height: int, width: int, what: str = "image") -> None:
+    if height % 8 or width % 8:
+        raise ValueError(f"the {what} is {width}x{height}; Stable Diffusion needs sides divisible by 8 "
+                         f"(crop or resize it, e.g. with ImageScale, to {width // 8 * 8}x{height // 8 * 8})")
+
+
+
+class ComfyDecoder:
+    """The host VAE's decoder as the core's differentiable ``decode`` of scaled latents.
+
+    It calls the decoder network directly: ``VAE.decode`` clamps (zero gradient outside
+    [0, 1]) and may fall back to a tiled path that runs under inference mode.
+    """
+
+    def __init__(self, vae, latent_format):
+        self.vae = vae
+        self.network = autograd_copy(vae.first_stage_model)
+        self.latent_format = latent_format
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        raw = self.latent_format.process_out(z).to(self.vae.device, self.vae.vae_dtype)
+        image = self.network.decode(raw).float()
+        return ((image + 1.0) / 2.0).movedim(1, -1)

@@ -1,0 +1,88 @@
+"""Save Privacy Key / Load Privacy Key: key files in models/diffprivacy_keys or output/."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from diffpriv_core.keys import load_key, next_key_path, safe_join, save_key
+
+from .types import KeyE, KeyI
+
+KEYS_FOLDER = "diffprivacy_keys"
+# Merge into (never overwrite) the folder list, so extra_model_paths.yaml entries stay.
+folder_paths.add_model_folder_path(KEYS_FOLDER, os.path.join(folder_paths.models_dir, KEYS_FOLDER), is_default=True)
+
+PASSPHRASE_TIP = ("optional; encrypts the key (AES-256-GCM, scrypt). Note: ComfyUI stores node inputs in "
+                  "saved workflows and PNG metadata; run ComfyUI with --disable-metadata when you use one")
+
+
+def _keys_dir() -> str:
+    return folder_paths.get_folder_paths(KEYS_FOLDER)[0]
+
+
+class SavePrivacyKey(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacySaveKey",
+            display_name="Save Privacy Key (Diff-Privacy)",
+            category="Diff-Privacy/keys",
+            description="Writes one key file per image (key-E, key-I and metadata; no pickle), owner-only.",
+            inputs=[
+                KeyE.Input("key_e"),
+                io.String.Input("filename_prefix", default="diffprivacy/key"),
+                io.Combo.Input("folder", options=["keys", "output"], default="keys",
+                               tooltip="keys: models/diffprivacy_keys (not served over HTTP); output: the "
+                                       "output folder, downloadable through /view like images"),
+                io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
+                KeyI.Input("key_i", optional=True),
+            ],
+            outputs=[io.String.Output(display_name="paths")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None) -> io.NodeOutput:
+        if not key_e:
+            raise ValueError("Save Privacy Key got an empty key-E list")
+        if key_i is not None and len(key_i) != len(key_e) and len(key_e) != 1:
+            raise ValueError(f"{len(key_e)} key-Es and {len(key_i)} key-Is: give one key-E per key-I, or one for all")
+        count = len(key_i) if key_i else len(key_e)
+        root = folder_paths.get_output_directory() if folder == "output" else _keys_dir()
+        written, records = [], []
+        for b in range(count):
+            path = next_key_path(root, filename_prefix)
+            save_key(path, key_e[b if len(key_e) > 1 else 0], key_i[b] if key_i else None, passphrase or None)
+            written.append(str(path))
+            rel = os.path.relpath(path, root)
+            records.append({"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),
+                            "type": "output" if folder == "output" else KEYS_FOLDER})
+        return io.NodeOutput("\n".join(written), ui={"diffprivacy_keys": records})
+
+
+class LoadPrivacyKey(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyLoadKey",
+            display_name="Load Privacy Key (Diff-Privacy)",
+            category="Diff-Privacy/keys",
+            description="Reads a key file from models/diffprivacy_keys, verifying integrity (and decrypting).",
+            inputs=[
+                io.Combo.Input("key_name", options=folder_paths.get_filename_list(KEYS_FOLDER)),
+                io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
+            ],
+            outputs=[KeyE.Output(display_name="key_e"), KeyI.Output(display_name="key_i")],
+        )
+
+    @classmethod
+    def execute(cls, key_name, passphrase) -> io.NodeOutput:
+        folders = folder_paths.get_folder_paths(KEYS_FOLDER)
+        for folder in folders:
+            path = safe_join(folder, key_name)
+            if path.is_file():
+                key_e, key_i, _meta = load_key(path, passphrase or None)
+                return io.NodeOutput([key_e], [key_i] if key_i is not None else [])
+        raise FileNotFoundError(f"key file {key_name!r} not found in {', '.join(folders)}")

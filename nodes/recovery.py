@@ -1,0 +1,111 @@
+"""key-I (DDIM inversion of the original under key-E) and Stage III, recovery."""
+from __future__ import annotations
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from diffpriv_core import ddim
+from diffpriv_core.key_types import KeyI as KeyIData
+from diffpriv_core.schedule import ddim_grid
+
+from .adapters import ComfyEpsModel, stage_conditioned
+from .host import Progress
+from .types import KeyE, KeyI
+
+MODES = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
+         "ddim": "plain DDIM inversion, as in the paper"}
+
+
+def _per_image(keys: list, batch: int, what: str) -> list:
+    if not keys:
+        raise ValueError(f"the {what} list is empty")
+    if len(keys) == 1:
+        return keys * batch
+    if len(keys) != batch:
+        raise ValueError(f"{len(keys)} {what}s for a batch of {batch}: give one per image, or a single one for all")
+    return list(keys)
+
+
+def _check_model(eps: ComfyEpsModel, meta: dict, what: str) -> None:
+    made_with = meta.get("checkpoint")
+    if made_with and made_with != eps.fingerprint():
+        raise ValueError(f"this {what} was made with another checkpoint (fingerprint {made_with}); the loaded "
+                         f"model's is {eps.fingerprint()}. Load the checkpoint the key was made with.")
+
+
+class DDIMInversionKey(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyDDIMInversionKey",
+            display_name="DDIM Inversion Key (Diff-Privacy)",
+            category="Diff-Privacy",
+            description="key-I: inverts the ORIGINAL image's latent under key-E. Keep it with key-E; "
+                        "together they recover the original.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
+                KeyE.Input("key_e"),
+                io.Int.Input("steps", default=50, min=1, max=500),
+                io.Combo.Input("mode", options=list(MODES), default="fixed_point"),
+                io.Int.Input("refine_iterations", default=4, min=1, max=50,
+                             tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
+            ],
+            outputs=[KeyI.Output(display_name="key_i")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, key_e, steps, mode, refine_iterations) -> io.NodeOutput:
+        samples = latent["samples"]
+        if samples.shape[0] == 0:
+            raise ValueError("DDIM Inversion Key got an empty latent batch")
+        keys_e = _per_image(key_e, samples.shape[0], "key-E")
+        eps = ComfyEpsModel(model)
+        for k in keys_e:
+            _check_model(eps, k.meta, "key-E")
+        refine = refine_iterations if mode == "fixed_point" else 0
+        grid = ddim_grid(steps)
+        progress = Progress(grid.steps)
+        with torch.no_grad():
+            z = ddim.invert(stage_conditioned(eps, keys_e), eps.to_z(samples), grid, refine=refine,
+                            callback=progress.step)
+        meta = {"checkpoint": eps.fingerprint(), "grid": grid.describe(),
+                "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
+        return io.NodeOutput([KeyIData(zi.cpu(), steps, mode, refine, dict(meta)) for zi in z])
+
+
+class Recover(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyRecover",
+            display_name="Recover (Diff-Privacy)",
+            category="Diff-Privacy",
+            description="Stage III: deterministic DDIM from key-I with key-E gives the original latent back. "
+                        "Any other key gives something else.",
+            inputs=[io.Model.Input("model"), KeyI.Input("key_i"), KeyE.Input("key_e")],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, key_i, key_e) -> io.NodeOutput:
+        if not key_i:
+            raise ValueError("Recover got no key-I: the key file holds only key-E (it was saved before "
+                             "DDIM Inversion Key); save key-E and key-I together to recover")
+        keys_e = _per_image(key_e, len(key_i), "key-E")
+        steps = {k.steps for k in key_i}
+        shapes = {tuple(k.latent.shape) for k in key_i}
+        if len(steps) != 1 or len(shapes) != 1:
+            raise ValueError("the key-Is of one Recover batch must share step count and size; recover them separately")
+        grid = ddim_grid(steps.pop())
+        eps = ComfyEpsModel(model)
+        for k in key_i:
+            _check_model(eps, k.meta, "key-I")
+            if k.meta.get("grid", grid.describe()) != grid.describe():
+                raise ValueError(f"this key-I was made on another timestep grid ({k.steps} steps); "
+                                 "it cannot be recovered with this version of the pack")
+        progress = Progress(grid.steps)
+        with torch.no_grad():
+            z = ddim.sample(stage_conditioned(eps, keys_e), torch.stack([k.latent for k in key_i]), grid,
+                            callback=progress.step)
+        return io.NodeOutput({"samples": eps.to_samples(z)})

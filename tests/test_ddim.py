@@ -1,0 +1,139 @@
+"""The DDIM core against diffusers' schedulers, and the invert -> recover round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from diffpriv_core import ddim
+from diffpriv_core.schedule import (Grid, alphas_cumprod, ddim_grid, embedding_schedule, grid_from_sigmas,
+                                    scheduled_stage, stage_of)
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+          steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True)
+
+
+def test_alpha_table_matches_diffusers():
+    ref = DDIMScheduler(**SD).alphas_cumprod.double()
+    assert torch.allclose(alphas_cumprod(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("steps", [10, 50, 100, 250])
+def test_grid_matches_diffusers_timesteps(steps):
+    sched = DDIMScheduler(**SD)
+    sched.set_timesteps(steps)
+    assert list(ddim_grid(steps).timesteps) == sched.timesteps.tolist()
+    assert ddim_grid(steps).alphas[-1] == 1.0
+
+
+def test_grid_round_trips_through_sigmas():
+    grid = ddim_grid(50)
+    again = grid_from_sigmas(grid.sigmas().float())
+    assert again.timesteps == grid.timesteps
+    assert torch.allclose(torch.tensor(again.alphas), torch.tensor(grid.alphas), rtol=1e-5)
+
+
+def test_tail_is_img2img_strength():
+    grid = ddim_grid(50)
+    tail = grid.tail(0.6)
+    assert tail.steps == 30 and tail.timesteps[0] == 581 and tail.alphas[-1] == 1.0
+    with pytest.raises(ValueError):
+        grid.tail(0.0)
+
+
+def test_stage_and_tau_schedule():
+    assert [stage_of(t) for t in (0, 99, 100, 581, 999)] == [0, 0, 1, 5, 9]
+    assert scheduled_stage(401, 0.4) == 4 and scheduled_stage(400, 0.4) is None and scheduled_stage(381, 0.4) is None
+
+
+def test_step_matches_diffusers_ddim_step():
+    sched = DDIMScheduler(**SD)
+    sched.set_timesteps(50)
+    grid = ddim_grid(50)
+    g = torch.Generator().manual_seed(0)
+    for k in (0, 17, 49):
+        z, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        ours = ddim.ddim_step(ddim.predict_x0(z, eps, grid.alphas[k]), eps, grid.alphas[k + 1])
+        ref = sched.step(eps, grid.timesteps[k], z, eta=0.0).prev_sample
+        assert torch.allclose(ours, ref, atol=1e-5), k
+
+
+def test_inversion_step_matches_diffusers_inverse_scheduler():
+    inv = DDIMInverseScheduler(**SD)
+    inv.set_timesteps(50)
+    grid = ddim_grid(50)
+    assert inv.timesteps.tolist() == list(reversed(grid.timesteps))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    for n, t in enumerate(inv.timesteps.tolist()):
+        eps = torch.randn(1, 4, 8, 8, generator=g)
+        k = grid.steps - 1 - n
+        ours = ddim.invert_step(lambda _z, _t, e=eps: e, z, t, grid.alphas[k], grid.alphas[k + 1])
+        ref = inv.step(eps, t, z).prev_sample
+        assert torch.allclose(ours, ref, atol=1e-5), t
+        z = ref
+
+
+class ToyEps(torch.nn.Module):
+    """A small nonlinear, condition-dependent noise predictor."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.cond = torch.nn.Linear(8, 4)
+
+    def forward(self, z, t, cond):
+        return torch.tanh(self.conv(z) + self.cond(cond)[:, :, None, None] + t / 1000.0)
+
+
+def conditioned(model, stage_conds):
+    return lambda z, t: model(z, t, stage_conds[stage_of(t)][None].expand(z.shape[0], -1))
+
+
+@torch.no_grad()
+def test_round_trip_recovers_and_wrong_keys_do_not():
+    model = ToyEps()
+    g = torch.Generator().manual_seed(2)
+    key_e, other_e = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    z0, other_z0 = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    grid = ddim_grid(50)
+
+    def err(recovered):
+        return (recovered - z0).pow(2).mean().item()
+
+    key_i = ddim.invert(conditioned(model, key_e), z0, grid)
+    right = err(ddim.sample(conditioned(model, key_e), key_i, grid))
+    wrong_e = err(ddim.sample(conditioned(model, other_e), key_i, grid))
+    uc_as_e = err(ddim.sample(conditioned(model, torch.zeros(10, 8)), key_i, grid))
+    other_i = ddim.invert(conditioned(model, key_e), other_z0, grid)
+    wrong_i = err(ddim.sample(conditioned(model, key_e), other_i, grid))
+    refined = err(ddim.sample(conditioned(model, key_e), ddim.invert(conditioned(model, key_e), z0, grid, refine=4), grid))
+
+    assert right < 0.05 * z0.pow(2).mean().item()
+    for wrong in (wrong_e, uc_as_e, wrong_i):
+        assert wrong > 20 * right
+    assert refined < right / 10
+
+
+def test_sample_runs_in_float32_and_calls_back_every_step():
+    seen = []
+    out = ddim.sample(lambda z, t: torch.zeros_like(z, dtype=torch.float16), torch.randn(1, 4, 8, 8).half(),
+                      ddim_grid(10), callback=lambda k, n, z, x0: seen.append((k, n)))
+    assert out.dtype == torch.float32
+    assert seen == [(k, 10) for k in range(10)]
+
+
+def test_grid_validation():
+    with pytest.raises(ValueError):
+        Grid((1, 2), (0.5, 1.0))
+    with pytest.raises(ValueError):
+        ddim_grid(0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4, 0.45, 0.6, 1.0])
+def test_embedding_schedule_covers_every_timestep_once(tau):
+    ranges = embedding_schedule(tau)
+    for t in range(1000):
+        owners = [stage for stage, lo, hi in ranges if lo <= t <= hi]
+        assert owners == [scheduled_stage(t, tau)], t
