@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from diffpriv_core import msi_train
 from diffpriv_core.msi_train import MSIHost, check_images, train_msi
 
+from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input
-from .msi_adapters import (ComfyCodec, ComfyEps, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision,
-                           load_all)
+from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
 from .types import KeyE
 
 log = logging.getLogger("diffprivacy")
@@ -57,15 +57,16 @@ class MSIInversion(io.ComfyNode):
         check_images(image)
         check_clip_vision(clip_vision)
         config = _config(preset, steps, lr, seed)
-        load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
-        host = None
+        host = eps = None
         try:
             with gradients():
-                host = MSIHost(eps=ComfyEps(model), codec=ComfyCodec(vae, model), text=ComfyText(clip),
+                eps = ComfyEpsModel(model, differentiable=True)
+                load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
+                host = MSIHost(eps=eps, codec=ComfyCodec(vae, model), text=ComfyText(clip),
                                features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
                 keys, curves = _train_batch(grad_input(image), host, config)
         finally:
-            del host
+            del host, eps
             comfy.model_management.soft_empty_cache()
         summary = [_summary(i, key) for i, key in enumerate(keys)]
         return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary})
