@@ -2,10 +2,13 @@
 CLIP ViT-L/14 (random weights: only shapes, determinism and control flow are meaningful)."""
 from __future__ import annotations
 
+import hashlib
 import time
+import types
 
 import numpy as np
 import pytest
+import torch
 
 from diffpriv_client.comfy_http import PromptFailed
 from test_host_foundation import fetch_image
@@ -89,3 +92,46 @@ def test_small_images_are_refused_with_a_clear_error(comfy_host, astronaut):
     name = comfy_host.upload(np.ascontiguousarray(astronaut[:48:2, :48:2]), "tiny.png")
     with pytest.raises(PromptFailed, match="at least 64 x 64 pixels, got 24 x 24"):
         comfy_host.client.run(msi_graph([name]))
+
+
+# --- in process: the node called directly on ComfyUI's own objects -------------------------
+
+def fingerprint(module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_training_leaves_every_host_model_unchanged(comfy_inproc, test_models, astronaut):
+    import comfy.clip_vision
+
+    with torch.inference_mode():  # as ComfyUI runs prompts
+        model, clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(
+            str(test_models / "checkpoints" / "dp-test-sd15.safetensors"))[:3]
+        clip_vision = comfy.clip_vision.load(str(test_models / "clip_vision" / "dp-test-vitl14.safetensors"))
+        modules = {"unet": model.model, "text": clip.cond_stage_model, "vae": vae.first_stage_model,
+                   "clip_vision": clip_vision.model}
+        before = {name: fingerprint(m) for name, m in modules.items()}
+        image = torch.from_numpy(np.ascontiguousarray(astronaut[40:232:3, 160:352:3])).float()[None] / 255
+        node = comfy_inproc.pack.nodes.msi.MSIInversion
+        keys, curve = node.execute(model, clip, vae, clip_vision, image, "fast", 1, 0.0, 3).args
+        after = {name: fingerprint(m) for name, m in modules.items()}
+    assert [tuple(k.stages.shape) for k in keys] == [(10, 77, 768)] and curve.shape == (1, 256, 512, 3)
+    assert after == before
+    assert all(not p.requires_grad or p.grad is None for m in modules.values() for p in m.parameters())
+
+
+def test_image_encoders_other_than_vit_l14_are_refused(comfy_inproc):
+    import comfy.clip_model
+    import comfy.ops
+
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "hidden_act": "quick_gelu", "model_type": "clip_vision_model", "num_channels": 3, "patch_size": 16,
+              "image_size": 64, "projection_dim": 32}
+    small = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "cpu", comfy.ops.manual_cast)
+    adapters = comfy_inproc.pack.nodes.msi_adapters
+    with pytest.raises(ValueError, match="OpenAI CLIP ViT-L/14 .* given is clip with hidden size 64, 2 layers"):
+        adapters.check_clip_vision(types.SimpleNamespace(model=small, image_size=64))
+    with pytest.raises(ValueError, match="given is Linear"):
+        adapters.check_clip_vision(types.SimpleNamespace(model=torch.nn.Linear(2, 2), image_size=224))
