@@ -37,6 +37,7 @@ def main() -> None:
     host = load_host_in_process()
     from diffpriv_core import ddim
     from diffpriv_core.key_types import KeyE
+    from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import ddim_grid
 
     adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
@@ -53,7 +54,7 @@ def main() -> None:
     z0 = eps.to_z(samples)
     reconstruction = vae.decode(samples)
     vae_err = (reconstruction - photo).pow(2).mean().item()
-    fn = adapters.stage_conditioned(eps, [key_e])
+    fn = conditioned_eps(eps, [key_e])
     grid = ddim_grid(args.steps)
     print(f"# inversion modes, {args.steps} steps, {args.size}x{args.size} px, test-size SD1.5 (random weights)")
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU")

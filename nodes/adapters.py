@@ -7,8 +7,6 @@ import torch
 from diffpriv_core.keys import model_fingerprint
 
 from .host import autograd_copy
-from diffpriv_core.key_types import KeyE
-from diffpriv_core.schedule import scheduled_stage, stage_of
 
 
 class ComfyEpsModel:
@@ -50,16 +48,6 @@ class ComfyEpsModel:
 
     def to_samples(self, z: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_out(z.float().cpu())
-
-
-def stage_conditioned(eps_model, keys_e: list[KeyE], tau: float | None = None):
-    """eps_fn(z, t) with each image's C^{t//100} (or UC at t <= tau*T when tau is given)."""
-    def eps_fn(z, t):
-        stage = stage_of(t) if tau is None else scheduled_stage(t, tau)
-        cond = torch.cat([k.condition(stage) for k in keys_e]).float()
-        return eps_model(z, t, cond)
-
-    return eps_fn
 
 
 def check_multiple_of_8(height: int, width: int, what: str = "image") -> None:
