@@ -35,8 +35,7 @@ class ComfyEpsModel:
         sigma = self.sigma(t).to(self.device).expand(z_t.shape[0])
         s = sigma.view(-1, 1, 1, 1)
         x = z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + s**2)
-        cond = cond.to(self.device).expand(z_t.shape[0], -1, -1)
-        x0 = self.base.apply_model(x, sigma, c_crossattn=cond)
+        x0 = self.base.apply_model(x, sigma, c_crossattn=cond.to(self.device))
         return ((x - x0.float()) / s).to(z_t.device)
 
     def fingerprint(self) -> str:
