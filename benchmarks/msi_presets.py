@@ -5,10 +5,11 @@ random diffusers models the unit tests use (tests/fixtures/tiny_diffusers.py).
 
 Each preset trains in its own process (so its peak resident memory is its own); the
 held-out loss (Eq. 7 on a fixed sample, see msi_train.held_out_loss) is measured every few
-steps with the clock stopped. Printed: the curves, each preset's peak memory, and the
-time-to-equal-loss ratio: the faithful run's training time divided by the time the fast
-run needs to reach the faithful run's final held-out loss. Random weights: the loss moves
-little, but the evaluation is deterministic, so the comparison is exact for these models.
+steps with the clock stopped. Printed, as a markdown section for benchmarks/run_all.py: the
+curves, each preset's peak memory, and the time-to-equal-loss ratio: the faithful run's
+training time divided by the time the fast run needs to reach the faithful run's final
+held-out loss. Random weights: the loss moves little, but the evaluation is deterministic,
+so the comparison is exact for these models.
 """
 from __future__ import annotations
 
@@ -74,19 +75,25 @@ def child(name: str, steps: int, seed: int) -> dict:
 
 
 def report(faithful: dict, fast: dict) -> None:
+    """A markdown section (benchmarks/run_all.py collects them into BENCHMARKS.md)."""
+    print("MSI presets on the tiny random diffusers models (64 px image, CPU, one thread each); held-out "
+          "Eq. 7 loss against training seconds (evaluation time excluded).\n")
+    print("| preset | steps | untrained loss | final loss | training s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
     for run in (faithful, fast):
-        print(f"\n{run['preset']}: {run['steps']} steps, held-out loss {run['start_loss']:.6f} untrained, "
-              f"peak RSS {run['peak_rss_mib']:.0f} MiB")
-        for t, loss in run["curve"]:
-            print(f"  {t:8.2f} s  {loss:.6f}")
-    target = faithful["curve"][-1][1]
-    faithful_time = faithful["curve"][-1][0]
+        t, loss = run["curve"][-1]
+        print(f"| {run['preset']} | {run['steps']} | {run['start_loss']:.6f} | {loss:.6f} | {t:.1f} | "
+              f"{run['peak_rss_mib']:.0f} |")
+    for run in (faithful, fast):
+        points = ", ".join(f"{t:.1f} s: {loss:.6f}" for t, loss in run["curve"])
+        print(f"\n{run['preset']} curve: {points}")
+    target, faithful_time = faithful["curve"][-1][1], faithful["curve"][-1][0]
     reached = time_to_reach(fast["curve"], target)
-    print(f"\nfaithful final held-out loss {target:.6f} after {faithful_time:.1f} s of training")
     if reached is None:
-        print(f"fast did not reach it in {fast['curve'][-1][0]:.1f} s (final {fast['curve'][-1][1]:.6f})")
+        print(f"\n**fast did not reach** the faithful final loss {target:.6f} in {fast['curve'][-1][0]:.1f} s.")
     else:
-        print(f"fast reached it after {reached:.1f} s: time-to-equal-loss ratio {faithful_time / reached:.1f}x")
+        print(f"\n**Time to equal loss**: fast reaches the faithful run's final loss {target:.6f} after "
+              f"{reached:.1f} s, against {faithful_time:.1f} s: **{faithful_time / reached:.1f}x** sooner.")
 
 
 def main() -> None:
