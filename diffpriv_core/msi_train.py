@@ -23,7 +23,7 @@ from .schedule import STAGE_SPAN, STAGES, T, alphas_cumprod
 
 StepCallback = Callable[[int, int, float], None]
 """Called after every step with (step, total, loss), step counting from 1; raise to stop."""
-Probe = Callable[[int, "MSI"], None]
+Probe = Callable[[int, MSI], None]
 """Called after every step with (step, module in training): held-out evaluation in benchmarks."""
 
 
@@ -135,8 +135,7 @@ def lr_factor(config: MSITrainConfig, step: int) -> float:
 @contextmanager
 def _seeded(seed: int, device: torch.device):
     """Seed torch's global RNGs (module init, dropout) without disturbing the caller's."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
 

@@ -17,21 +17,26 @@ class ComfyEpsModel:
     prediction is (x - x0) / sigma. Latents here are SD's scaled latents.
     """
 
-    def __init__(self, model_patcher):
+    def __init__(self, model_patcher, differentiable: bool = False):
+        """``differentiable``: run an autograd copy of the model, so gradients reach ``cond``
+        and ``z_t`` (MSI training); otherwise the loaded model itself."""
         comfy.model_management.load_models_gpu([model_patcher])
         self.patcher = model_patcher
-        self.base = model_patcher.model
+        self.base = autograd_copy(model_patcher.model) if differentiable else model_patcher.model
         self.model_sampling = model_patcher.get_model_object("model_sampling")
         self.device = model_patcher.load_device
 
-    def sigma(self, t: int) -> torch.Tensor:
-        return self.model_sampling.sigma(torch.tensor(float(t))).float()
+    def sigma(self, t) -> torch.Tensor:
+        """sigma of an integer timestep, or of each timestep of a tensor."""
+        return self.model_sampling.sigma(torch.as_tensor(t, dtype=torch.float32)).float()
 
     def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma(int(t)).to(self.device)
-        x = (z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + sigma**2))
-        x0 = self.base.apply_model(x, sigma.expand(z_t.shape[0]), c_crossattn=cond.to(self.device))
-        return ((x - x0.float()) / sigma).to(z_t.device)
+        """``t``: one timestep for the batch, or a [B] tensor with one per sample."""
+        sigma = self.sigma(t).to(self.device).expand(z_t.shape[0])
+        s = sigma.view(-1, 1, 1, 1)
+        x = z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + s**2)
+        x0 = self.base.apply_model(x, sigma, c_crossattn=cond.to(self.device))
+        return ((x - x0.float()) / s).to(z_t.device)
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.base.diffusion_model.state_dict().items())

@@ -10,11 +10,12 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw
 
-from diffpriv_core.msi_train import PRESETS, MSIHost, check_images, preset, train_msi
+from diffpriv_core import msi_train
+from diffpriv_core.msi_train import MSIHost, check_images, train_msi
 
+from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input
-from .msi_adapters import (ComfyCodec, ComfyEps, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision,
-                           load_all)
+from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
 from .types import KeyE
 
 log = logging.getLogger("diffprivacy")
@@ -40,7 +41,7 @@ class MSIInversion(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
-                io.Combo.Input("preset", options=list(PRESETS), default="fast",
+                io.Combo.Input("preset", options=list(msi_train.PRESETS), default="fast",
                                tooltip="fast: all ten stages per step, cached encodings, warmup + cosine lr, "
                                        "mixed precision on GPU; faithful: the paper's 6100 steps at lr 1e-4"),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
@@ -56,15 +57,16 @@ class MSIInversion(io.ComfyNode):
         check_images(image)
         check_clip_vision(clip_vision)
         config = _config(preset, steps, lr, seed)
-        load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
-        host = None
+        host = eps = None
         try:
             with gradients():
-                host = MSIHost(eps=ComfyEps(model), codec=ComfyCodec(vae, model), text=ComfyText(clip),
+                eps = ComfyEpsModel(model, differentiable=True)
+                load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
+                host = MSIHost(eps=eps, codec=ComfyCodec(vae, model), text=ComfyText(clip),
                                features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
                 keys, curves = _train_batch(grad_input(image), host, config)
         finally:
-            del host
+            del host, eps
             comfy.model_management.soft_empty_cache()
         summary = [_summary(i, key) for i, key in enumerate(keys)]
         return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary})
@@ -72,7 +74,7 @@ class MSIInversion(io.ComfyNode):
 
 def _config(name: str, steps: int, lr: float, seed: int):
     """The preset with the node's overrides (0 keeps the preset's value)."""
-    return preset(name, steps=steps or None, lr=lr or None, seed=seed)
+    return msi_train.preset(name, steps=steps or None, lr=lr or None, seed=seed)
 
 
 def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]]]:

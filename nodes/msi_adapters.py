@@ -1,6 +1,6 @@
-"""The core's host protocols over ComfyUI's MODEL, CLIP, VAE and CLIP_VISION, as MSI needs
-them: the UNet and text encoder differentiable w.r.t. the conditioning (autograd copies of
-the loaded modules), the VAE and CLIP vision used as they are, under no_grad."""
+"""The core's host protocols over ComfyUI's CLIP, VAE and CLIP_VISION, as MSI needs them:
+the text encoder differentiable w.r.t. the pseudo-token (a private autograd copy), the VAE
+and CLIP vision used as they are, under no_grad. The UNet is adapters.ComfyEpsModel."""
 from __future__ import annotations
 
 import types
@@ -25,23 +25,6 @@ def alphas_of(model) -> torch.Tensor:
     """alpha_bar(t), t = 0..999, of the MODEL's own schedule."""
     sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()
     return 1.0 / (1.0 + sigmas**2)
-
-
-class ComfyEps:
-    """EpsModel over a loaded MODEL: ``apply_model`` takes x = z_t / sqrt(alpha_bar) and the
-    sigma of t, and returns x0; eps = (x - x0) / sigma."""
-
-    def __init__(self, model):
-        self.net = autograd_copy(model.model)
-        self.sigmas = model.get_model_object("model_sampling").sigmas.detach().float()
-        self.device = model.load_device
-
-    def __call__(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigmas.to(self.device)[t.to(self.device)]
-        s = sigma.view(-1, 1, 1, 1)
-        x = z_t.to(self.device) * (1.0 + s**2).sqrt()
-        x0 = self.net.apply_model(x, sigma, c_crossattn=cond.to(self.device))
-        return ((x - x0) / s).float()
 
 
 class ComfyCodec:

@@ -155,6 +155,13 @@ def test_the_callback_sees_every_step_and_can_stop_training():
     assert seen == [(1, 10), (2, 10), (3, 10)]
 
 
+def test_reusing_encodings_changes_no_value():
+    host, _ = toy_host.toy_host()
+    config = preset("fast", steps=6, shape=toy_host.SHAPE)
+    cached, fresh = (train_msi(image(), host, dataclasses.replace(config, reuse_encodings=r)) for r in (True, False))
+    assert cached.losses == fresh.losses and torch.equal(cached.key.stages, fresh.key.stages)
+
+
 def test_stratified_timesteps_cover_every_stage_once():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
