@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import requests
 import websocket
@@ -78,12 +78,17 @@ class Server:
         if self.dead:
             return []
         self._connect()
+        if self._ws is None:
+            time.sleep(timeout)  # no socket to wait on: pace the /history checks instead
         events, done = self._read_messages(timeout)
         due = time.monotonic() - self._last_history_check > HISTORY_CHECK_S
+        to_check = list(self.in_flight) if due else list(done)
+        if not to_check:
+            return events
         try:
-            events += self._collect(self.in_flight if due else done)
+            events += self._collect(to_check)
             self._unreachable_since = None
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             events += self._note_unreachable()
         return events
 
@@ -125,10 +130,10 @@ class Server:
                 done.add(data["prompt_id"])
         return events, done
 
-    def _collect(self, prompt_ids: Iterable[str]) -> list:
+    def _collect(self, prompt_ids: list[str]) -> list:
         self._last_history_check = time.monotonic()
         events = []
-        for prompt_id in list(prompt_ids):
+        for prompt_id in prompt_ids:
             entry = self.client.history(prompt_id)
             if entry is not None and entry.get("status", {}).get("completed") is not None:
                 events.append(Finished(self.in_flight.pop(prompt_id), prompt_id, entry))
