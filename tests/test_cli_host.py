@@ -213,3 +213,26 @@ def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path
     finally:
         first.stop()
         second.stop()
+
+
+def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_path, test_models, photos,
+                                                                         passphrase_env):
+    models = tmp_path / "models"
+    for rel in ("checkpoints/dp-test-sd15.safetensors",):
+        (models / rel).parent.mkdir(parents=True)
+        (models / rel).symlink_to(test_models / rel)
+    install_key_e(tmp_path)  # writes tmp_path/models/diffprivacy_keys
+    out = tmp_path / "out"
+    common = ["--base", str(tmp_path / "base"), "--models", str(models), "--passphrase-env", passphrase_env]
+    assert cli.main(protect_args([photos["hanks"]], out) + common) == 0
+    entry = results(out)["hanks"]
+    for picture in entry["outputs"]:
+        assert not Image.open(out / picture).info, "--disable-metadata: no workflow (or passphrase) in the PNG"
+
+    # The embedded server gets the key copied into its keys folder; the user's file stays put.
+    key = out / entry["keys"][0]
+    argv = ["recover", str(key), "--out", str(tmp_path / "recovered"), "--workflow",
+            str(WORKFLOWS / "recover.json")] + common
+    assert cli.main(argv) == 0
+    assert (models / "diffprivacy_keys" / "diffpriv-cli" / key.name).read_bytes() == key.read_bytes()
+    assert results(tmp_path / "recovered")[key.name.split(".")[0]]["status"] == "ok"
