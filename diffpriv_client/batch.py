@@ -67,6 +67,11 @@ class _Batch:
                 for server in live:
                     for event in server.poll(POLL_S / len(live)):
                         self._handle(server, event)
+        except KeyboardInterrupt:
+            # Leave no orphans running on the servers; the summary already has what finished.
+            for server in self.servers:
+                server.cancel_all()
+            raise
         finally:
             self.bar.close()
             for server in self.servers:

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, PreflightError, FileNotFoundError, ValueError) as exc:
         print(f"diffpriv: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
+        return 130
 
 
 # --- commands ------------------------------------------------------------------------

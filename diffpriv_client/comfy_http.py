@@ -76,6 +76,13 @@ class ComfyClient:
     def interrupt(self) -> None:
         self.post("/interrupt")
 
+    def cancel(self, prompt_ids: list[str]) -> None:
+        """Drop these prompts from the queue and stop the one running, if it is one of them
+        (a targeted interrupt leaves other clients' prompts alone)."""
+        self.post("/queue", {"delete": list(prompt_ids)})
+        for prompt_id in prompt_ids:
+            self.post("/interrupt", {"prompt_id": prompt_id})
+
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 

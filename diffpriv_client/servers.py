@@ -92,6 +92,15 @@ class Server:
             events += self._note_unreachable()
         return events
 
+    def cancel_all(self) -> None:
+        """Withdraw everything we queued here (the user stopped the command)."""
+        if self.in_flight and not self.dead:
+            try:
+                self.client.cancel(list(self.in_flight))
+            except requests.RequestException:
+                pass  # nothing left to cancel on a server that is gone
+        self.in_flight = {}
+
     def close(self) -> None:
         if self._ws is not None:
             self._ws.close()

@@ -24,8 +24,9 @@ import skimage.data
 import torch
 from PIL import Image
 
-from diffpriv_client import cli
+from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
+from diffpriv_client.servers import Progress, Server
 from diffpriv_core.key_types import KeyE
 from diffpriv_core.keys import save_key
 
@@ -236,3 +237,19 @@ def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_pat
     assert cli.main(argv) == 0
     assert (models / "diffprivacy_keys" / "diffpriv-cli" / key.name).read_bytes() == key.read_bytes()
     assert results(tmp_path / "recovered")[key.name.split(".")[0]]["status"] == "ok"
+
+
+def test_cancel_withdraws_our_queued_and_running_prompts(comfy_host, photos):
+    install_key_e(comfy_host.base)
+    server = Server(comfy_host.server.url)
+    template = graphs.load_workflow(WORKFLOWS / "protect.json")
+    for name in ("astronaut", "hanks"):
+        uploaded = server.client.upload_image(photos[name])
+        server.submit(name, graphs.protect_graph(template, uploaded, name, steps=200))
+    prompt_ids = list(server.in_flight)
+    wait_for(lambda: any(e.value > 0 for e in server.poll(0.1) if isinstance(e, Progress)), timeout=120)
+    server.cancel_all()
+    wait_for(lambda: not any(server.client.get("/queue").values()), timeout=30)
+    first = server.client.history(prompt_ids[0])
+    assert first["status"]["status_str"] == "error", "interrupted mid-run"
+    assert server.client.history(prompt_ids[1]) is None, "never ran"
