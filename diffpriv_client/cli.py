@@ -29,12 +29,11 @@ from .summary import Summary, write_contact_sheet
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
 KEY_SUFFIX = ".dpkey.safetensors"
 DEMO_BANNER = """
-################################################################################
-#  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS and   #
-#  protect nothing. Use them only to see the pipeline run end to end.           #
-################################################################################
+##############################################################################
+#  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS   #
+#  and protect nothing. Use them only to see the pipeline run end to end.    #
+##############################################################################
 """
-
 
 class UsageError(RuntimeError):
     pass
