@@ -95,32 +95,37 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands ------------------------------------------------------------------------
 def protect_command(args) -> int:
     template = load_template(args)
-    names = unique_names(args.images, lambda p: p.stem)
     passphrase = read_passphrase(args.passphrase_env)
-    summary = Summary(args.out, "protect")
-    todo = [(name, path) for name, path in names.items() if not skip_if_done(summary, name)]
-    with connect(args, needed=bool(todo)) as conn:
-        preflight_models(conn, template, args)
-        jobs = [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
-                for name, path in todo]
-        run_batch(jobs, conn.servers, summary, forget_prompts=bool(passphrase))
-    return report(summary, args, show_source=True)
+
+    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
+        return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
+                for name, path in todo.items()]
+
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, jobs, passphrase)
 
 
 def recover_command(args) -> int:
     template = load_template(args)
-    names = unique_names(args.keys, key_stem)
     passphrase = read_passphrase(args.passphrase_env)
-    summary = Summary(args.out, "recover")
-    todo = [(name, path) for name, path in names.items() if not skip_if_done(summary, name)]
+
+    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
+        # Resolved on every server up front, so a missing key stops the run before any compute.
+        key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
+                     for server in conn.servers}
+        return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase))
+                for name, path in todo.items()]
+
+    return run_command(args, unique_names(args.keys, key_stem), template, jobs, passphrase)
+
+
+def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str) -> int:
+    """Skip what an earlier run finished, run the rest, report; exit status 1 if any failed."""
+    summary = Summary(args.out, args.command)
+    todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
     with connect(args, needed=bool(todo)) as conn:
         preflight_models(conn, template, args)
-        key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo}
-                     for server in conn.servers}
-        jobs = [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase))
-                for name, path in todo]
-        run_batch(jobs, conn.servers, summary, forget_prompts=bool(passphrase))
-    return report(summary, args, show_source=False)
+        run_batch(make_jobs(conn, todo), conn.servers, summary, forget_prompts=bool(passphrase))
+    return report(summary, args)
 
 
 def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps, client: ComfyClient) -> dict:
@@ -187,8 +192,9 @@ def preflight_models(conn: Connection, template: dict, args) -> None:
         check_models(server.client, graphs.required_models(template), conn.embedded_models, hint)
 
 
-def report(summary: Summary, args, show_source: bool) -> int:
-    sheet = write_contact_sheet(summary, show_source=show_source)
+def report(summary: Summary, args) -> int:
+    # Keys are not pictures: a recovery's sheet shows the results only.
+    sheet = write_contact_sheet(summary, show_source=args.command == "protect")
     counts = summary.counts()
     print(f"{summary.path}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if sheet:
