@@ -1,4 +1,4 @@
-"""The two keys of Diff-Privacy, as plain tensors plus metadata."""
+"""The key types the stages hand to each other (and that the key file stores)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,25 +7,33 @@ import torch
 
 from .schedule import STAGES
 
-EMBED_SHAPE = (77, 768)
+EMBED_SHAPE = (77, 768)  # SD 1.x: 77 tokens of CLIP ViT-L/14 text width
 
 
 @dataclass
 class KeyE:
-    """key-E: the per-image stage conditionings C^0..C^9 and the unconditional UC."""
+    """key-E: the per-stage conditionings C^0..C^9 MSI learned for one image, plus UC.
 
-    stages: torch.Tensor  # [10, 77, 768] float32
-    uc: torch.Tensor  # [1, 77, 768] float32
+    ``stages`` [10, 77, 768] float32 (row i conditions timesteps 100 i .. 100 i + 99),
+    ``uc`` [1, 77, 768] float32 (the empty prompt), ``meta`` free text about how it was made.
+    """
+
+    stages: torch.Tensor
+    uc: torch.Tensor
     meta: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        if tuple(self.stages.shape) != (STAGES, *EMBED_SHAPE):
-            raise ValueError(f"key-E must hold {STAGES} conditionings of shape {EMBED_SHAPE}, got {tuple(self.stages.shape)}")
-        if tuple(self.uc.shape) != (1, *EMBED_SHAPE):
-            raise ValueError(f"key-E's unconditional embedding must be (1, 77, 768), got {tuple(self.uc.shape)}")
+        if self.stages.ndim != 3 or self.stages.shape[0] != STAGES:
+            raise ValueError(f"key-E needs {STAGES} stage embeddings [{STAGES}, tokens, dim], got {tuple(self.stages.shape)}")
+        if tuple(self.uc.shape) != (1, *self.stages.shape[1:]):
+            raise ValueError(f"key-E's UC must be [1, {self.stages.shape[1]}, {self.stages.shape[2]}], got {tuple(self.uc.shape)}")
+        if self.stages.dtype != torch.float32 or self.uc.dtype != torch.float32:
+            raise ValueError("key-E tensors must be float32")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.meta.items()):
+            raise ValueError("key-E metadata must map str to str")
 
     def condition(self, stage: int | None) -> torch.Tensor:
-        """[1, 77, 768]: C^stage, or UC for None."""
+        """[1, tokens, dim]: C^stage, or UC for None."""
         return self.uc if stage is None else self.stages[stage:stage + 1]
 
 

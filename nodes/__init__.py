@@ -1,14 +1,22 @@
 """Thin ComfyUI adapters over diffpriv_core."""
 from .faces import FaceDetect
+from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
+from .msi import MSIInversion
+from .protect import GuidedDDIMSampler, GuidedDDIMSamplerSelect
 from .recovery import DDIMInversionKey, Recover
 from .scheduler import EmbeddingScheduler
 
 NODES = [
+    MSIInversion,
     EmbeddingScheduler,
+    GuidedDDIMSampler,
+    GuidedDDIMSamplerSelect,
     DDIMInversionKey,
     Recover,
     SavePrivacyKey,
     LoadPrivacyKey,
     FaceDetect,
+    FaceRecognizerLoader,
+    IdentityGuidanceNode,
 ]

@@ -5,6 +5,8 @@ import comfy.model_management
 import torch
 
 from diffpriv_core.keys import model_fingerprint
+
+from .host import autograd_copy
 from diffpriv_core.key_types import KeyE
 from diffpriv_core.schedule import scheduled_stage, stage_of
 
@@ -60,3 +62,21 @@ def check_multiple_of_8(height: int, width: int, what: str = "image") -> None:
         raise ValueError(f"the {what} is {width}x{height}; Stable Diffusion needs sides divisible by 8 "
                          f"(crop or resize it, e.g. with ImageScale, to {width // 8 * 8}x{height // 8 * 8})")
 
+
+
+class ComfyDecoder:
+    """The host VAE's decoder as the core's differentiable ``decode`` of scaled latents.
+
+    It calls the decoder network directly: ``VAE.decode`` clamps (zero gradient outside
+    [0, 1]) and may fall back to a tiled path that runs under inference mode.
+    """
+
+    def __init__(self, vae, latent_format):
+        self.vae = vae
+        self.network = autograd_copy(vae.first_stage_model)
+        self.latent_format = latent_format
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        raw = self.latent_format.process_out(z).to(self.vae.device, self.vae.vae_dtype)
+        image = self.network.decode(raw).float()
+        return ((image + 1.0) / 2.0).movedim(1, -1)

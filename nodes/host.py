@@ -21,16 +21,17 @@ def gradients():
         yield
 
 
-def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
+def autograd_copy(module: torch.nn.Module, private: bool = False) -> torch.nn.Module:
     """A frozen module autograd can differentiate through.
 
     Host modules loaded under inference mode hold inference tensors; those are copied
     (never modified in place: other nodes share them). Modules without any are returned
-    as they are, frozen, to spare memory.
+    as they are, frozen, to spare memory, unless ``private`` asks for a copy the caller
+    may alter (e.g. to patch its forward).
     """
     with torch.inference_mode(False):
         tensors = list(module.parameters()) + list(module.buffers())
-        if any(t.is_inference() for t in tensors):
+        if private or any(t.is_inference() for t in tensors):
             module = copy.deepcopy(module)
     return module.requires_grad_(False)
 

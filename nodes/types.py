@@ -7,3 +7,5 @@ from comfy_api.v0_0_2 import io
 Faces = io.Custom("DP_FACES")
 KeyE = io.Custom("DP_KEY_E")
 KeyI = io.Custom("DP_KEY_I")
+FaceModel = io.Custom("DP_FACE_MODEL")  # a frozen FaceEmbedder (diffpriv_core.faces.recognizers)
+Guidance = io.Custom("DP_GUIDANCE")  # diffpriv_core.guided.IdentityGuidance

@@ -17,9 +17,12 @@ from diffpriv_client.comfy_http import ComfyClient  # noqa: E402
 from diffpriv_client.embedded import EmbeddedComfy, prepare_base_directory  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import make_face_models  # noqa: E402
 import make_models  # noqa: E402
 
 MODEL_CACHE = ROOT / ".cache" / "test-models" / f"v{make_models.GENERATOR_VERSION}-seed1234"
+FACE_MODEL_CACHE = (ROOT / ".cache" / "test-models"
+                    / f"faces-v{make_face_models.GENERATOR_VERSION}-seed{make_face_models.SEED}")
 
 
 def pack_node_ids() -> set[str]:
@@ -40,11 +43,18 @@ def test_models() -> Path:
     return MODEL_CACHE
 
 
-def _models_folder(base: Path, test_models: Path) -> None:
-    for rel in (make_models.CHECKPOINT, make_models.CLIP_VISION):
+@pytest.fixture(scope="session")
+def face_models() -> Path:
+    """A models/ folder with seeded random-weight face recognisers in the real file formats."""
+    return make_face_models.ensure(FACE_MODEL_CACHE)
+
+
+def _models_folder(base: Path, test_models: Path, face_models: Path) -> None:
+    for folder, rel in ((test_models, make_models.CHECKPOINT), (test_models, make_models.CLIP_VISION),
+                        (face_models, make_face_models.ARCFACE_ONNX)):
         link = base / "models" / rel
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(test_models / rel)
+        link.symlink_to(folder / rel)
 
 
 class Host:
@@ -63,9 +73,9 @@ class Host:
         return self.client.upload_image(path)
 
 
-def start_host(base: Path, test_models: Path) -> EmbeddedComfy:
+def start_host(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
     prepare_base_directory(base)
-    _models_folder(base, test_models)
+    _models_folder(base, test_models, face_models)
     server = EmbeddedComfy(base).start()
     log = server.log()
     info = ComfyClient(server.url, timeout=60).object_info()
@@ -78,9 +88,9 @@ def start_host(base: Path, test_models: Path) -> EmbeddedComfy:
 
 
 @pytest.fixture(scope="session")
-def comfy_host(tmp_path_factory, test_models) -> Host:
+def comfy_host(tmp_path_factory, test_models, face_models) -> Host:
     """The real ComfyUI server, headless on CPU, with the pack and the test models."""
-    server = start_host(tmp_path_factory.mktemp("comfy"), test_models)
+    server = start_host(tmp_path_factory.mktemp("comfy"), test_models, face_models)
     try:
         yield Host(server)
     finally:

@@ -93,3 +93,38 @@ def test_random_bytes_are_refused():
     for n in (1, 16, 4096):
         with pytest.raises(KeyFileError):
             load_key_bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes())
+
+
+@pytest.mark.parametrize("passphrase", [None, "pw"])
+def test_fuzz_every_corruption_is_a_clean_key_error(passphrase):
+    """Flipped bits anywhere (header, metadata, payload), truncation anywhere, and an
+    oversized header all end in KeyFileError: never another exception, a hang or a load."""
+    data = key_bytes(*make_keys(), passphrase=passphrase)
+    g = torch.Generator().manual_seed(11)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    # Each encrypted load runs scrypt (~0.1 s): fewer samples there.
+    tries = 40 if passphrase else 200
+    positions = list(range(0, header_end, max(1, header_end // tries))) + \
+        torch.randint(header_end, len(data), (tries,), generator=g).tolist()
+    for n, pos in enumerate(positions):
+        corrupted = bytearray(data)
+        corrupted[pos] ^= 1 << (n % 8)
+        with pytest.raises(KeyFileError):
+            load_key_bytes(bytes(corrupted), passphrase)
+    for cut in torch.randint(1, len(data), (tries // 4,), generator=g).tolist():
+        with pytest.raises(KeyFileError):
+            load_key_bytes(data[:cut], passphrase)
+    oversized = (2**40).to_bytes(8, "little") + data[8:]
+    with pytest.raises(KeyFileError):
+        load_key_bytes(oversized, passphrase)
+
+
+def test_file_names_never_leave_the_folder(tmp_path):
+    for bad in ("../x", "/etc/passwd", "a/../../x", "..", "", "a\\..\\x", "x\x00y"):
+        with pytest.raises(ValueError):
+            keys.safe_join(tmp_path, bad)
+    (tmp_path / "link").symlink_to("/tmp")
+    with pytest.raises(ValueError):
+        keys.safe_join(tmp_path, "link/x")
+    assert keys.safe_join(tmp_path, "sub/k.dpkey.safetensors") == tmp_path.resolve() / "sub" / "k.dpkey.safetensors"
+    assert keys.next_key_path(tmp_path, "sub/k").name == "k_00001.dpkey.safetensors"

@@ -1,0 +1,292 @@
+"""Differentiable, frozen face recognisers (the ``FaceEmbedder`` protocol) and their loader.
+
+Three formats are accepted, all read without pickle and without any download:
+- ArcFace ONNX files from insightface model packs (``buffalo_l/w600k_r50.onnx``,
+  ``antelopev2/glintr100.onnx``), converted to torch with onnx2torch;
+- IR-SE50 (``model_ir_se50.pth``, TreB1eN's InsightFace_Pytorch ``Backbone(50, mode='ir_se')``,
+  the network of the reference code), as .pth or .safetensors;
+- FaceNet InceptionResnetV1 (facenet-pytorch's VGGFace2 state dict), as .pt/.pth or .safetensors.
+
+onnx, onnx2torch and facenet-pytorch are imported only when a file needs them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ONNX_SUFFIXES = (".onnx",)
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """How a network wants its [0, 1] RGB input standardised: (x - mean) / std."""
+
+    mean: float
+    std: float
+
+
+ARCFACE_RANGE = InputRange(0.5, 0.5)  # insightface: (pixel - 127.5) / 127.5, RGB
+PIXEL_RANGE = InputRange(0.0, 1.0 / 255.0)  # mxnet-era packs standardise inside the graph
+FACENET_RANGE = InputRange(127.5 / 255.0, 128.0 / 255.0)  # facenet-pytorch fixed_image_standardization
+
+
+class FaceRecognizer(nn.Module):
+    """A frozen recogniser as a ``FaceEmbedder``: [B, 3, S, S] aligned RGB faces in [0, 1]
+    -> [B, D] unit embeddings, differentiable w.r.t. the faces."""
+
+    def __init__(self, net: nn.Module, input_size: int, input_range: InputRange, name: str):
+        super().__init__()
+        self.net = net.requires_grad_(False)
+        self.input_size = input_size
+        self.input_range = input_range
+        self.name = name
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FaceRecognizer":
+        # A frozen recogniser must never normalise with batch statistics.
+        return super().train(False)
+
+    def forward(self, aligned: torch.Tensor) -> torch.Tensor:
+        size = (self.input_size, self.input_size)
+        if tuple(aligned.shape[-2:]) != size:
+            aligned = F.interpolate(aligned, size=size, mode="bilinear", align_corners=False, antialias=True)
+        # The networks hold float32 weights; decoders may hand over half precision.
+        x = (aligned.float() - self.input_range.mean) / self.input_range.std
+        return F.normalize(self.net(x).flatten(1).float(), dim=-1)
+
+
+# --- IR-SE (TreB1eN InsightFace_Pytorch), module names as in its state dicts ---------------
+
+class SEModule(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
+
+
+class BottleneckIRSE(nn.Module):
+    def __init__(self, in_channels: int, depth: int, stride: int):
+        super().__init__()
+        if in_channels == depth:
+            self.shortcut_layer = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(in_channels),
+            nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False),
+            nn.PReLU(depth),
+            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(depth),
+            SEModule(depth),
+        )
+
+    def forward(self, x):
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+# units per stage of IR-SE 50 / 100 / 152 (get_blocks in the reference code)
+IR_SE_UNITS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 152: (3, 8, 36, 3)}
+IR_SE_WIDTHS = (64, 128, 256, 512)
+
+
+class IRSEBackbone(nn.Module):
+    """``Backbone(num_layers, drop_ratio, mode='ir_se')`` for 112 x 112 input (eval only)."""
+
+    def __init__(self, num_layers: int = 50):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        units, in_channels = [], 64
+        for depth, count in zip(IR_SE_WIDTHS, IR_SE_UNITS[num_layers]):
+            for k in range(count):
+                units.append(BottleneckIRSE(in_channels, depth, 2 if k == 0 else 1))
+                in_channels = depth
+        self.body = nn.Sequential(*units)
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
+
+    def forward(self, x):
+        return self.output_layer(self.body(self.input_layer(x)))
+
+
+def ir_se_depth(state: dict[str, torch.Tensor]) -> int:
+    """50, 100 or 152, from the number of residual units in an IR-SE state dict."""
+    count = len({k.split(".")[1] for k in state if k.startswith("body.")})
+    for layers, units in IR_SE_UNITS.items():
+        if sum(units) == count:
+            return layers
+    raise ValueError(f"an IR-SE state dict with {count} residual units matches no IR-SE 50/100/152")
+
+
+# --- state-dict formats ---------------------------------------------------------------------
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .pt/.pth file (never unpickling code), as float32 on CPU,
+    without a DataParallel ``module.`` prefix."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path.name} is not a plain state dict of tensors")
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def ir_se_recognizer(state: dict[str, torch.Tensor], name: str) -> FaceRecognizer:
+    net = IRSEBackbone(ir_se_depth(state))
+    net.load_state_dict(state)
+    return FaceRecognizer(net, 112, ARCFACE_RANGE, name)
+
+
+def facenet_recognizer(state: dict[str, torch.Tensor], name: str) -> FaceRecognizer:
+    from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
+
+    net = InceptionResnetV1()  # no ``pretrained``: it would download
+    # The VGGFace2 file also holds the training classifier, which embeddings do not use.
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")})
+    # Its forward already L2-normalises; FaceRecognizer's second normalisation is a no-op.
+    return FaceRecognizer(net, 160, FACENET_RANGE, name)
+
+
+# --- ArcFace ONNX (insightface packs) -------------------------------------------------------
+
+def bypass_identity_nodes(graph) -> None:
+    """Rewire every consumer of an Identity node to the Identity's input, and drop the node.
+
+    torch's TorchScript exporter de-duplicates equal initializers by routing the copies
+    through Identity nodes; onnx2torch's Conv/Gemm converters then miss their weights.
+    """
+    keep = {o.name for o in graph.output}
+    source = {}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.output[0] not in keep:
+            source[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            while name in source:  # Identity chains
+                name = source[name]
+            node.input[k] = name
+
+
+def standardises_inside(graph) -> bool:
+    """insightface's rule (ArcFaceONNX): mxnet-converted packs begin with Sub and Mul nodes
+    and take raw 0..255 pixels; the others take (pixel - 127.5) / 127.5."""
+    names = [node.name for node in graph.node[:8]]
+    return any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names)
+
+
+def onnx_input_size(graph) -> int:
+    dims = graph.input[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value) if len(dims) == 4 and dims[2].dim_value else 112
+
+
+def arcface_onnx_recognizer(path: Path) -> FaceRecognizer:
+    """An insightface pack's recogniser as a torch module. insightface feeds it RGB (its
+    cv2 BGR image goes through ``blobFromImages(swapRB=True)``), which is what we have."""
+    import onnx
+    from onnx2torch import convert
+
+    model = onnx.load(str(path))
+    bypass_identity_nodes(model.graph)
+    input_range = PIXEL_RANGE if standardises_inside(model.graph) else ARCFACE_RANGE
+    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name)
+
+
+# --- files ------------------------------------------------------------------------------
+
+def load_recognizer(path: str | Path) -> FaceRecognizer:
+    """The recogniser in ``path``, its format told by suffix and by the state dict's keys."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return arcface_onnx_recognizer(path)
+    if suffix not in STATE_DICT_SUFFIXES:
+        raise ValueError(f"{path.name}: face recognisers are {ONNX_SUFFIXES + STATE_DICT_SUFFIXES} files")
+    state = read_state_dict(path)
+    if "input_layer.0.weight" in state:
+        return ir_se_recognizer(state, path.name)
+    if "conv2d_1a.conv.weight" in state:
+        return facenet_recognizer(state, path.name)
+    raise ValueError(f"{path.name} is neither an IR-SE (InsightFace_Pytorch) nor a FaceNet "
+                     f"InceptionResnetV1 state dict (first keys: {list(state)[:4]})")
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    folder: str  # the ComfyUI models/ sub-folder it belongs in
+    path: str  # its usual place inside that folder
+    what: str
+    source: str
+    licence: str
+
+    @property
+    def file(self) -> str:
+        return Path(self.path).name
+
+
+KNOWN_MODELS = (
+    KnownModel("insightface", "models/buffalo_l/w600k_r50.onnx", "ArcFace R50 of insightface's buffalo_l pack",
+               "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
+               "non-commercial research only"),
+    KnownModel("insightface", "models/antelopev2/glintr100.onnx", "ArcFace R100 of insightface's antelopev2 pack",
+               "insightface model zoo", "non-commercial research only"),
+    KnownModel("arcface", "model_ir_se50.pth", "IR-SE50 ArcFace of the reference code",
+               "the InsightFace_Pytorch release (github.com/TreB1eN/InsightFace_Pytorch, 'IR-SE50')",
+               "MIT code; weights trained on MS1M, check their terms"),
+    KnownModel("facenet", "20180402-114759-vggface2.pt", "FaceNet InceptionResnetV1, VGGFace2",
+               "facenet-pytorch releases (github.com/timesler/facenet-pytorch/releases, v2.2.9)",
+               "MIT code; VGGFace2-trained weights, check their terms"),
+)
+
+# Files of insightface packs that are not recognisers (detectors, landmarks, swappers).
+NOT_RECOGNISERS = frozenset({"det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx", "scrfd_10g_bnkps.onnx",
+                             "1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "inswapper_128.onnx"})
+
+
+class MissingFaceModelError(FileNotFoundError):
+    def __init__(self, name: str, searched: list[str]):
+        known = "\n".join(f"  - models/{m.folder}/{m.path}: {m.what}; from {m.source}; licence: {m.licence}"
+                          for m in KNOWN_MODELS)
+        folders = "\n".join(f"  - {f}" for f in searched) or "  (none registered)"
+        super().__init__(
+            f"face recogniser file '{name}' not found. Folders searched:\n{folders}\n"
+            f"Expected files (nothing is downloaded; place one yourself):\n{known}")
+        self.name = name
+        self.searched = searched
+
+
+def is_recognizer_file(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in ONNX_SUFFIXES + STATE_DICT_SUFFIXES and path.name not in NOT_RECOGNISERS
+
+
+def find_recognizer(name: str, folders: list[str]) -> Path:
+    """``name`` (a relative path or a bare file name) under the first folder that has it.
+
+    A bare file name is also looked for one and two folders down, the layouts users end up
+    with: ``<folder>/<pack>/<name>``, ``<folder>/models/<pack>/<name>``, ``<folder>/<pack>/<pack>/<name>``.
+    """
+    for folder in folders:
+        root = Path(folder)
+        direct = root / name
+        if direct.is_file():
+            return direct
+        if "/" not in name:
+            for pattern in (f"*/{name}", f"*/*/{name}"):
+                found = sorted(p for p in root.glob(pattern) if p.is_file())
+                if found:
+                    return found[0]
+    raise MissingFaceModelError(name, [str(f) for f in folders])

@@ -1,0 +1,145 @@
+"""Identity guidance nodes: the face recogniser loader and the guidance it drives."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule
+from diffpriv_core.faces.align import warp_faces
+from diffpriv_core.faces.detect import NoFaceError, detect_faces
+from diffpriv_core.faces.recognizers import KNOWN_MODELS, find_recognizer, is_recognizer_file, load_recognizer
+from diffpriv_core.guided import IdentityGuidance, face_target
+
+from .faces import NO_FACE
+from .host import gradients, grad_input
+from .types import FaceModel, Guidance
+
+log = logging.getLogger("diffprivacy")
+
+FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
+DECODE_REGIONS = ("whole image", "face crop")
+FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
+
+for _folder in FACE_MODEL_FOLDERS:
+    # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
+    folder_paths.add_model_folder_path(_folder, os.path.join(folder_paths.models_dir, _folder))
+
+
+def recognizer_options() -> list[str]:
+    """"<folder>/<file>" for every recogniser found, plus the usual files (picking a missing
+    one runs into the error that says where to get it)."""
+    found = {f"{key}/{name}" for key in FACE_MODEL_FOLDERS for name in folder_paths.get_filename_list(key)
+             if is_recognizer_file(Path(name))}
+    return sorted(found | {f"{m.folder}/{m.path}" for m in KNOWN_MODELS})
+
+
+def resolve_recognizer(option: str) -> Path:
+    """The file an option names; else the file name searched for in every recogniser folder,
+    in all the layouts users end up with, failing with the error that lists them."""
+    key, _, name = option.partition("/")
+    if key in FACE_MODEL_FOLDERS:
+        path = folder_paths.get_full_path(key, name)
+        if path is not None:
+            return Path(path)
+    folders = [f for k in FACE_MODEL_FOLDERS for f in folder_paths.get_folder_paths(k)]
+    return find_recognizer(Path(option).name, folders)
+
+
+class FaceRecognizerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyFaceRecognizerLoader",
+            display_name="Face Recognizer Loader (Diff-Privacy)",
+            category="Diff-Privacy/faces",
+            description="Loads a face recogniser (ArcFace ONNX from insightface packs, IR-SE50, FaceNet) "
+                        "from models/insightface, models/arcface or models/facenet. Nothing is downloaded.",
+            inputs=[io.Combo.Input("model_name", options=recognizer_options(),
+                                   tooltip="insightface packs are licensed for non-commercial research only")],
+            outputs=[FaceModel.Output(display_name="face_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name) -> io.NodeOutput:
+        path = resolve_recognizer(model_name)
+        with gradients():  # normal tensors: the sampler differentiates through this network
+            model = load_recognizer(path)
+        log.info("Diff-Privacy: face recogniser %s (%d px input) loaded on the CPU; the sampler moves it "
+                 "to the model's device", path, model.input_size)
+        return io.NodeOutput(model)
+
+
+class IdentityGuidanceNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyIdentityGuidance",
+            display_name="Identity Energy Guidance (Diff-Privacy)",
+            category="Diff-Privacy/protect",
+            description="The identity energy that steers the protection sampler: anonymize (a different person, "
+                         "and different from each other across the batch) or hide (looks different to people, "
+                         "the recogniser still matches).",
+            inputs=[
+                FaceModel.Input("face_model"),
+                io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
+                io.Combo.Input("mode", options=list(MODES), default="anonymize"),
+                io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="multiplies the paper's lambda_t (anonymize 1; hide 1.5 for t > 600, "
+                                       "2.5 below); 0 = no guidance"),
+                io.Boolean.Input("normalize_gradient", default=False,
+                                 tooltip="FreeDoM-style: the guidance step gets lambda x the size of the DDIM step"),
+                io.Boolean.Input("diversity", default=True,
+                                 tooltip="anonymize: also push the batch's faces apart (L_div)"),
+                io.Combo.Input("decode_region", options=list(DECODE_REGIONS), default=DECODE_REGIONS[0],
+                               tooltip="face crop: decode only the latent around the face (less memory on big images)"),
+                io.Int.Input("face_index", default=0, min=0, max=64, tooltip="which face to protect (0 = largest)"),
+                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
+                               tooltip="error stops the prompt; skip leaves that image unguided and logs its index"),
+            ],
+            outputs=[Guidance.Output(display_name="guidance"),
+                     io.Image.Output(display_name="aligned_faces",
+                                     tooltip="what the recogniser sees of each reference face (black: no face)")],
+        )
+
+    @classmethod
+    def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
+                face_index, min_score, on_no_face) -> io.NodeOutput:
+        if image.shape[0] == 0:
+            raise ValueError("Identity Guidance got an empty image batch")
+        paper = PAPER_LAMBDAS[mode]
+        targets, missing = [], []
+        with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
+            images = grad_input(image)
+            for i, img in enumerate(images):
+                faces = detect_faces(img, min_score=min_score)
+                if len(faces) <= face_index:
+                    if on_no_face == "error":
+                        raise NoFaceError(i, f" for identity guidance (face_index {face_index}, min_score {min_score})")
+                    missing.append(i)
+                    targets.append(None)
+                else:
+                    targets.append(face_target(face_model, img, faces[face_index]))
+            aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
+        if missing:
+            log.warning("Diff-Privacy: no face in image(s) %s of the batch; they will run without identity guidance",
+                        missing)
+        guidance = IdentityGuidance(
+            embedder=face_model, mode=mode, targets=tuple(targets),
+            lambdas=LambdaSchedule(paper.early * lambda_scale, paper.late * lambda_scale, paper.switch_t),
+            normalize=normalize_gradient, diversity=diversity,
+            crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None)
+        return io.NodeOutput(guidance, aligned.detach())
+
+
+def aligned_face(face_model, image: torch.Tensor, target) -> torch.Tensor:
+    """[S, S, 3] crop the recogniser sees; black where there is no face."""
+    size = face_model.input_size
+    if target is None:
+        return torch.zeros(size, size, 3)
+    return warp_faces(image[None].float(), target.matrix, size)[0].permute(1, 2, 0).clamp(0, 1)

@@ -1,0 +1,139 @@
+"""Stage I node: MSI inversion of each image of a batch into its key-E."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import comfy.model_management
+import numpy as np
+import torch
+from comfy_api.v0_0_2 import io
+from PIL import Image, ImageDraw
+
+from diffpriv_core.msi_train import PRESETS, MSIHost, check_images, preset, train_msi
+
+from .host import Progress, gradients, grad_input
+from .msi_adapters import (ComfyCodec, ComfyEps, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision,
+                           load_all)
+from .types import KeyE
+
+log = logging.getLogger("diffprivacy")
+
+CURVE_SIZE = (512, 256)
+CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
+PREVIEWS = 20  # live loss-curve previews per run
+
+
+class MSIInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyMSIInversion",
+            display_name="MSI Inversion (Diff-Privacy)",
+            category="Diff-Privacy",
+            description="Stage I: learns, per image, the ten stage conditionings C^0..C^9 (key-E) that let the "
+                        "diffusion model reproduce that image. Needs an SD 1.x checkpoint and the OpenAI CLIP "
+                        "ViT-L/14 image encoder.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
+                io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
+                io.Combo.Input("preset", options=list(PRESETS), default="fast",
+                               tooltip="fast: all ten stages per step, cached encodings, warmup + cosine lr, "
+                                       "mixed precision on GPU; faithful: the paper's 6100 steps at lr 1e-4"),
+                io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
+                io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
+                               tooltip="0 = the preset's"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+            ],
+            outputs=[KeyE.Output(display_name="key_e"), io.Image.Output(display_name="loss_curve")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed) -> io.NodeOutput:
+        check_images(image)
+        check_clip_vision(clip_vision)
+        config = _config(preset, steps, lr, seed)
+        load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
+        host = None
+        try:
+            with gradients():
+                host = MSIHost(eps=ComfyEps(model), codec=ComfyCodec(vae, model), text=ComfyText(clip),
+                               features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
+                keys, curves = _train_batch(grad_input(image), host, config)
+        finally:
+            del host
+            comfy.model_management.soft_empty_cache()
+        summary = [_summary(i, key) for i, key in enumerate(keys)]
+        return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary})
+
+
+def _config(name: str, steps: int, lr: float, seed: int):
+    """The preset with the node's overrides (0 keeps the preset's value)."""
+    return preset(name, steps=steps or None, lr=lr or None, seed=seed)
+
+
+def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]]]:
+    """One key-E per image; progress over the whole batch, a live loss-curve preview."""
+    total = config.steps * images.shape[0]
+    progress = Progress(total)
+    every = max(1, total // PREVIEWS)
+    keys, curves = [], []
+    for i in range(images.shape[0]):
+        curve: list[float] = []
+        curves.append(curve)
+
+        def on_step(step, steps, loss, i=i, curve=curve):
+            curve.append(loss)
+            done = i * steps + step
+            preview = None
+            if done % every == 0 or done == total:
+                log.info("Diff-Privacy MSI: image %d/%d step %d/%d, loss %.4f (running mean %.4f)", i + 1,
+                         images.shape[0], step, steps, loss, float(np.mean(curve[-every:])))
+                preview = ("PNG", _curve_picture(curves), None)
+            progress.step(preview=preview)
+
+        keys.append(train_msi(images[i:i + 1], host, config, callback=on_step).key)
+    return keys, curves
+
+
+def _summary(index: int, key) -> dict:
+    """What the history shows of a key-E: shapes, the final loss, a fingerprint."""
+    digest = hashlib.sha256(key.stages.numpy().tobytes() + key.uc.numpy().tobytes()).hexdigest()
+    return {"image": index, "stages": list(key.stages.shape), "uc": list(key.uc.shape),
+            "final_loss": key.meta.get("msi_final_loss", ""), "sha256": digest}
+
+
+def _smoothed(values: list[float]) -> np.ndarray:
+    """Exponential moving average, so batch-1 noise does not hide the trend."""
+    alpha = 2.0 / (max(1, len(values) // 20) + 1)
+    out, acc = np.empty(len(values)), values[0]
+    for k, v in enumerate(values):
+        acc += alpha * (v - acc)
+        out[k] = acc
+    return out
+
+
+def _curve_picture(curves: list[list[float]]) -> Image.Image:
+    """Each image's smoothed loss over steps, one colour per image, on a shared scale."""
+    w, h = CURVE_SIZE
+    picture = Image.new("RGB", CURVE_SIZE, "white")
+    draw = ImageDraw.Draw(picture)
+    smoothed = [_smoothed(c) for c in curves if c]
+    if not smoothed:
+        return picture
+    low, high = min(s.min() for s in smoothed), max(s.max() for s in smoothed)
+    span = high - low if high > low else 1.0
+    longest = max(len(s) for s in smoothed)
+    for k, s in enumerate(smoothed):
+        xs = np.arange(len(s)) * (w - 20) / max(1, longest - 1) + 10
+        ys = h - 10 - (s - low) / span * (h - 30)
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=CURVE_COLOURS[k % len(CURVE_COLOURS)], width=2)
+    draw.text((10, 2), f"loss {low:.4g} .. {high:.4g}", fill="black")
+    return picture
+
+
+def _curve_tensor(curves: list[list[float]]) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(_curve_picture(curves), dtype=np.float32) / 255.0)[None]

@@ -1,0 +1,189 @@
+"""Guided DDIM does what its energy says, on a toy host: a random eps function over a
+64 px image's 8 x 8 latent, a tiny convolutional decoder and a random-weight face net.
+
+Same seed, same noise: the only difference between two runs is the guidance, so every
+comparison below is the guidance's own effect.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffpriv_core import guided, schedule
+from diffpriv_core.energy import LambdaSchedule
+from diffpriv_core.faces.align import warp_faces
+
+TABLE = schedule.alphas_cumprod()
+GRID = schedule.ddim_grid(25)
+
+
+class ToyDecoder(nn.Module):
+    """Scaled latents [B, 4, h, w] -> [B, 8h, 8w, 3] in (0, 1), differentiable, unclamped."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, z):
+        pixels = F.interpolate(self.conv(z), scale_factor=8, mode="bilinear", align_corners=False)
+        return (0.5 + 0.5 * torch.tanh(pixels)).permute(0, 2, 3, 1)
+
+
+class ToyFaceNet(nn.Module):
+    """A random-weight FaceEmbedder: 32 px crops -> 64-d unit vectors. tanh without biases
+    keeps the features centred, so random faces spread over the sphere."""
+
+    input_size = 32
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
+        self.c2 = nn.Conv2d(16, 32, 3, 2, 1, bias=False)
+        self.fc = nn.Linear(32 * 8 * 8, 64, bias=False)
+
+    def forward(self, x):
+        x = torch.tanh(self.c2(torch.tanh(self.c1((x - 0.5) / 0.5))))
+        return F.normalize(self.fc(x.flatten(1)), dim=-1)
+
+
+class Toy:
+    def __init__(self, latent_side: int = 8, box=(0, 0, 64, 64)):
+        torch.manual_seed(0)
+        self.decoder = ToyDecoder().requires_grad_(False)
+        self.net = ToyFaceNet().requires_grad_(False)
+        self.drift = torch.randn(1, 4, latent_side, latent_side)
+        self.z0 = torch.randn(1, 4, latent_side, latent_side)
+        scale = 32 / (box[2] - box[0])  # the face box -> the net's 32 px "aligned" crop
+        matrix = torch.tensor([[scale, 0.0, -scale * box[0]], [0.0, scale, -scale * box[1]]])
+        with torch.no_grad():
+            reference = self.net(warp_faces(self.decoder(self.z0), matrix, 32))[0]
+        self.target = guided.FaceTarget(matrix, box, reference, (8 * latent_side, 8 * latent_side))
+
+    def eps(self, z, t):
+        """The noise predictor of N(0, I) data, plus a fixed drift so samples are not trivial."""
+        return math.sqrt(1.0 - float(TABLE[t])) * z + 0.1 * self.drift
+
+    def guidance(self, mode, scale, **options):
+        return guided.IdentityGuidance(self.net, mode, LambdaSchedule(scale, scale), (self.target,), **options)
+
+    def run(self, guidance=None, batch=4, strength=0.6, **options):
+        return guided.protect(self.eps, self.z0, GRID, strength, batch, seed=7, guidance=guidance,
+                              decoder=self.decoder, **options)
+
+    def embed(self, latents):
+        with torch.no_grad():
+            return self.net(warp_faces(self.decoder(latents), self.target.matrix, 32))
+
+    def cos_to_original(self, latents) -> float:
+        return float((self.embed(latents) @ self.target.embedding).mean())
+
+    def pairwise_cos(self, latents) -> float:
+        emb = self.embed(latents)
+        i, j = torch.triu_indices(len(emb), len(emb), offset=1)
+        return float((emb[i] * emb[j]).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return Toy()
+
+
+@pytest.fixture(scope="module")
+def unguided(toy):
+    return toy.run()
+
+
+def test_anonymize_moves_the_samples_away_from_the_person(toy, unguided):
+    guided_out = toy.run(toy.guidance("anonymize", 0.3))
+    before, after = toy.cos_to_original(unguided), toy.cos_to_original(guided_out)
+    assert after < before - 0.2, (before, after)
+
+
+def test_the_diversity_term_makes_the_samples_different_people(toy):
+    with_div = toy.run(toy.guidance("anonymize", 0.3))
+    without = toy.run(toy.guidance("anonymize", 0.3, diversity=False))
+    assert toy.pairwise_cos(with_div) < toy.pairwise_cos(without) - 0.05
+
+
+def test_hide_keeps_the_identity_for_the_recogniser(toy):
+    plain = toy.run(batch=1, strength=0.8)
+    hidden = toy.run(toy.guidance("hide", 1.0), batch=1, strength=0.8)
+    before, after = toy.cos_to_original(plain), toy.cos_to_original(hidden)
+    assert after > before + 0.2, (before, after)
+
+
+def test_normalized_guidance_also_works(toy, unguided):
+    out = toy.run(toy.guidance("anonymize", 0.3, normalize=True))
+    assert toy.cos_to_original(out) < toy.cos_to_original(unguided) - 0.05
+
+
+def test_lambda_zero_is_exactly_no_guidance(toy, unguided):
+    assert torch.equal(toy.run(toy.guidance("anonymize", 0.0)), unguided)
+
+
+def test_no_gradient_flows_into_the_noise_model(toy):
+    unet_weight = torch.ones((), requires_grad=True)
+    eps_with_weight = lambda z, t: toy.eps(z, t) * unet_weight  # noqa: E731
+    guidance = toy.guidance("anonymize", 0.3)
+    guided.protect(eps_with_weight, toy.z0, GRID, 0.2, 2, seed=1, guidance=guidance, decoder=toy.decoder)
+    assert unet_weight.grad is None
+
+
+def test_outside_the_mask_the_original_comes_back(toy):
+    mask = torch.zeros(64, 64)
+    mask[:, 32:] = 1.0  # protect the right half only
+    out = toy.run(toy.guidance("anonymize", 0.3), protect_mask=mask)
+    assert torch.equal(out[..., :4], toy.z0[..., :4].expand(4, -1, -1, -1))
+    assert (out[..., 4:] - toy.z0[..., 4:]).abs().mean() > 0.1
+
+
+def test_decoding_only_the_face_crop_gives_the_whole_frames_gradient():
+    toy = Toy(latent_side=16, box=(40, 36, 88, 84))  # a 48 px face in a 128 px frame
+    x0 = torch.randn(2, 4, 16, 16)
+    whole = guided.IdentityCorrection(toy.guidance("anonymize", 1.0), toy.target, toy.decoder, GRID)
+    cropped = guided.IdentityCorrection(toy.guidance("anonymize", 1.0, crop_margin=0.25), toy.target, toy.decoder, GRID)
+    g_whole, g_crop = whole.energy_gradient(x0), cropped.energy_gradient(x0)
+    top, left, bottom, right = cropped.window((16, 16))
+    assert (top, left, bottom, right) == (3, 3, 12, 13)  # 24..96 x 28..100 px
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[top:bottom, left:right] = False
+    assert g_crop[..., outside].abs().max() == 0
+    # Only the decoder's border effects at the window's edge differ.
+    assert F.cosine_similarity(g_whole.flatten(), g_crop.flatten(), dim=0) > 0.95
+
+
+def test_the_latent_frame_is_the_centred_crop_vae_encoders_take():
+    assert guided.frame_offset((517, 130), (64, 16), 8) == (1, 2)
+    assert guided.frame_offset((512, 128), (64, 16), 8) == (0, 0)
+    with pytest.raises(ValueError, match="not the encoding of the reference image"):
+        guided.frame_offset((512, 512), (32, 32), 8)
+
+
+def test_an_uncropped_reference_guides_like_the_cropped_one(toy):
+    """A 70 px reference whose 64 px centre was encoded: same gradient as a 64 px reference."""
+    target = toy.target
+    padded = guided.FaceTarget(guided.shift_source(target.matrix, -3, -3), target.box, target.embedding, (70, 70))
+    x0 = torch.randn(2, 4, 8, 8)
+    gradient = [guided.IdentityCorrection(toy.guidance("anonymize", 1.0), t, toy.decoder, GRID).energy_gradient(x0)
+                for t in (target, padded)]
+    assert torch.allclose(*gradient, atol=1e-6)
+
+
+def test_one_reference_serves_a_batch_and_missing_references_are_named(toy):
+    one = toy.guidance("hide", 1.0)
+    assert one.target_for(5) is toy.target
+    two = guided.IdentityGuidance(toy.net, "hide", LambdaSchedule(1, 1), (toy.target, None))
+    assert two.target_for(1) is None
+    with pytest.raises(ValueError, match="image 2 of the batch"):
+        two.target_for(2)
+
+
+def test_presets_are_the_papers():
+    anonymize, hide = guided.PRESETS["anonymize"], guided.PRESETS["hide"]
+    assert (anonymize.strength, anonymize.tau, anonymize.steps, anonymize.batch) == (0.6, 0.4, 50, 4)
+    assert (hide.strength, hide.tau, hide.steps, hide.batch) == (0.8, 0.6, 100, 1)
+    assert anonymize.lambdas(900) == 1.0 and (hide.lambdas(900), hide.lambdas(100)) == (1.5, 2.5)

@@ -1,0 +1,101 @@
+"""The face recogniser loader and the identity guidance node in the real ComfyUI server."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import make_face_models
+from diffpriv_client.comfy_http import PromptFailed
+from diffpriv_core import guided
+from diffpriv_core.schedule import ddim_grid
+from test_host_foundation import fetch_image
+
+pytestmark = pytest.mark.host
+
+TEST_RECOGNIZER = make_face_models.ARCFACE_ONNX  # "insightface/models/dp-test/dp-test-arcface.onnx"
+
+
+def guidance_graph(image_names: list[str], model_name: str = TEST_RECOGNIZER, on_no_face: str = "error") -> dict:
+    """Load the image(s) (batched with ImageBatch), run the guidance node, save aligned_faces."""
+    graph = {"10": {"class_type": "LoadImage", "inputs": {"image": image_names[0]}}}
+    images = ["10", 0]
+    if len(image_names) > 1:
+        graph["11"] = {"class_type": "LoadImage", "inputs": {"image": image_names[1]}}
+        graph["12"] = {"class_type": "ImageBatch", "inputs": {"image1": ["10", 0], "image2": ["11", 0]}}
+        images = ["12", 0]
+    graph.update({
+        "1": {"class_type": "DiffPrivacyFaceRecognizerLoader", "inputs": {"model_name": model_name}},
+        "2": {"class_type": "DiffPrivacyIdentityGuidance", "inputs": {
+            "face_model": ["1", 0], "image": images, "mode": "anonymize", "lambda_scale": 1.0,
+            "normalize_gradient": False, "diversity": True, "decode_region": "whole image",
+            "face_index": 0, "min_score": 0.9, "on_no_face": on_no_face}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 1], "filename_prefix": "aligned"}},
+    })
+    return graph
+
+
+@pytest.fixture(scope="module")
+def uploads(comfy_host, astronaut):
+    return {"astronaut": comfy_host.upload(astronaut, "astronaut.png"),
+            "grey": comfy_host.upload(np.full(astronaut.shape, 128, np.uint8), "grey512.png")}
+
+
+def test_loader_lists_recognisers_in_the_insightface_pack_layout(comfy_host):
+    options = comfy_host.client.object_info()["DiffPrivacyFaceRecognizerLoader"]["input"]["required"]["model_name"]
+    names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
+    assert TEST_RECOGNIZER in names
+    assert "insightface/models/buffalo_l/w600k_r50.onnx" in names  # the usual file, offered even when absent
+
+
+def test_guidance_aligns_the_reference_face_for_the_recogniser(comfy_host, uploads):
+    result = comfy_host.client.run(guidance_graph([uploads["astronaut"]]))
+    (record,) = result.files("3")
+    aligned = fetch_image(comfy_host, record)
+    assert aligned.shape == (112, 112, 3)
+    # The astronaut's face fills the crop: no black border from outside the photo, skin in the middle.
+    assert aligned.min(axis=2).mean() > 60 and aligned[56, 56].mean() > 100
+
+
+def test_no_face_names_the_image_index_and_skip_goes_on(comfy_host, uploads):
+    pair = [uploads["astronaut"], uploads["grey"]]
+    with pytest.raises(PromptFailed, match="no face found in image 1 of the batch for identity guidance"):
+        comfy_host.client.run(guidance_graph(pair))
+    records = comfy_host.client.run(guidance_graph(pair, on_no_face="skip")).files("3")
+    first, second = (fetch_image(comfy_host, r) for r in records)
+    assert first.max() > 0 and second.max() == 0
+
+
+def test_missing_recogniser_is_a_clear_error(comfy_host, uploads):
+    with pytest.raises(PromptFailed) as err:
+        comfy_host.client.run(guidance_graph([uploads["astronaut"]], model_name="arcface/model_ir_se50.pth"))
+    message = str(err.value)
+    assert "'model_ir_se50.pth' not found" in message
+    assert str(comfy_host.base / "models" / "arcface") in message and "InsightFace_Pytorch" in message
+
+
+def test_guidance_built_inside_a_prompt_gives_gradients(comfy_inproc, face_models, astronaut):
+    """Inference tensors cannot be saved for backward: the nodes must hand the sampler normal
+    tensors (recogniser weights, reference embeddings, alignment matrices)."""
+    import folder_paths
+
+    guidance_nodes = importlib.import_module("diffprivacy_pack.nodes.guidance")
+    host = importlib.import_module("diffprivacy_pack.nodes.host")
+    folder_paths.add_model_folder_path("insightface", str(face_models / "insightface"))
+    image = torch.from_numpy(astronaut.copy()).float()[None] / 255
+
+    def decoder(z):  # a stand-in VAE decoder: the first three channels, 8x upsampled
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).permute(0, 2, 3, 1)
+
+    with torch.inference_mode():  # what execution.py wraps every prompt in
+        (model,) = guidance_nodes.FaceRecognizerLoader.execute(TEST_RECOGNIZER).result
+        guidance, _ = guidance_nodes.IdentityGuidanceNode.execute(
+            model, image, "anonymize", 1.0, False, True, "face crop", 0, 0.9, "error").result
+        with host.gradients():
+            correction = guided.IdentityCorrection(guidance, guidance.target_for(0), decoder, ddim_grid(10))
+            grad = correction.energy_gradient(torch.randn(2, 4, 64, 64))
+    assert grad.abs().sum() > 0
+    # the astronaut's face and half its size around it, in latent cells
+    assert correction.window((64, 64)) == (0, 15, 29, 41)

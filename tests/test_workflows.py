@@ -1,0 +1,41 @@
+"""The shipped workflows: UI files match their API twins, and every node and input they
+use exists in the real host."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffpriv_client.workflows import WORKFLOWS_DIR, load_api, ui_to_api, workflow_names
+
+pytestmark = pytest.mark.host
+NAMES = workflow_names()
+
+
+def test_every_task_has_a_workflow():
+    assert {"anonymize", "hide", "recover"} <= set(NAMES)
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_host):
+    return comfy_host.client.object_info()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_the_same_graph_as_its_api_twin(object_info, name):
+    ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+    assert ui_to_api(ui, object_info) == load_api(name)
+    assert (WORKFLOWS_DIR / f"{name}.jpg").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_uses_only_real_nodes_and_inputs(object_info, name):
+    for node_id, node in load_api(name).items():
+        info = object_info[node["class_type"]]
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        assert set(node["inputs"]) <= set(spec), (name, node_id, set(node["inputs"]) - set(spec))
+        assert set(info["input"].get("required", {})) <= set(node["inputs"]), (name, node_id)
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                source = load_api(name)[value[0]]
+                assert value[1] < len(object_info[source["class_type"]]["output"])
