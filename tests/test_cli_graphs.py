@@ -79,3 +79,25 @@ def test_missing_workflow_says_what_to_pass(tmp_path):
 def test_test_templates_load(name):
     assert graphs.required_models(graphs.load_workflow(WORKFLOWS / name))["checkpoints"] == {
         "dp-test-sd15.safetensors"}
+
+
+@pytest.mark.parametrize("task", ["anonymize", "hide"])
+def test_the_shipped_protect_workflows_take_every_patch(task):
+    g = graphs.protect_graph(graphs.load_workflow(graphs.default_workflow(task)), "diffpriv/p.png", "p",
+                             passphrase="pw", seed=9, steps=12)
+    (save_key,) = graphs.nodes_of(g, "DiffPrivacySaveKey")
+    assert save_key["inputs"]["folder"] == "output" and save_key["inputs"]["passphrase"] == "pw"
+    assert [n["inputs"]["image"] for n in graphs.nodes_of(g, "LoadImage")] == ["diffpriv/p.png"]
+    seeds = [n["inputs"]["seed"] for n in g.values() if "seed" in n["inputs"]]
+    assert seeds and set(seeds) == {9}
+    # Sampling and key inversion stay on one grid: recovery needs the same step count.
+    assert {n["inputs"]["steps"] for n in g.values() if "steps" in n["inputs"]} == {12}
+    assert graphs.required_models(g) == {"checkpoints": {"v1-5-pruned-emaonly.safetensors"},
+                                         "clip_vision": {"clip_vit_large_patch14.safetensors"}}
+
+
+def test_the_shipped_recover_workflow_takes_the_key():
+    template = graphs.load_workflow(graphs.default_workflow("recover"))
+    g = graphs.recover_graph(template, "diffpriv-cli/k.dpkey.safetensors", "k", passphrase="pw")
+    (load,) = graphs.nodes_of(g, "DiffPrivacyLoadKey")
+    assert load["inputs"] == {"key_name": "diffpriv-cli/k.dpkey.safetensors", "passphrase": "pw"}

@@ -161,16 +161,16 @@ def test_missing_models_are_named_with_their_folders_and_sources(comfy_host, pho
     assert not (tmp_path / "out" / "summary.json").exists(), "nothing was queued"
 
 
-def start_server(base: Path, test_models: Path) -> EmbeddedComfy:
-    server = start_host(base, test_models)
+def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
+    server = start_host(base, test_models, face_models)
     install_key_e(base)
     return server
 
 
-def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, photos):
+def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, face_models, photos):
     base, out = tmp_path / "comfy", tmp_path / "out"
     images = [photos[n] for n in ("astronaut", "hanks", "astronaut_mirrored")]
-    server = start_server(base, test_models)
+    server = start_server(base, test_models, face_models)
     try:
         thread, outcome = run_in_thread(protect_args(images, out, server.url, steps=SLOW_STEPS))
         wait_for(lambda: ok_entries(out))
@@ -193,10 +193,11 @@ def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_model
         server.stop()
 
 
-def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path, test_models, photos, capsys):
+def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path, test_models, face_models, photos,
+                                                                        capsys):
     names = ["astronaut", "hanks", "astronaut_mirrored", "hanks_mirrored"]
-    first = start_server(tmp_path / "a", test_models)
-    second = start_server(tmp_path / "b", test_models)
+    first = start_server(tmp_path / "a", test_models, face_models)
+    second = start_server(tmp_path / "b", test_models, face_models)
     out = tmp_path / "out"
     try:
         thread, outcome = run_in_thread(protect_args([photos[n] for n in names], out, first.url, second.url,
