@@ -147,9 +147,10 @@ def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
 def load_template(args) -> dict:
     template = graphs.load_workflow(args.workflow or graphs.default_workflow(args.task))
     if args.demo_weights:
-        from .demo_models import CHECKPOINT, CLIP_VISION  # imports torch: only here
+        from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
 
         graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
+        graphs.set_face_recognizer(template, ARCFACE_ONNX)
     return template
 
 
@@ -237,10 +238,10 @@ def normalise_url(url: str) -> str:
 def demo_models_dir() -> Path:
     """The seeded random-weight models, generated once into the cache (in a child process,
     since the generator imports ComfyUI)."""
-    from .demo_models import CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
+    from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
 
     folder = CACHE_DIR / "demo-models" / f"v{GENERATOR_VERSION}-seed1234"
-    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION)):
+    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
         subprocess.run([sys.executable, "-m", "diffpriv_client.demo_models", str(folder)], check=True, cwd=PACK_DIR)
     return folder
 

@@ -104,6 +104,12 @@ def set_models(graph: dict, files: dict[str, str]) -> None:
                 node["inputs"][input_name] = files[folder]
 
 
+def set_face_recognizer(graph: dict, option: str) -> None:
+    """Point every face recogniser loader at another file ("<folder>/<file>", used by --demo-weights)."""
+    for node in nodes_of(graph, "DiffPrivacyFaceRecognizerLoader"):
+        node["inputs"]["model_name"] = option
+
+
 def required_models(graph: dict) -> dict[str, set[str]]:
     """The model files the graph loads: {models sub-folder: {file names}}."""
     wanted: dict[str, set[str]] = {}

@@ -55,6 +55,12 @@ def test_missing_node_is_named(template):
         graphs.recover_graph(template, "k", "k")
 
 
+def test_demo_recogniser_override(template):
+    template["rec"] = {"class_type": "DiffPrivacyFaceRecognizerLoader", "inputs": {"model_name": "insightface/x.onnx"}}
+    graphs.set_face_recognizer(template, "insightface/models/dp-test/dp-test-arcface.onnx")
+    assert template["rec"]["inputs"]["model_name"] == "insightface/models/dp-test/dp-test-arcface.onnx"
+
+
 def test_required_models_and_demo_override(template):
     assert graphs.required_models(template) == {"checkpoints": {"sd15.safetensors"},
                                                 "clip_vision": {"vitl14.safetensors"}}
