@@ -167,36 +167,38 @@ def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedCo
     return server
 
 
-def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, face_models, photos):
-    base, out = tmp_path / "comfy", tmp_path / "out"
+def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, face_models, photos, comfy_host):
+    out = tmp_path / "out"
     images = [photos[n] for n in ("astronaut", "hanks", "astronaut_mirrored")]
-    server = start_server(base, test_models, face_models)
+    server = start_server(tmp_path / "comfy", test_models, face_models)
     try:
         thread, outcome = run_in_thread(protect_args(images, out, server.url, steps=SLOW_STEPS))
         wait_for(lambda: ok_entries(out))
         server.kill()
         thread.join(120)
-        assert outcome["rc"] == 1
-        done = ok_entries(out)
-        unfinished = [n for n, e in results(out).items() if e["status"] == "failed"]
-        assert done and unfinished and len(done) + len(unfinished) == len(images)
-        assert all("stopped answering" in results(out)[n]["error"] for n in unfinished)
-        kept = {n: [(out / p).stat().st_mtime_ns for p in results(out)[n]["outputs"]] for n in done}
-
-        server = EmbeddedComfy(base).start()
-        assert cli.main(protect_args(images, out, server.url, steps=SLOW_STEPS)) == 0
-        final = results(out)
-        assert {n for n, e in final.items() if e["status"] == "skipped"} == set(done)
-        assert {n for n, e in final.items() if e["status"] == "ok"} == set(unfinished)
-        assert kept == {n: [(out / p).stat().st_mtime_ns for p in final[n]["outputs"]] for n in done}
     finally:
         server.stop()
+    assert outcome["rc"] == 1
+    done = ok_entries(out)
+    unfinished = [n for n, e in results(out).items() if e["status"] == "failed"]
+    assert done and unfinished and len(done) + len(unfinished) == len(images)
+    assert all("stopped answering" in results(out)[n]["error"] for n in unfinished)
+    kept = {n: [(out / p).stat().st_mtime_ns for p in results(out)[n]["outputs"]] for n in done}
+
+    # The rerun (on the shared server: any server with the models will do) skips what is done.
+    install_key_e(comfy_host.base)
+    assert cli.main(protect_args(images, out, comfy_host.server.url, steps=SLOW_STEPS)) == 0
+    final = results(out)
+    assert {n for n, e in final.items() if e["status"] == "skipped"} == set(done)
+    assert {n for n, e in final.items() if e["status"] == "ok"} == set(unfinished)
+    assert kept == {n: [(out / p).stat().st_mtime_ns for p in final[n]["outputs"]] for n in done}
 
 
 def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path, test_models, face_models, photos,
-                                                                        capsys):
+                                                                        comfy_host, capsys):
     names = ["astronaut", "hanks", "astronaut_mirrored", "hanks_mirrored"]
-    first = start_server(tmp_path / "a", test_models, face_models)
+    install_key_e(comfy_host.base)
+    first = comfy_host.server
     second = start_server(tmp_path / "b", test_models, face_models)
     out = tmp_path / "out"
     try:
@@ -205,16 +207,15 @@ def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path
         wait_for(lambda: ok_entries(out, second.url))
         second.kill()
         thread.join(300)
-        assert outcome["rc"] == 0
-        final = results(out)
-        assert all(final[n]["status"] == "ok" for n in names), final
-        servers = [final[n]["server"] for n in names]
-        assert second.url in servers and first.url in servers, "both took part"
-        assert re.search(rf"{second.url} stopped answering; [1-9] unfinished job", capsys.readouterr().out), \
-            "the first finished what the second left"
     finally:
-        first.stop()
         second.stop()
+    assert outcome["rc"] == 0
+    final = results(out)
+    assert all(final[n]["status"] == "ok" for n in names), final
+    servers = [final[n]["server"] for n in names]
+    assert second.url in servers and first.url in servers, "both took part"
+    assert re.search(rf"{second.url} stopped answering; [1-9] unfinished job", capsys.readouterr().out), \
+        "the first finished what the second left"
 
 
 def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_path, test_models, photos,
