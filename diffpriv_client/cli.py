@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -82,14 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except (UsageError, PreflightError, FileNotFoundError, ValueError) as exc:
+            print(f"diffpriv: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """The embedded ComfyUI runs in its own session, so it would outlive a terminated
+    command: SIGTERM gets the same clean stop as Ctrl-C (signals reach the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return args.func(args)
-    except (UsageError, PreflightError, FileNotFoundError, ValueError) as exc:
-        print(f"diffpriv: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 # --- commands ------------------------------------------------------------------------

@@ -106,15 +106,23 @@ class EmbeddedComfy:
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=self.base_dir, start_new_session=True,
         )
+        try:
+            self._wait_until_up()
+        except BaseException:
+            # Also on Ctrl-C / SIGTERM: the server runs in its own session and would outlive us.
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self) -> None:
         client = ComfyClient(self.url, timeout=5)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited during start-up (code {self.proc.returncode}):\n{self.log()}")
             if client.is_up():
-                return self
+                return
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()}")
 
     def log(self, tail_chars: int = 20000) -> str:

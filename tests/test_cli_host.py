@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -218,13 +219,20 @@ def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path
         "the first finished what the second left"
 
 
-def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_path, test_models, photos,
-                                                                         passphrase_env):
+@pytest.fixture
+def models_for_embedded(tmp_path, test_models) -> Path:
+    """A models folder of the user's for --models: the test checkpoint and key-E."""
     models = tmp_path / "models"
-    for rel in ("checkpoints/dp-test-sd15.safetensors",):
-        (models / rel).parent.mkdir(parents=True)
-        (models / rel).symlink_to(test_models / rel)
+    rel = "checkpoints/dp-test-sd15.safetensors"
+    (models / rel).parent.mkdir(parents=True)
+    (models / rel).symlink_to(test_models / rel)
     install_key_e(tmp_path)  # writes tmp_path/models/diffprivacy_keys
+    return models
+
+
+def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_path, models_for_embedded, photos,
+                                                                         passphrase_env):
+    models = models_for_embedded
     out = tmp_path / "out"
     common = ["--base", str(tmp_path / "base"), "--models", str(models), "--passphrase-env", passphrase_env]
     assert cli.main(protect_args([photos["hanks"]], out) + common) == 0
@@ -255,3 +263,28 @@ def test_cancel_withdraws_our_queued_and_running_prompts(comfy_host, photos):
     first = server.client.history(prompt_ids[0])
     assert first["status"]["status_str"] == "error", "interrupted mid-run"
     assert server.client.history(prompt_ids[1]) is None, "never ran"
+
+
+def embedded_servers(base: Path) -> list[str]:
+    """Command lines of the ComfyUI processes running on this base directory."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if "main.py" in line and f"--base-directory {base}" in line]
+
+
+def test_a_terminated_command_stops_its_embedded_comfyui(tmp_path, models_for_embedded, photos):
+    base = tmp_path / "base"
+    argv = [sys.executable, "-m", "diffpriv_client.cli",
+            *protect_args([photos["hanks"]], tmp_path / "out", steps=SLOW_STEPS),
+            "--base", str(base), "--models", str(models_for_embedded)]
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: embedded_servers(base), timeout=180)
+    command.terminate()  # SIGTERM while the server is still starting up
+    assert command.wait(60) == 130, command.stdout.read()
+    assert not embedded_servers(base)
+
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = base / "comfyui.log"
+    wait_for(lambda: "got prompt" in log.read_text(), timeout=180)  # the batch is running
+    command.terminate()
+    assert command.wait(60) == 130, command.stdout.read()
+    assert not embedded_servers(base)
