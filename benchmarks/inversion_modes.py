@@ -11,7 +11,6 @@ inversion is, nothing about picture quality).
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ def main() -> None:
     host = load_host_in_process()
     from diffpriv_core import ddim
     from diffpriv_core.key_types import KeyE
+    from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import ddim_grid
 
     adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
@@ -53,11 +53,11 @@ def main() -> None:
     z0 = eps.to_z(samples)
     reconstruction = vae.decode(samples)
     vae_err = (reconstruction - photo).pow(2).mean().item()
-    fn = adapters.stage_conditioned(eps, [key_e])
+    fn = conditioned_eps(eps, [key_e])
     grid = ddim_grid(args.steps)
-    print(f"# inversion modes, {args.steps} steps, {args.size}x{args.size} px, test-size SD1.5 (random weights)")
-    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU")
-    print(f"VAE alone: pixel MSE vs photo {vae_err:.2e}")
+    print(f"## Inversion modes (key-I) and recovery\n\n{args.steps} DDIM steps, one {args.size}x{args.size} photo, "
+          "test-size SD1.5 with random weights (the figures say how exactly recovery retraces the inversion, "
+          f"nothing about picture quality). VAE encode/decode alone: pixel MSE vs photo {vae_err:.2e}.\n")
     print("| mode | refine | latent rel. MSE | pixel MSE vs VAE recon | pixel MSE vs photo | time vs ddim |")
     print("|---|---|---|---|---|---|")
     base_time = None

@@ -7,8 +7,6 @@ import torch
 from diffpriv_core.keys import model_fingerprint
 
 from .host import autograd_copy
-from diffpriv_core.key_types import KeyE
-from diffpriv_core.schedule import scheduled_stage, stage_of
 
 
 class ComfyEpsModel:
@@ -32,8 +30,7 @@ class ComfyEpsModel:
     def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma(int(t)).to(self.device)
         x = (z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + sigma**2))
-        cond = cond.to(self.device).expand(z_t.shape[0], -1, -1)
-        x0 = self.base.apply_model(x, sigma.expand(z_t.shape[0]), c_crossattn=cond)
+        x0 = self.base.apply_model(x, sigma.expand(z_t.shape[0]), c_crossattn=cond.to(self.device))
         return ((x - x0.float()) / sigma).to(z_t.device)
 
     def fingerprint(self) -> str:
@@ -45,16 +42,6 @@ class ComfyEpsModel:
 
     def to_samples(self, z: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_out(z.float().cpu())
-
-
-def stage_conditioned(eps_model, keys_e: list[KeyE], tau: float | None = None):
-    """eps_fn(z, t) with each image's C^{t//100} (or UC at t <= tau*T when tau is given)."""
-    def eps_fn(z, t):
-        stage = stage_of(t) if tau is None else scheduled_stage(t, tau)
-        cond = torch.cat([k.condition(stage) for k in keys_e]).float()
-        return eps_model(z, t, cond)
-
-    return eps_fn
 
 
 def check_multiple_of_8(height: int, width: int, what: str = "image") -> None:

@@ -1,19 +1,16 @@
 """key-I (DDIM inversion of the original under key-E) and Stage III, recovery."""
 from __future__ import annotations
 
-import torch
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core import ddim
-from diffpriv_core.key_types import KeyI as KeyIData
-from diffpriv_core.schedule import ddim_grid
+from diffpriv_core.recovery import MODES, make_key_i, recover
 
-from .adapters import ComfyEpsModel, stage_conditioned
+from .adapters import ComfyEpsModel
 from .host import Progress
 from .types import KeyE, KeyI
 
-MODES = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
-         "ddim": "plain DDIM inversion, as in the paper"}
+MODE_TIPS = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
+             "ddim": "plain DDIM inversion, as in the paper"}
 
 
 def _per_image(keys: list, batch: int, what: str) -> list:
@@ -26,11 +23,12 @@ def _per_image(keys: list, batch: int, what: str) -> list:
     return list(keys)
 
 
-def _check_model(eps: ComfyEpsModel, meta: dict, what: str) -> None:
-    made_with = meta.get("checkpoint")
-    if made_with and made_with != eps.fingerprint():
-        raise ValueError(f"this {what} was made with another checkpoint (fingerprint {made_with}); the loaded "
-                         f"model's is {eps.fingerprint()}. Load the checkpoint the key was made with.")
+def _check_key_e(eps: ComfyEpsModel, keys_e: list) -> None:
+    for k in keys_e:
+        made_with = k.meta.get("checkpoint")
+        if made_with and made_with != eps.fingerprint():
+            raise ValueError(f"this key-E was made with another checkpoint (fingerprint {made_with}); the loaded "
+                             f"model's is {eps.fingerprint()}. Load the checkpoint the key was made with.")
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -47,7 +45,8 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
                 KeyE.Input("key_e"),
                 io.Int.Input("steps", default=50, min=1, max=500),
-                io.Combo.Input("mode", options=list(MODES), default="fixed_point"),
+                io.Combo.Input("mode", options=list(MODES), default="fixed_point",
+                               tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
                 io.Int.Input("refine_iterations", default=4, min=1, max=50,
                              tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
             ],
@@ -61,17 +60,11 @@ class DDIMInversionKey(io.ComfyNode):
             raise ValueError("DDIM Inversion Key got an empty latent batch")
         keys_e = _per_image(key_e, samples.shape[0], "key-E")
         eps = ComfyEpsModel(model)
-        for k in keys_e:
-            _check_model(eps, k.meta, "key-E")
-        refine = refine_iterations if mode == "fixed_point" else 0
-        grid = ddim_grid(steps)
-        progress = Progress(grid.steps)
-        with torch.no_grad():
-            z = ddim.invert(stage_conditioned(eps, keys_e), eps.to_z(samples), grid, refine=refine,
-                            callback=progress.step)
-        meta = {"checkpoint": eps.fingerprint(), "grid": grid.describe(),
-                "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
-        return io.NodeOutput([KeyIData(zi.cpu(), steps, mode, refine, dict(meta)) for zi in z])
+        _check_key_e(eps, keys_e)
+        meta = {"checkpoint": eps.fingerprint(), "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
+        keys_i = make_key_i(eps, eps.to_z(samples), keys_e, steps, mode, refine_iterations, meta,
+                            callback=Progress(steps).step)
+        return io.NodeOutput(keys_i)
 
 
 class Recover(io.ComfyNode):
@@ -93,19 +86,6 @@ class Recover(io.ComfyNode):
             raise ValueError("Recover got no key-I: the key file holds only key-E (it was saved before "
                              "DDIM Inversion Key); save key-E and key-I together to recover")
         keys_e = _per_image(key_e, len(key_i), "key-E")
-        steps = {k.steps for k in key_i}
-        shapes = {tuple(k.latent.shape) for k in key_i}
-        if len(steps) != 1 or len(shapes) != 1:
-            raise ValueError("the key-Is of one Recover batch must share step count and size; recover them separately")
-        grid = ddim_grid(steps.pop())
         eps = ComfyEpsModel(model)
-        for k in key_i:
-            _check_model(eps, k.meta, "key-I")
-            if k.meta.get("grid", grid.describe()) != grid.describe():
-                raise ValueError(f"this key-I was made on another timestep grid ({k.steps} steps); "
-                                 "it cannot be recovered with this version of the pack")
-        progress = Progress(grid.steps)
-        with torch.no_grad():
-            z = ddim.sample(stage_conditioned(eps, keys_e), torch.stack([k.latent for k in key_i]), grid,
-                            callback=progress.step)
+        z = recover(eps, key_i, keys_e, eps.fingerprint(), callback=Progress(key_i[0].steps).step)
         return io.NodeOutput({"samples": eps.to_samples(z)})

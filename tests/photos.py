@@ -1,13 +1,11 @@
 """Real face photos that ship inside installed packages (nothing is downloaded)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, insightface_image
 
 
 def as_image(photo: np.ndarray) -> torch.Tensor:
@@ -17,8 +15,7 @@ def as_image(photo: np.ndarray) -> torch.Tensor:
 
 def insightface_photo(name: str) -> np.ndarray:
     """One of the photos in insightface's data/images folder, RGB uint8."""
-    spec = importlib.util.find_spec("insightface")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return insightface_image(name)
+    except SamplePhotoMissingError:
         pytest.skip("insightface (optional) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "images" / name
-    return np.asarray(Image.open(path).convert("RGB"))

@@ -12,6 +12,7 @@ from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core import ddim
 from diffpriv_core.key_types import KeyE, KeyI
 from diffpriv_core.keys import save_key
+from diffpriv_core.recovery import conditioned_eps
 from diffpriv_core.schedule import ddim_grid
 import make_models
 
@@ -190,12 +191,12 @@ def test_stock_sampler_with_the_scheduler_matches_the_core_loop(comfy_inproc, te
                                               disable_pbar=True)
     eps = adapters.ComfyEpsModel(model)
     with torch.no_grad():
-        z = ddim.sample(adapters.stage_conditioned(eps, [key_e], tau=0.4),
+        z = ddim.sample(conditioned_eps(eps, [key_e], tau=0.4),
                         ddim.add_noise(eps.to_z(latent), noise, grid.alphas[0]), grid)
     ours = eps.to_samples(z)
     assert torch.allclose(ours, stock.float(), atol=1e-3 * stock.abs().max().item()), (ours - stock).abs().max()
     # And the schedule matters: the same loop with C^{t//100} everywhere (tau 0) differs.
     with torch.no_grad():
-        z_no_uc = ddim.sample(adapters.stage_conditioned(eps, [key_e]), ddim.add_noise(eps.to_z(latent), noise,
+        z_no_uc = ddim.sample(conditioned_eps(eps, [key_e]), ddim.add_noise(eps.to_z(latent), noise,
                                                                                           grid.alphas[0]), grid)
     assert not torch.allclose(eps.to_samples(z_no_uc), stock.float(), atol=1e-3 * stock.abs().max().item())

@@ -23,7 +23,8 @@ class NoFaceError(ValueError):
 @dataclass(frozen=True)
 class Face:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
-    landmarks: tuple[tuple[float, float], ...]  # left eye, right eye, nose, mouth left, mouth right
+    # MTCNN: left eye, right eye, nose, mouth left, mouth right; dlib (evaluation): the 68 iBUG points
+    landmarks: tuple[tuple[float, float], ...]
     score: float
 
     @property

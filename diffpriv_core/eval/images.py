@@ -1,0 +1,91 @@
+"""Loading evaluation sets from disk and pairing files by name stem."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...
+_CANDIDATE = re.compile(r"^(?P<stem>.+)_\d+$")
+
+
+@dataclass
+class Case:
+    """One original photo and what the method made of it, all RGB uint8 at the
+    original's size."""
+
+    stem: str
+    original: np.ndarray
+    protected: list[np.ndarray] = field(default_factory=list)
+    recovered: np.ndarray | None = None
+    resized: list[str] = field(default_factory=list)  # files resized to the original's size
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def save_rgb(image: np.ndarray, path: Path) -> None:
+    Image.fromarray(image).save(path)
+
+
+def image_files(paths: Iterable[Path]) -> list[Path]:
+    """Image files among `paths`, expanding folders (not recursively), sorted by name."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return sorted(files, key=lambda p: p.name)
+
+
+def group_by_stem(files: Iterable[Path], stems: set[str]) -> dict[str, list[Path]]:
+    """Files assigned to the original whose stem they carry: `<stem>.ext` exactly, else
+    `<stem>_<digits>.ext`. Files that match no original are left out."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        candidate = _CANDIDATE.match(path.stem)
+        if path.stem in stems:
+            stem = path.stem
+        elif candidate and candidate["stem"] in stems:
+            stem = candidate["stem"]
+        else:
+            continue
+        groups.setdefault(stem, []).append(path)
+    return groups
+
+
+def _load_at_size(path: Path, size: tuple[int, int], case: Case) -> np.ndarray:
+    image = load_rgb(path)
+    if image.shape[:2] != size:
+        # Pixel metrics need equal sizes; the pipeline may work at another resolution.
+        image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.LANCZOS))
+        case.resized.append(path.name)
+    return image
+
+
+def load_cases(originals: list[Path], protected_dir: Path | None, recovered_dir: Path | None) -> list[Case]:
+    """Cases for every original; protected candidates and recovered image matched by stem."""
+    files = image_files(originals)
+    cases = {p.stem: Case(p.stem, load_rgb(p)) for p in files}
+    if len(cases) != len(files):
+        raise ValueError("two originals share a name stem; rename one")
+    stems = set(cases)
+    if protected_dir is not None:
+        for stem, paths in group_by_stem(image_files([protected_dir]), stems).items():
+            case = cases[stem]
+            case.protected = [_load_at_size(p, case.original.shape[:2], case) for p in paths]
+    if recovered_dir is not None:
+        for stem, paths in group_by_stem(image_files([recovered_dir]), stems).items():
+            case = cases[stem]
+            case.recovered = _load_at_size(paths[0], case.original.shape[:2], case)
+    return list(cases.values())

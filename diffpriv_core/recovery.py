@@ -1,0 +1,73 @@
+"""key-I and Stage III: DDIM inversion of the original under key-E, and recovery.
+
+key-I is the inversion of the ORIGINAL latent with C^{t//100} at every step (no UC, no
+CFG); recovery is deterministic DDIM from key-I with the same key-E on the same grid. Both
+run in float32 on ``ddim_grid(steps)``, so recovery retraces the inversion exactly when
+the inversion converged (``fixed_point`` mode).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ddim
+from .adapters.protocols import EpsModel
+from .key_types import KeyE, KeyI
+from .schedule import ddim_grid, scheduled_stage, stage_of
+
+MODES = ("fixed_point", "ddim")
+
+
+class KeyMismatchError(ValueError):
+    """A key that cannot recover with this model or this version of the pack."""
+
+
+def conditioned_eps(eps_model: EpsModel, keys_e: list[KeyE], tau: float | None = None) -> ddim.EpsFn:
+    """eps_fn(z, t) conditioned per image on its C^{t//100} (or on UC at t <= tau*T when
+    ``tau`` is given: the protection schedule, Eq. 16)."""
+
+    def eps_fn(z, t):
+        stage = stage_of(t) if tau is None else scheduled_stage(t, tau)
+        cond = torch.cat([k.condition(stage) for k in keys_e]).float()
+        return eps_model(z, t, cond.expand(z.shape[0], -1, -1) if len(keys_e) == 1 else cond)
+
+    return eps_fn
+
+
+def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps: int, mode: str = "fixed_point",
+               refine: int = 4, meta: dict[str, str] | None = None,
+               callback: ddim.StepCallback | None = None) -> list[KeyI]:
+    """key-I of each latent in the batch z0 [B, 4, h, w] (scaled), one key-E per image."""
+    if mode not in MODES:
+        raise ValueError(f"inversion mode must be one of {MODES}, got {mode!r}")
+    refine = refine if mode == "fixed_point" else 0
+    grid = ddim_grid(steps)
+    with torch.no_grad():
+        z = ddim.invert(conditioned_eps(eps_model, keys_e), z0, grid, refine=refine, callback=callback)
+    meta = dict(meta or {}, grid=grid.describe())
+    return [KeyI(zi.cpu(), steps, mode, refine, dict(meta)) for zi in z]
+
+
+def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
+    """The step count a batch of key-Is share; refuses keys this model or pack cannot recover."""
+    steps = {k.steps for k in keys_i}
+    if len(steps) != 1 or len({tuple(k.latent.shape) for k in keys_i}) != 1:
+        raise KeyMismatchError("the key-Is of one batch must share step count and size; recover them separately")
+    grid = ddim_grid(steps.pop())
+    for k in keys_i:
+        made_with = k.meta.get("checkpoint")
+        if fingerprint and made_with and made_with != fingerprint:
+            raise KeyMismatchError(f"this key-I was made with another checkpoint (fingerprint {made_with}); the "
+                                   f"loaded model's is {fingerprint}. Load the checkpoint the key was made with.")
+        if k.meta.get("grid", grid.describe()) != grid.describe():
+            raise KeyMismatchError(f"this key-I was made on another timestep grid ({k.steps} steps); "
+                                   "it cannot be recovered with this version of the pack")
+    return grid.steps
+
+
+def recover(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE], fingerprint: str | None = None,
+            callback: ddim.StepCallback | None = None) -> torch.Tensor:
+    """Stage III: the latents [B, 4, h, w] (scaled) that key-I + key-E give back."""
+    grid = ddim_grid(check_keys(keys_i, fingerprint))
+    with torch.no_grad():
+        return ddim.sample(conditioned_eps(eps_model, keys_e), torch.stack([k.latent for k in keys_i]), grid,
+                           callback=callback)

@@ -1,0 +1,251 @@
+"""The evaluation toolkit on real photos with the real MTCNN, dlib detector and dlib
+recogniser (all shipped in installed packages; nothing is downloaded)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import make_face_models
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffpriv_core.eval import metrics
+from diffpriv_core.eval.baselines import gaussian_blur, mosaic
+from diffpriv_core.eval.cli import main as eval_main
+from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
+from diffpriv_core.eval.diversity import pairwise_distances, pca_2d
+from diffpriv_core.eval.identity import FaceImage, identification_accuracy, protection_success_rate
+from diffpriv_core.eval.images import group_by_stem
+from diffpriv_core.eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
+from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
+from diffpriv_core.eval.utility import compare_detections
+from diffpriv_core.faces.detect import Face
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """MTCNN runs many tiny convolutions: on a busy 2-core runner one thread takes
+    0.2 s per photo where two threads take 3 s. Restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, np.ndarray]:
+    try:
+        return sample_photos()
+    except SamplePhotoMissingError:
+        pytest.skip("insightface (optional) is not installed: its sample photos are needed")
+
+
+@pytest.fixture(scope="module")
+def arcface_file(face_models) -> Path:
+    """A seeded random-weight ArcFace ONNX file (recognises nobody; exercises the plumbing)."""
+    return face_models / make_face_models.ARCFACE_ONNX
+
+
+@pytest.fixture(scope="module")
+def located(photos) -> dict[str, FaceImage]:
+    detector = MtcnnDetector()
+    return {name: FaceImage(image, detector.detect(image)[0]) for name, image in photos.items()}
+
+
+def _identity_distances(located: dict[str, FaceImage], transform) -> np.ndarray:
+    """dlib distance of every photo to its transformed self, read at the original's face."""
+    recognizer = DlibRecognizer()
+    items = list(located.values())
+    originals = recognizer.embed([i.image for i in items], [i.face for i in items])
+    changed = recognizer.embed([transform(i.image, i.face.box) for i in items], [i.face for i in items])
+    return distances(originals, changed)
+
+
+def test_dlib_distance_is_zero_to_itself_and_above_threshold_between_people(located):
+    recognizer = DlibRecognizer()
+    names = ["astronaut", "hanks", "t1_0", "t1_1"]
+    items = [located[n] for n in names]
+    embeddings = recognizer.embed([i.image for i in items], [i.face for i in items])
+    again = recognizer.embed([i.image for i in items], [i.face for i in items])
+    assert np.allclose(distances(embeddings, again), 0.0)
+    assert np.linalg.norm(embeddings[0] - embeddings[1]) > recognizer.threshold  # astronaut vs Tom Hanks
+    assert np.linalg.norm(embeddings[2] - embeddings[3]) > recognizer.threshold  # two people in t1.jpg
+
+
+def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface_file):
+    recognizer = load_paper_recognizer(arcface_file, "ArcFace")
+    assert recognizer.threshold == ARCFACE_THRESHOLD
+    item = located["astronaut"]
+    shifted = np.roll(item.image, shift=(5, 7), axis=(0, 1))  # 5 px down, 7 px right
+    moved = Face(item.face.box, tuple((x + 7, y + 5) for x, y in item.face.landmarks), item.face.score)
+    embedded = recognizer.embed([item.image, shifted, shifted], [item.face, moved, item.face])
+    assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
+    assert np.linalg.norm(embedded[0] - embedded[1]) < 1e-4  # the alignment follows the face
+    assert np.linalg.norm(embedded[0] - embedded[2]) > 1e-3  # stale landmarks read other pixels
+
+
+@pytest.mark.parametrize("baseline, weak, strong", [(gaussian_blur, 0.5, 12.0), (mosaic, 2.0, 24.0)])
+def test_strong_baselines_protect_more_than_weak_ones(located, baseline, weak, strong):
+    threshold = DlibRecognizer.threshold
+    weak_rate = protection_success_rate(_identity_distances(located, lambda im, box: baseline(im, weak, box)),
+                                        threshold)
+    strong_rate = protection_success_rate(_identity_distances(located, lambda im, box: baseline(im, strong, box)),
+                                          threshold)
+    assert strong_rate > weak_rate
+    assert weak_rate <= 0.5 <= strong_rate
+
+
+def test_baselines_change_only_the_face_box(photos):
+    image = photos["astronaut"]
+    box = (50.0, 40.0, 150.0, 160.0)
+    for changed in (gaussian_blur(image, 6.0, box), mosaic(image, 12.0, box)):
+        outside = np.ones(image.shape[:2], bool)
+        outside[40:160, 50:150] = False
+        assert np.array_equal(changed[outside], image[outside])
+        assert not np.array_equal(changed[40:160, 50:150], image[40:160, 50:150])
+
+
+@pytest.mark.parametrize("detector", [MtcnnDetector(), DlibDetector()], ids=lambda d: d.name)
+def test_originals_are_all_detected_and_unmoved_against_themselves(photos, detector):
+    found = [detector.detect(image) for image in photos.values()]
+    assert all(found), "every original photo has a detectable face"
+    result = compare_detections([f[0] for f in found], [detector.detect(image) for image in photos.values()])
+    assert result.detection_rate == 1.0
+    assert result.box_distance == 0.0 and result.landmark_distance == 0.0
+    assert len(found[0][0].landmarks) == (5 if detector.name == "MTCNN" else 68)
+
+
+def test_utility_sees_a_shifted_face_move_by_the_shift(photos):
+    detector = DlibDetector()
+    image = photos["astronaut"]
+    shifted = np.roll(image, shift=(6, 8), axis=(0, 1))  # 6 px down, 8 px right
+    result = compare_detections([detector.detect(image)[0]], [detector.detect(shifted)])
+    assert result.detection_rate == 1.0
+    assert result.landmark_distance == pytest.approx(10.0, abs=2.0)
+
+
+def test_identification_accuracy_follows_the_avih_protocol(located):
+    recognizer = DlibRecognizer()
+    people = ["t1_0", "t1_1", "t1_2", "t1_3"]
+    probes = [located[p] for p in people]
+    same = [_mirrored(p) for p in probes]  # another view of the same person
+    others = probes[1:] + probes[:1]
+    assert identification_accuracy(recognizer, probes, same, others) == 1.0
+    assert identification_accuracy(recognizer, probes, others, same) == 0.0
+
+
+def _mirrored(item: FaceImage) -> FaceImage:
+    """The photo flipped left-right, its face box and 5 landmarks flipped with it (left
+    and right eye, and mouth corners, swap roles)."""
+    width = item.image.shape[1]
+    x1, y1, x2, y2 = item.face.box
+    points = [(width - x, y) for x, y in item.face.landmarks]
+    face = Face((width - x2, y1, width - x1, y2), tuple(points[i] for i in (1, 0, 2, 4, 3)), item.face.score)
+    return FaceImage(np.ascontiguousarray(item.image[:, ::-1]), face)
+
+
+def test_psnr_and_ssim_agree_with_scikit_image_and_torchmetrics(photos):
+    from skimage.metrics import peak_signal_noise_ratio
+    from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    a = photos["astronaut"]
+    b = gaussian_blur(a, 2.0)
+    a01, b01 = a / 255.0, b / 255.0
+    assert metrics.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a01, b01, data_range=1.0))
+    ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None] for x in (a01, b01))
+    assert metrics.psnr(a, b) == pytest.approx(tm_psnr(tb, ta, data_range=1.0).item(), rel=1e-6)
+    assert metrics.mse(a, b) == pytest.approx(np.mean((a01 - b01) ** 2))
+    # Same Gaussian-window SSIM; only the border handling differs between the two libraries.
+    assert metrics.ssim(a, b) == pytest.approx(tm_ssim(tb, ta, data_range=1.0).item(), abs=0.01)
+    assert metrics.ssim(a, a) == pytest.approx(1.0) and metrics.psnr(a, a) == float("inf")
+
+
+def test_lpips_says_why_it_is_not_computed_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reason = metrics.lpips_unavailable_reason()
+    assert reason is not None and str(tmp_path) in reason
+
+
+def test_candidates_pair_with_originals_by_stem():
+    files = [Path(n) for n in ("a.png", "a_00001.png", "a_00002.png", "a_1.png", "b_x.png", "c_00001.jpg")]
+    groups = group_by_stem(files, {"a", "a_1", "c"})
+    assert groups == {"a": [Path("a.png"), Path("a_00001.png"), Path("a_00002.png")],
+                      "a_1": [Path("a_1.png")], "c": [Path("c_00001.jpg")]}
+
+
+def test_diversity_counts_pairs_and_projects_on_the_main_axis():
+    points = np.array([[0.0, 0, 0], [1, 0, 0], [3, 0, 0]])
+    assert sorted(pairwise_distances(points)) == [1.0, 2.0, 3.0]
+    projected = pca_2d(points)
+    assert projected.shape == (3, 2)
+    assert np.allclose(np.abs(projected[:, 0]), np.abs(points[:, 0] - points[:, 0].mean()))
+
+
+def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos, arcface_file, tmp_path):
+    originals, protected, recovered = (tmp_path / n for n in ("originals", "protected", "recovered"))
+    for folder in (originals, protected, recovered):
+        folder.mkdir()
+    for name in ("astronaut", "hanks"):
+        image = photos[name]
+        Image.fromarray(image).save(originals / f"{name}.png")
+        Image.fromarray(image).save(recovered / f"{name}.png")
+        for k, sigma in enumerate((3.0, 9.0), start=1):
+            Image.fromarray(gaussian_blur(image, sigma)).save(protected / f"{name}_{k:05d}.png")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(originals / "wall.png")  # no face
+    Image.fromarray(photos["t1_0"]).save(originals / "t1_0.png")  # neither protected nor recovered
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(originals), "--protected", str(protected),
+                      "--recovered", str(recovered), "--out", str(out), "--arcface", str(arcface_file)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["cases"] == ["astronaut", "hanks", "t1_0"] and list(results["skipped"]) == ["wall"]
+    assert results["protection"]["dlib"]["candidates"] == 4
+    assert list(results["protection"]["dlib"]["distances_to_original"]) == ["astronaut", "hanks"]
+    assert results["recovery"]["images"] == 2
+    assert results["protection"]["dlib"]["diversity"]["pairs"] == 2
+    recovery = results["recovery"]
+    assert recovery["mean"]["psnr"] == "inf" and recovery["mean"]["ssim"] == pytest.approx(1.0)
+    assert recovery["mean"]["identity_cosine_dlib"] == pytest.approx(1.0)
+    assert recovery["mean"]["identity_cosine_ArcFace"] == pytest.approx(1.0)
+    assert results["protection"]["ArcFace"]["threshold"] == ARCFACE_THRESHOLD
+    assert set(results["utility"]) == {"MTCNN", "dlib"}
+    report = (out / "report.md").read_text()
+    assert "Protection success" in report and "grids/astronaut.png" in report
+    for png in ("grids/astronaut.png", "grids/hanks.png", "diversity_dlib.png"):
+        with Image.open(out / png) as image:
+            assert image.width > 100
+
+
+def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, tmp_path):
+    Image.fromarray(photos["hanks"]).save(tmp_path / "hanks.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(tmp_path / "hanks.png"), "--baseline", "mosaic", "--strength", "24",
+                      "--out", str(out)]) == 0
+    with Image.open(out / "protected" / "hanks.png") as image:
+        assert not np.array_equal(np.asarray(image), photos["hanks"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["protection"]["dlib"]["success_rate"] == 1.0
+    assert results["recovery"] == {"images": 0}
+    assert "mosaic, strength 24 px" in (out / "report.md").read_text()
+
+
+def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as both_missing:
+        eval_main(["--originals", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert both_missing.value.code == 2
+    assert eval_main(["--originals", str(tmp_path / "missing"), "--baseline", "blur", "--out", str(tmp_path)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert eval_main(["--originals", str(tmp_path), "--baseline", "blur", "--out", str(tmp_path / "r")]) == 2
+    assert "no original images" in capsys.readouterr().err
+    assert eval_main(["--originals", str(tmp_path), "--protected", str(tmp_path), "--out", str(tmp_path / "r"),
+                      "--facenet", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_importing_the_toolkit_does_not_load_dlib():
+    code = ("import sys, diffpriv_core.eval.cli; "
+            "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
