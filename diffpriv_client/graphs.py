@@ -11,7 +11,8 @@ import copy
 import json
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parent.parent
+from .embedded import PACK_DIR
+
 DEFAULT_WORKFLOWS = PACK_DIR / "workflows" / "api"
 OUTPUT_PREFIX = "diffpriv"
 # Model loaders whose file choice must exist on the server before anything is queued:
