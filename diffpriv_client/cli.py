@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo_weights and args.server:
+        parser.error("--demo-weights runs the embedded ComfyUI: leave out --server")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -235,8 +238,6 @@ def connect(args, needed: bool = True) -> Iterator[Connection]:
         yield Connection([])
         return
     if args.server:
-        if args.demo_weights:
-            raise UsageError("--demo-weights runs the embedded ComfyUI: leave out --server")
         yield Connection([Server(normalise_url(u), args.max_in_flight) for u in args.server])
         return
     models = args.models

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import requests
 
 from diffpriv_client.batch import prompt_seconds
-from diffpriv_client.cli import key_stem
+from diffpriv_client.cli import UsageError, key_stem, main, read_passphrase
 from diffpriv_client.servers import Server, choose_server
 from diffpriv_client.summary import Summary
 
@@ -87,3 +88,17 @@ def test_prompt_seconds_is_execution_time_not_queue_time():
 def test_key_stem():
     assert key_stem(Path("out/photo/photo_00001.dpkey.safetensors")) == "photo_00001"
     assert key_stem(Path("old.key.bin")) == "old.key"
+
+
+def test_demo_weights_need_the_embedded_server(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protect", "x.png", "--task", "anonymize", "--out", "o", "--demo-weights", "--server", "h:1"])
+    assert exit_info.value.code == 2 and "leave out --server" in capsys.readouterr().err
+
+
+def test_passphrase_comes_from_the_named_variable_only(monkeypatch):
+    monkeypatch.setenv("DP_UNIT_PW", "s3cret")
+    assert read_passphrase("DP_UNIT_PW") == "s3cret" and read_passphrase(None) == ""
+    monkeypatch.delenv("DP_UNIT_PW")
+    with pytest.raises(UsageError, match="DP_UNIT_PW is not set"):
+        read_passphrase("DP_UNIT_PW")
