@@ -76,6 +76,13 @@ class ComfyClient:
     def interrupt(self) -> None:
         self.post("/interrupt")
 
+    def cancel(self, prompt_ids: list[str]) -> None:
+        """Drop these prompts from the queue and stop the one running, if it is one of them
+        (a targeted interrupt leaves other clients' prompts alone)."""
+        self.post("/queue", {"delete": list(prompt_ids)})
+        for prompt_id in prompt_ids:
+            self.post("/interrupt", {"prompt_id": prompt_id})
+
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 
@@ -120,6 +127,12 @@ class ComfyClient:
     def history(self, prompt_id: str) -> dict | None:
         return self.get(f"/history/{prompt_id}").get(prompt_id)
 
+    def delete_history(self, prompt_ids: list[str]) -> None:
+        self.post("/history", {"delete": list(prompt_ids)})
+
+    def websocket_url(self) -> str:
+        return f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}"
+
     def wait(
         self,
         prompt_id: str,
@@ -134,16 +147,14 @@ class ComfyClient:
         deadline = time.monotonic() + timeout
         ws = None
         try:
-            ws = websocket.create_connection(
-                f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}", timeout=2.0
-            )
+            ws = websocket.create_connection(self.websocket_url(), timeout=2.0)
         except (OSError, websocket.WebSocketException):
             ws = None  # fall back to polling /history only
         try:
             while time.monotonic() < deadline:
                 entry = self.history(prompt_id)
                 if entry is not None and entry.get("status", {}).get("completed") is not None:
-                    return self._result(prompt_id, entry)
+                    return self.result_of(prompt_id, entry)
                 if ws is None:
                     time.sleep(0.25)
                     continue
@@ -170,7 +181,8 @@ class ComfyClient:
         return self.wait(self.queue(graph), timeout=timeout, **kw)
 
     @staticmethod
-    def _result(prompt_id: str, entry: dict) -> PromptResult:
+    def result_of(prompt_id: str, entry: dict) -> PromptResult:
+        """The outputs of a finished /history entry; PromptFailed with the node's error text."""
         status = entry.get("status", {})
         if status.get("status_str") == "error":
             for kind, data in status.get("messages", []):

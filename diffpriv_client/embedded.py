@@ -46,7 +46,8 @@ def free_port() -> int:
 def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
     """A ComfyUI base directory whose custom_nodes holds (a link to) this pack.
 
-    ``models`` may point at an existing models folder, which is linked in unchanged.
+    ``models`` may point at an existing models folder, which is linked in unchanged;
+    without it ComfyUI makes its own models folder there.
     """
     base.mkdir(parents=True, exist_ok=True)
     nodes = base / "custom_nodes"
@@ -54,11 +55,22 @@ def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
     link = nodes / PACK_LINK_NAME
     if not link.exists():
         link.symlink_to(PACK_DIR, target_is_directory=True)
-    if models is not None and not (base / "models").exists():
-        (base / "models").symlink_to(Path(models).resolve(), target_is_directory=True)
+    if models is not None:
+        _link_models(base / "models", Path(models).resolve())
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(exist_ok=True)
     return base
+
+
+def _link_models(link: Path, models: Path) -> None:
+    """Point base/models at ``models``, re-pointing a link an earlier run made elsewhere."""
+    if link.is_symlink():
+        if link.resolve() == models:
+            return
+        link.unlink()
+    elif link.exists():
+        raise RuntimeError(f"{link} is a folder of its own; use another base directory to link {models} there")
+    link.symlink_to(models, target_is_directory=True)
 
 
 class EmbeddedComfy:
@@ -94,15 +106,23 @@ class EmbeddedComfy:
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=self.base_dir, start_new_session=True,
         )
+        try:
+            self._wait_until_up()
+        except BaseException:
+            # Also on Ctrl-C / SIGTERM: the server runs in its own session and would outlive us.
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self) -> None:
         client = ComfyClient(self.url, timeout=5)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited during start-up (code {self.proc.returncode}):\n{self.log()}")
             if client.is_up():
-                return self
+                return
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()}")
 
     def log(self, tail_chars: int = 20000) -> str:

@@ -1,0 +1,272 @@
+"""The `diffpriv` command: protect photos and recover them through ComfyUI's HTTP API.
+
+    diffpriv protect photo.jpg --task anonymize --out out/
+    diffpriv recover out/photo/photo_00001.dpkey.safetensors --out recovered/
+
+With ``--server URL`` (repeatable) it uses running ComfyUI servers; without, it starts
+the embedded ComfyUI headless for the run. It never imports ComfyUI itself.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+from . import graphs
+from .batch import Job, run_batch
+from .comfy_http import ComfyClient
+from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
+from .preflight import PreflightError, check_models, find_remote_key, install_embedded_key
+from .servers import Server
+from .summary import Summary, write_contact_sheet
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
+KEY_SUFFIX = ".dpkey.safetensors"
+DEMO_BANNER = """
+##############################################################################
+#  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS   #
+#  and protect nothing. Use them only to see the pipeline run end to end.    #
+##############################################################################
+"""
+
+class UsageError(RuntimeError):
+    pass
+
+
+@dataclass
+class Connection:
+    servers: list[Server]
+    # The embedded server's models folder; None for servers we did not start.
+    embedded_models: Path | None = None
+
+
+# --- command line --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffpriv", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys")
+    protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    protect.add_argument("--task", choices=["anonymize", "hide"], required=True)
+    protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
+    protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
+    protect.set_defaults(func=protect_command)
+
+    recover = sub.add_parser("recover", help="recover the original pictures from key files")
+    recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
+    recover.set_defaults(func=recover_command, task="recover")
+
+    for p in (protect, recover):
+        p.add_argument("--out", type=Path, required=True, help="output folder (DIR/<name>/, DIR/summary.json)")
+        p.add_argument("--server", action="append", default=[], metavar="URL",
+                       help="a running ComfyUI with the pack; repeat to spread the batch over several")
+        p.add_argument("--passphrase-env", metavar="VAR",
+                       help="name of the environment variable holding the key passphrase (never on the command line)")
+        p.add_argument("--workflow", type=Path, help="API-format workflow (default: workflows/api/<task>.json)")
+        p.add_argument("--base", type=Path,
+                       help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
+                            "or comfy-demo next to it with --demo-weights)")
+        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in)")
+        p.add_argument("--demo-weights", action="store_true",
+                       help="generate random-weight test models and run with them: meaningless pictures")
+        p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo_weights and args.server:
+        parser.error("--demo-weights runs the embedded ComfyUI: leave out --server")
+    with _sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except (UsageError, PreflightError, FileNotFoundError, ValueError) as exc:
+            print(f"diffpriv: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """The embedded ComfyUI runs in its own session, so it would outlive a terminated
+    command: SIGTERM gets the same clean stop as Ctrl-C (signals reach the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# --- commands ------------------------------------------------------------------------
+def protect_command(args) -> int:
+    template = load_template(args)
+    passphrase = read_passphrase(args.passphrase_env)
+
+    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
+        return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
+                for name, path in todo.items()]
+
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, jobs, passphrase)
+
+
+def recover_command(args) -> int:
+    template = load_template(args)
+    passphrase = read_passphrase(args.passphrase_env)
+
+    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
+        # Resolved on every server up front, so a missing key stops the run before any compute.
+        key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
+                     for server in conn.servers}
+        return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase))
+                for name, path in todo.items()]
+
+    return run_command(args, unique_names(args.keys, key_stem), template, jobs, passphrase)
+
+
+def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str) -> int:
+    """Skip what an earlier run finished, run the rest, report; exit status 1 if any failed."""
+    summary = Summary(args.out, args.command)
+    todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
+    with connect(args, needed=bool(todo)) as conn:
+        preflight_models(conn, template, args)
+        run_batch(make_jobs(conn, todo), conn.servers, summary, forget_prompts=bool(passphrase))
+    return report(summary, args)
+
+
+def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps, client: ComfyClient) -> dict:
+    uploaded = client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX)
+    return graphs.protect_graph(template, uploaded, name, passphrase, seed=seed, steps=steps)
+
+
+def _recover_graph(template, key_names: dict, name: str, passphrase: str, client: ComfyClient) -> dict:
+    return graphs.recover_graph(template, key_names[client.base_url][name], name, passphrase)
+
+
+def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
+    if conn.embedded_models is not None:
+        return install_embedded_key(client, key_file, conn.embedded_models)
+    return find_remote_key(client, key_file)
+
+
+# --- pieces --------------------------------------------------------------------------
+def load_template(args) -> dict:
+    template = graphs.load_workflow(args.workflow or graphs.default_workflow(args.task))
+    if args.demo_weights:
+        from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
+
+        graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
+        graphs.set_face_recognizer(template, ARCFACE_ONNX)
+    return template
+
+
+def unique_names(paths: list[Path], name_of) -> dict[str, Path]:
+    """Output folder name per input; two inputs may not share one."""
+    names: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path} is not a file")
+        name = name_of(path)
+        if name in names:
+            raise UsageError(f"{names[name]} and {path} would share the output folder {name}/: rename one")
+        names[name] = path
+    return names
+
+
+def key_stem(path: Path) -> str:
+    return path.name[: -len(KEY_SUFFIX)] if path.name.endswith(KEY_SUFFIX) else path.stem
+
+
+def read_passphrase(variable: str | None) -> str:
+    if variable is None:
+        return ""
+    if variable not in os.environ:
+        raise UsageError(f"--passphrase-env {variable}: the environment variable {variable} is not set")
+    return os.environ[variable]
+
+
+def skip_if_done(summary: Summary, name: str) -> bool:
+    if not summary.is_done(name):
+        return False
+    summary.mark_skipped(name)
+    print(f"{name}: done in an earlier run, skipped")
+    return True
+
+
+def preflight_models(conn: Connection, template: dict, args) -> None:
+    hint = f"diffpriv {args.command} ... --demo-weights"
+    for server in conn.servers:
+        check_models(server.client, graphs.required_models(template), conn.embedded_models, hint)
+
+
+def report(summary: Summary, args) -> int:
+    # Keys are not pictures: a recovery's sheet shows the results only.
+    sheet = write_contact_sheet(summary, show_source=args.command == "protect")
+    counts = summary.counts()
+    print(f"{summary.path}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if sheet:
+        print(f"contact sheet: {sheet}")
+    if args.demo_weights:
+        print(DEMO_BANNER, file=sys.stderr)
+    return 1 if counts.get("failed") else 0
+
+
+# --- servers -------------------------------------------------------------------------
+@contextlib.contextmanager
+def connect(args, needed: bool = True) -> Iterator[Connection]:
+    """The servers given with --server, or the embedded ComfyUI for the time of the run
+    (none at all when everything was done in an earlier run)."""
+    if not needed:
+        yield Connection([])
+        return
+    if args.server:
+        yield Connection([Server(normalise_url(u), args.max_in_flight) for u in args.server])
+        return
+    models = args.models
+    if args.demo_weights:
+        print(DEMO_BANNER, file=sys.stderr)
+        models = demo_models_dir()
+    base = args.base or CACHE_DIR / ("comfy-demo" if args.demo_weights else "comfy")
+    prepare_base_directory(base, models)
+    # --disable-metadata: the graph (and so any passphrase) never lands in PNG metadata.
+    comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"])
+    print(f"starting ComfyUI in {base} (log: {comfy.log_path}) ...", file=sys.stderr)
+    with comfy:
+        yield Connection([Server(comfy.url, args.max_in_flight)], embedded_models=base / "models")
+
+
+def normalise_url(url: str) -> str:
+    return url if "://" in url else f"http://{url}"
+
+
+def demo_models_dir() -> Path:
+    """The seeded random-weight models, generated once into the cache (in a child process,
+    since the generator imports ComfyUI)."""
+    from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
+
+    folder = CACHE_DIR / "demo-models" / f"v{GENERATOR_VERSION}-seed1234"
+    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
+        subprocess.run([sys.executable, "-m", "diffpriv_client.demo_models", str(folder)], check=True, cwd=PACK_DIR)
+    return folder
+
+
+if __name__ == "__main__":
+    sys.exit(main())

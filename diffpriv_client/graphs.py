@@ -1,0 +1,141 @@
+"""API-format workflow templates and the few inputs the `diffpriv` command fills in.
+
+A template is the JSON that ComfyUI's "Export (API)" writes: ``{node_id: {"class_type",
+"inputs"}}``. The command patches nodes by class type, never by node id, so any graph made
+of the same nodes works. Inputs that hold a link (``[node_id, output_index]``) are never
+overwritten: a seed fed from another node stays fed from it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .embedded import PACK_DIR
+
+DEFAULT_WORKFLOWS = PACK_DIR / "workflows" / "api"
+OUTPUT_PREFIX = "diffpriv"
+# Model loaders whose file choice must exist on the server before anything is queued:
+# class_type -> (input name, models sub-folder).
+MODEL_INPUTS = {
+    "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
+    "CLIPVisionLoader": ("clip_name", "clip_vision"),
+}
+# Stock samplers name their seed `noise_seed`; the pack's nodes and KSampler say `seed`.
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+def default_workflow(task: str) -> Path:
+    return DEFAULT_WORKFLOWS / f"{task}.json"
+
+
+def load_workflow(path: str | Path) -> dict:
+    """Read an API-format graph; refuse the UI format (what the editor saves) by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"workflow {path} not found: pass --workflow FILE (an API-format export)")
+    graph = json.loads(path.read_text())
+    if "nodes" in graph and "links" in graph:
+        raise ValueError(f"{path} is a UI-format workflow; export it with 'Export (API)' instead")
+    return graph
+
+
+def nodes_of(graph: dict, class_type: str) -> list[dict]:
+    return [node for node in graph.values() if node.get("class_type") == class_type]
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list)
+
+
+def _set_literal(graph: dict, input_names: tuple[str, ...], value) -> int:
+    """Set every unlinked input with one of these names, in any node; returns how many."""
+    count = 0
+    for node in graph.values():
+        inputs = node.get("inputs", {})
+        for name in input_names:
+            if name in inputs and not _is_link(inputs[name]):
+                inputs[name] = value
+                count += 1
+    return count
+
+
+def _set_on(graph: dict, class_type: str, **values) -> None:
+    nodes = nodes_of(graph, class_type)
+    if not nodes:
+        raise ValueError(f"the workflow has no {class_type} node")
+    for node in nodes:
+        node.setdefault("inputs", {}).update(values)
+
+
+def set_seed(graph: dict, seed: int) -> None:
+    _set_literal(graph, SEED_INPUTS, seed)
+
+
+def set_steps(graph: dict, steps: int) -> None:
+    _set_literal(graph, ("steps",), steps)
+
+
+def set_input_image(graph: dict, image_name: str) -> None:
+    _set_on(graph, "LoadImage", image=image_name)
+
+
+def set_key_output(graph: dict, stem: str, passphrase: str) -> None:
+    """Key files go to the output folder (the only one /view serves), named after the image."""
+    _set_on(graph, "DiffPrivacySaveKey", folder="output", filename_prefix=f"{OUTPUT_PREFIX}/{stem}",
+            passphrase=passphrase)
+
+
+def set_key_input(graph: dict, key_name: str, passphrase: str) -> None:
+    _set_on(graph, "DiffPrivacyLoadKey", key_name=key_name, passphrase=passphrase)
+
+
+def set_image_prefixes(graph: dict, stem: str) -> None:
+    """Name saved pictures after the input, keeping what the template called each one."""
+    for node in nodes_of(graph, "SaveImage"):
+        label = Path(str(node["inputs"].get("filename_prefix", "image"))).name
+        node["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/{stem}_{label}"
+
+
+def set_models(graph: dict, files: dict[str, str]) -> None:
+    """Point every model loader at another file, by models sub-folder (used by --demo-weights)."""
+    for class_type, (input_name, folder) in MODEL_INPUTS.items():
+        if folder in files:
+            for node in nodes_of(graph, class_type):
+                node["inputs"][input_name] = files[folder]
+
+
+def set_face_recognizer(graph: dict, option: str) -> None:
+    """Point every face recogniser loader at another file ("<folder>/<file>", used by --demo-weights)."""
+    for node in nodes_of(graph, "DiffPrivacyFaceRecognizerLoader"):
+        node["inputs"]["model_name"] = option
+
+
+def required_models(graph: dict) -> dict[str, set[str]]:
+    """The model files the graph loads: {models sub-folder: {file names}}."""
+    wanted: dict[str, set[str]] = {}
+    for class_type, (input_name, folder) in MODEL_INPUTS.items():
+        for node in nodes_of(graph, class_type):
+            wanted.setdefault(folder, set()).add(node["inputs"][input_name])
+    return wanted
+
+
+def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = "",
+                  seed: int | None = None, steps: int | None = None) -> dict:
+    """The template, filled in for one uploaded picture."""
+    graph = copy.deepcopy(template)
+    set_input_image(graph, image_name)
+    set_key_output(graph, stem, passphrase)
+    set_image_prefixes(graph, stem)
+    if seed is not None:
+        set_seed(graph, seed)
+    if steps is not None:
+        set_steps(graph, steps)
+    return graph
+
+
+def recover_graph(template: dict, key_name: str, stem: str, passphrase: str = "") -> dict:
+    graph = copy.deepcopy(template)
+    set_key_input(graph, key_name, passphrase)
+    set_image_prefixes(graph, stem)
+    return graph

@@ -1,0 +1,87 @@
+"""Checks made before anything is queued: the model files a workflow loads, and key files.
+
+Both read a loader's file list from ``/object_info/<class_type>``: the server lists exactly
+the files its loaders accept (extra_model_paths.yaml included).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .comfy_http import ComfyClient
+from .graphs import MODEL_INPUTS
+
+KEYS_FOLDER = "diffprivacy_keys"
+# Where the embedded server gets the keys the command copies in for recovery.
+EMBEDDED_KEYS_SUBFOLDER = "diffpriv-cli"
+WHERE_TO_GET = {
+    "checkpoints": "a Stable Diffusion 1.5 checkpoint, from the SD 1.5 model card: "
+                   "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                   "(v1-5-pruned-emaonly.safetensors; CreativeML OpenRAIL-M licence)",
+    "clip_vision": "the OpenAI CLIP ViT-L/14 image encoder: https://huggingface.co/openai/clip-vit-large-patch14 "
+                   "(model.safetensors, saved under the name the workflow uses; MIT licence)",
+}
+
+
+class PreflightError(RuntimeError):
+    """Something the user must fix before the batch can run; the message says what."""
+
+
+def loader_options(client: ComfyClient, class_type: str, input_name: str) -> list[str]:
+    """The choices a loader node offers for one input (its file list)."""
+    info = client.get(f"/object_info/{class_type}").get(class_type)
+    if info is None:
+        raise PreflightError(f"{client.base_url} has no {class_type} node: is the Diff-Privacy pack installed there?")
+    inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    spec = inputs[input_name]
+    # Classic nodes list the choices first; schema (V3) nodes say "COMBO" and pass them as options.
+    return list(spec[0]) if isinstance(spec[0], list) else list(spec[1].get("options", []))
+
+
+def check_models(client: ComfyClient, wanted: dict[str, set[str]], models_dir: Path | None,
+                 demo_hint: str) -> None:
+    """Stop with the exact files, folders and sources when the server lacks a model the graph loads."""
+    loaders = {folder: (class_type, input_name) for class_type, (input_name, folder) in MODEL_INPUTS.items()}
+    missing = {folder: sorted(names - set(loader_options(client, *loaders[folder])))
+               for folder, names in wanted.items()}
+    missing = {folder: names for folder, names in missing.items() if names}
+    if not missing:
+        return
+    where = str(models_dir) if models_dir else f"the models folder of the server at {client.base_url}"
+    lines = [f"Missing model files on {client.base_url}:"]
+    for folder, names in missing.items():
+        lines += [f"  {folder}/{name}" for name in names]
+    lines.append(f"Put them in {where} (sub-folders above, or a folder extra_model_paths.yaml adds), then rerun.")
+    lines += [f"  {folder}: {WHERE_TO_GET[folder]}" for folder in missing]
+    lines.append(f"To try the pipeline without them: {demo_hint} (random weights: meaningless pictures).")
+    raise PreflightError("\n".join(lines))
+
+
+def find_remote_key(client: ComfyClient, key_file: Path) -> str:
+    """The name the server's Load Privacy Key node knows this key file by.
+
+    ComfyUI has no upload endpoint for model folders, so the file must already be there.
+    """
+    options = loader_options(client, "DiffPrivacyLoadKey", "key_name")
+    matches = sorted(o for o in options if Path(o).name == key_file.name)
+    if not matches:
+        raise PreflightError(
+            f"{client.base_url} does not have the key file {key_file.name}. ComfyUI cannot receive files for its "
+            f"model folders over HTTP: copy {key_file} into that server's models/{KEYS_FOLDER}/ folder (or a "
+            f"folder extra_model_paths.yaml lists under {KEYS_FOLDER}), then rerun. No restart is needed.")
+    if len(matches) > 1:
+        raise PreflightError(f"{client.base_url} has several key files named {key_file.name}: {matches}; "
+                             "rename the one you mean")
+    return matches[0]
+
+
+def install_embedded_key(client: ComfyClient, key_file: Path, models_dir: Path) -> str:
+    """Copy a key into the embedded server's keys folder; returns its key_name there."""
+    name = f"{EMBEDDED_KEYS_SUBFOLDER}/{key_file.name}"
+    target = models_dir / KEYS_FOLDER / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(key_file, target)
+    target.chmod(0o600)
+    if name not in loader_options(client, "DiffPrivacyLoadKey", "key_name"):
+        raise PreflightError(f"copied {key_file} to {target}, but the server does not list it")
+    return name

@@ -1,0 +1,181 @@
+"""The ComfyUI servers a batch runs on: what each one runs for us, and which gets the next job.
+
+One websocket per server, read in the caller's thread: ComfyUI keeps one socket per
+client id, so every prompt we queue on a server reports to that one socket. /history is
+the truth about whether a prompt finished (the websocket only says when to look), which
+also covers prompts that finished while the socket was down.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import websocket
+
+from .comfy_http import ComfyClient
+
+# Messages after which /history holds the prompt's outcome.
+DONE_MESSAGES = ("execution_success", "execution_error", "execution_interrupted")
+# Look at /history for every prompt this often even without a message (socket down).
+HISTORY_CHECK_S = 2.0
+# A server that refuses connections this long is given up, and its jobs go elsewhere.
+DEAD_AFTER_S = 10.0
+
+
+@dataclass
+class Progress:
+    job: Any
+    value: int
+    max: int
+
+
+@dataclass
+class Finished:
+    job: Any
+    prompt_id: str
+    entry: dict
+
+
+@dataclass
+class Lost:
+    """The server stopped answering; these jobs never finished there."""
+    jobs: list
+
+
+class Server:
+    def __init__(self, url: str, max_in_flight: int = 8, dead_after_s: float = DEAD_AFTER_S):
+        self.client = ComfyClient(url)
+        self.url = self.client.base_url
+        self.max_in_flight = max_in_flight
+        self.dead_after_s = dead_after_s
+        self.in_flight: dict[str, Any] = {}  # prompt id -> job
+        self.dead = False
+        self._ws: websocket.WebSocket | None = None
+        self._unreachable_since: float | None = None
+        self._last_history_check = 0.0
+
+    def __repr__(self) -> str:
+        return f"Server({self.url})"
+
+    def has_room(self) -> bool:
+        return not self.dead and len(self.in_flight) < self.max_in_flight
+
+    def load(self) -> int:
+        """The server's queue (all clients) plus the prompts we have in flight there."""
+        return self.client.queue_remaining() + len(self.in_flight)
+
+    def submit(self, job, graph: dict) -> str:
+        self._connect()  # before queueing, so no progress message is missed
+        prompt_id = self.client.queue(graph)
+        self.in_flight[prompt_id] = job
+        return prompt_id
+
+    def poll(self, timeout: float) -> list:
+        """Progress, Finished and Lost events since the last call, waiting at most ``timeout``."""
+        if self.dead:
+            return []
+        self._connect()
+        if self._ws is None:
+            time.sleep(timeout)  # no socket to wait on: pace the /history checks instead
+        events, done = self._read_messages(timeout)
+        due = time.monotonic() - self._last_history_check > HISTORY_CHECK_S
+        to_check = list(self.in_flight) if due else list(done)
+        if not to_check:
+            return events
+        try:
+            events += self._collect(to_check)
+            self._unreachable_since = None
+        except (requests.ConnectionError, requests.Timeout):
+            events += self._note_unreachable()
+        return events
+
+    def cancel_all(self) -> None:
+        """Withdraw everything we queued here (the user stopped the command)."""
+        if self.in_flight and not self.dead:
+            try:
+                self.client.cancel(list(self.in_flight))
+            except requests.RequestException:
+                pass  # nothing left to cancel on a server that is gone
+        self.in_flight = {}
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+
+    # --- internals -------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self._ws is None:
+            try:
+                self._ws = websocket.create_connection(self.client.websocket_url(), timeout=5.0)
+            except (OSError, websocket.WebSocketException):
+                self._ws = None
+
+    def _read_messages(self, timeout: float) -> tuple[list, set[str]]:
+        events, done = [], set()
+        deadline = time.monotonic() + timeout
+        while self._ws is not None and time.monotonic() < deadline:
+            self._ws.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                raw = self._ws.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            except (OSError, websocket.WebSocketException):
+                self.close()
+                break
+            if not isinstance(raw, str):
+                continue  # binary preview frames
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            job = self.in_flight.get(data.get("prompt_id"))
+            if job is None:
+                continue
+            if msg.get("type") == "progress":
+                events.append(Progress(job, int(data["value"]), int(data["max"])))
+            elif msg.get("type") in DONE_MESSAGES:
+                done.add(data["prompt_id"])
+        return events, done
+
+    def _collect(self, prompt_ids: list[str]) -> list:
+        self._last_history_check = time.monotonic()
+        events = []
+        for prompt_id in prompt_ids:
+            entry = self.client.history(prompt_id)
+            if entry is not None and entry.get("status", {}).get("completed") is not None:
+                events.append(Finished(self.in_flight.pop(prompt_id), prompt_id, entry))
+        return events
+
+    def _note_unreachable(self) -> list:
+        now = time.monotonic()
+        self._unreachable_since = self._unreachable_since or now
+        if now - self._unreachable_since < self.dead_after_s:
+            return []
+        return [self.give_up()]
+
+    def give_up(self) -> Lost:
+        """Stop using this server; its unfinished jobs are returned for the others."""
+        self.dead = True
+        self.close()
+        jobs, self.in_flight = list(self.in_flight.values()), {}
+        return Lost(jobs)
+
+
+def choose_server(servers: list[Server]) -> Server | None:
+    """The server with room for one more prompt and the shortest queue (first listed wins a tie).
+
+    A server that does not answer is skipped here; poll() decides when it is dead.
+    """
+    best, best_load = None, None
+    for server in servers:
+        if not server.has_room():
+            continue
+        try:
+            load = server.load()
+        except requests.RequestException:
+            continue
+        if best_load is None or load < best_load:
+            best, best_load = server, load
+    return best

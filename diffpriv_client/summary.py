@@ -1,0 +1,103 @@
+"""DIR/summary.json and the contact sheet: what a batch produced, kept across reruns.
+
+The summary is rewritten (atomically) after every image, so a crash or a killed server
+never loses what was already done, and a rerun knows what it may skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SUMMARY_NAME = "summary.json"
+CONTACT_SHEET_NAME = "contact_sheet.png"
+# "skipped": done by an earlier run, files kept; a later run skips it again.
+DONE_STATUSES = ("ok", "skipped")
+THUMB_PX = 128
+
+
+class Summary:
+    def __init__(self, out_dir: Path, command: str):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / SUMMARY_NAME
+        self.command = command
+        self.results: dict[str, dict] = {}
+        if self.path.exists():
+            self.results = json.loads(self.path.read_text()).get("results", {})
+
+    def is_done(self, name: str) -> bool:
+        """Done in an earlier run, and every file it listed is still there."""
+        entry = self.results.get(name)
+        return (entry is not None and entry["status"] in DONE_STATUSES
+                and all((self.out_dir / rel).is_file() for rel in entry["outputs"] + entry["keys"]))
+
+    def mark_skipped(self, name: str) -> None:
+        self.results[name]["status"] = "skipped"
+        self.save()
+
+    def record(self, name: str, source: Path, status: str, outputs: list[Path] = (), keys: list[Path] = (),
+               seconds: float | None = None, server: str | None = None, error: str | None = None) -> None:
+        self.results[name] = {
+            "source": str(source),
+            "status": status,
+            "outputs": [self._relative(p) for p in outputs],
+            "keys": [self._relative(p) for p in keys],
+            "seconds": None if seconds is None else round(seconds, 3),
+            "server": server,
+            "error": error,
+        }
+        self.save()
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"command": self.command, "results": self.results}, indent=2)
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".summary-", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(payload)
+        os.replace(tmp, self.path)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry in self.results.values():
+            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+        return counts
+
+    def _relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.out_dir))
+
+
+def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | None:
+    """One PNG for the run: a row per finished item, its source picture (when it is one)
+    then its outputs, each scaled to THUMB_PX high. None when nothing finished."""
+    rows = []
+    for entry in summary.results.values():
+        if entry["status"] not in DONE_STATUSES:
+            continue
+        pictures = [Path(entry["source"])] if show_source else []
+        pictures += [summary.out_dir / rel for rel in entry["outputs"]]
+        rows.append([_thumbnail(p) for p in pictures if p.is_file()])
+    rows = [row for row in rows if row]
+    if not rows:
+        return None
+    width = max(sum(t.width for t in row) for row in rows)
+    sheet = Image.new("RGB", (width, THUMB_PX * len(rows)), "white")
+    for y, row in enumerate(rows):
+        x = 0
+        for thumb in row:
+            sheet.paste(thumb, (x, y * THUMB_PX))
+            x += thumb.width
+    path = summary.out_dir / CONTACT_SHEET_NAME
+    sheet.save(path)
+    return path
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        width = max(1, round(img.width * THUMB_PX / img.height))
+        thumb = img.resize((width, THUMB_PX))
+    ImageDraw.Draw(thumb).rectangle([0, 0, width - 1, THUMB_PX - 1], outline="white")
+    return thumb

@@ -1,0 +1,290 @@
+"""The `diffpriv` command end to end against real ComfyUI servers (test-size models).
+
+The test workflow (tests/workflows/protect.json) detects faces (on_no_face=error), makes
+key-I from a fixed key-E with 5 DDIM steps on a 64 px copy, and saves the key (folder
+output), the 64 px copy and the face mask.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import skimage.data
+import torch
+from PIL import Image
+
+from diffpriv_client import cli, graphs
+from diffpriv_client.embedded import EmbeddedComfy
+from diffpriv_client.servers import Progress, Server
+from diffpriv_core.key_types import KeyE
+from diffpriv_core.keys import save_key
+
+from conftest import ROOT, start_host
+
+pytestmark = pytest.mark.host
+WORKFLOWS = ROOT / "tests" / "workflows"
+KEY_E_NAME = "cli-test-e.dpkey.safetensors"  # the key-E the test workflow loads
+PASSPHRASE = "correct horse"
+# More steps than the workflow's 5 (about 0.1-0.4 s each on CPU), so a batch is still
+# running when its first image is done and the test kills a server.
+SLOW_STEPS = 10
+
+
+def install_key_e(base: Path) -> None:
+    g = torch.Generator().manual_seed(7)
+    folder = base / "models" / "diffprivacy_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_key(folder / KEY_E_NAME, KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photos shipped in packages: two faces and a cat (no face)."""
+    folder = tmp_path_factory.mktemp("photos")
+    hanks = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "insightface", "data", "images",
+                                   "Tom_Hanks_54745.png"))
+    if not hanks:
+        pytest.skip("insightface's sample photos are not installed")
+    astronaut = skimage.data.astronaut()
+    pictures = {"astronaut": astronaut, "chelsea": skimage.data.chelsea(),
+                "hanks": np.asarray(Image.open(hanks[0]).convert("RGB")),
+                # Mirrored copies: more work for the batch tests, faces still found.
+                "astronaut_mirrored": astronaut[:, ::-1].copy(),
+                "hanks_mirrored": np.asarray(Image.open(hanks[0]).convert("RGB"))[:, ::-1].copy()}
+    paths = {}
+    for name, pixels in pictures.items():
+        paths[name] = folder / f"{name}.png"
+        Image.fromarray(pixels).save(paths[name])
+    return paths
+
+
+def protect_args(images, out: Path, *servers: str, steps: int | None = None) -> list[str]:
+    args = ["protect", *map(str, images), "--task", "anonymize", "--out", str(out),
+            "--workflow", str(WORKFLOWS / "protect.json"), "--seed", "3"]
+    args += [a for url in servers for a in ("--server", url)]
+    return args + (["--steps", str(steps)] if steps else [])
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())["results"]
+
+
+def run_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(rc=cli.main(argv)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def ok_entries(out: Path, server: str | None = None) -> list[str]:
+    if not (out / "summary.json").exists():
+        return []
+    return [name for name, e in results(out).items() if e["status"] == "ok" and server in (None, e["server"])]
+
+
+@pytest.fixture
+def passphrase_env(monkeypatch):
+    monkeypatch.setenv("DP_TEST_PASSPHRASE", PASSPHRASE)
+    return "DP_TEST_PASSPHRASE"
+
+
+def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_env, capsys):
+    install_key_e(comfy_host.base)
+    url = comfy_host.server.url
+    out = tmp_path / "out"
+    images = [photos["astronaut"], photos["chelsea"], photos["hanks"]]
+    rc = cli.main(protect_args(images, out, url) + ["--passphrase-env", passphrase_env])
+
+    assert rc == 1, "one image failed"
+    got = results(out)
+    assert got["chelsea"]["status"] == "failed" and "no face found in image 0" in got["chelsea"]["error"]
+    for name in ("astronaut", "hanks"):
+        entry = got[name]
+        assert entry["status"] == "ok" and entry["server"] == url and entry["seconds"] > 0, entry
+        assert sorted(Path(p).name.split("_0")[0] for p in entry["outputs"]) == [f"{name}_face_mask",
+                                                                                 f"{name}_small"]
+        small = Image.open(out / next(p for p in entry["outputs"] if "_small_" in p))
+        assert small.size == (64, 64)
+        (key,) = entry["keys"]
+        key_bytes = (out / key).read_bytes()
+        assert key.startswith(f"{name}/{name}_") and key.endswith(".dpkey.safetensors")
+        assert PASSPHRASE.encode() not in key_bytes and b'"dtype":"F32"' not in key_bytes, "encrypted"
+        assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
+    assert PASSPHRASE not in requests.get(f"{url}/history", timeout=10).text, "prompts with it were deleted"
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.height == 2 * 128 and sheet.width > 3 * 64
+    assert "1 failed, 2 ok" in capsys.readouterr().out
+
+    # Recovery on a server we did not start: the key must be put there by hand first.
+    key = out / got["astronaut"]["keys"][0]
+    recovered = tmp_path / "recovered"
+    argv = ["recover", str(key), "--out", str(recovered), "--server", url, "--passphrase-env", passphrase_env,
+            "--workflow", str(WORKFLOWS / "recover.json")]
+    assert cli.main(argv) == 2
+    assert f"copy {key} into that server's models/diffprivacy_keys/" in capsys.readouterr().err
+    shutil.copy(key, comfy_host.base / "models" / "diffprivacy_keys" / key.name)
+    assert cli.main(argv) == 0
+    (entry,) = results(recovered).values()
+    (picture,) = entry["outputs"]
+    assert entry["status"] == "ok" and Image.open(recovered / picture).size == (64, 64)
+
+
+def test_missing_models_are_named_with_their_folders_and_sources(comfy_host, photos, tmp_path, capsys):
+    workflow = json.loads((WORKFLOWS / "protect.json").read_text())
+    workflow["ckpt"]["inputs"]["ckpt_name"] = "v1-5-pruned-emaonly.safetensors"
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps(workflow))
+    argv = protect_args([photos["astronaut"]], tmp_path / "out", comfy_host.server.url)
+    argv[argv.index("--workflow") + 1] = str(path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/v1-5-pruned-emaonly.safetensors" in err and "SD 1.5 model card" in err
+    assert "--demo-weights" in err
+    assert not (tmp_path / "out" / "summary.json").exists(), "nothing was queued"
+
+
+def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
+    server = start_host(base, test_models, face_models)
+    install_key_e(base)
+    return server
+
+
+def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, face_models, photos, comfy_host):
+    out = tmp_path / "out"
+    images = [photos[n] for n in ("astronaut", "hanks", "astronaut_mirrored")]
+    server = start_server(tmp_path / "comfy", test_models, face_models)
+    try:
+        thread, outcome = run_in_thread(protect_args(images, out, server.url, steps=SLOW_STEPS))
+        wait_for(lambda: ok_entries(out))
+        server.kill()
+        thread.join(120)
+    finally:
+        server.stop()
+    assert outcome["rc"] == 1
+    done = ok_entries(out)
+    unfinished = [n for n, e in results(out).items() if e["status"] == "failed"]
+    assert done and unfinished and len(done) + len(unfinished) == len(images)
+    assert all("stopped answering" in results(out)[n]["error"] for n in unfinished)
+    kept = {n: [(out / p).stat().st_mtime_ns for p in results(out)[n]["outputs"]] for n in done}
+
+    # The rerun (on the shared server: any server with the models will do) skips what is done.
+    install_key_e(comfy_host.base)
+    assert cli.main(protect_args(images, out, comfy_host.server.url, steps=SLOW_STEPS)) == 0
+    final = results(out)
+    assert {n for n, e in final.items() if e["status"] == "skipped"} == set(done)
+    assert {n for n, e in final.items() if e["status"] == "ok"} == set(unfinished)
+    assert kept == {n: [(out / p).stat().st_mtime_ns for p in final[n]["outputs"]] for n in done}
+
+
+def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path, test_models, face_models, photos,
+                                                                        comfy_host, capsys):
+    names = ["astronaut", "hanks", "astronaut_mirrored", "hanks_mirrored"]
+    install_key_e(comfy_host.base)
+    first = comfy_host.server
+    second = start_server(tmp_path / "b", test_models, face_models)
+    out = tmp_path / "out"
+    try:
+        thread, outcome = run_in_thread(protect_args([photos[n] for n in names], out, first.url, second.url,
+                                                     steps=SLOW_STEPS))
+        wait_for(lambda: ok_entries(out, second.url))
+        second.kill()
+        thread.join(300)
+    finally:
+        second.stop()
+    assert outcome["rc"] == 0
+    final = results(out)
+    assert all(final[n]["status"] == "ok" for n in names), final
+    servers = [final[n]["server"] for n in names]
+    assert second.url in servers and first.url in servers, "both took part"
+    assert re.search(rf"{second.url} stopped answering; [1-9] unfinished job", capsys.readouterr().out), \
+        "the first finished what the second left"
+
+
+@pytest.fixture
+def models_for_embedded(tmp_path, test_models) -> Path:
+    """A models folder of the user's for --models: the test checkpoint and key-E."""
+    models = tmp_path / "models"
+    rel = "checkpoints/dp-test-sd15.safetensors"
+    (models / rel).parent.mkdir(parents=True)
+    (models / rel).symlink_to(test_models / rel)
+    install_key_e(tmp_path)  # writes tmp_path/models/diffprivacy_keys
+    return models
+
+
+def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_path, models_for_embedded, photos,
+                                                                         passphrase_env):
+    models = models_for_embedded
+    out = tmp_path / "out"
+    common = ["--base", str(tmp_path / "base"), "--models", str(models), "--passphrase-env", passphrase_env]
+    assert cli.main(protect_args([photos["hanks"]], out) + common) == 0
+    entry = results(out)["hanks"]
+    for picture in entry["outputs"]:
+        assert not Image.open(out / picture).info, "--disable-metadata: no workflow (or passphrase) in the PNG"
+
+    # The embedded server gets the key copied into its keys folder; the user's file stays put.
+    key = out / entry["keys"][0]
+    argv = ["recover", str(key), "--out", str(tmp_path / "recovered"), "--workflow",
+            str(WORKFLOWS / "recover.json")] + common
+    assert cli.main(argv) == 0
+    assert (models / "diffprivacy_keys" / "diffpriv-cli" / key.name).read_bytes() == key.read_bytes()
+    assert results(tmp_path / "recovered")[key.name.split(".")[0]]["status"] == "ok"
+
+
+def test_cancel_withdraws_our_queued_and_running_prompts(comfy_host, photos):
+    install_key_e(comfy_host.base)
+    server = Server(comfy_host.server.url)
+    template = graphs.load_workflow(WORKFLOWS / "protect.json")
+    for name in ("astronaut", "hanks"):
+        uploaded = server.client.upload_image(photos[name])
+        server.submit(name, graphs.protect_graph(template, uploaded, name, steps=200))
+    prompt_ids = list(server.in_flight)
+    wait_for(lambda: any(e.value > 0 for e in server.poll(0.1) if isinstance(e, Progress)), timeout=120)
+    server.cancel_all()
+    wait_for(lambda: not any(server.client.get("/queue").values()), timeout=30)
+    first = server.client.history(prompt_ids[0])
+    assert first["status"]["status_str"] == "error", "interrupted mid-run"
+    assert server.client.history(prompt_ids[1]) is None, "never ran"
+
+
+def embedded_servers(base: Path) -> list[str]:
+    """Command lines of the ComfyUI processes running on this base directory."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if "main.py" in line and f"--base-directory {base}" in line]
+
+
+def test_a_terminated_command_stops_its_embedded_comfyui(tmp_path, models_for_embedded, photos):
+    base = tmp_path / "base"
+    argv = [sys.executable, "-m", "diffpriv_client.cli",
+            *protect_args([photos["hanks"]], tmp_path / "out", steps=SLOW_STEPS),
+            "--base", str(base), "--models", str(models_for_embedded)]
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: embedded_servers(base), timeout=180)
+    command.terminate()  # SIGTERM while the server is still starting up
+    assert command.wait(60) == 130, command.stdout.read()
+    assert not embedded_servers(base)
+
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = base / "comfyui.log"
+    wait_for(lambda: "got prompt" in log.read_text(), timeout=180)  # the batch is running
+    command.terminate()
+    assert command.wait(60) == 130, command.stdout.read()
+    assert not embedded_servers(base)

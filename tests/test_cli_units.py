@@ -1,0 +1,104 @@
+"""Server choice, summary bookkeeping and timing, without a server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from diffpriv_client.batch import prompt_seconds
+from diffpriv_client.cli import UsageError, key_stem, main, read_passphrase
+from diffpriv_client.servers import Server, choose_server
+from diffpriv_client.summary import Summary
+
+
+class FakeServer(Server):
+    """A Server whose queue length is set by the test, not read from /prompt."""
+
+    def __init__(self, url: str, queue: int | None, in_flight: int = 0, max_in_flight: int = 8):
+        super().__init__(url, max_in_flight=max_in_flight)
+        self.queue = queue
+        self.in_flight = {f"p{i}": object() for i in range(in_flight)}
+
+    def load(self) -> int:
+        if self.queue is None:
+            raise requests.ConnectionError("refused")
+        return self.queue + len(self.in_flight)
+
+
+def test_the_shortest_queue_wins_counting_our_own_prompts():
+    a, b, c = FakeServer("http://a", queue=3), FakeServer("http://b", queue=1, in_flight=1), FakeServer("http://c", 4)
+    assert choose_server([a, b, c]) is b  # 2 < 3 < 4
+    b.in_flight["p9"] = object()
+    b.in_flight["p10"] = object()
+    assert choose_server([a, b, c]) is a  # b now 4: a's 3 is shortest
+
+
+def test_ties_go_to_the_first_listed():
+    a, b = FakeServer("http://a", 0), FakeServer("http://b", 0)
+    assert choose_server([a, b]) is a
+
+
+def test_full_dead_and_silent_servers_are_passed_over():
+    full = FakeServer("http://full", 0, in_flight=2, max_in_flight=2)
+    dead = FakeServer("http://dead", 0)
+    dead.dead = True
+    silent = FakeServer("http://silent", None)
+    busy = FakeServer("http://busy", 50)
+    assert choose_server([full, dead, silent, busy]) is busy
+    assert choose_server([full, dead, silent]) is None
+
+
+def test_a_server_that_stays_unreachable_gives_its_jobs_back():
+    server = FakeServer("http://127.0.0.1:9", 0, in_flight=2)
+    server.dead_after_s = 0.0
+    (lost,) = server.poll(timeout=0.01)
+    assert len(lost.jobs) == 2 and server.dead and not server.in_flight
+
+
+def test_summary_resume_needs_ok_and_the_files(tmp_path):
+    out = tmp_path / "out"
+    summary = Summary(out, "protect")
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "a_1.png").write_bytes(b"png")
+    summary.record("a", tmp_path / "a.png", "ok", outputs=[out / "a" / "a_1.png"], seconds=1.23456, server="http://x")
+    summary.record("b", tmp_path / "b.png", "failed", error="no face found in image 0")
+    again = Summary(out, "protect")
+    assert again.is_done("a") and not again.is_done("b") and not again.is_done("c")
+    again.mark_skipped("a")
+    assert Summary(out, "protect").is_done("a"), "skipped stays done for the next run"
+    (out / "a" / "a_1.png").unlink()
+    assert not Summary(out, "protect").is_done("a")
+    saved = json.loads((out / "summary.json").read_text())["results"]
+    assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
+    assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [],
+                          "seconds": None, "server": None, "error": "no face found in image 0"}
+    assert not list(out.glob(".summary-*")), "no temporary file left behind"
+
+
+def test_prompt_seconds_is_execution_time_not_queue_time():
+    entry = {"status": {"messages": [["execution_start", {"timestamp": 10_000}],
+                                     ["execution_cached", {"timestamp": 10_100}],
+                                     ["execution_error", {"timestamp": 12_500}]]}}
+    assert prompt_seconds(entry) == 2.5
+    assert prompt_seconds({"status": {"messages": []}}) is None
+
+
+def test_key_stem():
+    assert key_stem(Path("out/photo/photo_00001.dpkey.safetensors")) == "photo_00001"
+    assert key_stem(Path("old.key.bin")) == "old.key"
+
+
+def test_demo_weights_need_the_embedded_server(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protect", "x.png", "--task", "anonymize", "--out", "o", "--demo-weights", "--server", "h:1"])
+    assert exit_info.value.code == 2 and "leave out --server" in capsys.readouterr().err
+
+
+def test_passphrase_comes_from_the_named_variable_only(monkeypatch):
+    monkeypatch.setenv("DP_UNIT_PW", "s3cret")
+    assert read_passphrase("DP_UNIT_PW") == "s3cret" and read_passphrase(None) == ""
+    monkeypatch.delenv("DP_UNIT_PW")
+    with pytest.raises(UsageError, match="DP_UNIT_PW is not set"):
+        read_passphrase("DP_UNIT_PW")
