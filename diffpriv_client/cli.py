@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
     recover.set_defaults(func=recover_command, task="recover")
 
+    sub.add_parser("eval", add_help=False,
+                   help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
+
     for p in (protect, recover):
         p.add_argument("--out", type=Path, required=True, help="output folder (DIR/<name>/, DIR/summary.json)")
         p.add_argument("--server", action="append", default=[], metavar="URL",
@@ -83,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # the evaluation toolkit has its own parser and needs no server
+        from diffpriv_core.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo_weights and args.server:

@@ -102,3 +102,12 @@ def test_passphrase_comes_from_the_named_variable_only(monkeypatch):
     monkeypatch.delenv("DP_UNIT_PW")
     with pytest.raises(UsageError, match="DP_UNIT_PW is not set"):
         read_passphrase("DP_UNIT_PW")
+
+
+def test_eval_subcommand_reaches_the_evaluation_toolkit(capsys):
+    from diffpriv_client.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--help"])
+    assert done.value.code == 0
+    assert "diffpriv eval" in capsys.readouterr().out
