@@ -13,13 +13,16 @@ def draw_thumbnail(ui: dict, path: Path) -> None:
     nodes = {n["id"]: n for n in ui["nodes"]}
     xs = [n["pos"][0] for n in nodes.values()]
     ys = [n["pos"][1] for n in nodes.values()]
-    span_x, span_y = max(xs) - min(xs) + 320, max(ys) - min(ys) + 200
+    span_x = max(xs) - min(xs) + max(n["size"][0] for n in nodes.values())
+    span_y = max(n["pos"][1] + n["size"][1] for n in nodes.values()) - min(ys)
     scale = min((SIZE[0] - 20) / span_x, (SIZE[1] - 20) / span_y)
 
+    left, top = (SIZE[0] - span_x * scale) / 2, (SIZE[1] - span_y * scale) / 2  # centred
+
     def box(node):
-        x = 10 + (node["pos"][0] - min(xs)) * scale
-        y = 10 + (node["pos"][1] - min(ys)) * scale
-        return x, y, x + 300 * scale, y + 120 * scale
+        x = left + (node["pos"][0] - min(xs)) * scale
+        y = top + (node["pos"][1] - min(ys)) * scale
+        return x, y, x + node["size"][0] * scale, y + node["size"][1] * scale
 
     image = Image.new("RGB", SIZE, (32, 34, 38))
     draw = ImageDraw.Draw(image)

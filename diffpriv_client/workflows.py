@@ -16,7 +16,7 @@ from pathlib import Path
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 LINK_TYPES_ARE_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_HEIGHT = 360, 260
+COLUMN_WIDTH, NODE_WIDTH, SLOT_HEIGHT, GAP = 380, 340, 24, 40
 
 
 def _inputs(info: dict) -> list[tuple[str, object, dict]]:
@@ -57,24 +57,23 @@ def _depths(api: dict) -> dict[str, int]:
 def api_to_ui(api: dict, object_info: dict) -> dict:
     """A UI-format workflow with the same graph, laid out left to right by depth."""
     depths = _depths(api)
-    rows: dict[int, int] = {}
+    column_bottom: dict[int, int] = {}
     nodes, links = {}, []
     for order, node_id in enumerate(sorted(api, key=lambda n: (depths[n], int(n)))):
         spec = api[node_id]
         info = object_info[spec["class_type"]]
         column = depths[node_id]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
         node = {
-            "id": int(node_id), "type": spec["class_type"], "pos": [column * COLUMN_WIDTH, row * ROW_HEIGHT],
-            "size": [320, 200], "flags": {}, "order": order, "mode": 0, "inputs": [],
+            "id": int(node_id), "type": spec["class_type"], "pos": [column * COLUMN_WIDTH, column_bottom.get(column, 0)],
+            "size": [NODE_WIDTH, 0], "flags": {}, "order": order, "mode": 0, "inputs": [],
             "outputs": [{"name": name, "type": kind, "links": [], "slot_index": i}
                         for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))],
             "properties": {"Node name for S&R": spec["class_type"]}, "widgets_values": [],
         }
         if spec.get("_meta", {}).get("title"):
             node["title"] = spec["_meta"]["title"]
-        for name, kind, options in _inputs(info):
+        inputs = _inputs(info)
+        for name, kind, options in inputs:
             value = spec["inputs"].get(name)
             if is_widget(kind) and not isinstance(value, list):
                 node["widgets_values"].append(value)
@@ -82,6 +81,10 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                     node["widgets_values"].append("fixed")
             elif not is_widget(kind):
                 node["inputs"].append({"name": name, "type": kind, "link": None})
+        # Tall enough for its sockets and widgets, stacked under the column's previous node.
+        rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+        node["size"][1] = SLOT_HEIGHT * (rows + 1)
+        column_bottom[column] = node["pos"][1] + node["size"][1] + GAP
         nodes[node_id] = node
     link_id = 0
     for node_id, spec in api.items():
