@@ -107,3 +107,14 @@ def test_the_shipped_recover_workflow_takes_the_key():
     g = graphs.recover_graph(template, "diffpriv-cli/k.dpkey.safetensors", "k", passphrase="pw")
     (load,) = graphs.nodes_of(g, "DiffPrivacyLoadKey")
     assert load["inputs"] == {"key_name": "diffpriv-cli/k.dpkey.safetensors", "passphrase": "pw"}
+
+
+def test_steps_reach_a_sampler_that_was_on_a_preset():
+    from diffpriv_client.graphs import load_workflow, nodes_of, set_steps
+    from diffpriv_client.workflows import WORKFLOWS_DIR
+
+    graph = load_workflow(WORKFLOWS_DIR / "api" / "hide.json")
+    set_steps(graph, 3)
+    (sampler,) = nodes_of(graph, "DiffPrivacyGuidedDDIMSampler")
+    assert sampler["inputs"]["preset"] == "custom"
+    assert (sampler["inputs"]["steps"], sampler["inputs"]["s_ns"], sampler["inputs"]["samples"]) == (3, 0.8, 1)
