@@ -85,7 +85,7 @@ def main() -> None:
                                "--steps", str(args.steps)], cwd=ROOT, capture_output=True, text=True, check=True)
         results[config] = json.loads(done.stdout.strip().splitlines()[-1])
     plain = results["plain"]["seconds"]
-    print(f"## Guided step vs plain step (Stage II)\n\n{args.size}x{args.size} px photo (the face about a sixth of its "
+    print(f"{args.size}x{args.size} px photo (the face about a sixth of its "
           f"width), test-size SD1.5 UNet with the real-size VAE, ArcFace-shaped test recogniser, CPU; mean over "
           f"{args.steps} steps after one warm-up step, each configuration in its own process.\n")
     print("| step | seconds | vs plain | peak memory (MiB) |\n|---|---|---|---|")

@@ -55,7 +55,7 @@ def main() -> None:
     vae_err = (reconstruction - photo).pow(2).mean().item()
     fn = conditioned_eps(eps, [key_e])
     grid = ddim_grid(args.steps)
-    print(f"## Inversion modes (key-I) and recovery\n\n{args.steps} DDIM steps, one {args.size}x{args.size} photo, "
+    print(f"{args.steps} DDIM steps, one {args.size}x{args.size} photo, "
           "test-size SD1.5 with random weights (the figures say how exactly recovery retraces the inversion, "
           f"nothing about picture quality). VAE encode/decode alone: pixel MSE vs photo {vae_err:.2e}.\n")
     print("| mode | refine | latent rel. MSE | pixel MSE vs VAE recon | pixel MSE vs photo | time vs ddim |")
