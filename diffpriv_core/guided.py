@@ -77,6 +77,7 @@ class IdentityGuidance:
     normalize: bool = False  # FreeDoM-style: lambda relative to the DDIM step's size
     diversity: bool = True  # anonymize: include L_div between the batch's samples
     crop_margin: float | None = None  # decode only the face box grown by this x its size
+    checkpoint_decoder: bool = False  # recompute decoder activations in backward: less memory, more time
 
     def target_for(self, index: int) -> FaceTarget | None:
         """The target of image ``index``; one reference image serves a whole batch."""

@@ -39,6 +39,9 @@ class MSITrainConfig:
     cosine: bool = False  # cosine decay after the warmup, down to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     mixed_precision: bool = False  # bf16 (fp16 where bf16 is missing) autocast; CUDA only
+    # Timesteps per forward/backward pass (0: all of a step's at once). Gradients are
+    # accumulated, so the update is the same; peak memory is that of one micro-batch.
+    micro_batch: int = 0
     flip: bool = True
     seed: int = 0
     shape: MSIShape = field(default_factory=MSIShape)
@@ -49,8 +52,10 @@ PRESETS = {
     "faithful": MSITrainConfig(),
     # Same number of (image, t) samples in a tenth of the steps: each step covers all ten
     # stages, encodings are computed once per flip, a larger warmed-up cosine-decayed lr.
+    # Two timesteps per pass: ten 512 px UNet passes with their backward at once need far
+    # more memory than a consumer GPU (or 24 GB of RAM on a CPU) has.
     "fast": MSITrainConfig(steps=600, lr=1e-3, stratified=True, reuse_encodings=True,
-                           warmup_steps=30, cosine=True, mixed_precision=True),
+                           warmup_steps=30, cosine=True, mixed_precision=True, micro_batch=2),
 }
 
 
@@ -170,18 +175,23 @@ def train_msi(image: torch.Tensor, host: MSIHost, config: MSITrainConfig,
             mean, std, feats = encodings(flipped)
             t = sample_timesteps(config, generator)
             z_t, noise = _noised(mean, std, t, host.alphas, generator)
-            with autocast:
-                loss = _eq7(msi, feats, host, z_t, t.to(device), noise)
             optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            size = config.micro_batch or t.shape[0]
+            for part in range(0, t.shape[0], size):
+                chunk = slice(part, part + size)
+                with autocast:  # each part's mean, weighted: the sum is the whole batch's mean
+                    part_loss = _eq7(msi, feats, host, z_t[chunk], t[chunk].to(device), noise[chunk])
+                    part_loss = part_loss * (z_t[chunk].shape[0] / t.shape[0])
+                (part_loss if scaler is None else scaler.scale(part_loss)).backward()
+                loss += float(part_loss.detach())
             if scaler is None:
-                loss.backward()
                 optimizer.step()
             else:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             if callback is not None:
                 callback(step + 1, config.steps, losses[-1])
             if probe is not None:

@@ -1,8 +1,11 @@
 """ComfyUI objects as the core's protocols (see diffpriv_core/adapters/protocols.py)."""
 from __future__ import annotations
 
+import functools
+
 import comfy.model_management
 import torch
+import torch.utils.checkpoint
 
 from diffpriv_core.keys import model_fingerprint
 
@@ -63,12 +66,24 @@ class ComfyDecoder:
     [0, 1]) and may fall back to a tiled path that runs under inference mode.
     """
 
-    def __init__(self, vae, latent_format):
+    def __init__(self, vae, latent_format, checkpointed: bool = False):
         self.vae = vae
-        self.network = autograd_copy(vae.first_stage_model)
+        self.network = autograd_copy(vae.first_stage_model, private=checkpointed)
         self.latent_format = latent_format
+        if checkpointed:
+            checkpoint_blocks(self.network.decoder)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         raw = self.latent_format.process_out(z).to(self.vae.device, self.vae.vae_dtype)
         image = self.network.decode(raw).float()
         return ((image + 1.0) / 2.0).movedim(1, -1)
+
+
+def checkpoint_blocks(network: torch.nn.Module, block_class: str = "ResnetBlock") -> None:
+    """Gradient checkpointing of a private module copy: each residual block keeps only its
+    input and recomputes its activations during backward (the VAE decoder's activations at
+    full resolution are what fills memory in the guidance step)."""
+    for module in network.modules():
+        if type(module).__name__ == block_class:
+            forward = module.forward
+            module.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)

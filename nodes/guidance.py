@@ -101,6 +101,9 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip leaves that image unguided and logs its index"),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="recompute the VAE decoder's activations in the backward pass: much less "
+                                         "memory on large images, somewhat slower"),
             ],
             outputs=[Guidance.Output(display_name="guidance"),
                      io.Image.Output(display_name="aligned_faces",
@@ -109,7 +112,7 @@ class IdentityGuidanceNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
-                face_index, min_score, on_no_face) -> io.NodeOutput:
+                face_index, min_score, on_no_face, gradient_checkpointing=False) -> io.NodeOutput:
         if image.shape[0] == 0:
             raise ValueError("Identity Guidance got an empty image batch")
         paper = PAPER_LAMBDAS[mode]
@@ -133,7 +136,8 @@ class IdentityGuidanceNode(io.ComfyNode):
             embedder=face_model, mode=mode, targets=tuple(targets),
             lambdas=LambdaSchedule(paper.early * lambda_scale, paper.late * lambda_scale, paper.switch_t),
             normalize=normalize_gradient, diversity=diversity,
-            crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None)
+            crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
+            checkpoint_decoder=gradient_checkpointing)
         return io.NodeOutput(guidance, aligned.detach())
 
 

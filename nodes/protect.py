@@ -60,7 +60,8 @@ class ProtectionCorrection:
         target = self.guidance.target_for(self.index) if self.guidance is not None else None
         if target is not None and not self.guidance.lambdas.is_off:
             self.guidance.embedder.to(model.latent_image.device)
-            decoder = self.decoders.get(model.inner_model.inner_model.latent_format)
+            decoder = self.decoders.get(model.inner_model.inner_model.latent_format,
+                                        self.guidance.checkpoint_decoder)
             identity = IdentityCorrection(self.guidance, target, decoder, grid)
         background = None
         if self.mask is not None:
@@ -73,12 +74,12 @@ class DecoderCache:
 
     def __init__(self, vae):
         self.vae = vae
-        self.decoder = None
+        self.decoders: dict[bool, ComfyDecoder] = {}
 
-    def get(self, latent_format) -> ComfyDecoder:
-        if self.decoder is None:
-            self.decoder = ComfyDecoder(self.vae, latent_format)
-        return self.decoder
+    def get(self, latent_format, checkpointed: bool = False) -> ComfyDecoder:
+        if checkpointed not in self.decoders:
+            self.decoders[checkpointed] = ComfyDecoder(self.vae, latent_format, checkpointed)
+        return self.decoders[checkpointed]
 
 
 def conditioning_row(conditioning: list, index: int) -> list:

@@ -1,11 +1,15 @@
 """Stage II end to end in the real host: anonymize and hide through /prompt."""
 from __future__ import annotations
 
+import functools
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 import make_face_models
+import make_models
 from diffpriv_core.energy import cosines_to
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import detect_faces
@@ -30,7 +34,8 @@ def photo(comfy_host, astronaut):
     return small, comfy_host.upload(small, "protect.png")
 
 
-def protect_graph(image: str, mode: str, samples: int, lambda_scale: float, seed: int = 3) -> dict:
+def protect_graph(image: str, mode: str, samples: int, lambda_scale: float, seed: int = 3,
+                  checkpointing: bool = False) -> dict:
     g = base_graph()
     add(g, "img", "LoadImage", image=image)
     add(g, "enc", "VAEEncode", pixels=["img", 0], vae=["ckpt", 2])
@@ -39,7 +44,7 @@ def protect_graph(image: str, mode: str, samples: int, lambda_scale: float, seed
     add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["img", 0], mode=mode,
         lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
-        face_index=0, min_score=0.9, on_no_face="error")
+        face_index=0, min_score=0.9, on_no_face="error", gradient_checkpointing=checkpointing)
     add(g, "sample", "DiffPrivacyGuidedDDIMSampler", model=["ckpt", 0], vae=["ckpt", 2], positive=["sched", 0],
         latent=["enc", 0], preset="custom", s_ns=S_NS, steps=STEPS, samples=samples, seed=seed,
         guidance=["guide", 0])
@@ -81,7 +86,26 @@ def test_anonymize_lowers_identity_similarity(comfy_host, photo, face_models):
 
 def test_hide_raises_identity_similarity(comfy_host, photo, face_models):
     original, name = photo
-    guided, keys = run_outputs(comfy_host, protect_graph(name, "hide", samples=1, lambda_scale=50.0))
+    guided, keys = run_outputs(comfy_host, protect_graph(name, "hide", samples=1, lambda_scale=50.0,
+                                                         checkpointing=True))
     unguided, _ = run_outputs(comfy_host, protect_graph(name, "hide", samples=1, lambda_scale=0.0))
     assert len(guided) == 1 and len(keys) == 1
     assert identity_cosines(face_models, original, guided)[0] > identity_cosines(face_models, original, unguided)[0]
+
+
+def test_a_checkpointed_decoder_gives_the_same_gradient_and_leaves_the_host_vae_alone(comfy_inproc, test_models):
+    adapters = importlib.import_module("diffprivacy_pack.nodes.adapters")
+    model, _clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / make_models.CHECKPOINT))[:3]
+    latent_format = model.get_model_object("latent_format")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        decoder = adapters.ComfyDecoder(vae, latent_format, checkpointed)
+        with torch.enable_grad():
+            leaf = z.clone().requires_grad_(True)
+            decoder(leaf).square().mean().backward()
+        grads.append(leaf.grad)
+        blocks = [m for m in decoder.network.decoder.modules() if type(m).__name__ == "ResnetBlock"]
+        assert blocks and all(isinstance(m.forward, functools.partial) == checkpointed for m in blocks)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert not any(isinstance(m.forward, functools.partial) for m in vae.first_stage_model.modules())

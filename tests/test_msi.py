@@ -283,3 +283,15 @@ def test_only_openai_vit_l14_is_accepted():
     for wrong in (("clip", 1280, 32, 14), ("siglip", 1024, 24, 14), ("Dinov2Model", 1024, 24, 14), ("clip", 768, 12, 32)):
         with pytest.raises(ValueError, match="OpenAI CLIP ViT-L/14 .*hidden size 1024, 24 layers"):
             check_vit_l14(*wrong)
+
+
+def test_micro_batches_give_the_same_training():
+    """Gradient accumulation over micro-batches is the same update as the whole batch
+    (dropout off: its masks are drawn per pass)."""
+    host, _ = toy_host.toy_host()
+    shape = dataclasses.replace(toy_host.SHAPE, dropout=0.0)
+    whole = train_msi(image(), host, preset("fast", steps=5, micro_batch=0, shape=shape))
+    parts = train_msi(image(), host, preset("fast", steps=5, micro_batch=3, shape=shape))
+    assert whole.losses == pytest.approx(parts.losses, rel=1e-5)
+    assert torch.allclose(whole.key.stages, parts.key.stages, atol=1e-5)
+    assert whole.key.stages.abs().max() > 0
