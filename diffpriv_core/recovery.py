@@ -47,6 +47,14 @@ def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps:
     return [KeyI(zi.cpu(), steps, mode, refine, dict(meta)) for zi in z]
 
 
+def check_checkpoint(meta: dict[str, str], fingerprint: str | None, what: str) -> None:
+    """Refuse a key made with another checkpoint than the one whose UNet has ``fingerprint``."""
+    made_with = meta.get("checkpoint")
+    if fingerprint and made_with and made_with != fingerprint:
+        raise KeyMismatchError(f"this {what} was made with another checkpoint (fingerprint {made_with}); the "
+                               f"loaded model's is {fingerprint}. Load the checkpoint the key was made with.")
+
+
 def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
     """The step count a batch of key-Is share; refuses keys this model or pack cannot recover."""
     steps = {k.steps for k in keys_i}
@@ -54,10 +62,7 @@ def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
         raise KeyMismatchError("the key-Is of one batch must share step count and size; recover them separately")
     grid = ddim_grid(steps.pop())
     for k in keys_i:
-        made_with = k.meta.get("checkpoint")
-        if fingerprint and made_with and made_with != fingerprint:
-            raise KeyMismatchError(f"this key-I was made with another checkpoint (fingerprint {made_with}); the "
-                                   f"loaded model's is {fingerprint}. Load the checkpoint the key was made with.")
+        check_checkpoint(k.meta, fingerprint, "key-I")
         if k.meta.get("grid", grid.describe()) != grid.describe():
             raise KeyMismatchError(f"this key-I was made on another timestep grid ({k.steps} steps); "
                                    "it cannot be recovered with this version of the pack")

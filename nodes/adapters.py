@@ -41,7 +41,9 @@ class ComfyEpsModel:
         x0 = self.base.apply_model(x, sigma, c_crossattn=cond.to(self.device))
         return ((x - x0.float()) / s).to(z_t.device)
 
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """Of the UNet's weights, computed once per node run (keys and checks all need it)."""
         return model_fingerprint(self.base.diffusion_model.state_dict().items())
 
     def to_z(self, samples: torch.Tensor) -> torch.Tensor:
@@ -50,13 +52,6 @@ class ComfyEpsModel:
 
     def to_samples(self, z: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_out(z.float().cpu())
-
-
-def check_multiple_of_8(height: int, width: int, what: str = "image") -> None:
-    if height % 8 or width % 8:
-        raise ValueError(f"the {what} is {width}x{height}; Stable Diffusion needs sides divisible by 8 "
-                         f"(crop or resize it, e.g. with ImageScale, to {width // 8 * 8}x{height // 8 * 8})")
-
 
 
 class ComfyDecoder:

@@ -13,7 +13,7 @@ from diffpriv_core import ddim
 from diffpriv_core.guided import PRESETS, IdentityCorrection, KeepOutsideMask, chain
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 
-from .adapters import ComfyDecoder, check_multiple_of_8
+from .adapters import ComfyDecoder
 from .types import Guidance
 
 
@@ -132,7 +132,6 @@ class GuidedDDIMSampler(io.ComfyNode):
         originals = latent["samples"]
         if originals.shape[0] == 0:
             raise ValueError("Guided DDIM Sampler got an empty latent batch")
-        check_multiple_of_8(originals.shape[-2] * 8, originals.shape[-1] * 8, "latent's image")
         if preset in PRESETS:
             s_ns, steps, samples = PRESETS[preset].strength, PRESETS[preset].steps, PRESETS[preset].batch
         sigmas = ddim_grid(steps).tail(s_ns).sigmas().float()

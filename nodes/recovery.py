@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core.recovery import MODES, make_key_i, recover
+from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
 
 from .adapters import ComfyEpsModel
 from .host import Progress
@@ -21,14 +21,6 @@ def _per_image(keys: list, batch: int, what: str) -> list:
     if len(keys) != batch:
         raise ValueError(f"{len(keys)} {what}s for a batch of {batch}: give one per image, or a single one for all")
     return list(keys)
-
-
-def _check_key_e(eps: ComfyEpsModel, keys_e: list) -> None:
-    for k in keys_e:
-        made_with = k.meta.get("checkpoint")
-        if made_with and made_with != eps.fingerprint():
-            raise ValueError(f"this key-E was made with another checkpoint (fingerprint {made_with}); the loaded "
-                             f"model's is {eps.fingerprint()}. Load the checkpoint the key was made with.")
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -60,8 +52,9 @@ class DDIMInversionKey(io.ComfyNode):
             raise ValueError("DDIM Inversion Key got an empty latent batch")
         keys_e = _per_image(key_e, samples.shape[0], "key-E")
         eps = ComfyEpsModel(model)
-        _check_key_e(eps, keys_e)
-        meta = {"checkpoint": eps.fingerprint(), "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
+        for k in keys_e:
+            check_checkpoint(k.meta, eps.fingerprint, "key-E")
+        meta = {"checkpoint": eps.fingerprint, "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
         keys_i = make_key_i(eps, eps.to_z(samples), keys_e, steps, mode, refine_iterations, meta,
                             callback=Progress(steps).step)
         return io.NodeOutput(keys_i)
@@ -87,5 +80,5 @@ class Recover(io.ComfyNode):
                              "DDIM Inversion Key); save key-E and key-I together to recover")
         keys_e = _per_image(key_e, len(key_i), "key-E")
         eps = ComfyEpsModel(model)
-        z = recover(eps, key_i, keys_e, eps.fingerprint(), callback=Progress(key_i[0].steps).step)
+        z = recover(eps, key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
         return io.NodeOutput({"samples": eps.to_samples(z)})
