@@ -2,6 +2,8 @@
 
     diffpriv protect photo.jpg --task anonymize --out out/
     diffpriv recover out/photo/photo_00001.dpkey.safetensors --out recovered/
+    diffpriv protect group.jpg --task anonymize --every-face --out out/
+    diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
 
 With ``--server URL`` (repeatable) it uses running ComfyUI servers; without, it starts
 the embedded ComfyUI headless for the run. It never imports ComfyUI itself.
@@ -59,10 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--task", choices=["anonymize", "hide"], required=True)
     protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
     protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
+    protect.add_argument("--every-face", action="store_true",
+                         help="protect every face of each photo, one key per face, the rest of the photo untouched "
+                              "(default workflow: workflows/api/<task>_faces.json)")
     protect.set_defaults(func=protect_command)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
+    recover.add_argument("--photo", type=Path,
+                         help="keys made with --every-face: the protected photo to put each recovered face back "
+                              "into (default workflow: workflows/api/recover_face.json); one output per key")
     recover.set_defaults(func=recover_command, task="recover")
 
     sub.add_parser("eval", add_help=False,
@@ -140,11 +148,14 @@ def recover_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
 
+    if args.photo is not None and not args.photo.is_file():
+        raise UsageError(f"--photo {args.photo} is not a file")
+
     def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
         # Resolved on every server up front, so a missing key stops the run before any compute.
         key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
                      for server in conn.servers}
-        return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase))
+        return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase, args.photo))
                 for name, path in todo.items()]
 
     return run_command(args, unique_names(args.keys, key_stem), template, jobs, passphrase)
@@ -165,8 +176,10 @@ def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps
     return graphs.protect_graph(template, uploaded, name, passphrase, seed=seed, steps=steps)
 
 
-def _recover_graph(template, key_names: dict, name: str, passphrase: str, client: ComfyClient) -> dict:
-    return graphs.recover_graph(template, key_names[client.base_url][name], name, passphrase)
+def _recover_graph(template, key_names: dict, name: str, passphrase: str, photo: Path | None,
+                   client: ComfyClient) -> dict:
+    uploaded = client.upload_image(photo, subfolder=graphs.OUTPUT_PREFIX) if photo is not None else None
+    return graphs.recover_graph(template, key_names[client.base_url][name], name, passphrase, uploaded)
 
 
 def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
@@ -177,13 +190,22 @@ def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
 
 # --- pieces --------------------------------------------------------------------------
 def load_template(args) -> dict:
-    template = graphs.load_workflow(args.workflow or graphs.default_workflow(args.task))
+    template = graphs.load_workflow(args.workflow or graphs.default_workflow(workflow_name(args)))
     if args.demo_weights:
         from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
 
         graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
         graphs.set_face_recognizer(template, ARCFACE_ONNX)
     return template
+
+
+def workflow_name(args) -> str:
+    """The shipped workflow for what was asked: per task, per face, or a face back into a photo."""
+    if getattr(args, "every_face", False):
+        return f"{args.task}_faces"
+    if getattr(args, "photo", None) is not None:
+        return "recover_face"
+    return args.task
 
 
 def unique_names(paths: list[Path], name_of) -> dict[str, Path]:

@@ -141,8 +141,11 @@ def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = 
     return graph
 
 
-def recover_graph(template: dict, key_name: str, stem: str, passphrase: str = "") -> dict:
+def recover_graph(template: dict, key_name: str, stem: str, passphrase: str = "", image_name: str | None = None) -> dict:
+    """The template for one key; ``image_name``: the uploaded photo a recovered face goes back into."""
     graph = copy.deepcopy(template)
     set_key_input(graph, key_name, passphrase)
+    if image_name is not None:
+        set_input_image(graph, image_name)
     set_image_prefixes(graph, stem)
     return graph

@@ -45,6 +45,7 @@ class Summary:
             "status": status,
             "outputs": [self._relative(p) for p in outputs],
             "keys": [self._relative(p) for p in keys],
+            "faces": [dict(face, key=self._relative(p)) for p in keys if (face := key_face(p)) is not None],
             "seconds": None if seconds is None else round(seconds, 3),
             "server": server,
             "error": error,
@@ -67,6 +68,18 @@ class Summary:
 
     def _relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.out_dir))
+
+
+def key_face(path: Path) -> dict | None:
+    """The face a per-face key belongs to ({"face": index, "box": [x1, y1, x2, y2]}), read
+    from the key file's public metadata (no tensors loaded); None for a whole-image key."""
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    crop = json.loads(header["__metadata__"]["diffprivacy"]).get("face_crop")
+    if crop is None:
+        return None
+    crop = json.loads(crop)
+    return {"face": crop["face_index"], "box": [round(v, 1) for v in crop["face_box"]]}
 
 
 def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | None:

@@ -1,5 +1,5 @@
 """Thin ComfyUI adapters over diffpriv_core."""
-from .faces import FaceDetect
+from .faces import FaceCrop, FaceDetect, FacePaste
 from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
 from .msi import MSIInversion
@@ -17,6 +17,8 @@ NODES = [
     SavePrivacyKey,
     LoadPrivacyKey,
     FaceDetect,
+    FaceCrop,
+    FacePaste,
     FaceRecognizerLoader,
     IdentityGuidanceNode,
 ]

@@ -1,14 +1,16 @@
-"""Face detection nodes."""
+"""Face nodes: detect every face, crop each for protection, paste the results back."""
 from __future__ import annotations
 
 import logging
 
 import torch
 from comfy_api.v0_0_2 import io
+from comfy_execution.graph_utils import ExecutionBlocker
 
+from diffpriv_core.faces.crop import crop_faces, paste_faces, plan_crops
 from diffpriv_core.faces.detect import NoFaceError, box_mask, detect_faces
 
-from .types import Faces
+from .types import FaceCrops, Faces
 
 log = logging.getLogger("diffprivacy")
 
@@ -56,3 +58,66 @@ class FaceDetect(io.ComfyNode):
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; passed through", missing)
         return io.NodeOutput(per_image, torch.stack(masks))
+
+
+class FaceCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyFaceCrop",
+            display_name="Face Crop (Diff-Privacy)",
+            category="Diff-Privacy/faces",
+            description="Cuts a square around every detected face, resized to the working resolution, as one "
+                        "batch (photo by photo, largest face first). Each crop is then protected with its own key.",
+            inputs=[
+                io.Image.Input("image"),
+                Faces.Input("faces", tooltip="from Face Detect on the same image"),
+                io.Int.Input("size", default=512, min=64, max=2048, step=8,
+                             tooltip="the crops' side: the resolution the model works at (512 for SD 1.5)"),
+                io.Float.Input("margin", default=0.5, min=0.0, max=2.0, step=0.05,
+                               tooltip="context around the face, as a fraction of the face's size on each side"),
+            ],
+            outputs=[io.Image.Output(display_name="crops"), FaceCrops.Output(display_name="crop_info")],
+        )
+
+    @classmethod
+    def execute(cls, image, faces, size, margin) -> io.NodeOutput:
+        if len(faces) != image.shape[0]:
+            raise ValueError(f"Face Crop got {image.shape[0]} images but faces for {len(faces)}: "
+                             "connect the Face Detect that ran on this image")
+        crops = plan_crops(faces, image.shape[1], image.shape[2], size, margin)
+        if not crops:
+            # Face Detect let the photos through (on_no_face=skip): nothing downstream runs,
+            # so no key or protected image is written for a photo with nothing to protect.
+            log.warning("Diff-Privacy: no face in any image; nothing to protect")
+            return io.NodeOutput(ExecutionBlocker(None), ExecutionBlocker(None))
+        return io.NodeOutput(crop_faces(image, crops), crops)
+
+
+class FacePaste(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyFacePaste",
+            display_name="Face Paste (Diff-Privacy)",
+            category="Diff-Privacy/faces",
+            description="Puts processed face crops back into their photo under a feathered, face-shaped mask; "
+                        "every pixel outside the mask stays exactly as it was. With several candidates per "
+                        "face, gives one photo per candidate.",
+            inputs=[
+                io.Image.Input("image", tooltip="the photo(s) the crops were cut from (or the protected photo, "
+                                                "to put a recovered face back)"),
+                io.Image.Input("faces", tooltip="the processed crops: N per crop, in the sampler's order"),
+                FaceCrops.Input("crop_info", tooltip="from Face Crop, or from Load Privacy Key"),
+                io.Float.Input("feather", default=0.2, min=0.0, max=1.0, step=0.05,
+                               tooltip="width of the soft edge, as a fraction of the face ellipse's size"),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, image, faces, crop_info, feather) -> io.NodeOutput:
+        if not crop_info:
+            raise ValueError("Face Paste got no crop geometry: the key was made from a whole image, not from a "
+                             "Face Crop, so there is nothing to paste into")
+        return io.NodeOutput(*paste_faces(image, faces, crop_info, feather))

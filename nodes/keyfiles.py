@@ -6,11 +6,13 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io
 
+from diffpriv_core.faces.crop import FaceCrop
 from diffpriv_core.keys import load_key, next_key_path, safe_join, save_key
 
-from .types import KeyE, KeyI
+from .types import FaceCrops, KeyE, KeyI
 
 KEYS_FOLDER = "diffprivacy_keys"
+CROP_META = "face_crop"  # key metadata: where the key's face sits in its photo (Face Crop)
 # Merge into (never overwrite) the folder list, so extra_model_paths.yaml entries stay.
 folder_paths.add_model_folder_path(KEYS_FOLDER, os.path.join(folder_paths.models_dir, KEYS_FOLDER), is_default=True)
 
@@ -38,28 +40,46 @@ class SavePrivacyKey(io.ComfyNode):
                                        "output folder, downloadable through /view like images"),
                 io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
                 KeyI.Input("key_i", optional=True),
+                FaceCrops.Input("crop_info", optional=True,
+                                tooltip="from Face Crop: each key records its face's place in the photo, so "
+                                        "Recover + Face Paste can put that face back; files are named _face<N>"),
             ],
             outputs=[io.String.Output(display_name="paths")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None) -> io.NodeOutput:
+    def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None, crop_info=None) -> io.NodeOutput:
         if not key_e:
             raise ValueError("Save Privacy Key got an empty key-E list")
         if key_i is not None and len(key_i) != len(key_e) and len(key_e) != 1:
             raise ValueError(f"{len(key_e)} key-Es and {len(key_i)} key-Is: give one key-E per key-I, or one for all")
         count = len(key_i) if key_i else len(key_e)
+        if crop_info is not None and len(crop_info) != count:
+            raise ValueError(f"{len(crop_info)} face crops for {count} keys: connect the Face Crop whose crops "
+                             "made these keys")
         root = folder_paths.get_output_directory() if folder == "output" else _keys_dir()
         written, records = [], []
         for b in range(count):
-            path = next_key_path(root, filename_prefix)
-            save_key(path, key_e[b if len(key_e) > 1 else 0], key_i[b] if key_i else None, passphrase or None)
+            crop = crop_info[b] if crop_info is not None else None
+            path = next_key_path(root, face_key_prefix(filename_prefix, crop, crop_info))
+            save_key(path, key_e[b if len(key_e) > 1 else 0], key_i[b] if key_i else None, passphrase or None,
+                     extra={CROP_META: crop.to_json()} if crop is not None else None)
             written.append(str(path))
             rel = os.path.relpath(path, root)
             records.append({"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),
                             "type": "output" if folder == "output" else KEYS_FOLDER})
         return io.NodeOutput("\n".join(written), ui={"diffprivacy_keys": records})
+
+
+def face_key_prefix(prefix: str, crop: FaceCrop | None, crops: list[FaceCrop] | None) -> str:
+    """``prefix``, or ``prefix_face<N>`` (``prefix_image<B>_face<N>`` when the crops come from
+    several photos), so each face's key is found by its face index."""
+    if crop is None:
+        return prefix
+    if len({c.image_index for c in crops}) > 1:
+        return f"{prefix}_image{crop.image_index}_face{crop.face_index}"
+    return f"{prefix}_face{crop.face_index}"
 
 
 class LoadPrivacyKey(io.ComfyNode):
@@ -74,7 +94,10 @@ class LoadPrivacyKey(io.ComfyNode):
                 io.Combo.Input("key_name", options=folder_paths.get_filename_list(KEYS_FOLDER)),
                 io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
             ],
-            outputs=[KeyE.Output(display_name="key_e"), KeyI.Output(display_name="key_i")],
+            outputs=[KeyE.Output(display_name="key_e"), KeyI.Output(display_name="key_i"),
+                     FaceCrops.Output(display_name="crop_info",
+                                      tooltip="where the key's face sits in its photo, for Face Paste (empty for "
+                                              "a key made from a whole image)")],
         )
 
     @classmethod
@@ -83,6 +106,7 @@ class LoadPrivacyKey(io.ComfyNode):
         for folder in folders:
             path = safe_join(folder, key_name)
             if path.is_file():
-                key_e, key_i, _meta = load_key(path, passphrase or None)
-                return io.NodeOutput([key_e], [key_i] if key_i is not None else [])
+                key_e, key_i, meta = load_key(path, passphrase or None)
+                crops = [FaceCrop.from_json(meta[CROP_META])] if CROP_META in meta else []
+                return io.NodeOutput([key_e], [key_i] if key_i is not None else [], crops)
         raise FileNotFoundError(f"key file {key_name!r} not found in {', '.join(folders)}")

@@ -8,9 +8,10 @@ import pytest
 import requests
 
 from diffpriv_client.batch import prompt_seconds
-from diffpriv_client.cli import UsageError, key_stem, main, read_passphrase
+from diffpriv_client.cli import UsageError, build_parser, key_stem, main, read_passphrase, workflow_name
+from diffpriv_client.graphs import default_workflow
 from diffpriv_client.servers import Server, choose_server
-from diffpriv_client.summary import Summary
+from diffpriv_client.summary import Summary, key_face
 
 
 class FakeServer(Server):
@@ -72,7 +73,7 @@ def test_summary_resume_needs_ok_and_the_files(tmp_path):
     assert not Summary(out, "protect").is_done("a")
     saved = json.loads((out / "summary.json").read_text())["results"]
     assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
-    assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [],
+    assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
                           "seconds": None, "server": None, "error": "no face found in image 0"}
     assert not list(out.glob(".summary-*")), "no temporary file left behind"
 
@@ -111,3 +112,28 @@ def test_eval_subcommand_reaches_the_evaluation_toolkit(capsys):
         main(["eval", "--help"])
     assert done.value.code == 0
     assert "diffpriv eval" in capsys.readouterr().out
+
+
+def test_the_default_workflow_follows_task_faces_and_photo(tmp_path):
+    parse = build_parser().parse_args
+    photo = tmp_path / "p.png"
+    cases = {("protect", "a.png", "--task", "hide", "--out", "o"): "hide",
+             ("protect", "a.png", "--task", "anonymize", "--every-face", "--out", "o"): "anonymize_faces",
+             ("recover", "k.dpkey.safetensors", "--out", "o"): "recover",
+             ("recover", "k.dpkey.safetensors", "--photo", str(photo), "--out", "o"): "recover_face"}
+    for argv, name in cases.items():
+        assert workflow_name(parse(list(argv))) == name
+        assert default_workflow(name).is_file(), name
+
+
+def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
+    from diffpriv_core.faces.crop import FaceCrop
+    from diffpriv_core.keys import save_key
+    from test_host_recovery import random_key_e
+
+    crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25))
+    face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
+    save_key(face_key, random_key_e(1), passphrase="pw", extra={"face_crop": crop.to_json()})
+    save_key(whole_key, random_key_e(1))
+    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2]}
+    assert key_face(whole_key) is None

@@ -1,0 +1,155 @@
+"""Every face of a photo: square crops at the working resolution, and pasting processed
+crops back under a feathered, face-shaped mask.
+
+The paper works on aligned face crops; photos have many faces at any size. A crop is a
+square around one detected face (grown by a margin), resized to the resolution the
+diffusion model works at. Its geometry travels with the face's key, so a recovered face
+can be pasted back into the photo it came from. Pixels outside the mask are never touched:
+pasting leaves them bit-identical.
+
+Images are ComfyUI IMAGE tensors: [B, H, W, C] float in [0, 1].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .detect import Face
+
+# The mask replaces an ellipse around the face box, a little wider than the box and taller
+# (MTCNN's box runs from the brows to the chin; the hairline and jaw belong to the identity).
+MASK_WIDTH, MASK_HEIGHT = 1.1, 1.25
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    """Where one face's crop came from: enough to paste it back into its photo."""
+
+    image_index: int  # which photo of the batch
+    face_index: int  # which face of that photo (0 = largest)
+    source_size: tuple[int, int]  # the photo's (height, width)
+    box: tuple[int, int, int]  # the square's top-left x, y and side, in photo pixels (may overhang the photo)
+    size: int  # the crop's side after resizing: the working resolution
+    face_box: tuple[float, float, float, float]  # the detected face, x1, y1, x2, y2 in photo pixels
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "FaceCrop":
+        try:
+            d = json.loads(text)
+            return cls(int(d["image_index"]), int(d["face_index"]), tuple(int(v) for v in d["source_size"]),
+                       tuple(int(v) for v in d["box"]), int(d["size"]), tuple(float(v) for v in d["face_box"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"unreadable face crop geometry {text!r}: {exc}") from None
+
+
+def plan_crop(face: Face, image_index: int, face_index: int, height: int, width: int, size: int,
+              margin: float) -> FaceCrop:
+    """The square around ``face``: the face box's longer side grown by ``margin`` of it on
+    each side, centred on the box."""
+    if size % 8 or size < 8:
+        raise ValueError(f"the crop size must be a multiple of 8 (the VAE's factor), got {size}")
+    x1, y1, x2, y2 = face.box
+    side = max(8, round(max(x2 - x1, y2 - y1) * (1 + 2 * margin)))
+    x0, y0 = round((x1 + x2 - side) / 2), round((y1 + y2 - side) / 2)
+    return FaceCrop(image_index, face_index, (height, width), (x0, y0, side), size, tuple(face.box))
+
+
+def plan_crops(faces_per_image: list[list[Face]], height: int, width: int, size: int, margin: float) -> list[FaceCrop]:
+    return [plan_crop(face, b, k, height, width, size, margin)
+            for b, faces in enumerate(faces_per_image) for k, face in enumerate(faces)]
+
+
+def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
+    """[N, H, W, C] -> [N, side, side, C], antialiased (crops shrink by large factors)."""
+    x = images.movedim(-1, 1)
+    x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+    return x.movedim(1, -1).clamp(0, 1)
+
+
+def crop_faces(images: torch.Tensor, crops: list[FaceCrop]) -> torch.Tensor:
+    """[N, size, size, C]: each crop cut out of its photo and resized. Where the square
+    overhangs the photo, the edge pixels are repeated (a plausible image for the model;
+    pasting never writes there)."""
+    out = []
+    for c in crops:
+        photo = images[c.image_index]
+        x0, y0, side = c.box
+        h, w = photo.shape[:2]
+        pad = (max(0, -x0), max(0, x0 + side - w), max(0, -y0), max(0, y0 + side - h))
+        region = photo[max(0, y0):min(h, y0 + side), max(0, x0):min(w, x0 + side)]
+        if any(pad):
+            region = F.pad(region.movedim(-1, 0)[None], pad, mode="replicate")[0].movedim(0, -1)
+        out.append(_resize(region[None].float(), c.size)[0])
+    return torch.stack(out).to(images.dtype)
+
+
+def face_mask(crop: FaceCrop, feather: float) -> torch.Tensor:
+    """[side, side] in [0, 1]: 1 on an ellipse around the face, falling smoothly to 0 over
+    ``feather`` (a fraction of the ellipse's radii) and exactly 0 beyond."""
+    x0, y0, side = crop.box
+    x1, y1, x2, y2 = crop.face_box
+    cx, cy = (x1 + x2) / 2 - x0, (y1 + y2) / 2 - y0
+    rx, ry = (x2 - x1) / 2 * MASK_WIDTH, (y2 - y1) / 2 * MASK_HEIGHT
+    coords = torch.arange(side, dtype=torch.float32)
+    r = torch.sqrt(((coords[None, :] - cx) / rx) ** 2 + ((coords[:, None] - cy) / ry) ** 2)
+    if feather <= 0:
+        return (r <= 1).float()
+    ramp = ((1 + feather - r) / feather).clamp(0, 1)
+    return ramp * ramp * (3 - 2 * ramp)  # smoothstep: no visible seam at either edge
+
+
+def paste_faces(photos: torch.Tensor, faces: torch.Tensor, crops: list[FaceCrop],
+                feather: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put processed crops back: ``faces`` holds ``k`` candidates per crop (crop-major, as
+    the sampler makes them), giving ``k`` versions of each photo (photo-major). Returns the
+    photos [B * k, H, W, C] and the pasted masks [B * k, H, W]. Outside the masks every
+    pixel is the input's, bit for bit."""
+    if not crops:
+        raise ValueError("no face crops to paste: the crop list is empty")
+    if faces.shape[0] % len(crops):
+        raise ValueError(f"{faces.shape[0]} face images for {len(crops)} crops: give the same number of "
+                         "candidates for every crop")
+    candidates = faces.shape[0] // len(crops)
+    targets = [_target_photo(photos, c, n) for n, c in enumerate(crops)]
+    out = photos.repeat_interleave(candidates, dim=0).clone()
+    masks = torch.zeros(out.shape[:3], dtype=torch.float32)
+    for n, (c, b) in enumerate(zip(crops, targets)):
+        mask = face_mask(c, feather)
+        for j in range(candidates):
+            face = _resize(faces[n * candidates + j][None, ..., :photos.shape[-1]].float(), c.box[2])[0]
+            _blend(out[b * candidates + j], masks[b * candidates + j], face, mask, c.box)
+    return out, masks
+
+
+def _target_photo(photos: torch.Tensor, crop: FaceCrop, n: int) -> int:
+    """The photo crop ``n`` goes back into: its own index, or the only photo given (a
+    recovered face pasted into its protected photo)."""
+    b = 0 if photos.shape[0] == 1 else crop.image_index
+    if b >= photos.shape[0]:
+        raise ValueError(f"face crop {n} belongs to photo {crop.image_index}, but only {photos.shape[0]} were given")
+    if tuple(photos.shape[1:3]) != crop.source_size:
+        h, w = crop.source_size
+        raise ValueError(f"face crop {n} was cut from a {w}x{h} photo; the photo given is "
+                         f"{photos.shape[2]}x{photos.shape[1]}")
+    return b
+
+
+def _blend(photo: torch.Tensor, pasted: torch.Tensor, face: torch.Tensor, mask: torch.Tensor, box) -> None:
+    """In place: ``photo`` = face under ``mask`` within the box's part inside the photo."""
+    x0, y0, side = box
+    h, w = photo.shape[:2]
+    ys, xs = slice(max(0, y0), min(h, y0 + side)), slice(max(0, x0), min(w, x0 + side))
+    cs = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+    m = mask[cs][..., None].to(photo.dtype)
+    region = photo[ys, xs]
+    blended = region * (1 - m) + face[cs].to(photo.dtype) * m
+    # where() rather than the blend alone: outside the mask the photo stays bit-identical.
+    photo[ys, xs] = torch.where(m > 0, blended, region)
+    pasted[ys, xs] = torch.maximum(pasted[ys, xs], mask[cs])
+

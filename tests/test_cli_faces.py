@@ -1,0 +1,51 @@
+"""`diffpriv protect --every-face` and `diffpriv recover --photo` against the real server."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffpriv_client import cli
+from test_host_faces import every_face_graph, install_key_e, pair_photo, recover_face_graph
+
+pytestmark = pytest.mark.host
+
+
+def test_every_face_gets_a_key_listed_in_the_summary_and_one_face_comes_back(comfy_host, tmp_path):
+    install_key_e(comfy_host)
+    photo = tmp_path / "pair.png"
+    Image.fromarray(pair_photo()).save(photo)
+    protect_wf, recover_wf = tmp_path / "protect_faces.json", tmp_path / "recover_face.json"
+    protect_wf.write_text(json.dumps(every_face_graph("placeholder.png")))
+    recover_wf.write_text(json.dumps(recover_face_graph("placeholder.png", "placeholder.dpkey.safetensors")))
+    out, url = tmp_path / "out", comfy_host.server.url
+
+    assert cli.main(["protect", str(photo), "--task", "anonymize", "--every-face", "--out", str(out),
+                     "--server", url, "--workflow", str(protect_wf)]) == 0
+    entry = json.loads((out / "summary.json").read_text())["results"]["pair"]
+    assert entry["status"] == "ok"
+    assert [f["face"] for f in entry["faces"]] == [0, 1]
+    assert [f["key"] for f in entry["faces"]] == [f"pair/pair_face{k}_00001.dpkey.safetensors" for k in (0, 1)]
+    assert sorted(entry["keys"]) == sorted(f["key"] for f in entry["faces"])
+    x1, y1, x2, y2 = entry["faces"][0]["box"]
+    assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 220
+    protected = sorted(p for p in entry["outputs"] if "_protected_" in p)
+    assert len(protected) == 2
+
+    key = out / entry["faces"][1]["key"]
+    shutil.copy(key, comfy_host.base / "models" / "diffprivacy_keys" / key.name)
+    recovered = tmp_path / "recovered"
+    assert cli.main(["recover", str(key), "--photo", str(out / protected[0]), "--out", str(recovered),
+                     "--server", url, "--workflow", str(recover_wf)]) == 0
+    (result,) = json.loads((recovered / "summary.json").read_text())["results"].values()
+    (picture,) = result["outputs"]
+    restored = np.asarray(Image.open(recovered / picture).convert("RGB"))
+    before = np.asarray(Image.open(out / protected[0]).convert("RGB"))
+    assert restored.shape == before.shape
+    changed = np.argwhere((restored != before).any(-1))
+    assert len(changed), "face 1 was pasted back"
+    box = entry["faces"][1]["box"]  # every changed pixel lies around face 1
+    assert changed[:, 1].min() >= box[0] - (box[2] - box[0]) and changed[:, 1].max() <= box[2] + (box[2] - box[0])
