@@ -8,14 +8,24 @@ from comfy_api.v0_0_2 import io
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from diffpriv_core.faces.crop import crop_faces, paste_faces, plan_crops
-from diffpriv_core.faces.detect import NoFaceError, box_mask, detect_faces
+from diffpriv_core.faces.detect import (KNOWN_DETECTORS, MTCNN, NoFaceError, box_mask, detect_faces, find_detector,
+                                        is_detector_file)
 
+from .face_models import model_options, resolve_model
 from .types import FaceCrops, Faces
 
 log = logging.getLogger("diffprivacy")
 
 SELECT = ("all", "largest", "by_index")
 NO_FACE = ("error", "skip")
+
+
+def detector_options() -> list[str]:
+    return [MTCNN, *model_options(is_detector_file, KNOWN_DETECTORS)]
+
+
+def resolve_detector(option: str) -> str:
+    return MTCNN if option == MTCNN else str(resolve_model(option, find_detector))
 
 
 class FaceDetect(io.ComfyNode):
@@ -25,7 +35,8 @@ class FaceDetect(io.ComfyNode):
             node_id="DiffPrivacyFaceDetect",
             display_name="Face Detect (Diff-Privacy)",
             category="Diff-Privacy/faces",
-            description="Finds faces and their 5 landmarks with MTCNN (weights ship with facenet-pytorch).",
+            description="Finds faces and their 5 landmarks with MTCNN (weights ship with facenet-pytorch), or "
+                        "with insightface's SCRFD detector from models/insightface when you have it.",
             inputs=[
                 io.Image.Input("image"),
                 io.Combo.Input("select", options=list(SELECT), default="all"),
@@ -34,17 +45,21 @@ class FaceDetect(io.ComfyNode):
                 io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip reports the image and goes on"),
+                io.Combo.Input("detector", options=detector_options(), default=MTCNN, optional=True,
+                               tooltip="mtcnn: ships with facenet-pytorch; insightface SCRFD files need the "
+                                       "optional insightface package (non-commercial research licence)"),
             ],
             outputs=[Faces.Output(display_name="faces"), io.Mask.Output(display_name="face_mask")],
         )
 
     @classmethod
-    def execute(cls, image, select, index, min_size, min_score, on_no_face) -> io.NodeOutput:
+    def execute(cls, image, select, index, min_size, min_score, on_no_face, detector=MTCNN) -> io.NodeOutput:
         if image.shape[0] == 0:
             raise ValueError("Face Detect got an empty image batch")
+        detector = resolve_detector(detector)
         per_image, masks, missing = [], [], []
         for i, img in enumerate(image):
-            faces = detect_faces(img, min_score=min_score, min_size=min_size)
+            faces = detect_faces(img, min_score=min_score, min_size=min_size, detector=detector)
             if select == "largest":
                 faces = faces[:1]
             elif select == "by_index":

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
@@ -15,39 +13,23 @@ from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.recognizers import KNOWN_MODELS, find_recognizer, is_recognizer_file, load_recognizer
 from diffpriv_core.guided import IdentityGuidance, face_target
 
+from .face_models import model_options, resolve_model
 from .faces import NO_FACE
 from .host import gradients, grad_input
 from .types import FaceModel, Guidance
 
 log = logging.getLogger("diffprivacy")
 
-FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
 DECODE_REGIONS = ("whole image", "face crop")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
 
-for _folder in FACE_MODEL_FOLDERS:
-    # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
-    folder_paths.add_model_folder_path(_folder, os.path.join(folder_paths.models_dir, _folder))
-
 
 def recognizer_options() -> list[str]:
-    """"<folder>/<file>" for every recogniser found, plus the usual files (picking a missing
-    one runs into the error that says where to get it)."""
-    found = {f"{key}/{name}" for key in FACE_MODEL_FOLDERS for name in folder_paths.get_filename_list(key)
-             if is_recognizer_file(Path(name))}
-    return sorted(found | {f"{m.folder}/{m.path}" for m in KNOWN_MODELS})
+    return model_options(is_recognizer_file, KNOWN_MODELS)
 
 
 def resolve_recognizer(option: str) -> Path:
-    """The file an option names; else the file name searched for in every recogniser folder,
-    in all the layouts users end up with, failing with the error that lists them."""
-    key, _, name = option.partition("/")
-    if key in FACE_MODEL_FOLDERS:
-        path = folder_paths.get_full_path(key, name)
-        if path is not None:
-            return Path(path)
-    folders = [f for k in FACE_MODEL_FOLDERS for f in folder_paths.get_folder_paths(k)]
-    return find_recognizer(Path(option).name, folders)
+    return resolve_model(option, find_recognizer)
 
 
 class FaceRecognizerLoader(io.ComfyNode):

@@ -1,15 +1,31 @@
 """Face detection with 5 landmarks.
 
 MTCNN from facenet-pytorch is the default: its weights ship inside the package, so it
-works offline out of the box.
+works offline out of the box. insightface's SCRFD (the detector of its model packs, which
+users of IPAdapter/InstantID/ReActor already have) is used when its file is given; it needs
+the optional insightface and onnxruntime packages.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .recognizers import KnownModel, find_face_model
+
+MTCNN = "mtcnn"
+SCRFD_INPUT = (640, 640)  # insightface's FaceAnalysis default detection size
+KNOWN_DETECTORS = (
+    KnownModel("insightface", "models/buffalo_l/det_10g.onnx", "SCRFD-10G detector of insightface's buffalo_l pack",
+               "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
+               "non-commercial research only"),
+    KnownModel("insightface", "models/antelopev2/scrfd_10g_bnkps.onnx", "SCRFD-10G of insightface's antelopev2 pack",
+               "insightface model zoo", "non-commercial research only"),
+)
+SCRFD_FILES = frozenset(m.file for m in KNOWN_DETECTORS) | {"det_2.5g.onnx", "det_500m.onnx"}
 
 
 class NoFaceError(ValueError):
@@ -55,18 +71,49 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
-def detect_faces(image: torch.Tensor, min_score: float = 0.9, min_size: int = 20) -> list[Face]:
-    """Faces in one [H, W, C] image, largest first."""
+@functools.lru_cache(maxsize=2)
+def _scrfd(path: str):
+    try:
+        from insightface.model_zoo.scrfd import SCRFD
+    except ImportError as exc:
+        raise ImportError("the insightface detector needs the optional insightface and onnxruntime packages "
+                          "(pip install 'comfyui-diffprivacy[insightface]'); or use mtcnn") from exc
+    detector = SCRFD(model_file=path)
+    detector.prepare(ctx_id=-1, input_size=SCRFD_INPUT)
+    return detector
+
+
+def is_detector_file(path: Path) -> bool:
+    """insightface packs hold several ONNX files; the detectors go by these names."""
+    return path.name in SCRFD_FILES
+
+
+def find_detector(name: str, folders: list[str]) -> Path:
+    """An insightface detector file by (relative) name, or the error that says where to get one."""
+    return find_face_model(name, folders, KNOWN_DETECTORS, "face detector")
+
+
+def _mtcnn_faces(image: torch.Tensor, min_size: int) -> list[Face]:
     boxes, probs, points = _mtcnn(max(int(min_size), 12)).detect(to_uint8(image), landmarks=True)
     if boxes is None:
         return []
-    faces = [
-        Face(tuple(float(v) for v in b), tuple((float(x), float(y)) for x, y in p), float(s))
-        for b, s, p in zip(boxes, probs, points)
-        if s >= min_score
-    ]
-    faces = [f for f in faces if f.size >= min_size]
-    return sorted(faces, key=lambda f: -f.size)
+    return [Face(tuple(float(v) for v in b), tuple((float(x), float(y)) for x, y in p), float(s))
+            for b, s, p in zip(boxes, probs, points)]
+
+
+def _scrfd_faces(image: torch.Tensor, path: Path, min_score: float) -> list[Face]:
+    bgr = np.ascontiguousarray(to_uint8(image)[..., ::-1])  # insightface works on OpenCV's BGR
+    boxes, points = _scrfd(str(path)).detect(bgr, input_size=SCRFD_INPUT, max_num=0, det_thresh=min_score)
+    return [Face(tuple(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p), float(b[4]))
+            for b, p in zip(boxes, points)]
+
+
+def detect_faces(image: torch.Tensor, min_score: float = 0.9, min_size: int = 20,
+                 detector: str | Path = MTCNN) -> list[Face]:
+    """Faces in one [H, W, C] image, largest first; ``detector`` is "mtcnn" or the path of
+    an insightface SCRFD file."""
+    faces = _mtcnn_faces(image, min_size) if detector == MTCNN else _scrfd_faces(image, Path(detector), min_score)
+    return sorted((f for f in faces if f.score >= min_score and f.size >= min_size), key=lambda f: -f.size)
 
 
 def box_mask(height: int, width: int, faces: list[Face]) -> torch.Tensor:

@@ -257,13 +257,14 @@ NOT_RECOGNISERS = frozenset({"det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx", "
 
 
 class MissingFaceModelError(FileNotFoundError):
-    def __init__(self, name: str, searched: list[str]):
-        known = "\n".join(f"  - models/{m.folder}/{m.path}: {m.what}; from {m.source}; licence: {m.licence}"
-                          for m in KNOWN_MODELS)
+    def __init__(self, name: str, searched: list[str], known: tuple[KnownModel, ...] = KNOWN_MODELS,
+                 what: str = "face recogniser"):
+        expected = "\n".join(f"  - models/{m.folder}/{m.path}: {m.what}; from {m.source}; licence: {m.licence}"
+                             for m in known)
         folders = "\n".join(f"  - {f}" for f in searched) or "  (none registered)"
         super().__init__(
-            f"face recogniser file '{name}' not found. Folders searched:\n{folders}\n"
-            f"Expected files (nothing is downloaded; place one yourself):\n{known}")
+            f"{what} file '{name}' not found. Folders searched:\n{folders}\n"
+            f"Expected files (nothing is downloaded; place one yourself):\n{expected}")
         self.name = name
         self.searched = searched
 
@@ -274,6 +275,10 @@ def is_recognizer_file(path: Path) -> bool:
 
 
 def find_recognizer(name: str, folders: list[str]) -> Path:
+    return find_face_model(name, folders, KNOWN_MODELS, "face recogniser")
+
+
+def find_face_model(name: str, folders: list[str], known: tuple[KnownModel, ...], what: str) -> Path:
     """``name`` (a relative path or a bare file name) under the first folder that has it.
 
     A bare file name is also looked for one and two folders down, the layouts users end up
@@ -289,4 +294,4 @@ def find_recognizer(name: str, folders: list[str]) -> Path:
                 found = sorted(p for p in root.glob(pattern) if p.is_file())
                 if found:
                     return found[0]
-    raise MissingFaceModelError(name, [str(f) for f in folders])
+    raise MissingFaceModelError(name, [str(f) for f in folders], known, what)

@@ -1,0 +1,35 @@
+"""Face model files (recognisers, detectors) in ComfyUI's model folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+from diffpriv_core.faces.recognizers import KnownModel
+
+FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
+
+for _folder in FACE_MODEL_FOLDERS:
+    # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
+    folder_paths.add_model_folder_path(_folder, os.path.join(folder_paths.models_dir, _folder))
+
+
+def model_options(accepts, known: tuple[KnownModel, ...]) -> list[str]:
+    """"<folder>/<file>" for every file ``accepts`` found, plus the usual files (picking a
+    missing one runs into the error that says where to get it)."""
+    found = {f"{key}/{name}" for key in FACE_MODEL_FOLDERS for name in folder_paths.get_filename_list(key)
+             if accepts(Path(name))}
+    return sorted(found | {f"{m.folder}/{m.path}" for m in known})
+
+
+def resolve_model(option: str, find) -> Path:
+    """The file an option names; else the file name searched for (``find(name, folders)``)
+    in every face model folder, in all the layouts users end up with."""
+    key, _, name = option.partition("/")
+    if key in FACE_MODEL_FOLDERS:
+        path = folder_paths.get_full_path(key, name)
+        if path is not None:
+            return Path(path)
+    folders = [f for k in FACE_MODEL_FOLDERS for f in folder_paths.get_folder_paths(k)]
+    return find(Path(option).name, folders)
