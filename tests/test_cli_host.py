@@ -2,7 +2,10 @@
 
 The test workflow (tests/workflows/protect.json) detects faces (on_no_face=error), makes
 key-I from a fixed key-E with 5 DDIM steps on a 64 px copy, and saves the key (folder
-output), the 64 px copy and the face mask.
+output), the 64 px copy and the face mask. It is fast, but 5 plain DDIM steps on a
+random-weight UNet do not invert well, so recovery is checked against the original with
+protect_recoverable.json (a fixed-point key-I, and the VAE reconstruction it should give
+back), and `diffpriv eval` with anonymize_small.json (the real anonymize graph, tiny).
 """
 from __future__ import annotations
 
@@ -22,16 +25,17 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
-import torch
 from PIL import Image
 
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
-from diffpriv_core.key_types import KeyE
-from diffpriv_core.keys import save_key
+from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
+from diffpriv_core.keys import load_key, save_key
 
+import make_face_models
 from conftest import ROOT, start_host
+from test_host_recovery import random_key_e
 
 pytestmark = pytest.mark.host
 WORKFLOWS = ROOT / "tests" / "workflows"
@@ -40,13 +44,25 @@ PASSPHRASE = "correct horse"
 # More steps than the workflow's 5 (about 0.1-0.4 s each on CPU), so a batch is still
 # running when its first image is done and the test kills a server.
 SLOW_STEPS = 10
+# A fixed-point key-I that recovers on the random-weight UNet: 50 steps, 10 refinements
+# (550 UNet calls; fewer steps or refinements did not converge, see RECOVERY_TOLERANCE).
+RECOVERABLE = "protect_recoverable.json"
+# Mean absolute error, in 0-255 grey levels, allowed between the recovered picture and the
+# VAE reconstruction of the original. Measured (deterministic on CPU) with that key: 3.5;
+# with 20 refinements 0.75, with 4 refinements 20, with 40 steps 14; with another key-E
+# (an unrelated picture) 37. About twice the measured error, a fifth of the wrong key's.
+RECOVERY_TOLERANCE = 8.0
+
+
+def keys_folder(base: Path) -> Path:
+    """The server's models/diffprivacy_keys, where Load Privacy Key finds key files."""
+    folder = base / "models" / "diffprivacy_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def install_key_e(base: Path) -> None:
-    g = torch.Generator().manual_seed(7)
-    folder = base / "models" / "diffprivacy_keys"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_key(folder / KEY_E_NAME, KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)))
+    save_key(keys_folder(base) / KEY_E_NAME, random_key_e(7))
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +86,20 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def protect_args(images, out: Path, *servers: str, steps: int | None = None) -> list[str]:
+def server_args(servers) -> list[str]:
+    return [a for url in servers for a in ("--server", url)]
+
+
+def protect_args(images, out: Path, *servers: str, steps: int | None = None,
+                 workflow: str = "protect.json") -> list[str]:
     args = ["protect", *map(str, images), "--task", "anonymize", "--out", str(out),
-            "--workflow", str(WORKFLOWS / "protect.json"), "--seed", "3"]
-    args += [a for url in servers for a in ("--server", url)]
-    return args + (["--steps", str(steps)] if steps else [])
+            "--workflow", str(WORKFLOWS / workflow), "--seed", "3"]
+    return args + server_args(servers) + (["--steps", str(steps)] if steps else [])
+
+
+def recover_args(keys, out: Path, *servers: str, passphrase_env: str | None = None) -> list[str]:
+    args = ["recover", *map(str, keys), "--out", str(out), "--workflow", str(WORKFLOWS / "recover.json")]
+    return args + server_args(servers) + (["--passphrase-env", passphrase_env] if passphrase_env else [])
 
 
 def results(out: Path) -> dict:
@@ -137,15 +162,103 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
     # Recovery on a server we did not start: the key must be put there by hand first.
     key = out / got["astronaut"]["keys"][0]
     recovered = tmp_path / "recovered"
-    argv = ["recover", str(key), "--out", str(recovered), "--server", url, "--passphrase-env", passphrase_env,
-            "--workflow", str(WORKFLOWS / "recover.json")]
+    argv = recover_args([key], recovered, url, passphrase_env=passphrase_env)
     assert cli.main(argv) == 2
     assert f"copy {key} into that server's models/diffprivacy_keys/" in capsys.readouterr().err
-    shutil.copy(key, comfy_host.base / "models" / "diffprivacy_keys" / key.name)
+    shutil.copy(key, keys_folder(comfy_host.base) / key.name)
     assert cli.main(argv) == 0
     (entry,) = results(recovered).values()
     (picture,) = entry["outputs"]
     assert entry["status"] == "ok" and Image.open(recovered / picture).size == (64, 64)
+
+
+def picture(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def only_output(out: Path, name: str, label: str = "") -> Path:
+    (rel,) = [p for p in results(out)[name]["outputs"] if label in Path(p).name]
+    return out / rel
+
+
+def with_another_key_e(key: Path, into: Path) -> Path:
+    """The same key-I under another key-E: what recovery gives without the right key-E."""
+    _key_e, key_i, _meta = load_key(key, PASSPHRASE)
+    return save_key(into, random_key_e(8), key_i, PASSPHRASE)
+
+
+def test_recover_gives_back_the_original_and_a_wrong_passphrase_fails_clearly(comfy_host, photos, tmp_path,
+                                                                              passphrase_env, monkeypatch, capsys):
+    install_key_e(comfy_host.base)
+    url = comfy_host.server.url
+    out = tmp_path / "out"
+    assert cli.main(protect_args([photos["astronaut"]], out, url, workflow=RECOVERABLE)
+                    + ["--passphrase-env", passphrase_env]) == 0
+    reconstruction = picture(only_output(out, "astronaut", "_reconstruction_"))
+    key = out / results(out)["astronaut"]["keys"][0]
+    wrong = with_another_key_e(key, tmp_path / "wrong-e.dpkey.safetensors")
+    for k in (key, wrong):
+        shutil.copy(k, keys_folder(comfy_host.base) / k.name)
+
+    recovered = tmp_path / "recovered"
+    assert cli.main(recover_args([key, wrong], recovered, url, passphrase_env=passphrase_env)) == 0
+    errors = {k: np.abs(picture(only_output(recovered, cli.key_stem(k))) - reconstruction).mean() for k in (key, wrong)}
+    # Close to the reconstruction, not equal: see RECOVERY_TOLERANCE.
+    assert errors[key] < RECOVERY_TOLERANCE < errors[wrong], errors
+
+    monkeypatch.setenv(passphrase_env, "not the passphrase")
+    capsys.readouterr()
+    rejected = tmp_path / "rejected"
+    assert cli.main(recover_args([key], rejected, url, passphrase_env=passphrase_env)) == 1
+    (entry,) = results(rejected).values()
+    assert entry["status"] == "failed" and "wrong passphrase" in entry["error"] and not entry["outputs"]
+    assert re.search(r"failed: .*wrong passphrase", capsys.readouterr().out)
+    assert [p.name for p in rejected.rglob("*")] == ["summary.json"], "no picture, no contact sheet"
+
+
+@pytest.fixture
+def face_photos(tmp_path) -> Path:
+    """A folder of two real face photos (their faces are still found at 64 px)."""
+    try:
+        pixels_of = sample_photos()
+    except SamplePhotoMissingError:
+        pytest.skip("insightface's sample photos are not installed")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "hanks"):
+        Image.fromarray(pixels_of[name]).save(folder / f"{name}.png")
+    return folder
+
+
+def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos, face_models, tmp_path):
+    """The user's round: protect photos, recover their keys, evaluate both output folders
+    as they are (ComfyUI's file names, one folder per photo) against the photo folder.
+    Only one of the two photos is protected (about a minute each on a CPU): the other
+    shows that nothing is paired with a photo that has no outputs."""
+    url = comfy_host.server.url
+    protected, recovered, report = tmp_path / "protected", tmp_path / "recovered", tmp_path / "report"
+    assert cli.main(protect_args([face_photos / "hanks.png"], protected, url, workflow="anonymize_small.json")) == 0
+    (key,) = results(protected)["hanks"]["keys"]
+    shutil.copy(protected / key, keys_folder(comfy_host.base) / Path(key).name)
+    assert cli.main(recover_args([protected / key], recovered, url)) == 0
+
+    arcface = face_models / make_face_models.ARCFACE_ONNX
+    assert cli.main(["eval", "--originals", str(face_photos), "--protected", str(protected), "--recovered",
+                     str(recovered), "--out", str(report), "--arcface", str(arcface)]) == 0
+    got = json.loads((report / "results.json").read_text())
+    assert got["cases"] == ["astronaut", "hanks"] and not got["skipped"]
+    for recognizer in ("dlib", "ArcFace"):
+        protection = got["protection"][recognizer]
+        assert protection["candidates"] == 2, "the workflow's 2 samples, and nothing else of the folder"
+        assert list(protection["distances_to_original"]) == ["hanks"]
+        assert len(protection["distances_to_original"]["hanks"]) == 2 and protection["diversity"]["pairs"] == 1
+    assert list(got["recovery"]["per_image"]) == ["hanks"]
+    assert len(got["resized"]["hanks"]) == 3, "the 64 px outputs were compared at the photo's size"
+    assert got["utility"]["MTCNN"]["protected"] is not None
+    markdown = (report / "report.md").read_text()
+    for png in ("grids/astronaut.png", "grids/hanks.png", "diversity_dlib.png", "diversity_ArcFace.png"):
+        assert Image.open(report / png).width > 64 and png in markdown
+    assert "Protection success" in markdown and "Recovery quality" in markdown
 
 
 def test_missing_models_are_named_with_their_folders_and_sources(comfy_host, photos, tmp_path, capsys):
@@ -242,9 +355,7 @@ def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_pat
 
     # The embedded server gets the key copied into its keys folder; the user's file stays put.
     key = out / entry["keys"][0]
-    argv = ["recover", str(key), "--out", str(tmp_path / "recovered"), "--workflow",
-            str(WORKFLOWS / "recover.json")] + common
-    assert cli.main(argv) == 0
+    assert cli.main(recover_args([key], tmp_path / "recovered") + common) == 0
     assert (models / "diffprivacy_keys" / "diffpriv-cli" / key.name).read_bytes() == key.read_bytes()
     assert results(tmp_path / "recovered")[key.name.split(".")[0]]["status"] == "ok"
 

@@ -19,7 +19,7 @@ from diffpriv_core.eval.cli import main as eval_main
 from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_core.eval.diversity import pairwise_distances, pca_2d
 from diffpriv_core.eval.identity import FaceImage, identification_accuracy, protection_success_rate
-from diffpriv_core.eval.images import group_by_stem
+from diffpriv_core.eval.images import group_by_stem, group_folder
 from diffpriv_core.eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
 from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_core.eval.utility import compare_detections
@@ -176,6 +176,23 @@ def test_candidates_pair_with_originals_by_stem():
     groups = group_by_stem(files, {"a", "a_1", "c"})
     assert groups == {"a": [Path("a.png"), Path("a_00001.png"), Path("a_00002.png")],
                       "a_1": [Path("a_1.png")], "c": [Path("c_00001.jpg")]}
+
+
+def test_a_diffpriv_output_folder_pairs_by_its_summary(tmp_path):
+    """`diffpriv protect` writes <photo>/<photo>_<label>_00001_.png and summary.json;
+    `diffpriv recover` names its entries after the key, <photo>_00001."""
+    pictures = {"a/a_anonymize_00001_.png", "a/a_anonymize_00002_.png", "b/b_anonymize_00001_.png",
+                "k_00001/k_00001_recovered_00001_.png"}
+    for rel in pictures:
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).touch()
+    results = {"a": {"status": "ok", "outputs": ["a/a_anonymize_00001_.png", "a/a_anonymize_00002_.png"]},
+               "b": {"status": "failed", "outputs": ["b/b_anonymize_00001_.png"]},  # stale file of a failed run
+               "k_00001": {"status": "skipped", "outputs": ["k_00001/k_00001_recovered_00001_.png"]}}
+    (tmp_path / "summary.json").write_text(json.dumps({"command": "protect", "results": results}))
+    assert group_folder(tmp_path, {"a", "b", "k"}) == {
+        "a": [tmp_path / "a/a_anonymize_00001_.png", tmp_path / "a/a_anonymize_00002_.png"],
+        "k": [tmp_path / "k_00001/k_00001_recovered_00001_.png"]}
 
 
 def test_diversity_counts_pairs_and_projects_on_the_main_axis():

@@ -4,7 +4,8 @@
     python -m diffpriv_core.eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
-protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png.
+protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png. The --out
+folders of `diffpriv protect` and `diffpriv recover` pair as they are, by their summary.json.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpriv eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--originals", type=Path, nargs="+", required=True, help="image files and/or folders")
-    parser.add_argument("--protected", type=Path, help="folder of protected candidates")
-    parser.add_argument("--recovered", type=Path, help="folder of recovered images")
+    parser.add_argument("--protected", type=Path, help="folder of protected candidates (or a diffpriv protect --out folder)")
+    parser.add_argument("--recovered", type=Path, help="folder of recovered images (or a diffpriv recover --out folder)")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--arcface", type=Path, metavar="FILE",
                         help="also measure with this ArcFace / IR-SE50 file (threshold 0.8)")

@@ -1,10 +1,11 @@
 """Loading evaluation sets from disk and pairing files by name stem."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -12,6 +13,10 @@ from PIL import Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...
 _CANDIDATE = re.compile(r"^(?P<stem>.+)_\d+$")
+# What `diffpriv protect` / `diffpriv recover` write in their --out folder: one sub-folder
+# per photo (or key) and this list of what each produced.
+CLI_SUMMARY = "summary.json"
+_CLI_DONE = ("ok", "skipped")
 
 
 @dataclass
@@ -48,20 +53,44 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def group_by_stem(files: Iterable[Path], stems: set[str]) -> dict[str, list[Path]]:
-    """Files assigned to the original whose stem they carry: `<stem>.ext` exactly, else
-    `<stem>_<digits>.ext`. Files that match no original are left out."""
+def group_by_stem(files: Iterable[Path], stems: set[str],
+                  name_of: Callable[[Path], str] = lambda p: p.stem) -> dict[str, list[Path]]:
+    """Files assigned to the original whose stem their name carries: `<stem>` exactly,
+    else `<stem>_<digits>`. Files that match no original are left out."""
     groups: dict[str, list[Path]] = {}
     for path in files:
-        candidate = _CANDIDATE.match(path.stem)
-        if path.stem in stems:
-            stem = path.stem
+        name = name_of(path)
+        candidate = _CANDIDATE.match(name)
+        if name in stems:
+            stem = name
         elif candidate and candidate["stem"] in stems:
             stem = candidate["stem"]
         else:
             continue
         groups.setdefault(stem, []).append(path)
     return groups
+
+
+def cli_outputs(folder: Path) -> dict[Path, str] | None:
+    """The pictures of a `diffpriv protect` / `recover` output folder, each with the name of
+    the summary entry that made it (the photo's stem, or the key's `<stem>_00001`); None
+    for any other folder. ComfyUI names the files `<name>_<label>_00001_.png` inside
+    `<name>/`, so their own stems cannot be paired; the summary's names can."""
+    summary = folder / CLI_SUMMARY
+    if not summary.is_file():
+        return None
+    results = json.loads(summary.read_text()).get("results", {})
+    return {folder / rel: name for name, entry in sorted(results.items()) if entry.get("status") in _CLI_DONE
+            for rel in entry.get("outputs", [])}
+
+
+def group_folder(folder: Path, stems: set[str]) -> dict[str, list[Path]]:
+    """The pictures of `folder` per original stem: by the summary of a `diffpriv` output
+    folder, else by file name."""
+    outputs = cli_outputs(folder)
+    if outputs is None:
+        return group_by_stem(image_files([folder]), stems)
+    return group_by_stem(outputs, stems, name_of=outputs.__getitem__)
 
 
 def _load_at_size(path: Path, size: tuple[int, int], case: Case) -> np.ndarray:
@@ -81,11 +110,11 @@ def load_cases(originals: list[Path], protected_dir: Path | None, recovered_dir:
         raise ValueError("two originals share a name stem; rename one")
     stems = set(cases)
     if protected_dir is not None:
-        for stem, paths in group_by_stem(image_files([protected_dir]), stems).items():
+        for stem, paths in group_folder(protected_dir, stems).items():
             case = cases[stem]
             case.protected = [_load_at_size(p, case.original.shape[:2], case) for p in paths]
     if recovered_dir is not None:
-        for stem, paths in group_by_stem(image_files([recovered_dir]), stems).items():
+        for stem, paths in group_folder(recovered_dir, stems).items():
             case = cases[stem]
             case.recovered = _load_at_size(paths[0], case.original.shape[:2], case)
     return list(cases.values())
