@@ -17,6 +17,7 @@ from diffpriv_core.guided import IdentityGuidance, face_target
 
 from .faces import NO_FACE
 from .host import gradients, grad_input
+from .inputs import image_side_at_least, rgb_images
 from .types import FaceModel, Guidance
 
 log = logging.getLogger("diffprivacy")
@@ -24,6 +25,7 @@ log = logging.getLogger("diffprivacy")
 FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
 DECODE_REGIONS = ("whole image", "face crop")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
+MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
 
 for _folder in FACE_MODEL_FOLDERS:
     # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
@@ -113,8 +115,8 @@ class IdentityGuidanceNode(io.ComfyNode):
     @classmethod
     def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
                 face_index, min_score, on_no_face, gradient_checkpointing=False) -> io.NodeOutput:
-        if image.shape[0] == 0:
-            raise ValueError("Identity Guidance got an empty image batch")
+        image = rgb_images(image, "Identity Guidance")
+        image_side_at_least(image, MIN_FACE_SIDE, "Identity Guidance")
         paper = PAPER_LAMBDAS[mode]
         targets, missing = [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
