@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import folder_paths
@@ -16,7 +18,7 @@ from diffpriv_core.faces.recognizers import KNOWN_MODELS, find_recognizer, is_re
 from diffpriv_core.guided import IdentityGuidance, face_target
 
 from .faces import NO_FACE
-from .host import gradients, grad_input
+from .host import check_interrupt, gradients, grad_input
 from .inputs import image_side_at_least, rgb_images
 from .types import FaceModel, Guidance
 
@@ -70,10 +72,27 @@ class FaceRecognizerLoader(io.ComfyNode):
     def execute(cls, model_name) -> io.NodeOutput:
         path = resolve_recognizer(model_name)
         with gradients():  # normal tensors: the sampler differentiates through this network
-            model = load_recognizer(path)
+            model = load_checked(path)
         log.info("Diff-Privacy: face recogniser %s (%d px input) loaded on the CPU; the sampler moves it "
                  "to the model's device", path, model.input_size)
         return io.NodeOutput(model)
+
+
+def load_checked(path: Path):
+    """load_recognizer, with files that are damaged or hold more than weights refused in
+    words that say so (never with advice to unpickle them)."""
+    from google.protobuf.message import DecodeError
+    from safetensors import SafetensorError
+
+    try:
+        return load_recognizer(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f"Face Recognizer Loader: {path.name} holds pickled objects other than weights and was "
+                         "refused (code in model files is never run); use a file that holds only weights, e.g. "
+                         "its .safetensors version") from None
+    except (DecodeError, SafetensorError, zipfile.BadZipFile, EOFError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"Face Recognizer Loader: {path.name} is damaged or not a face recogniser ({reason})") from None
 
 
 class IdentityGuidanceNode(io.ComfyNode):
@@ -122,6 +141,7 @@ class IdentityGuidanceNode(io.ComfyNode):
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
             for i, img in enumerate(images):
+                check_interrupt()  # long batches: Cancel stops between images
                 faces = detect_faces(img, min_score=min_score)
                 if len(faces) <= face_index:
                     if on_no_face == "error":

@@ -97,7 +97,21 @@ def bad(comfy_host, astronaut, test_models):
     forged_key(key_dir / "i8ch.dpkey.safetensors",
                {"key_e.stages": e.stages, "key_e.uc": e.uc, "key_i.latent": torch.zeros(8, 8, 8)},
                steps="10", inversion="ddim", refine="0")
+    junk = models / "insightface" / "models" / "dp-junk"
+    junk.mkdir(parents=True, exist_ok=True)
+    (junk / "w600k_r50.onnx").write_bytes(np.random.default_rng(0).bytes(5000))
+    (models / "arcface").mkdir(exist_ok=True)
+    torch.save({"input_layer.0.weight": _RunsACommand()}, models / "arcface" / "dp-evil.pth")
+    save_file({"w": torch.zeros(3)}, str(models / "arcface" / "dp-other.safetensors"))
     return names
+
+
+MARKER = Path("/tmp") / f"dp-recogniser-pickle-ran-{os.getpid()}"
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
 
 
 def refused(host, graph: dict, match: str) -> None:
@@ -246,6 +260,37 @@ def test_rgba_and_grey_pictures_are_used_as_rgb(comfy_host, bad):
     add(g, "save", "SaveImage", images=[guidance(g, image_node(g, bad["grey"]))[0], 1], filename_prefix="bad/grey")
     (record,) = comfy_host.client.run(g, timeout=300).files("save")
     assert fetch_image(comfy_host, record).shape == (112, 112, 3)
+
+
+def test_guided_ddim_sampler_in_samplercustom_refuses_guidance_for_another_image(comfy_host, bad):
+    g = base_graph()
+    latent = encoded(g, bad["small"])  # 64 px; the guidance's reference is the 128 px picture
+    guide = guidance(g, image_node_as(g, bad["face"]), on_no_face="error")
+    add(g, "key", "DiffPrivacyLoadKey", key_name="bi/e.dpkey.safetensors", passphrase="")
+    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset="anonymize", tau=0.4)
+    add(g, "sampler", "DiffPrivacyGuidedDDIM", vae=["ckpt", 2], guidance=guide, image_index=0)
+    add(g, "sigmas", "BasicScheduler", model=["ckpt", 0], scheduler="ddim_uniform", steps=4, denoise=0.5)
+    add(g, "custom", "SamplerCustom", model=["ckpt", 0], add_noise=True, noise_seed=0, cfg=1.0, positive=["sched", 0],
+        negative=["sched", 0], sampler=["sampler", 0], sigmas=["sigmas", 0], latent_image=latent)
+    add(g, "save", "SaveLatent", samples=["custom", 0], filename_prefix="bad/custom")
+    refused(comfy_host, g, r"Guided DDIM: image 0 of 'latent' does not match 'guidance'")
+
+
+@pytest.mark.parametrize("name, match", [
+    ("insightface/models/dp-junk/w600k_r50.onnx", "w600k_r50.onnx is damaged or not a face recogniser"),
+    ("arcface/dp-evil.pth", "dp-evil.pth holds pickled objects other than weights and was refused"),
+    ("arcface/dp-other.safetensors", "neither an IR-SE .* nor a FaceNet"),
+])
+def test_files_that_are_not_face_recognisers_are_refused(comfy_host, bad, name, match):
+    g = base_graph()
+    image = image_node(g, bad["face"])
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=name)
+    add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=image, mode="anonymize",
+        lambda_scale=1.0, normalize_gradient=False, diversity=True, decode_region="whole image", face_index=0,
+        min_score=0.9, on_no_face="skip", gradient_checkpointing=False)
+    add(g, "save", "SaveImage", images=["guide", 1], filename_prefix="bad/aligned")
+    refused(comfy_host, g, match)
+    assert not MARKER.exists()
 
 
 def test_a_side_not_divisible_by_8_is_cropped_like_vae_encode(comfy_host, bad):
