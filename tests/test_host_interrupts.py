@@ -84,8 +84,12 @@ def msi_graph(image: str, steps: int, seed: int) -> dict:
     add(g, "cv", "CLIPVisionLoader", clip_name="dp-test-vitl14.safetensors")
     add(g, "msi", "DiffPrivacyMSIInversion", model=["ckpt", 0], clip=["ckpt", 1], vae=["ckpt", 2],
         clip_vision=["cv", 0], image=["img", 0], preset="fast", steps=steps, lr=0.0, seed=seed)
-    add(g, "savekey", "DiffPrivacySaveKey", key_e=["msi", 0], filename_prefix="int/msi", folder="keys",
-        passphrase="")
+    # key-I from this key-E with the same checkpoint: accepted (the fingerprints agree)
+    add(g, "enc", "VAEEncode", pixels=["img", 0], vae=["ckpt", 2])
+    add(g, "inv", "DiffPrivacyDDIMInversionKey", model=["ckpt", 0], latent=["enc", 0], key_e=["msi", 0], steps=1,
+        mode="ddim", refine_iterations=1)
+    add(g, "savekey", "DiffPrivacySaveKey", key_e=["msi", 0], key_i=["inv", 0], filename_prefix="int/msi",
+        folder="keys", passphrase="")
     return g
 
 
@@ -142,8 +146,9 @@ def test_interrupting_msi_training(comfy_host, setup):
     check_stopped_early(seen)
     assert files_under(comfy_host) == before
     result = comfy_host.client.run(msi_graph(setup["small"], steps=1, seed=32), timeout=900)
-    key_e, _, _ = load_key(saved_key(comfy_host, result, "savekey"))
-    assert key_e.stages.shape == (10, 77, 768) and key_e.meta.get("checkpoint")  # made with this checkpoint
+    key_e, key_i, _ = load_key(saved_key(comfy_host, result, "savekey"))
+    assert key_e.stages.shape == (10, 77, 768) and key_i.latent.shape == (4, 8, 8)
+    assert key_e.meta["checkpoint"] == key_i.meta["checkpoint"]  # both made with this checkpoint
 
 
 def test_interrupting_guided_sampling(comfy_host, setup):
