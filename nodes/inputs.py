@@ -37,7 +37,7 @@ def check_finite(tensor: torch.Tensor, node: str, name: str) -> None:
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         raise ValueError(f"{node}: '{name}' holds NaN or infinite values (batch entry {first}); "
-                         "the node that made it failed numerically")
+                         "check the node that made it")
 
 
 def image_side_at_least(image: torch.Tensor, side: int, node: str, name: str = "image") -> None:
