@@ -138,8 +138,10 @@ def _decrypt(tensors: dict[str, torch.Tensor], meta: dict[str, str], passphrase:
         raise KeyFileError("the encrypted key file is damaged (no ciphertext)")
     try:
         params = json.loads(meta["kdf.params"])
-        if set(params) != set(SCRYPT) or params["n"] > 2**20 or params["r"] > 32 or params["p"] > 16:
-            raise ValueError("unexpected scrypt parameters")
+        # The metadata is only authenticated after derivation, so a file must not choose
+        # the cost of deriving: only the parameters this pack writes are accepted.
+        if params != SCRYPT:
+            raise ValueError(f"scrypt parameters {params} are not the ones this pack writes ({SCRYPT})")
         key = _derive(passphrase, bytes.fromhex(meta["kdf.salt"]), params)
         plain = AESGCM(key).decrypt(bytes.fromhex(meta["nonce"]), sealed.numpy().tobytes(), _canonical(meta))
     except InvalidTag:
@@ -157,7 +159,8 @@ def _checked(tensors: dict[str, torch.Tensor], name: str, shape: tuple | None, n
     if t is None:
         raise KeyFileError(f"the key file has no {name}")
     if t.dtype != torch.float32 or (shape is not None and tuple(t.shape) != shape) or (ndim is not None and t.ndim != ndim):
-        raise KeyFileError(f"{name} has dtype {t.dtype} and shape {tuple(t.shape)}, which no Diff-Privacy key has")
+        expected = f"float32 {shape}" if shape is not None else f"float32 with {ndim} dimensions"
+        raise KeyFileError(f"{name} has dtype {t.dtype} and shape {tuple(t.shape)}; a Diff-Privacy key has {expected}")
     if not torch.isfinite(t).all():
         raise KeyFileError(f"{name} holds NaN or infinite values")
     return t

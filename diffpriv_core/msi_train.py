@@ -105,6 +105,9 @@ class _Encodings:
 
 
 MIN_SIDE = 64
+# MSI trains the UNet's forward and backward pass on the whole image at full resolution:
+# above this the memory and time grow out of reach of one GPU (SD 1.x works best at 512).
+MAX_SIDE = 2048
 LATENT_FACTOR = 8
 
 
@@ -115,6 +118,9 @@ def check_images(images: torch.Tensor) -> None:
     h, w = images.shape[1:3]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"MSI needs images of at least {MIN_SIDE} x {MIN_SIDE} pixels, got {w} x {h}")
+    if max(h, w) > MAX_SIDE:
+        raise ValueError(f"MSI takes images of at most {MAX_SIDE} x {MAX_SIDE} pixels, got {w} x {h}; "
+                         "resize the image or crop the face region first")
     if h % LATENT_FACTOR or w % LATENT_FACTOR:
         raise ValueError(f"MSI needs image sides divisible by {LATENT_FACTOR} (the VAE's factor), got {w} x {h}; "
                          "crop or resize the image first")

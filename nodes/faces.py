@@ -12,6 +12,8 @@ from diffpriv_core.faces.detect import (KNOWN_DETECTORS, MTCNN, NoFaceError, box
                                         is_detector_file)
 
 from .face_models import model_options, resolve_model
+from .host import check_interrupt
+from .inputs import image_side_at_least, rgb_images
 from .types import FaceCrops, Faces
 
 log = logging.getLogger("diffprivacy")
@@ -54,11 +56,12 @@ class FaceDetect(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, select, index, min_size, min_score, on_no_face, detector=MTCNN) -> io.NodeOutput:
-        if image.shape[0] == 0:
-            raise ValueError("Face Detect got an empty image batch")
+        image = rgb_images(image, "Face Detect")
+        image_side_at_least(image, max(min_size, 12), "Face Detect")  # MTCNN's smallest window is 12 px
         detector = resolve_detector(detector)
         per_image, masks, missing = [], [], []
         for i, img in enumerate(image):
+            check_interrupt()
             faces = detect_faces(img, min_score=min_score, min_size=min_size, detector=detector)
             if select == "largest":
                 faces = faces[:1]
@@ -97,6 +100,7 @@ class FaceCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, faces, size, margin) -> io.NodeOutput:
+        image = rgb_images(image, "Face Crop")
         if len(faces) != image.shape[0]:
             raise ValueError(f"Face Crop got {image.shape[0]} images but faces for {len(faces)}: "
                              "connect the Face Detect that ran on this image")
@@ -135,4 +139,5 @@ class FacePaste(io.ComfyNode):
         if not crop_info:
             raise ValueError("Face Paste got no crop geometry: the key was made from a whole image, not from a "
                              "Face Crop, so there is nothing to paste into")
-        return io.NodeOutput(*paste_faces(image, faces, crop_info, feather))
+        image = rgb_images(image, "Face Paste")
+        return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather))

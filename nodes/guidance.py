@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,13 +17,15 @@ from diffpriv_core.guided import IdentityGuidance, face_target
 
 from .face_models import model_options, resolve_model
 from .faces import NO_FACE
-from .host import gradients, grad_input
+from .host import check_interrupt, gradients, grad_input
+from .inputs import image_side_at_least, rgb_images
 from .types import FaceModel, Guidance
 
 log = logging.getLogger("diffprivacy")
 
 DECODE_REGIONS = ("whole image", "face crop")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
+MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
 
 
 def recognizer_options() -> list[str]:
@@ -50,10 +54,27 @@ class FaceRecognizerLoader(io.ComfyNode):
     def execute(cls, model_name) -> io.NodeOutput:
         path = resolve_recognizer(model_name)
         with gradients():  # normal tensors: the sampler differentiates through this network
-            model = load_recognizer(path)
+            model = load_checked(path)
         log.info("Diff-Privacy: face recogniser %s (%d px input) loaded on the CPU; the sampler moves it "
                  "to the model's device", path, model.input_size)
         return io.NodeOutput(model)
+
+
+def load_checked(path: Path):
+    """load_recognizer, with files that are damaged or hold more than weights refused in
+    words that say so (never with advice to unpickle them)."""
+    from google.protobuf.message import DecodeError
+    from safetensors import SafetensorError
+
+    try:
+        return load_recognizer(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f"Face Recognizer Loader: {path.name} holds pickled objects other than weights and was "
+                         "refused (code in model files is never run); use a file that holds only weights, e.g. "
+                         "its .safetensors version") from None
+    except (DecodeError, SafetensorError, zipfile.BadZipFile, EOFError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"Face Recognizer Loader: {path.name} is damaged or not a face recogniser ({reason})") from None
 
 
 class IdentityGuidanceNode(io.ComfyNode):
@@ -95,13 +116,14 @@ class IdentityGuidanceNode(io.ComfyNode):
     @classmethod
     def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
                 face_index, min_score, on_no_face, gradient_checkpointing=False) -> io.NodeOutput:
-        if image.shape[0] == 0:
-            raise ValueError("Identity Guidance got an empty image batch")
+        image = rgb_images(image, "Identity Guidance")
+        image_side_at_least(image, MIN_FACE_SIDE, "Identity Guidance")
         paper = PAPER_LAMBDAS[mode]
         targets, missing = [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
             for i, img in enumerate(images):
+                check_interrupt()  # long batches: Cancel stops between images
                 faces = detect_faces(img, min_score=min_score)
                 if len(faces) <= face_index:
                     if on_no_face == "error":

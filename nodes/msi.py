@@ -15,6 +15,7 @@ from diffpriv_core.msi_train import MSIHost, check_images, train_msi
 
 from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input
+from .inputs import rgb_images, sd1_model
 from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
 from .types import KeyE
 
@@ -23,6 +24,7 @@ log = logging.getLogger("diffprivacy")
 CURVE_SIZE = (512, 256)
 CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 PREVIEWS = 20  # live loss-curve previews per run
+NAME = "MSI Inversion"
 
 
 class MSIInversion(io.ComfyNode):
@@ -54,7 +56,9 @@ class MSIInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed) -> io.NodeOutput:
+        image = rgb_images(image, NAME)
         check_images(image)
+        sd1_model(model, NAME)
         check_clip_vision(clip_vision)
         config = _config(preset, steps, lr, seed)
         host = eps = None
@@ -65,6 +69,8 @@ class MSIInversion(io.ComfyNode):
                 host = MSIHost(eps=eps, codec=ComfyCodec(vae, model), text=ComfyText(clip),
                                features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
                 keys, curves = _train_batch(grad_input(image), host, config)
+                for key in keys:  # key-I and recovery refuse this key-E with another checkpoint
+                    key.meta["checkpoint"] = eps.fingerprint
         finally:
             del host, eps
             comfy.model_management.soft_empty_cache()

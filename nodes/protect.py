@@ -10,11 +10,14 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core import ddim
-from diffpriv_core.guided import PRESETS, IdentityCorrection, KeepOutsideMask, chain
+from diffpriv_core.guided import PRESETS, IdentityCorrection, KeepOutsideMask, chain, frame_offset
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 
 from .adapters import ComfyDecoder
+from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
 from .types import Guidance
+
+NAME = "Guided DDIM Sampler"
 
 
 def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, make_correction=None):
@@ -58,6 +61,8 @@ class ProtectionCorrection:
     def __call__(self, grid, model):
         identity = None
         target = self.guidance.target_for(self.index) if self.guidance is not None else None
+        if target is not None:
+            check_reference_frame(target, tuple(model.latent_image.shape[-2:]), self.index)
         if target is not None and not self.guidance.lambdas.is_off:
             self.guidance.embedder.to(model.latent_image.device)
             decoder = self.decoders.get(model.inner_model.inner_model.latent_format,
@@ -80,6 +85,27 @@ class DecoderCache:
         if checkpointed not in self.decoders:
             self.decoders[checkpointed] = ComfyDecoder(self.vae, latent_format, checkpointed)
         return self.decoders[checkpointed]
+
+
+def check_reference_frame(target, latent_hw: tuple[int, int], index: int, node: str = "Guided DDIM") -> None:
+    """Before any compute: the latent must be the encoding of the guidance's reference image
+    (VAE Encode crops an image to a multiple of 8, centred; the guidance follows that crop)."""
+    try:
+        frame_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
+    except ValueError as exc:
+        raise ValueError(f"{node}: image {index} of 'latent' does not match 'guidance': {exc}") from None
+
+
+def check_conditioning(conditioning, batch: int, node: str, name: str = "positive") -> None:
+    """CONDITIONING for SD 1.x with one row for all images or one per image."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{node}: '{name}' is an empty CONDITIONING")
+    for cond, _options in conditioning:
+        if cond.ndim != 3 or cond.shape[-1] != TEXT_WIDTH:
+            raise ValueError(f"{node}: '{name}' holds conditionings of shape {tuple(cond.shape)}; SD 1.x needs "
+                             f"[rows, tokens, {TEXT_WIDTH}] (from the Embedding Scheduler or an SD 1.x text encoder)")
+        one_or_batch(cond.shape[0], batch, node, name, "conditioning row", "latent")
+        check_finite(cond, node, name)
 
 
 def conditioning_row(conditioning: list, index: int) -> list:
@@ -129,9 +155,20 @@ class GuidedDDIMSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, latent, preset, s_ns, steps, samples, seed,
                 guidance=None, mask=None) -> io.NodeOutput:
-        originals = latent["samples"]
-        if originals.shape[0] == 0:
-            raise ValueError("Guided DDIM Sampler got an empty latent batch")
+        originals = sd_latents(latent, NAME)
+        sd1_model(model, NAME)
+        batch = originals.shape[0]
+        check_conditioning(positive, batch, NAME)
+        if mask is not None:
+            mask = mask.reshape(-1, *mask.shape[-2:])
+            one_or_batch(mask.shape[0], batch, NAME, "mask", "mask", "latent")
+            check_finite(mask, NAME, "mask")
+        if guidance is not None:
+            one_or_batch(len(guidance.targets), batch, NAME, "guidance", "reference image", "latent")
+            for i in range(batch):
+                target = guidance.target_for(i)
+                if target is not None:
+                    check_reference_frame(target, tuple(originals.shape[-2:]), i, NAME)
         if preset in PRESETS:
             s_ns, steps, samples = PRESETS[preset].strength, PRESETS[preset].steps, PRESETS[preset].batch
         sigmas = ddim_grid(steps).tail(s_ns).sigmas().float()

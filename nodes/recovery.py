@@ -7,20 +7,11 @@ from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
 
 from .adapters import ComfyEpsModel
 from .host import Progress
+from .inputs import per_image, sd1_model, sd_latents
 from .types import KeyE, KeyI
 
 MODE_TIPS = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
              "ddim": "plain DDIM inversion, as in the paper"}
-
-
-def _per_image(keys: list, batch: int, what: str) -> list:
-    if not keys:
-        raise ValueError(f"the {what} list is empty")
-    if len(keys) == 1:
-        return keys * batch
-    if len(keys) != batch:
-        raise ValueError(f"{len(keys)} {what}s for a batch of {batch}: give one per image, or a single one for all")
-    return list(keys)
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -47,10 +38,10 @@ class DDIMInversionKey(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, key_e, steps, mode, refine_iterations) -> io.NodeOutput:
-        samples = latent["samples"]
-        if samples.shape[0] == 0:
-            raise ValueError("DDIM Inversion Key got an empty latent batch")
-        keys_e = _per_image(key_e, samples.shape[0], "key-E")
+        node = "DDIM Inversion Key"
+        samples = sd_latents(latent, node)
+        sd1_model(model, node)
+        keys_e = per_image(key_e, samples.shape[0], node, "key_e", "key-E", "latent")
         eps = ComfyEpsModel(model)
         for k in keys_e:
             check_checkpoint(k.meta, eps.fingerprint, "key-E")
@@ -78,7 +69,10 @@ class Recover(io.ComfyNode):
         if not key_i:
             raise ValueError("Recover got no key-I: the key file holds only key-E (it was saved before "
                              "DDIM Inversion Key); save key-E and key-I together to recover")
-        keys_e = _per_image(key_e, len(key_i), "key-E")
+        sd1_model(model, "Recover")
+        keys_e = per_image(key_e, len(key_i), "Recover", "key_e", "key-E", "key_i")
         eps = ComfyEpsModel(model)
+        for k in keys_e:
+            check_checkpoint(k.meta, eps.fingerprint, "key-E")
         z = recover(eps, key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
         return io.NodeOutput({"samples": eps.to_samples(z)})

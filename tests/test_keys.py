@@ -1,11 +1,16 @@
 """Key files: round trip, determinism, encryption, and refusal of every bad file."""
 from __future__ import annotations
 
+import json
 import os
 import stat
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from diffpriv_core import keys
@@ -128,3 +133,89 @@ def test_file_names_never_leave_the_folder(tmp_path):
         keys.safe_join(tmp_path, "link/x")
     assert keys.safe_join(tmp_path, "sub/k.dpkey.safetensors") == tmp_path.resolve() / "sub" / "k.dpkey.safetensors"
     assert keys.next_key_path(tmp_path, "sub/k").name == "k_00001.dpkey.safetensors"
+
+
+def forge(tensors: dict, **extra_meta) -> bytes:
+    """A plain key file with a valid digest around whatever tensors are given."""
+    meta = {"format": keys.FORMAT, "version": keys.VERSION, **extra_meta}
+    meta["digest"] = keys._digest(meta, tensors)
+    return save_bytes(tensors, metadata={keys.META_KEY: keys._canonical(meta).decode()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("name", ["key_e.stages", "key_e.uc", "key_i.latent"])
+def test_wrong_dtypes_are_refused_even_with_a_valid_digest(name, dtype):
+    key_e, key_i = make_keys()
+    tensors = keys._tensors(key_e, key_i)
+    tensors[name] = tensors[name].to(dtype)
+    data = forge(tensors, steps="50", inversion="fixed_point", refine="3")
+    with pytest.raises(KeyFileError, match=f"{name} has dtype {dtype}"):
+        load_key_bytes(data)
+
+
+def test_truncation_inside_every_region_is_refused():
+    """Cuts in the length prefix, the JSON header, at its end, inside and between every
+    tensor, and one byte short of the end."""
+    for passphrase in (None, "pw"):
+        data = key_bytes(*make_keys(), passphrase=passphrase)
+        header_len = int.from_bytes(data[:8], "little")
+        start = 8 + header_len
+        header = json.loads(data[8:start])
+        cuts = {1, 7, 8, 9, 8 + header_len // 2, start - 1, start, len(data) - 1}
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                cuts |= {start + begin, start + begin + 1, start + (begin + end) // 2, start + end - 1}
+        for cut in sorted(c for c in cuts if 0 < c < len(data)):
+            with pytest.raises(KeyFileError):
+                load_key_bytes(data[:cut], passphrase)
+
+
+def test_hostile_headers_are_refused_quickly():
+    body = key_bytes(*make_keys())
+    nested = b"[" * 200_000 + b"]" * 200_000  # a JSON nesting bomb within the header size limit
+    hostile = [
+        len(nested).to_bytes(8, "little") + nested,
+        (2**20 + 1).to_bytes(8, "little") + b"{" + b" " * 2**20,  # over the header limit
+        (8).to_bytes(8, "little") + b'"\xff\xfe"    ',  # not UTF-8
+        body[:8] + body[8:].replace(b'"dtype":"F32"', b'"dtype":"XYZ"', 1),
+        body[:8] + body[8:].replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1),
+    ]
+    for data in hostile:
+        started = time.monotonic()
+        with pytest.raises(KeyFileError):
+            load_key_bytes(data)
+        assert time.monotonic() - started < 2.0
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(tempfile.gettempdir()) / f"dp-key-pickle-ran-{os.getpid()}"
+
+
+def test_a_pickle_is_never_unpickled(tmp_path):
+    """A torch.save (pickle) file whose unpickling would run a command: refused as not a
+    key, and the command never runs."""
+    path = tmp_path / "evil.dpkey.safetensors"
+    torch.save({"key_e.stages": _Payload()}, path)
+    for passphrase in (None, "pw"):
+        with pytest.raises(KeyFileError):
+            load_key(path, passphrase)
+    assert not MARKER.exists()
+
+
+def test_scrypt_parameters_a_file_asks_for_are_bounded():
+    """The public metadata is only authenticated after the key is derived, so a file must
+    not be able to make derivation arbitrarily costly."""
+    data = key_bytes(*make_keys(), passphrase="pw")
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = json.loads(header["__metadata__"][keys.META_KEY])
+    meta["kdf.params"] = json.dumps({"n": 2**17, "r": 16, "p": 4})  # 256 MiB, 32 times the work
+    hostile = save_bytes(load_bytes(data), metadata={keys.META_KEY: keys._canonical(meta).decode()})
+    started = time.monotonic()
+    with pytest.raises(KeyFileError, match="scrypt"):
+        load_key_bytes(hostile, "pw")
+    assert time.monotonic() - started < 1.0
