@@ -2,13 +2,16 @@
 
 A plain step is one UNet call; a guided step adds the VAE decode of x0-hat, the aligned
 face through the recogniser, and their backward pass (never the UNet's). Measured on the
-test-size SD1.5 (real VAE size) and the ArcFace-shaped test recogniser, on a photo whose
-face is smaller than the frame, decoding the whole frame and only the face crop. Each
-configuration runs in its own process so its peak resident memory is its own.
+test-size SD1.5 (real VAE size; ``--unet sd15``: SD1.5's full UNet, the real cost) and the
+ArcFace-shaped test recogniser, on a photo whose face is smaller than the frame, decoding
+the whole frame and only the face crop. Each configuration runs in its own process so its
+peak resident memory is its own.
 
-    .venv/bin/python benchmarks/guided_step.py [--size 256] [--steps 4]
+    .venv/bin/python benchmarks/guided_step.py [--size 256] [--steps 4] [--unet sd15 --checkpointing]
 """
 from __future__ import annotations
+
+# sd15 arguments: --unet sd15 --size 512 --steps 2 --checkpointing
 
 import argparse
 import json
@@ -18,12 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from _models import MODELS, UNET_WORDS, ensure_models
+
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / ".cache" / "benchmark-models"
 CONFIGS = ("plain", "guided, whole frame", "guided, face crop")
 
 
-def measure(config: str, size: int, steps: int) -> dict:
+def measure(config: str, size: int, steps: int, models: Path, checkpointing: bool) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
     import skimage.data
     import torch
@@ -42,7 +46,7 @@ def measure(config: str, size: int, steps: int) -> dict:
 
     host = load_host_in_process()
     adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
-    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(MODELS / demo_models.CHECKPOINT))[:3]
+    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(models / demo_models.CHECKPOINT))[:3]
     photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
     photo = F.interpolate(photo.movedim(-1, 1), size=(size, size), mode="area").movedim(1, -1)
     g = torch.Generator().manual_seed(0)
@@ -53,46 +57,51 @@ def measure(config: str, size: int, steps: int) -> dict:
     grid = ddim_grid(steps * 2).tail(0.5)
     correction = None
     if config != "plain":
-        embedder = load_recognizer(MODELS / demo_models.ARCFACE_ONNX)
+        embedder = load_recognizer(models / demo_models.ARCFACE_ONNX)
         target = face_target(embedder, photo[0], detect_faces(photo[0])[0])
         guidance = IdentityGuidance(embedder, "anonymize", PAPER_LAMBDAS["anonymize"], (target,),
                                     crop_margin=0.5 if config.endswith("crop") else None)
-        correction = IdentityCorrection(guidance, target, adapters.ComfyDecoder(vae, model.get_model_object(
-            "latent_format")), grid)
+        decoder = adapters.ComfyDecoder(vae, model.get_model_object("latent_format"), checkpointed=checkpointing)
+        correction = IdentityCorrection(guidance, target, decoder, grid)
     z = ddim.add_noise(z0, torch.randn(z0.shape, generator=g), grid.alphas[0])
     ddim.sample(eps_fn, z, Grid(grid.timesteps[:1], grid.alphas[:2]), correction)  # warm-up: first calls allocate
     start = time.perf_counter()
     ddim.sample(eps_fn, z, grid, correction)
     seconds = (time.perf_counter() - start) / grid.steps
-    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "device": str(model.load_device)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--unet", choices=list(MODELS), default="test")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the VAE decoder")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.size, args.steps)))
+        print(json.dumps(measure(args.child, args.size, args.steps, MODELS[args.unet], args.checkpointing)))
         return
-    if not (MODELS / "checkpoints").exists():
-        subprocess.run([sys.executable, "-m", "diffpriv_client.demo_models", str(MODELS)], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+    ensure_models(args.unet)
     results = {}
     for config in CONFIGS:
-        done = subprocess.run([sys.executable, __file__, "--child", config, "--size", str(args.size),
-                               "--steps", str(args.steps)], cwd=ROOT, capture_output=True, text=True, check=True)
+        flags = ["--size", str(args.size), "--steps", str(args.steps), "--unet", args.unet]
+        flags += ["--checkpointing"] if args.checkpointing else []
+        done = subprocess.run([sys.executable, __file__, "--child", config, *flags], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
         results[config] = json.loads(done.stdout.strip().splitlines()[-1])
     plain = results["plain"]["seconds"]
-    print(f"{args.size}x{args.size} px photo (the face about a sixth of its "
-          f"width), test-size SD1.5 UNet with the real-size VAE, ArcFace-shaped test recogniser, CPU; mean over "
-          f"{args.steps} steps after one warm-up step, each configuration in its own process.\n")
+    decoder = "a gradient-checkpointed VAE decoder" if args.checkpointing else "the real-size VAE"
+    print(f"{args.size}x{args.size} px photo (the face about a sixth of its width), {UNET_WORDS[args.unet]} with "
+          f"{decoder}, ArcFace-shaped test recogniser, device {results['plain']['device']}; mean over {args.steps} steps after one "
+          "warm-up step, each configuration in its own process.\n")
     print("| step | seconds | vs plain | peak memory (MiB) |\n|---|---|---|---|")
     for config, r in results.items():
         print(f"| {config} | {r['seconds']:.3f} | {r['seconds'] / plain:.2f}x | {r['peak_mib']:.0f} |")
-    print("\nThe test-size UNet is far smaller than SD1.5's, so these ratios overstate the guidance's share; "
-          "on a real SD1.5 UNet the plain step costs much more and the ratio drops.")
+    if args.unet == "test":
+        print("\nThe test-size UNet is far smaller than SD1.5's, so these ratios overstate the guidance's share; "
+              "`--unet sd15` measures them against SD1.5's full UNet.")
 
 
 if __name__ == "__main__":

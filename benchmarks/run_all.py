@@ -5,13 +5,20 @@ to stdout. This harness runs each in a fresh interpreter, names the machine the 
 came from, and writes the sections in order. Figures are only ever what the scripts
 measured on this run; a script that fails gets a section saying so, with its error.
 
-    .venv/bin/python benchmarks/run_all.py [--only inversion_modes ...] [--out BENCHMARKS.md]
+Two sizes: ``test`` (the test-size models, minutes on a CPU) runs every script; ``sd15``
+(SD1.5's full-size UNet at 512 px, for a GPU or a patient CPU) runs the scripts that carry
+a line ``# sd15 arguments: ...`` with those arguments. Each size has its own block in
+BENCHMARKS.md, with its own date and machine; a run rewrites its size's block only.
+
+    .venv/bin/python benchmarks/run_all.py [--size sd15] [--only inversion_modes ...] [--out BENCHMARKS.md]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -41,8 +48,21 @@ def machine_lines() -> list[str]:
             f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}"]
 
 
-def benchmark_scripts(folder: Path, only: list[str] | None) -> list[Path]:
-    scripts = sorted(p for p in folder.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
+SIZES = {"test": "Test size: the test-size models", "sd15": "SD1.5 size: SD1.5's full-size UNet at 512 px"}
+SD15_MARKER = re.compile(r"^# sd15 arguments: (.+)$", re.MULTILINE)
+
+
+def size_arguments(script: Path, size: str) -> list[str] | None:
+    """The script's arguments for this size; None when it has no such size."""
+    if size == "test":
+        return []
+    found = SD15_MARKER.search(script.read_text())
+    return shlex.split(found.group(1)) if found else None
+
+
+def benchmark_scripts(folder: Path, only: list[str] | None, size: str) -> list[Path]:
+    scripts = sorted(p for p in folder.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+                     and size_arguments(p, size) is not None)
     if only:
         missing = set(only) - {p.stem for p in scripts}
         if missing:
@@ -51,11 +71,12 @@ def benchmark_scripts(folder: Path, only: list[str] | None) -> list[Path]:
     return scripts
 
 
-def run_benchmark(script: Path, timeout: float) -> str:
+def run_benchmark(script: Path, arguments: list[str], timeout: float) -> str:
     """The script's markdown section, or a section reporting why there is none."""
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, str(script), *arguments], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"_Not measured: stopped after {timeout:.0f} s._\n"
     seconds = time.perf_counter() - start
@@ -71,17 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--dir", type=Path, default=HERE, help="folder of benchmark scripts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script")
+    parser.add_argument("--size", choices=list(SIZES), default="test")
     args = parser.parse_args(argv)
-    scripts = benchmark_scripts(args.dir, args.only)
-    lines = ["# Benchmarks", "", f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-             "`benchmarks/run_all.py`; every figure below is what that run measured.", "", "## Machine", ""]
+    scripts = benchmark_scripts(args.dir, args.only, args.size)
+    lines = [f"## {SIZES[args.size]}", "", f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+             f"`benchmarks/run_all.py --size {args.size}`; every figure in this part is what that run measured, on:",
+             ""]
     lines += machine_lines() + [""]
     for script in scripts:
         print(f"running {script.name} ...", file=sys.stderr, flush=True)
-        lines += [f"## {script.stem}", "", f"`python benchmarks/{script.name}`", "", run_benchmark(script, args.timeout)]
-    args.out.write_text("\n".join(lines))
+        arguments = size_arguments(script, args.size)
+        command = " ".join(["python", f"benchmarks/{script.name}", *arguments])
+        lines += [f"### {script.stem}", "", f"`{command}`", "", run_benchmark(script, arguments, args.timeout)]
+    blocks = size_blocks(args.out.read_text() if args.out.exists() else "")
+    blocks[args.size] = "\n".join(lines)
+    args.out.write_text("# Benchmarks\n\n" + "\n".join(blocks[size] for size in SIZES if size in blocks))
     print(args.out)
     return 0
+
+
+def size_blocks(text: str) -> dict[str, str]:
+    """The blocks of an existing BENCHMARKS.md, by size (a file without blocks has none)."""
+    titles = {f"## {title}": size for size, title in SIZES.items()}
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = titles.get(line)
+        if current is not None:
+            blocks.setdefault(current, []).append(line)
+    return {size: "\n".join(lines) + "\n" for size, lines in blocks.items()}
 
 
 if __name__ == "__main__":

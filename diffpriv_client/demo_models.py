@@ -7,7 +7,8 @@ ComfyUI's loaders accept them exactly as they accept real files:
 
 - ``checkpoints/dp-test-sd15.safetensors``: an SD1.5 checkpoint (real text encoder and VAE
   shapes; the UNet keeps model_channels 320 and context_dim 768 so it is detected as SD1.5,
-  but has one level and one res block);
+  but has one level and one res block); with ``--unet sd15`` the UNet has SD1.5's full
+  architecture (860 M parameters, for benchmarks at the real cost);
 - ``clip_vision/dp-test-vitl14.safetensors``: a CLIP ViT-L/14 @224 image encoder;
 - ``insightface/models/dp-test/dp-test-arcface.onnx``: a small IResNet (insightface's ArcFace
   family) exported by torch's TorchScript exporter in the pack layout: input ``input.1``
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +41,12 @@ UNET_CONFIG = dict(
     use_spatial_transformer=True, legacy=False, adm_in_channels=None,
     use_temporal_resblock=False, use_temporal_attention=False,
 )
+# ComfyUI's own SD1.5 UNet configuration (comfy/model_detection.py), for real-cost benchmarks.
+SD15_UNET_CONFIG = dict(
+    UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+)
+UNETS = {"test": UNET_CONFIG, "sd15": SD15_UNET_CONFIG}
 VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3,
                 'ch': 128, 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 
@@ -88,7 +96,7 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_checkpoint(path: Path, seed: int) -> None:
+def make_checkpoint(path: Path, seed: int, unet: str = "test") -> None:
     import comfy.ops
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -97,9 +105,9 @@ def make_checkpoint(path: Path, seed: int) -> None:
     ops = comfy.ops.disable_weight_init
     g = torch.Generator().manual_seed(seed)
     state = {}
-    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=ops)
-    init_weights(unet, g)
-    state.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    model = UNetModel(**UNETS[unet], dtype=torch.float32, device="cpu", operations=ops)
+    init_weights(model, g)
+    state.update({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()})
     vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
     init_weights(vae, g)
     state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
@@ -193,9 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="a models/ folder to write into")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--unet", choices=list(UNETS), default="test",
+                        help="test: one-level UNet (fast); sd15: SD1.5's full UNet (real cost, 1.7 GB file)")
     args = parser.parse_args(argv)
     _import_comfy()
-    for rel, make in ((CHECKPOINT, make_checkpoint), (CLIP_VISION, make_clip_vision),
+    for rel, make in ((CHECKPOINT, partial(make_checkpoint, unet=args.unet)), (CLIP_VISION, make_clip_vision),
                       (ARCFACE_ONNX, make_arcface_file)):
         target = args.out / rel
         if not target.exists():
