@@ -11,7 +11,7 @@ peak resident memory is its own.
 """
 from __future__ import annotations
 
-# sd15 arguments: --unet sd15 --size 512 --steps 2 --checkpointing
+# sd15 arguments: --unet sd15 --size 512 --steps 4 --checkpointing
 
 import argparse
 import json

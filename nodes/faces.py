@@ -12,7 +12,7 @@ from diffpriv_core.faces.detect import (KNOWN_DETECTORS, MTCNN, NoFaceError, box
                                         is_detector_file)
 
 from .face_models import model_options, resolve_model
-from .host import check_interrupt
+from .host import Progress
 from .inputs import image_side_at_least, rgb_images
 from .types import FaceCrops, Faces
 
@@ -60,8 +60,8 @@ class FaceDetect(io.ComfyNode):
         image_side_at_least(image, max(min_size, 12), "Face Detect")  # MTCNN's smallest window is 12 px
         detector = resolve_detector(detector)
         per_image, masks, missing = [], [], []
+        progress = Progress(image.shape[0])
         for i, img in enumerate(image):
-            check_interrupt()
             faces = detect_faces(img, min_score=min_score, min_size=min_size, detector=detector)
             if select == "largest":
                 faces = faces[:1]
@@ -73,6 +73,7 @@ class FaceDetect(io.ComfyNode):
                 missing.append(i)
             per_image.append(faces)
             masks.append(box_mask(img.shape[0], img.shape[1], faces))
+            progress.step()
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; passed through", missing)
         return io.NodeOutput(per_image, torch.stack(masks))
