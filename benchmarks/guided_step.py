@@ -52,8 +52,14 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     g = torch.Generator().manual_seed(0)
     key_e = KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g))
     eps = adapters.ComfyEpsModel(model)
-    eps_fn = conditioned_eps(eps, [key_e], tau=0.4)
-    z0 = eps.to_z(vae.encode(photo))
+    conditioned = conditioned_eps(eps, [key_e], tau=0.4)
+
+    def eps_fn(z, t):
+        with torch.no_grad():  # as the sampler node: Algorithm 1 never backpropagates through the UNet
+            return conditioned(z, t)
+
+    with torch.no_grad():
+        z0 = eps.to_z(vae.encode(photo))
     grid = ddim_grid(steps * 2).tail(0.5)
     correction = None
     if config != "plain":
