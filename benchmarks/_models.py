@@ -1,4 +1,4 @@
-"""The random-weight models the benchmarks run on, generated once into .cache/."""
+"""What the benchmarks run on: random-weight models (generated once into .cache/) and a photo."""
 from __future__ import annotations
 
 import subprocess
@@ -17,3 +17,14 @@ def ensure_models(unet: str) -> Path:
         subprocess.run([sys.executable, "-m", "diffpriv_client.demo_models", str(models), "--unet", unet],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return models
+
+
+def astronaut(size: int):
+    """scikit-image's astronaut photo as a ComfyUI IMAGE batch [1, size, size, 3] (the face
+    about a sixth of its width)."""
+    import skimage.data
+    import torch
+    import torch.nn.functional as F
+
+    photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
+    return F.interpolate(photo.movedim(-1, 1), size=(size, size), mode="area").movedim(1, -1)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _models import MODELS, UNET_WORDS, ensure_models
+from _models import MODELS, UNET_WORDS, astronaut, ensure_models
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("plain", "guided, whole frame", "guided, face crop")
@@ -29,9 +29,7 @@ CONFIGS = ("plain", "guided, whole frame", "guided, face crop")
 
 def measure(config: str, size: int, steps: int, models: Path, checkpointing: bool) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
-    import skimage.data
     import torch
-    import torch.nn.functional as F
     from inprocess import load_host_in_process
 
     from diffpriv_client import demo_models
@@ -47,8 +45,7 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     host = load_host_in_process()
     adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
     model, _clip, vae = host.sd.load_checkpoint_guess_config(str(models / demo_models.CHECKPOINT))[:3]
-    photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
-    photo = F.interpolate(photo.movedim(-1, 1), size=(size, size), mode="area").movedim(1, -1)
+    photo = astronaut(size)
     g = torch.Generator().manual_seed(0)
     key_e = KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g))
     eps = adapters.ComfyEpsModel(model)

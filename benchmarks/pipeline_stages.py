@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _models import MODELS, UNET_WORDS, ensure_models
+from _models import MODELS, UNET_WORDS, astronaut, ensure_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,7 @@ class Stages:
 
 def measure(args) -> tuple[Stages, str]:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
-    import skimage.data
     import torch
-    import torch.nn.functional as F
     from inprocess import load_host_in_process
 
     from diffpriv_client import demo_models
@@ -58,8 +56,7 @@ def measure(args) -> tuple[Stages, str]:
     import comfy.clip_vision  # importable once the host is on the path
     nodes = host.pack.nodes
     models = MODELS[args.unet]
-    photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
-    photo = F.interpolate(photo.movedim(-1, 1), size=(args.size, args.size), mode="area").movedim(1, -1)
+    photo = astronaut(args.size)
     stages = Stages()
     with torch.inference_mode():  # as ComfyUI runs prompts
         model, clip, vae = host.sd.load_checkpoint_guess_config(str(models / demo_models.CHECKPOINT))[:3]

@@ -64,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--every-face", action="store_true",
                          help="protect every face of each photo, one key per face, the rest of the photo untouched "
                               "(default workflow: workflows/api/<task>_faces.json)")
-    protect.set_defaults(func=protect_command)
+    protect.set_defaults(func=protect_command, photo=None)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
     recover.add_argument("--photo", type=Path,
                          help="keys made with --every-face: the protected photo to put each recovered face back "
                               "into (default workflow: workflows/api/recover_face.json); one output per key")
-    recover.set_defaults(func=recover_command, task="recover")
+    recover.set_defaults(func=recover_command, task="recover", every_face=False)
 
     sub.add_parser("eval", add_help=False,
                    help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
@@ -201,9 +201,9 @@ def load_template(args) -> dict:
 
 def workflow_name(args) -> str:
     """The shipped workflow for what was asked: per task, per face, or a face back into a photo."""
-    if getattr(args, "every_face", False):
+    if args.every_face:
         return f"{args.task}_faces"
-    if getattr(args, "photo", None) is not None:
+    if args.photo is not None:
         return "recover_face"
     return args.task
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import folder_paths
 
-from diffpriv_core.faces.recognizers import KnownModel
+from diffpriv_core.faces.model_files import KnownModel
 
 FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
 

@@ -92,12 +92,8 @@ def per_image(items: list, batch: int, node: str, name: str, what: str, batch_na
     """One item per image of a batch: ``items`` holds one for all or exactly one per image."""
     if not items:
         raise ValueError(f"{node}: '{name}' is empty (no {what})")
-    if len(items) == 1:
-        return list(items) * batch
-    if len(items) != batch:
-        raise ValueError(f"{node}: '{name}' holds {len(items)} {what}s but '{batch_name}' has {batch}; "
-                         f"give one {what} per image, or a single one for all")
-    return list(items)
+    one_or_batch(len(items), batch, node, name, what, batch_name)
+    return list(items) * batch if len(items) == 1 else list(items)
 
 
 def one_or_batch(count: int, batch: int, node: str, name: str, what: str, batch_name: str) -> None:

@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io
 from diffpriv_core.faces.crop import FaceCrop
 from diffpriv_core.keys import load_key, next_key_path, safe_join, save_key
 
+from .inputs import per_image
 from .types import FaceCrops, KeyE, KeyI
 
 KEYS_FOLDER = "diffprivacy_keys"
@@ -50,11 +51,8 @@ class SavePrivacyKey(io.ComfyNode):
 
     @classmethod
     def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None, crop_info=None) -> io.NodeOutput:
-        if not key_e:
-            raise ValueError("Save Privacy Key got an empty key-E list")
-        if key_i is not None and len(key_i) != len(key_e) and len(key_e) != 1:
-            raise ValueError(f"{len(key_e)} key-Es and {len(key_i)} key-Is: give one key-E per key-I, or one for all")
         count = len(key_i) if key_i else len(key_e)
+        keys_e = per_image(key_e, count, "Save Privacy Key", "key_e", "key-E", "key_i")
         if crop_info is not None and len(crop_info) != count:
             raise ValueError(f"{len(crop_info)} face crops for {count} keys: connect the Face Crop whose crops "
                              "made these keys")
@@ -63,7 +61,7 @@ class SavePrivacyKey(io.ComfyNode):
         for b in range(count):
             crop = crop_info[b] if crop_info is not None else None
             path = next_key_path(root, face_key_prefix(filename_prefix, crop, crop_info))
-            save_key(path, key_e[b if len(key_e) > 1 else 0], key_i[b] if key_i else None, passphrase or None,
+            save_key(path, keys_e[b], key_i[b] if key_i else None, passphrase or None,
                      extra={CROP_META: crop.to_json()} if crop is not None else None)
             written.append(str(path))
             rel = os.path.relpath(path, root)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpriv_core.faces.detect import detect_faces, find_detector
-from diffpriv_core.faces.recognizers import MissingFaceModelError
+from diffpriv_core.faces.model_files import MissingFaceModelError
 
 pytest.importorskip("insightface", reason="insightface is an optional extra")
 KEYPOINTS = torch.tensor([[-1.0, -0.5], [1.0, -0.5], [0.0, 0.0], [-0.7, 1.0], [0.7, 1.0]])  # in cells

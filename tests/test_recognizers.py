@@ -7,7 +7,8 @@ import torch
 
 import make_face_models
 from diffpriv_core.faces import recognizers
-from diffpriv_core.faces.recognizers import MissingFaceModelError, find_recognizer, load_recognizer
+from diffpriv_core.faces.model_files import MissingFaceModelError
+from diffpriv_core.faces.recognizers import find_recognizer, load_recognizer
 
 
 @pytest.fixture(scope="module")

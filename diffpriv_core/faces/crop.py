@@ -121,8 +121,8 @@ def paste_faces(photos: torch.Tensor, faces: torch.Tensor, crops: list[FaceCrop]
     masks = torch.zeros(out.shape[:3], dtype=torch.float32)
     for n, (c, b) in enumerate(zip(crops, targets)):
         mask = face_mask(c, feather)
-        for j in range(candidates):
-            face = _resize(faces[n * candidates + j][None, ..., :photos.shape[-1]].float(), c.box[2])[0]
+        resized = _resize(faces[n * candidates:(n + 1) * candidates].float(), c.box[2])
+        for j, face in enumerate(resized):
             _blend(out[b * candidates + j], masks[b * candidates + j], face, mask, c.box)
     return out, masks
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .recognizers import KnownModel, find_face_model
+from .model_files import KnownModel, find_face_model
 
 MTCNN = "mtcnn"
 SCRFD_INPUT = (640, 640)  # insightface's FaceAnalysis default detection size

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .detect import SCRFD_FILES
+from .model_files import KnownModel, find_face_model
+
 ONNX_SUFFIXES = (".onnx",)
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -224,19 +227,6 @@ def load_recognizer(path: str | Path) -> FaceRecognizer:
                      f"InceptionResnetV1 state dict (first keys: {list(state)[:4]})")
 
 
-@dataclass(frozen=True)
-class KnownModel:
-    folder: str  # the ComfyUI models/ sub-folder it belongs in
-    path: str  # its usual place inside that folder
-    what: str
-    source: str
-    licence: str
-
-    @property
-    def file(self) -> str:
-        return Path(self.path).name
-
-
 KNOWN_MODELS = (
     KnownModel("insightface", "models/buffalo_l/w600k_r50.onnx", "ArcFace R50 of insightface's buffalo_l pack",
                "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
@@ -252,21 +242,7 @@ KNOWN_MODELS = (
 )
 
 # Files of insightface packs that are not recognisers (detectors, landmarks, swappers).
-NOT_RECOGNISERS = frozenset({"det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx", "scrfd_10g_bnkps.onnx",
-                             "1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "inswapper_128.onnx"})
-
-
-class MissingFaceModelError(FileNotFoundError):
-    def __init__(self, name: str, searched: list[str], known: tuple[KnownModel, ...] = KNOWN_MODELS,
-                 what: str = "face recogniser"):
-        expected = "\n".join(f"  - models/{m.folder}/{m.path}: {m.what}; from {m.source}; licence: {m.licence}"
-                             for m in known)
-        folders = "\n".join(f"  - {f}" for f in searched) or "  (none registered)"
-        super().__init__(
-            f"{what} file '{name}' not found. Folders searched:\n{folders}\n"
-            f"Expected files (nothing is downloaded; place one yourself):\n{expected}")
-        self.name = name
-        self.searched = searched
+NOT_RECOGNISERS = SCRFD_FILES | {"1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "inswapper_128.onnx"}
 
 
 def is_recognizer_file(path: Path) -> bool:
@@ -276,22 +252,3 @@ def is_recognizer_file(path: Path) -> bool:
 
 def find_recognizer(name: str, folders: list[str]) -> Path:
     return find_face_model(name, folders, KNOWN_MODELS, "face recogniser")
-
-
-def find_face_model(name: str, folders: list[str], known: tuple[KnownModel, ...], what: str) -> Path:
-    """``name`` (a relative path or a bare file name) under the first folder that has it.
-
-    A bare file name is also looked for one and two folders down, the layouts users end up
-    with: ``<folder>/<pack>/<name>``, ``<folder>/models/<pack>/<name>``, ``<folder>/<pack>/<pack>/<name>``.
-    """
-    for folder in folders:
-        root = Path(folder)
-        direct = root / name
-        if direct.is_file():
-            return direct
-        if "/" not in name:
-            for pattern in (f"*/{name}", f"*/*/{name}"):
-                found = sorted(p for p in root.glob(pattern) if p.is_file())
-                if found:
-                    return found[0]
-    raise MissingFaceModelError(name, [str(f) for f in folders], known, what)
