@@ -57,11 +57,27 @@ def _models_folder(base: Path, test_models: Path, face_models: Path) -> None:
         link.symlink_to(folder / rel)
 
 
+def keys_folder(base: Path) -> Path:
+    """A server's models/diffprivacy_keys, where Load Privacy Key finds key files."""
+    folder = base / "models" / "diffprivacy_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 class Host:
     def __init__(self, server: EmbeddedComfy):
         self.server = server
         self.client = ComfyClient(server.url, timeout=60)
         self.base = server.base_dir
+
+    @property
+    def keys(self) -> Path:
+        return keys_folder(self.base)
+
+    def saved_file(self, record: dict) -> Path:
+        """Where a file a node reported in /history (a key, a picture) lies on the server."""
+        root = self.base / "output" if record["type"] == "output" else self.keys
+        return root / record["subfolder"] / record["filename"]
 
     def log(self) -> str:
         return self.server.log()

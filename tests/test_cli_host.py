@@ -34,7 +34,7 @@ from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_pho
 from diffpriv_core.keys import load_key, save_key
 
 import make_face_models
-from conftest import ROOT, start_host
+from conftest import ROOT, keys_folder, start_host
 from test_host_recovery import random_key_e
 
 pytestmark = pytest.mark.host
@@ -52,13 +52,6 @@ RECOVERABLE = "protect_recoverable.json"
 # with 20 refinements 0.75, with 4 refinements 20, with 40 steps 14; with another key-E
 # (an unrelated picture) 37. About twice the measured error, a fifth of the wrong key's.
 RECOVERY_TOLERANCE = 8.0
-
-
-def keys_folder(base: Path) -> Path:
-    """The server's models/diffprivacy_keys, where Load Privacy Key finds key files."""
-    folder = base / "models" / "diffprivacy_keys"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def install_key_e(base: Path) -> None:
@@ -281,17 +274,25 @@ def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedCo
     return server
 
 
+def kill_mid_batch(server: EmbeddedComfy, argv: list[str], when, join_s: float) -> dict:
+    """Run the command in a thread, kill ``server`` once ``when()`` holds, and return the
+    command's outcome ({"rc": exit status}) after it has finished or ``join_s`` passed."""
+    try:
+        thread, outcome = run_in_thread(argv)
+        wait_for(when)
+        server.kill()
+        thread.join(join_s)
+    finally:
+        server.stop()
+    return outcome
+
+
 def test_a_killed_server_loses_nothing_and_a_rerun_finishes(tmp_path, test_models, face_models, photos, comfy_host):
     out = tmp_path / "out"
     images = [photos[n] for n in ("astronaut", "hanks", "astronaut_mirrored")]
     server = start_server(tmp_path / "comfy", test_models, face_models)
-    try:
-        thread, outcome = run_in_thread(protect_args(images, out, server.url, steps=SLOW_STEPS))
-        wait_for(lambda: ok_entries(out))
-        server.kill()
-        thread.join(120)
-    finally:
-        server.stop()
+    outcome = kill_mid_batch(server, protect_args(images, out, server.url, steps=SLOW_STEPS),
+                             lambda: ok_entries(out), join_s=120)
     assert outcome["rc"] == 1
     done = ok_entries(out)
     unfinished = [n for n, e in results(out).items() if e["status"] == "failed"]
@@ -315,14 +316,8 @@ def test_two_servers_share_a_batch_and_one_dying_leaves_it_to_the_other(tmp_path
     first = comfy_host.server
     second = start_server(tmp_path / "b", test_models, face_models)
     out = tmp_path / "out"
-    try:
-        thread, outcome = run_in_thread(protect_args([photos[n] for n in names], out, first.url, second.url,
-                                                     steps=SLOW_STEPS))
-        wait_for(lambda: ok_entries(out, second.url))
-        second.kill()
-        thread.join(300)
-    finally:
-        second.stop()
+    outcome = kill_mid_batch(second, protect_args([photos[n] for n in names], out, first.url, second.url,
+                                                  steps=SLOW_STEPS), lambda: ok_entries(out, second.url), join_s=300)
     assert outcome["rc"] == 0
     final = results(out)
     assert all(final[n]["status"] == "ok" for n in names), final

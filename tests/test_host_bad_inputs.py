@@ -391,10 +391,9 @@ def test_key_names_cannot_leave_the_key_folder_and_files_are_owner_only(comfy_ho
         add(g, f"save-{folder}", "DiffPrivacySaveKey", key_e=["key", 0], filename_prefix="bi/perm", folder=folder,
             passphrase=passphrase)
     result = comfy_host.client.run(g, timeout=300)
-    roots = {"diffprivacy_keys": comfy_host.base / "models" / "diffprivacy_keys", "output": comfy_host.base / "output"}
     for node in ("save-keys", "save-output"):
         (record,) = result.files(node, "diffprivacy_keys")
-        path = roots[record["type"]] / record["subfolder"] / record["filename"]
+        path = comfy_host.saved_file(record)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 

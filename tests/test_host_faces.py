@@ -12,13 +12,13 @@ import pytest
 import skimage.data
 import torch
 
-import make_face_models
 from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core.faces.crop import FaceCrop, paste_faces
 from diffpriv_core.key_types import KeyI
 from diffpriv_core.keys import load_key, save_key
-from photos import insightface_photo
+from photos import as_image, insightface_photo
 from test_host_foundation import fetch_image
+from test_host_protect import add_guided_sampling
 from test_host_recovery import add, base_graph, random_key_e
 
 pytestmark = pytest.mark.host
@@ -40,15 +40,9 @@ def every_face_graph(image: str, on_no_face: str = "error", key_i: dict = QUICK_
     add(g, "crop", "DiffPrivacyFaceCrop", image=["img", 0], faces=["detect", 0], size=CROP, margin=0.5)
     add(g, "enc", "VAEEncode", pixels=["crop", 0], vae=["ckpt", 2])
     add(g, "key_e", "DiffPrivacyLoadKey", key_name=KEY_E_FILE, passphrase="")
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key_e", 0], preset="anonymize", tau=0.4)
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
-    add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["crop", 0], mode="anonymize",
-        lambda_scale=1.0, normalize_gradient=False, diversity=True, decode_region="whole image", face_index=0,
-        min_score=0.9, on_no_face="error", gradient_checkpointing=False)
-    add(g, "sample", "DiffPrivacyGuidedDDIMSampler", model=["ckpt", 0], vae=["ckpt", 2], positive=["sched", 0],
-        latent=["enc", 0], preset="custom", s_ns=0.6, steps=5, samples=CANDIDATES, seed=3, guidance=["guide", 0])
-    add(g, "dec", "VAEDecode", samples=["sample", 0], vae=["ckpt", 2])
-    add(g, "paste", "DiffPrivacyFacePaste", image=["img", 0], faces=["dec", 0], crop_info=["crop", 1], feather=0.2)
+    decoded = add_guided_sampling(g, ["crop", 0], ["enc", 0], ["key_e", 0], s_ns=0.6, steps=5, samples=CANDIDATES,
+                                  seed=3)
+    add(g, "paste", "DiffPrivacyFacePaste", image=["img", 0], faces=decoded, crop_info=["crop", 1], feather=0.2)
     add(g, "save", "SaveImage", images=["paste", 0], filename_prefix=f"{prefix}/protected")
     add(g, "masks", "MaskToImage", mask=["paste", 1])
     add(g, "savemask", "SaveImage", images=["masks", 0], filename_prefix=f"{prefix}/mask")
@@ -77,13 +71,7 @@ def pair_photo() -> np.ndarray:
 
 
 def install_key_e(host) -> None:
-    folder = host.base / "models" / "diffprivacy_keys"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_key(folder / KEY_E_FILE, random_key_e(11))
-
-
-def as_float(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(pixels.copy()).float() / 255
+    save_key(host.keys / KEY_E_FILE, random_key_e(11))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +93,7 @@ def pair(comfy_host):
 
 def saved_keys(host, result) -> list[tuple]:
     """(key-E, key-I, metadata) of every key file the prompt saved, in order."""
-    return [load_key(host.base / "models" / "diffprivacy_keys" / r["subfolder"] / r["filename"])
+    return [load_key(host.saved_file(r))
             for r in result.files("keys", "diffprivacy_keys")]
 
 
@@ -114,7 +102,7 @@ def test_every_face_is_protected_and_nothing_else_changes(comfy_host, group):
     protected = [fetch_image(comfy_host, r) for r in result.files("save")]
     assert len(protected) == CANDIDATES and all(p.shape == photo.shape for p in protected)
     crops = [FaceCrop.from_json(meta["face_crop"]) for _, _, meta in saved_keys(comfy_host, result)]
-    _, mask = paste_faces(as_float(photo)[None], torch.zeros(len(crops), CROP, CROP, 3), crops)
+    _, mask = paste_faces(as_image(photo)[None], torch.zeros(len(crops), CROP, CROP, 3), crops)
     outside = mask[0].numpy() == 0
     for picture in protected:
         assert np.array_equal(picture[outside], photo[outside]), "pixels outside the masks are untouched"
@@ -145,13 +133,13 @@ def test_recovering_one_face_restores_it_and_leaves_the_others_protected(comfy_h
     key_name = f"pair/key_face{k}_00001.dpkey.safetensors"
     recovered = fetch_image(comfy_host, comfy_host.client.run(recover_face_graph(name, key_name)).files("save")[0])
 
-    _, _, meta = load_key(comfy_host.base / "models" / "diffprivacy_keys" / key_name)
+    _, _, meta = load_key(comfy_host.keys / key_name)
     crop = FaceCrop.from_json(meta["face_crop"])
-    expected, mask = paste_faces(as_float(protected)[None], as_float(reconstructions[k])[None], [crop])
+    expected, mask = paste_faces(as_image(protected)[None], as_image(reconstructions[k])[None], [crop])
     inside = mask[0].numpy() > 0
     assert np.array_equal(recovered[~inside], protected[~inside]), "the other faces stay protected"
-    error = np.abs(as_float(recovered).numpy() - expected[0].numpy())[inside].mean()
-    change = np.abs(as_float(protected).numpy() - expected[0].numpy())[inside].mean()
+    error = np.abs(as_image(recovered).numpy() - expected[0].numpy())[inside].mean()
+    change = np.abs(as_image(protected).numpy() - expected[0].numpy())[inside].mean()
     assert error < 0.02 and error < change / 5, (error, change)
 
 
@@ -159,7 +147,7 @@ def test_a_photo_without_a_face_is_refused_or_passed_by_policy(comfy_host):
     name = comfy_host.upload(skimage.data.chelsea(), "cat.png")
     with pytest.raises(PromptFailed, match="no face found in image 0"):
         comfy_host.client.run(every_face_graph(name))
-    keys = comfy_host.base / "models" / "diffprivacy_keys"
+    keys = comfy_host.keys
     before = sorted(keys.rglob("*"))
     result = comfy_host.client.run(every_face_graph(name, on_no_face="skip"))
     assert not result.files("save") and not result.files("keys", "diffprivacy_keys"), "nothing written"
@@ -169,7 +157,7 @@ def test_a_photo_without_a_face_is_refused_or_passed_by_policy(comfy_host):
 def test_a_key_without_crop_geometry_is_refused_by_face_paste(comfy_host, group):
     photo, _ = group
     key_i = KeyI(torch.zeros(4, CROP // 8, CROP // 8), 5, "ddim", 0)
-    save_key(comfy_host.base / "models" / "diffprivacy_keys" / "whole.dpkey.safetensors", random_key_e(1), key_i)
+    save_key(comfy_host.keys / "whole.dpkey.safetensors", random_key_e(1), key_i)
     g = recover_face_graph(comfy_host.upload(photo, "group-again.png"), "whole.dpkey.safetensors")
     with pytest.raises(PromptFailed, match="no crop geometry"):
         comfy_host.client.run(g)

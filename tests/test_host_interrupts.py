@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import make_face_models
 from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core.key_types import KeyI
 from diffpriv_core.keys import load_key, save_key
 from diffpriv_core.schedule import ddim_grid
+from test_host_protect import add_guided_sampling
 from test_host_recovery import add, base_graph, random_key_e
 
 pytestmark = pytest.mark.host
@@ -27,8 +27,8 @@ SLACK = 2  # steps a loop may still report after the interrupt was sent (message
 
 @pytest.fixture(scope="module")
 def setup(comfy_host, astronaut):
-    keys = comfy_host.base / "models" / "diffprivacy_keys" / "int"
-    keys.mkdir(parents=True, exist_ok=True)
+    keys = comfy_host.keys / "int"
+    keys.mkdir(exist_ok=True)
     save_key(keys / "e.dpkey.safetensors", random_key_e(21))
     for steps in (300, 3):
         save_key(keys / f"ei{steps}.dpkey.safetensors", random_key_e(22),
@@ -39,7 +39,7 @@ def setup(comfy_host, astronaut):
 
 def files_under(host) -> set[Path]:
     """Every file, dotfiles and .part files included, where keys and outputs are written."""
-    roots = (host.base / "models" / "diffprivacy_keys", host.base / "output")
+    roots = (host.keys, host.base / "output")
     return {p for root in roots for p in root.rglob("*") if p.is_file()}
 
 
@@ -98,15 +98,8 @@ def sampler_graph(image: str, steps: int, seed: int) -> dict:
     add(g, "img", "LoadImage", image=image)
     add(g, "enc", "VAEEncode", pixels=["img", 0], vae=["ckpt", 2])
     add(g, "key", "DiffPrivacyLoadKey", key_name="int/e.dpkey.safetensors", passphrase="")
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset="anonymize", tau=0.4)
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
-    add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["img", 0], mode="anonymize",
-        lambda_scale=1.0, normalize_gradient=False, diversity=True, decode_region="whole image", face_index=0,
-        min_score=0.9, on_no_face="error", gradient_checkpointing=False)
-    add(g, "sample", "DiffPrivacyGuidedDDIMSampler", model=["ckpt", 0], vae=["ckpt", 2], positive=["sched", 0],
-        latent=["enc", 0], preset="custom", s_ns=1.0, steps=steps, samples=1, seed=seed, guidance=["guide", 0])
-    add(g, "dec", "VAEDecode", samples=["sample", 0], vae=["ckpt", 2])
-    add(g, "save", "SaveImage", images=["dec", 0], filename_prefix="int/protected")
+    decoded = add_guided_sampling(g, ["img", 0], ["enc", 0], ["key", 0], s_ns=1.0, steps=steps, samples=1, seed=seed)
+    add(g, "save", "SaveImage", images=decoded, filename_prefix="int/protected")
     return g
 
 
@@ -133,8 +126,7 @@ def recover_graph(key: str) -> dict:
 
 def saved_key(host, result, node: str, passphrase: str | None = None) -> Path:
     (record,) = result.files(node, "diffprivacy_keys")
-    root = host.base / ("output" if record["type"] == "output" else "models/diffprivacy_keys")
-    path = root / record["subfolder"] / record["filename"]
+    path = host.saved_file(record)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     load_key(path, passphrase)  # complete and valid
     return path

@@ -33,9 +33,9 @@ RSS_MARGIN_MB = 64
 
 @pytest.fixture(scope="module")
 def load_setup(comfy_host, astronaut):
-    keys = comfy_host.base / "models" / "diffprivacy_keys" / "load"
-    keys.mkdir(parents=True, exist_ok=True)
-    save_key(comfy_host.base / "models" / "diffprivacy_keys" / load_graphs.KEY_E, random_key_e(51))
+    keys = comfy_host.keys / "load"
+    keys.mkdir(exist_ok=True)
+    save_key(comfy_host.keys / load_graphs.KEY_E, random_key_e(51))
     recover_keys = {"recover": [], "recover-pw": []}
     for n in range(4):  # several keys, so consecutive recoveries are not served from ComfyUI's cache
         key_i = KeyI(torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(n)), 1, "ddim", 0,

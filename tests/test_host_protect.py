@@ -28,9 +28,7 @@ STEPS, S_NS = 10, 0.6
 @pytest.fixture(scope="module")
 def photo(comfy_host, astronaut):
     small = np.ascontiguousarray(astronaut[::4, ::4])  # 128 x 128, the face about 25 px wide
-    keys = comfy_host.base / "models" / "diffprivacy_keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    save_key(keys / "protect-e.dpkey.safetensors", random_key_e(7))
+    save_key(comfy_host.keys / "protect-e.dpkey.safetensors", random_key_e(7))
     return small, comfy_host.upload(small, "protect.png")
 
 
@@ -40,21 +38,30 @@ def protect_graph(image: str, mode: str, samples: int, lambda_scale: float, seed
     add(g, "img", "LoadImage", image=image)
     add(g, "enc", "VAEEncode", pixels=["img", 0], vae=["ckpt", 2])
     add(g, "key", "DiffPrivacyLoadKey", key_name="protect-e.dpkey.safetensors", passphrase="")
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset=mode, tau=0.4)
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
-    add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["img", 0], mode=mode,
-        lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
-        face_index=0, min_score=0.9, on_no_face="error", gradient_checkpointing=checkpointing)
-    add(g, "sample", "DiffPrivacyGuidedDDIMSampler", model=["ckpt", 0], vae=["ckpt", 2], positive=["sched", 0],
-        latent=["enc", 0], preset="custom", s_ns=S_NS, steps=STEPS, samples=samples, seed=seed,
-        guidance=["guide", 0])
-    add(g, "dec", "VAEDecode", samples=["sample", 0], vae=["ckpt", 2])
-    add(g, "save", "SaveImage", images=["dec", 0], filename_prefix=f"protect-{mode}")
+    decoded = add_guided_sampling(g, ["img", 0], ["enc", 0], ["key", 0], mode=mode, lambda_scale=lambda_scale,
+                                  s_ns=S_NS, steps=STEPS, samples=samples, seed=seed, checkpointing=checkpointing)
+    add(g, "save", "SaveImage", images=decoded, filename_prefix=f"protect-{mode}")
     add(g, "inv", "DiffPrivacyDDIMInversionKey", model=["ckpt", 0], latent=["enc", 0], key_e=["key", 0],
         steps=STEPS, mode="ddim", refine_iterations=1)
     add(g, "keyout", "DiffPrivacySaveKey", key_e=["key", 0], key_i=["inv", 0], filename_prefix=f"protect/{mode}",
         folder="output", passphrase="")
     return g
+
+
+def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, s_ns: float, steps: int,
+                        samples: int, seed: int, mode: str = "anonymize", lambda_scale: float = 1.0,
+                        checkpointing: bool = False) -> list:
+    """Stage II in a test graph: Embedding Scheduler, the test recogniser, Identity Energy
+    Guidance on ``reference`` and the Guided DDIM Sampler on ``latent``, then VAE Decode
+    (nodes "sched", "fr", "guide", "sample", "dec"). Returns the decoded pictures' link."""
+    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=0.4)
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
+    add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=reference, mode=mode,
+        lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
+        face_index=0, min_score=0.9, on_no_face="error", gradient_checkpointing=checkpointing)
+    add(g, "sample", "DiffPrivacyGuidedDDIMSampler", model=["ckpt", 0], vae=["ckpt", 2], positive=["sched", 0],
+        latent=latent, preset="custom", s_ns=s_ns, steps=steps, samples=samples, seed=seed, guidance=["guide", 0])
+    return add(g, "dec", "VAEDecode", samples=["sample", 0], vae=["ckpt", 2])
 
 
 def identity_cosines(face_models, original: np.ndarray, outputs: list[np.ndarray]) -> torch.Tensor:

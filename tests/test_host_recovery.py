@@ -30,8 +30,7 @@ def random_key_e(seed: int) -> KeyE:
 
 @pytest.fixture(scope="module")
 def keys_dir(comfy_host):
-    path = comfy_host.base / "models" / "diffprivacy_keys"
-    path.mkdir(parents=True, exist_ok=True)
+    path = comfy_host.keys
     for seed in (1, 2):
         save_key(path / f"test-e{seed}.dpkey.safetensors", random_key_e(seed))
     return path
