@@ -28,7 +28,7 @@ def face_photos() -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     the same photo, not other photos of her: no package ships those."""
     from PIL import Image
 
-    from diffpriv_core.eval.sample_photos import sample_photos
+    from diffpriv_eval.sample_photos import sample_photos
 
     try:
         photos = sample_photos()
