@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workflow", type=Path, help="API-format workflow (default: workflows/api/<task>.json)")
         p.add_argument("--base", type=Path,
                        help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
-                            "or comfy-demo next to it with --demo-weights)")
-        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in)")
+                            "or comfy-demo next to it with --demo-weights; with --ray: the folder, on each node, "
+                            "that holds each actor's own, removed when it stops; default: the temporary folder)")
+        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in; with --ray: "
+                                                   f"the same path on every node, default {CACHE_DIR / 'comfy' / 'models'})")
         p.add_argument("--demo-weights", action="store_true",
                        help="generate random-weight test models and run with them: meaningless pictures")
         p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")

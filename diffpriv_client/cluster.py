@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -171,6 +172,9 @@ def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str,
     if started_here:
         # Actor logs (each server's own progress bar) stay in the cluster's log files.
         ray.init(address=args.ray or None, log_to_driver=False)
+        if threading.current_thread() is threading.main_thread():
+            # ray.init makes SIGTERM exit at once: keep it a clean stop, as Ctrl-C is.
+            signal.signal(signal.SIGTERM, cli._raise_keyboard_interrupt)
     actors: dict = {}
     try:
         actors = start_actors(ray, args, template, passphrase, make_jobs, most=len(todo))
@@ -187,7 +191,7 @@ def start_actors(ray, args, template: dict, passphrase: str, make_jobs, most: in
     must be on every node)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = min(args.ray_actors or max(gpus, 1), most)
-    photo = (args.photo.name, args.photo.read_bytes()) if getattr(args, "photo", None) is not None else None
+    photo = (args.photo.name, args.photo.read_bytes()) if args.photo is not None else None  # recover --photo
     # stop() runs in its own group, next to the photo the actor may be running.
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0,
                         concurrency_groups={"control": 1})(ComfyActor)
