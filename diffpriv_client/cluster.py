@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import cli
+from . import cli, graphs
 from .batch import _write, run_batch
 from .preflight import PreflightError
 from .summary import Summary
@@ -106,7 +106,10 @@ class ComfyActor:
             files = {rel: (summary.out_dir / rel).read_bytes() for rel in entry["outputs"] + entry["keys"]}
             return {"entry": entry, "files": files}
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            # Nothing of the photo stays on the node once it is sent back: not the photo, not
+            # its key (an actor killed outright leaves at most the photo it was running).
+            for folder in (work, *(self.args.base / sub / graphs.OUTPUT_PREFIX for sub in ("input", "output"))):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop the server (interrupting its prompt) and remove the actor's folder."""
