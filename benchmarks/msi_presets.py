@@ -4,7 +4,7 @@
 
 Random-weight UNets barely react to their conditioning, so their loss hardly moves and
 says nothing about a preset. This runs on the toy host of the unit tests
-(tests/fixtures/toy_host.py) with position-aware image features: its noise prediction is
+(diffpriv_testmodels/toy_host.py) with position-aware image features: its noise prediction is
 the exact denoiser of a clean latent decoded linearly from the conditioning, so the
 conditioning decides everything, and a key-E that reproduces the image is known to exist
 (the planted target). Each preset trains in its own process, one thread, on each seed;
@@ -31,14 +31,14 @@ CHECKPOINTS = 20  # held-out evaluations per run
 
 def run_preset(name: str, steps: int | None, seed: int) -> dict:
     """Train one preset here; its curve [(unet forward passes, held-out loss)] and counts."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
+    sys.path.insert(0, str(ROOT))
     import dataclasses
 
     import torch
-    from toy_host import SHAPE, toy_host
 
     from diffpriv_core.msi_train import held_out, preset, train_msi
     from diffpriv_core.passes import UNET_FORWARD, PassCounter
+    from diffpriv_testmodels.toy_host import SHAPE, toy_host
 
     torch.set_num_threads(1)
     host, _ = toy_host(positional=True)

@@ -30,10 +30,10 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
-from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_core.keys import load_key, save_key
+from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
 
-import make_face_models
 from conftest import ROOT, keys_folder, start_host
 from test_host_recovery import random_key_e
 
@@ -235,7 +235,7 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     shutil.copy(protected / key, keys_folder(comfy_host.base) / Path(key).name)
     assert cli.main(recover_args([protected / key], recovered, url)) == 0
 
-    arcface = face_models / make_face_models.ARCFACE_ONNX
+    arcface = face_models / ARCFACE_ONNX
     assert cli.main(["eval", "--originals", str(face_photos), "--protected", str(protected), "--recovered",
                      str(recovered), "--out", str(report), "--arcface", str(arcface)]) == 0
     got = json.loads((report / "results.json").read_text())

@@ -9,15 +9,13 @@ import torch
 
 from diffpriv_core.clip_features import CLIP_MEAN, CLIP_STD, check_vit_l14, pick_blocks, to_clip_pixels
 from diffpriv_core.key_types import KeyE
-from diffpriv_core.msi import MSI, MSIShape, make_key_e
 from diffpriv_core import msi_train
+from diffpriv_core.msi import MSI, MSIShape, make_key_e
 from diffpriv_core.msi_train import (PRESETS, TimestepSampler, check_images, held_out_loss, lr_factor, preset,
                                      train_msi)
 from diffpriv_core.passes import PassCounter
 from diffpriv_core.schedule import STAGES
-
-import tiny_diffusers
-import toy_host
+from diffpriv_testmodels import tiny_diffusers, toy_host
 
 
 def image(seed: int = 0, size: int = 64) -> torch.Tensor:
