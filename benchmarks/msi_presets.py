@@ -90,6 +90,17 @@ def passes_to_reach(curve: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
+def passes_to_stay(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The pass count from which the curve stays at or below ``target``, interpolated."""
+    above = [i for i, (_, loss) in enumerate(curve) if loss > target]
+    if not above:
+        return curve[0][0]
+    last = above[-1]
+    if last == len(curve) - 1:
+        return None
+    return passes_to_reach(curve[last:], target)
+
+
 def report(runs: dict[str, list[dict]]) -> None:
     """A markdown section (benchmarks/run_all.py collects them into BENCHMARKS.md)."""
     seeds = [run["seed"] for run in runs["faithful"]]
@@ -108,12 +119,14 @@ def report(runs: dict[str, list[dict]]) -> None:
         points = ", ".join(f"{x:.0f}: {loss:.5f}" for x, loss in curve)
         print(f"\n{name} curve (UNet forward passes: loss): {points}")
     target, faithful_passes = curves["faithful"][-1][1], curves["faithful"][-1][0]
-    reached = passes_to_reach(curves["fast"], target)
-    if reached is None:
-        print(f"\n**fast did not reach** the faithful preset's final loss {target:.6f}.")
+    reached, stays = passes_to_reach(curves["fast"], target), passes_to_stay(curves["fast"], target)
+    if reached is None or stays is None:
+        print(f"\n**fast did not reach** (or did not stay at) the faithful preset's final loss {target:.6f}.")
     else:
         print(f"\n**Passes to equal loss**: fast reaches the faithful preset's final loss {target:.6f} after "
-              f"{reached:.0f} UNet passes, against {faithful_passes:.0f}: **{faithful_passes / reached:.1f}x** fewer.")
+              f"{reached:.0f} UNet passes and stays at or below it from {stays:.0f}, against {faithful_passes:.0f}: "
+              f"**{faithful_passes / reached:.1f}x** fewer passes to reach it, **{faithful_passes / stays:.1f}x** "
+              "to stay there.")
 
 
 def main() -> None:
