@@ -139,7 +139,7 @@ class _Batch:
             if self.forget_prompts:
                 _forget(server, event.prompt_id)
         self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                            seconds=prompt_seconds(event.entry), server=server.url)
+                            seconds=prompt_seconds(event.entry), server=server.url, identity=identity_of(result))
         self.bar.update(1)
 
     def _requeue(self, server: Server, jobs: list[Job]) -> None:
@@ -180,6 +180,11 @@ def download(client: ComfyClient, result: PromptResult, folder: Path) -> Downloa
                 if record.get("type") == "output":
                     into.append(_write(folder / record["filename"], client.view(record), mode))
     return got
+
+
+def identity_of(result: PromptResult) -> list[dict]:
+    """What the Guided DDIM Sampler reported of each guided image (its ``identity_similarity``)."""
+    return [entry for output in result.outputs.values() for entry in output.get("identity_similarity", [])]
 
 
 def _write(path: Path, data: bytes, mode: int) -> Path:

@@ -62,6 +62,45 @@ class LambdaSchedule:
         return self.early == 0 and self.late == 0
 
 
+@dataclass(frozen=True)
+class SimilarityTarget:
+    """Guidance to a target identity distance instead of the fixed lambda_t.
+
+    The goal is a cosine between the original and each sample, under the guiding
+    recogniser: at most ``threshold - margin`` to anonymize (another person for it), at
+    least ``threshold + margin`` to hide (still the same person). At every step each sample
+    still short of the goal gets the step that would close the gap to first order (a
+    Polyak step, |cos - goal| / |g|^2, whatever the recogniser's gradient scale), times a
+    gain that grows by ``growth`` while the gap stays open (the diffusion steps in between
+    pull back) and shrinks once the goal is reached; a sample at the goal is left alone.
+    No step exceeds ``cap``. Recognisers differ in gradient scale by orders of magnitude,
+    so a fixed lambda tuned for one means little for another; a target means the same for all.
+    """
+
+    threshold: float  # the recogniser's same-person cosine
+    margin: float = 0.05
+    cap: float = 1000.0
+    growth: float = 1.5
+
+    def goal(self, mode: str) -> float:
+        return self.threshold - self.margin if mode == "anonymize" else self.threshold + self.margin
+
+    def gap(self, mode: str, cosines: torch.Tensor) -> torch.Tensor:
+        """How far each sample's cosine is short of the goal (0 once there)."""
+        gap = cosines - self.goal(mode) if mode == "anonymize" else self.goal(mode) - cosines
+        return gap.clamp(min=0)
+
+    def step(self, mode: str, cosines: torch.Tensor, grad: torch.Tensor,
+             gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each sample's lambda for this step, the gains for the next) from the samples'
+        cosines, the energy's gradient [B, ...] and the current gains [B]."""
+        gap = self.gap(mode, cosines)
+        size = grad.flatten(1).pow(2).sum(1).clamp(min=1e-20)
+        scales = (gains * gap / size).clamp(max=self.cap)
+        gains = torch.where(gap > 0, gains * self.growth, gains / self.growth)
+        return scales, gains
+
+
 # The paper's scales: anonymization 1 throughout; hiding 1.5 for t > 600 and 2.5 below.
 PAPER_LAMBDAS = {"anonymize": LambdaSchedule(1.0, 1.0), "hide": LambdaSchedule(1.5, 2.5)}
 

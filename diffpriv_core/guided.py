@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from . import ddim
 from .adapters.protocols import FaceEmbedder
-from .energy import PAPER_LAMBDAS, LambdaSchedule, energy, normalize_gradient
+from .energy import PAPER_LAMBDAS, LambdaSchedule, SimilarityTarget, cosines_to, energy, normalize_gradient
 from .faces.align import face_matrix, shift_source, warp_faces
 from .faces.detect import Face
 from .frame import VAE_FACTOR, latent_offset
-from .schedule import Grid
+from .schedule import Grid, ddim_grid
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> [B, H, W, 3], unclamped
 
@@ -79,6 +79,7 @@ class IdentityGuidance:
     diversity: bool = True  # anonymize: include L_div between the batch's samples
     crop_margin: float | None = None  # decode only the face box grown by this x its size
     checkpoint_decoder: bool = False  # recompute decoder activations in backward: less memory, more time
+    target: SimilarityTarget | None = None  # adapt lambda to reach a cosine (None: the fixed lambda_t)
 
     def target_for(self, index: int) -> FaceTarget | None:
         """The target of image ``index``; one reference image serves a whole batch."""
@@ -104,7 +105,8 @@ def latent_window(box, latent_hw: tuple[int, int], margin: float, factor: int) -
 
 
 class IdentityCorrection:
-    """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
+    """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid. With a
+    ``SimilarityTarget`` each sample's lambda adapts step by step instead (``gains``)."""
 
     # SD's VAE: one latent cell is 8 x 8 pixels (used only to place the decode window).
     LATENT_FACTOR = VAE_FACTOR
@@ -114,12 +116,17 @@ class IdentityCorrection:
         self.target = target
         self.decoder = decoder
         self.grid = grid
+        self.gains: torch.Tensor | None = None  # per-sample gain of the target mode's step
 
     def __call__(self, step: int, t: int, z_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         scale = self.guidance.lambdas(t)
         if scale == 0:
             return z_next
-        grad = self.energy_gradient(x0)
+        grad, cosines = self.gradient_and_cosines(x0)
+        if self.guidance.target is not None:  # lambda_t only switches it on; normalising is moot
+            gains = torch.ones_like(cosines) if self.gains is None else self.gains
+            scales, self.gains = self.guidance.target.step(self.guidance.mode, cosines, grad, gains)
+            return z_next - scales.to(grad).reshape(-1, *(1,) * (grad.ndim - 1)) * grad
         if self.guidance.normalize:
             z_t = ddim.ddim_step(x0, eps, self.grid.alphas[step])
             grad = normalize_gradient(grad, z_next - z_t)
@@ -130,21 +137,65 @@ class IdentityCorrection:
             return 0, 0, *latent_hw
         return latent_window(self.target.box, latent_hw, self.guidance.crop_margin, self.LATENT_FACTOR)
 
-    def energy_gradient(self, x0: torch.Tensor) -> torch.Tensor:
-        """dE/dz0hat' with z0hat' a detached leaf: no gradient flows back into the UNet."""
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The guiding recogniser's embeddings [B, D] of the face in each decoded latent."""
         embedder = self.guidance.embedder
-        latent_hw = tuple(x0.shape[-2:])
+        latent_hw = tuple(z.shape[-2:])
         top, left, bottom, right = self.window(latent_hw)
+        image = self.decoder(z[..., top:bottom, left:right])
+        factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
+        dx, dy = latent_offset(self.target.image_hw, latent_hw, factor)
+        matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
+        return embedder(warp_faces(image, matrix, embedder.input_size))
+
+    def gradient_and_cosines(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dE/dz0hat' with z0hat' a detached leaf (no gradient flows back into the UNet), and
+        each sample's cosine to the original."""
         with torch.enable_grad():
             leaf = x0.detach().requires_grad_(True)
-            image = self.decoder(leaf[..., top:bottom, left:right])
-            factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
-            dx, dy = latent_offset(self.target.image_hw, latent_hw, factor)
-            matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
-            samples = embedder(warp_faces(image, matrix, embedder.input_size))
-            total = energy(self.guidance.mode, self.target.embedding.to(samples), samples, self.guidance.diversity)
+            samples = self.embed(leaf)
+            original = self.target.embedding.to(samples)
+            total = energy(self.guidance.mode, original, samples, self.guidance.diversity)
             (grad,) = torch.autograd.grad(total, leaf)
-        return grad
+        return grad, cosines_to(original, samples).detach()
+
+    def energy_gradient(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.gradient_and_cosines(x0)[0]
+
+    def similarity(self, z: torch.Tensor) -> torch.Tensor:
+        """What the guiding recogniser says of a result: each sample's cosine to the original."""
+        with torch.no_grad():
+            samples = self.embed(z)
+            return cosines_to(self.target.embedding.to(samples), samples)
+
+
+def achieved_similarity(guidance: IdentityGuidance, decoder: Decoder, z: torch.Tensor,
+                        image_index: int = 0) -> torch.Tensor | None:
+    """Each sample's cosine to its original under the guiding recogniser (None when the
+    image had no face): what the protection achieved, for the report."""
+    target = guidance.target_for(image_index)
+    if target is None:
+        return None
+    return IdentityCorrection(guidance, target, decoder, grid=None).similarity(z)
+
+
+def guide_without_diffusion(z0: torch.Tensor, guidance: IdentityGuidance, decoder: Decoder, steps: int,
+                            image_index: int = 0, callback: ddim.StepCallback | None = None) -> torch.Tensor:
+    """Identity guidance alone, a baseline beside blur and mosaic: the correction applied
+    ``steps`` times to the latent itself (x0 = z: no UNet, no noise), with lambda_t on the
+    grid's timesteps. With the image as its own latent (``decoder`` a mere layout change)
+    it is a plain gradient attack on the recogniser."""
+    target = guidance.target_for(image_index)
+    if target is None or guidance.normalize or guidance.crop_margin is not None:
+        raise ValueError("guidance without diffusion needs a face, and neither normalize_gradient nor a face crop")
+    grid = ddim_grid(steps)
+    correction = IdentityCorrection(guidance, target, decoder, grid)
+    z = z0.detach().clone()
+    for step, t in enumerate(grid.timesteps):
+        z = correction(step, t, z, z, torch.zeros_like(z))
+        if callback is not None:
+            callback(step + 1, steps, z, z)
+    return z
 
 
 class KeepOutsideMask:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule
+from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule, SimilarityTarget
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
@@ -26,6 +26,7 @@ from .types import FaceModel, Guidance
 log = logging.getLogger("diffprivacy")
 
 DECODE_REGIONS = ("whole image", "face crop")
+LAMBDA_MODES = ("paper schedule", "target similarity")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
 MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
 
@@ -115,6 +116,22 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="recompute the VAE decoder's activations in the backward pass: much less "
                                          "memory on large images, somewhat slower"),
+                io.Combo.Input("lambda_mode", options=list(LAMBDA_MODES), default=LAMBDA_MODES[0], optional=True,
+                               tooltip="paper schedule: the fixed lambda_t; target similarity: each sample gets "
+                                       "the step that brings the recogniser's cosine to the original below its "
+                                       "threshold - margin (anonymize) or above threshold + margin (hide), and "
+                                       "none once there"),
+                io.Float.Input("margin", default=0.05, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="target similarity: distance from the recogniser's threshold, in cosine"),
+                io.Float.Input("lambda_cap", default=1000.0, min=0.0, max=1e6, step=1.0, optional=True,
+                               tooltip="target similarity: the largest lambda any step may use"),
+                io.Float.Input("lambda_early", default=-1.0, min=-1.0, max=1e6, step=0.05, optional=True,
+                               tooltip="lambda_t above the switch point, before lambda_scale; negative = the paper's"),
+                io.Float.Input("lambda_late", default=-1.0, min=-1.0, max=1e6, step=0.05, optional=True,
+                               tooltip="lambda_t at and below the switch point, before lambda_scale; negative = "
+                                       "the paper's"),
+                io.Int.Input("switch_t", default=600, min=0, max=1000, optional=True,
+                             tooltip="the timestep where lambda_t switches from early to late (the paper: 600)"),
             ],
             outputs=[Guidance.Output(display_name="guidance"),
                      io.Image.Output(display_name="aligned_faces",
@@ -123,10 +140,15 @@ class IdentityGuidanceNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
-                face_index, min_score, on_no_face, gradient_checkpointing=False) -> io.NodeOutput:
+                face_index, min_score, on_no_face, gradient_checkpointing=False, lambda_mode=LAMBDA_MODES[0],
+                margin=0.05, lambda_cap=1000.0, lambda_early=-1.0, lambda_late=-1.0,
+                switch_t=600) -> io.NodeOutput:
         image = rgb_images(image, "Identity Guidance")
         image_side_at_least(image, MIN_FACE_SIDE, "Identity Guidance")
-        paper = PAPER_LAMBDAS[mode]
+        lambdas = lambda_schedule(mode, lambda_scale, lambda_early, lambda_late, switch_t)
+        target = None
+        if lambda_mode == "target similarity":
+            target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
         targets, missing = [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
@@ -146,11 +168,19 @@ class IdentityGuidanceNode(io.ComfyNode):
                         missing)
         guidance = IdentityGuidance(
             embedder=face_model, mode=mode, targets=tuple(targets),
-            lambdas=LambdaSchedule(paper.early * lambda_scale, paper.late * lambda_scale, paper.switch_t),
-            normalize=normalize_gradient, diversity=diversity,
+            lambdas=lambdas, normalize=normalize_gradient, diversity=diversity,
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
-            checkpoint_decoder=gradient_checkpointing)
+            checkpoint_decoder=gradient_checkpointing, target=target)
         return io.NodeOutput(guidance, aligned.detach())
+
+
+def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:
+    """lambda_t from the node's inputs: the paper's values where a value is negative, all
+    times ``scale``."""
+    paper = PAPER_LAMBDAS[mode]
+    early = paper.early if early < 0 else early
+    late = paper.late if late < 0 else late
+    return LambdaSchedule(early * scale, late * scale, switch_t)
 
 
 def aligned_face(face_model, image: torch.Tensor, target) -> torch.Tensor:

@@ -45,7 +45,10 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     # Out of inference mode so the correction can take gradients w.r.t. the x0 estimates.
     with torch.inference_mode(False):
         correction = make_correction(grid, model) if make_correction is not None else None
-        return ddim.sample(eps_fn, z.clone(), grid, correction=correction, callback=step_callback).to(x.dtype)
+        z = ddim.sample(eps_fn, z.clone(), grid, correction=correction, callback=step_callback)
+        if make_correction is not None:
+            make_correction.measure(z)
+        return z.to(x.dtype)
 
 
 class ProtectionCorrection:
@@ -58,6 +61,8 @@ class ProtectionCorrection:
         self.guidance = guidance
         self.index = index
         self.mask = mask
+        self.identity: IdentityCorrection | None = None
+        self.similarity: list[float] | None = None  # each sample's cosine to the original, once sampled
 
     def __call__(self, grid, model):
         identity = None
@@ -69,10 +74,16 @@ class ProtectionCorrection:
             decoder = self.decoders.get(model.inner_model.inner_model.latent_format,
                                         self.guidance.checkpoint_decoder)
             identity = IdentityCorrection(self.guidance, target, decoder, grid)
+        self.identity = identity
         background = None
         if self.mask is not None:
             background = KeepOutsideMask(self.mask, model.latent_image.float(), model.noise.float(), grid)
         return chain(identity, background)
+
+    def measure(self, z: torch.Tensor) -> None:
+        """What the guiding recogniser says of the finished samples (scaled latents)."""
+        if self.identity is not None:
+            self.similarity = self.identity.similarity(z).tolist()
 
 
 class DecoderCache:
@@ -151,7 +162,10 @@ class GuidedDDIMSampler(io.ComfyNode):
                 Guidance.Input("guidance", optional=True, tooltip="none = the w/o-guidance ablation"),
                 io.Mask.Input("mask", optional=True, tooltip="white = protect, black = keep the original"),
             ],
-            outputs=[io.Latent.Output(display_name="latent")],
+            outputs=[io.Latent.Output(display_name="latent"),
+                     io.Float.Output(display_name="identity_similarity", is_output_list=True,
+                                     tooltip="per sample, the guiding recogniser's cosine to the original "
+                                             "(none for images without guidance)")],
         )
 
     @classmethod
@@ -178,10 +192,11 @@ class GuidedDDIMSampler(io.ComfyNode):
         model = model.clone()
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
         decoders = DecoderCache(vae)
-        outputs = []
+        outputs, report = [], []
         for i, original in enumerate(originals):
             image_mask = mask[min(i, mask.shape[0] - 1)] if mask is not None else None
-            sampler = guided_sampler(ProtectionCorrection(decoders, guidance, i, image_mask))
+            correction = ProtectionCorrection(decoders, guidance, i, image_mask)
+            sampler = guided_sampler(correction)
             guider = comfy.samplers.CFGGuider(model)
             rows = conditioning_row(positive, i)
             guider.set_conds(rows, rows)
@@ -190,7 +205,20 @@ class GuidedDDIMSampler(io.ComfyNode):
             noise = torch.randn(z0_raw.shape, generator=torch.Generator().manual_seed(seed + i))
             callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
             outputs.append(guider.sample(noise, z0_raw, sampler, sigmas, callback=callback, seed=seed + i).cpu())
-        return io.NodeOutput({"samples": torch.cat(outputs)})
+            if correction.similarity is not None:
+                report.append(similarity_report(guidance, i, correction.similarity))
+        similarities = [c for entry in report for c in entry["cosines"]]
+        return io.NodeOutput({"samples": torch.cat(outputs)}, similarities, ui={"identity_similarity": report})
+
+
+def similarity_report(guidance, index: int, cosines: list[float]) -> dict:
+    """One image's achieved similarity, as the history shows it (and summary.json keeps it)."""
+    embedder, target = guidance.embedder, guidance.target
+    threshold = embedder.threshold
+    return {"image": index, "recognizer": embedder.name, "cosines": [round(c, 4) for c in cosines],
+            "threshold": round(threshold, 4), "mode": guidance.mode,
+            "goal": None if target is None else round(target.goal(guidance.mode), 4),
+            "same_person": [c >= threshold for c in cosines]}
 
 
 class GuidedDDIMSamplerSelect(io.ComfyNode):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from diffpriv_client.batch import prompt_seconds
+from diffpriv_client.batch import identity_of, prompt_seconds
+from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client import graphs
 from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, read_passphrase,
                                  workflow_name)
@@ -81,9 +82,19 @@ def test_summary_resume_needs_ok_and_the_files(tmp_path):
     saved = json.loads((out / "summary.json").read_text())["results"]
     assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
     assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
-                          "seconds": None, "server": None, "node": None,
+                          "identity": [], "seconds": None, "server": None, "node": None,
                           "error": "no face found in image 0"}
     assert not list(out.glob(".summary-*")), "no temporary file left behind"
+
+
+def test_the_summary_keeps_what_the_sampler_reported_of_each_guided_image(tmp_path):
+    report = {"image": 0, "recognizer": "face_recognition_sface_2021dec.onnx", "cosines": [0.21, 0.3],
+              "threshold": 0.363, "mode": "anonymize", "goal": 0.313, "same_person": [False, False]}
+    result = PromptResult("p", {"9": {"images": []}, "sample": {"identity_similarity": [report]}}, {})
+    assert identity_of(result) == [report]
+    summary = Summary(tmp_path, "protect")
+    summary.record("a", tmp_path / "a.png", "ok", identity=identity_of(result))
+    assert json.loads((tmp_path / "summary.json").read_text())["results"]["a"]["identity"] == [report]
 
 
 def test_prompt_seconds_is_execution_time_not_queue_time():

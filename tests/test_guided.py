@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpriv_core import guided, schedule
-from diffpriv_core.energy import LambdaSchedule
+from diffpriv_core.energy import LambdaSchedule, SimilarityTarget
 from diffpriv_core.faces.align import FIVE_POINT, warp_faces
 
 TABLE = schedule.alphas_cumprod()
@@ -192,3 +192,32 @@ def test_presets_are_the_papers():
     assert (anonymize.strength, anonymize.tau, anonymize.steps, anonymize.batch) == (0.6, 0.4, 50, 4)
     assert (hide.strength, hide.tau, hide.steps, hide.batch) == (0.8, 0.6, 100, 1)
     assert anonymize.lambdas(900) == 1.0 and (hide.lambdas(900), hide.lambdas(100)) == (1.5, 2.5)
+
+
+def test_a_similarity_target_steps_to_the_goal_whatever_the_gradient_scale():
+    target = SimilarityTarget(threshold=0.4, margin=0.1, cap=10.0, growth=2.0)
+    assert target.goal("anonymize") == pytest.approx(0.3) and target.goal("hide") == pytest.approx(0.5)
+    cosines = torch.tensor([0.9, 0.2, 0.9])
+    grad = torch.tensor([[0.1, 0.0], [3.0, 4.0], [0.01, 0.0]])  # squared norms 0.01, 25, 1e-4
+    scales, gains = target.step("anonymize", cosines, grad, torch.ones(3))
+    # off by 0.6: the first-order step 0.6 / 0.01; at the goal: nothing; a step beyond the cap: capped
+    assert scales.tolist() == pytest.approx([10.0, 0.0, 10.0]) and gains.tolist() == [2.0, 0.5, 2.0]
+    scales, _ = target.step("anonymize", cosines, grad * 100, torch.ones(3))
+    assert scales[0] == pytest.approx(0.6 / 100.0)  # a 10x larger gradient, a 100x smaller lambda
+    scales, gains = target.step("hide", cosines, grad, torch.ones(3))
+    assert scales.tolist() == pytest.approx([0.0, 0.3 / 25, 0.0]) and gains.tolist() == [0.5, 2.0, 0.5]
+
+
+@pytest.mark.parametrize("mode, goal_side", [("anonymize", -1), ("hide", 1)])
+def test_target_mode_ends_beyond_the_goal_where_a_tiny_fixed_lambda_does_not(toy, mode, goal_side):
+    """lambda_t is 1e-3, far too small for this recogniser; the target mode finds the scale."""
+    strength, batch = (0.6, 2) if mode == "anonymize" else (0.8, 1)
+    fixed = toy.run(toy.guidance(mode, 1e-3), batch=batch, strength=strength)
+    reference = toy.cos_to_original(fixed)
+    goal = reference - 0.3 if mode == "anonymize" else min(reference + 0.2, 0.95)
+    target = SimilarityTarget(threshold=goal - goal_side * 0.05, margin=0.05, cap=1e4)
+    guidance = toy.guidance(mode, 1e-3, target=target)
+    out = toy.run(guidance, batch=batch, strength=strength)
+    achieved = guided.achieved_similarity(guidance, toy.decoder, out)
+    assert torch.allclose(achieved, toy.embed(out) @ toy.target.embedding, atol=1e-5)
+    assert ((achieved - goal) * goal_side >= 0).all(), (reference, goal, achieved)

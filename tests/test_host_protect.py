@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,14 +75,18 @@ def identity_cosines(face_models, original: np.ndarray, outputs: list[np.ndarray
         return cosines_to(target.embedding, embedder(warp_faces(batch, target.matrix, embedder.input_size)))
 
 
-def run_outputs(host, graph) -> tuple[list[np.ndarray], list[dict]]:
+def run_outputs(host, graph, report: list | None = None) -> tuple[list[np.ndarray], list[dict]]:
+    """The saved pictures and key records; ``report`` receives the sampler's identity report."""
     result = host.client.run(graph, timeout=1200)
+    if report is not None:
+        report.extend(result.outputs["sample"]["identity_similarity"])
     return [fetch_image(host, r) for r in result.files("save")], result.files("keyout", "diffprivacy_keys")
 
 
 def test_anonymize_lowers_identity_similarity(comfy_host, photo, face_models):
     original, name = photo
-    guided, keys = run_outputs(comfy_host, protect_graph(name, "anonymize", samples=2, lambda_scale=50.0))
+    report = []
+    guided, keys = run_outputs(comfy_host, protect_graph(name, "anonymize", samples=2, lambda_scale=50.0), report)
     unguided, _ = run_outputs(comfy_host, protect_graph(name, "anonymize", samples=2, lambda_scale=0.0))
     assert len(guided) == 2 and guided[0].shape == original.shape
     assert len(keys) == 1 and keys[0]["filename"].endswith(".dpkey.safetensors")
@@ -89,6 +94,11 @@ def test_anonymize_lowers_identity_similarity(comfy_host, photo, face_models):
     with_guidance = identity_cosines(face_models, original, guided).mean()
     without = identity_cosines(face_models, original, unguided).mean()
     assert with_guidance < without, (with_guidance, without)
+    # the sampler reports what the guiding recogniser says of each sample it made
+    (entry,) = report
+    assert entry["image"] == 0 and entry["recognizer"] == Path(ARCFACE_ONNX).name and entry["mode"] == "anonymize"
+    assert np.allclose(entry["cosines"], identity_cosines(face_models, original, guided).numpy(), atol=0.05)
+    assert entry["same_person"] == [c >= entry["threshold"] for c in entry["cosines"]] and entry["goal"] is None
 
 
 def test_hide_raises_identity_similarity(comfy_host, photo, face_models):

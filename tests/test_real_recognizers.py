@@ -169,3 +169,39 @@ def test_the_installed_facenet_is_the_conversion_checked_at_setup(installed_mode
     and pins the converted file's sha256; the file in place is that one."""
     path = installed_models / FACENET_CASIA.folder / FACENET_CASIA.file
     assert wheel_models.sha256(path) == FACENET_CASIA.file_sha256
+
+
+# --- guidance to a target on real faces, with the image as its own latent ---------------
+
+def pixels_as_latent(z: torch.Tensor) -> torch.Tensor:
+    """The identity codec: the latent is the image [B, 3, H, W]; decoding is a layout change."""
+    return z.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("mode", ["anonymize", "hide"])
+def test_target_guidance_without_diffusion_crosses_the_real_recognisers_threshold(installed_models, located, mode):
+    """anonymize from the photo ends below SFace's threshold - margin; hide, from the photo
+    with its face blurred past recognition, ends above threshold + margin; both with a small
+    mean pixel change."""
+    from diffpriv_core import guided
+    from diffpriv_core.energy import LambdaSchedule, SimilarityTarget
+    from diffpriv_eval.baselines import gaussian_blur
+
+    sface = load_recognizer(installed_models / SFACE.folder / SFACE.file)
+    image, face = located[0]["astronaut"]
+    target = guided.face_target(sface, image, face)
+    start = image
+    if mode == "hide":
+        photo = (image.numpy() * 255).round().astype(np.uint8)
+        start = torch.from_numpy(gaussian_blur(photo, 6.0, face.box).copy()).float() / 255
+    z0 = start.permute(2, 0, 1)[None]
+    goal = SimilarityTarget(sface.threshold, margin=0.05, cap=10.0)
+    guidance = guided.IdentityGuidance(sface, mode, LambdaSchedule(1.0, 1.0), (target,), diversity=False, target=goal)
+    before = float(guided.achieved_similarity(guidance, pixels_as_latent, z0)[0])
+    z = guided.guide_without_diffusion(z0, guidance, pixels_as_latent, steps=12).clamp(0, 1)
+    after = float(guided.achieved_similarity(guidance, pixels_as_latent, z)[0])
+    if mode == "anonymize":
+        assert before > 0.99 and after <= goal.goal(mode), (before, after)
+    else:
+        assert before < sface.threshold and after >= goal.goal(mode), (before, after)
+    assert float((z - z0).abs().mean()) < 2 / 255  # the change is all but invisible on average
