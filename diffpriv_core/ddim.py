@@ -26,9 +26,6 @@ class Correction(Protocol):
     def __call__(self, step: int, t: int, z_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor: ...
 
 
-INVERSION_MODES = ("ddim", "fixed_point")
-
-
 def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eq. 10: the clean latent implied by z at level alpha and the predicted noise."""
     return (z - math.sqrt(1.0 - alpha) * eps) / math.sqrt(alpha)

@@ -54,7 +54,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
     """Stage II in a test graph: Embedding Scheduler, the test recogniser, Identity Energy
     Guidance on ``reference`` and the Guided DDIM Sampler on ``latent``, then VAE Decode
     (nodes "sched", "fr", "guide", "sample", "dec"). Returns the decoded pictures' link."""
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=0.4)
+    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=-1.0)  # the preset's
     add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=reference, mode=mode,
         lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
