@@ -27,8 +27,6 @@ from .schedule import Grid
 from .tasks import LambdaSchedule
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> [B, H, W, 3], unclamped
-# SD's VAE: one latent cell is 8 x 8 pixels.
-LATENT_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +102,9 @@ def frame_offset(image_hw: tuple[int, int], latent_hw: tuple[int, int], factor: 
 class IdentityCorrection:
     """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
 
+    # SD's VAE: one latent cell is 8 x 8 pixels (used only to place the decode window).
+    LATENT_FACTOR = 8
+
     def __init__(self, guidance: IdentityGuidance, target: FaceTarget, decoder: Decoder, grid: Grid):
         self.guidance = guidance
         self.target = target
@@ -123,7 +124,7 @@ class IdentityCorrection:
     def window(self, latent_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         if self.guidance.crop_margin is None:
             return 0, 0, *latent_hw
-        return latent_window(self.target.box, latent_hw, self.guidance.crop_margin, LATENT_FACTOR)
+        return latent_window(self.target.box, latent_hw, self.guidance.crop_margin, self.LATENT_FACTOR)
 
     def energy_gradient(self, x0: torch.Tensor) -> torch.Tensor:
         """dE/dz0hat' with z0hat' a detached leaf: no gradient flows back into the UNet."""
@@ -200,7 +201,7 @@ class Protection:
         target = self.guidance.target_for(index) if self.guidance is not None else None
         if target is not None:
             try:
-                frame_offset(target.image_hw, latent_hw, LATENT_FACTOR)
+                frame_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
             except ValueError as exc:
                 raise ValueError(f"image {index} of 'latent' does not match 'guidance': {exc}") from None
 

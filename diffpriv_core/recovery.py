@@ -14,7 +14,7 @@ from .adapters.protocols import EpsModel
 from .key_types import KeyE, KeyI
 from .schedule import ddim_grid, scheduled_stage, stage_of
 
-INVERSION_MODES = ("fixed_point", "ddim")
+MODES = ("fixed_point", "ddim")
 
 
 class KeyMismatchError(ValueError):
@@ -37,8 +37,8 @@ def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps:
                refine: int = 4, meta: dict[str, str] | None = None,
                callback: ddim.StepCallback | None = None) -> list[KeyI]:
     """key-I of each latent in the batch z0 [B, 4, h, w] (scaled), one key-E per image."""
-    if mode not in INVERSION_MODES:
-        raise ValueError(f"inversion mode must be one of {INVERSION_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"inversion mode must be one of {MODES}, got {mode!r}")
     refine = refine if mode == "fixed_point" else 0
     grid = ddim_grid(steps)
     with torch.no_grad():

@@ -44,7 +44,7 @@ class KeyIGrid:
     """How key-I inverts the original: DDIM steps, inversion mode and refinements per step."""
 
     steps: int = 50
-    mode: str = "fixed_point"  # or "ddim" (recovery.INVERSION_MODES)
+    mode: str = "fixed_point"  # or "ddim" (recovery.MODES)
     refine: int = 4
 
 

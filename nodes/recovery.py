@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core.recovery import INVERSION_MODES, check_checkpoint, make_key_i, recover
+from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
 from diffpriv_core.tasks import KeyIGrid
 
 from .adapters import ComfyEpsModel
@@ -30,7 +30,7 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
                 KeyE.Input("key_e"),
                 io.Int.Input("steps", default=KEY_I.steps, min=1, max=500),
-                io.Combo.Input("mode", options=list(INVERSION_MODES), default=KEY_I.mode,
+                io.Combo.Input("mode", options=list(MODES), default=KEY_I.mode,
                                tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
