@@ -1,8 +1,6 @@
 """Stage II: the Guided DDIM Sampler (Algorithm 1) as a node and as a SAMPLER."""
 from __future__ import annotations
 
-import math
-
 import comfy.model_management
 import comfy.samplers
 import latent_preview
@@ -10,6 +8,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core import ddim
+from diffpriv_core.ddim import eps_from_denoised, k_diffusion_scale
 from diffpriv_core.guided import Protection, protect_batch
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 from diffpriv_core.tasks import TASKS, preset_value
@@ -32,16 +31,16 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
 
     def eps_fn(z, t):
         sigma = sigma_at[t]
-        x_t = z * math.sqrt(1.0 + sigma**2)
+        x_t = z * k_diffusion_scale(sigma)
         with torch.no_grad():  # Algorithm 1 never backpropagates through the UNet
-            return (x_t - model(x_t, sigma * s_in, **extra_args)) / sigma
+            return eps_from_denoised(x_t, model(x_t, sigma * s_in, **extra_args), sigma)
 
     def step_callback(k, _total, z, x0):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if callback is not None:
             callback({"x": z, "i": k, "sigma": sigmas[k], "sigma_hat": sigmas[k], "denoised": x0})
 
-    z = x / math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    z = x / k_diffusion_scale(float(sigmas[0]))
     # Out of inference mode so the correction can take gradients w.r.t. the x0 estimates.
     with torch.inference_mode(False):
         correction = make_correction(grid, model) if make_correction is not None else None
