@@ -1,12 +1,14 @@
 """The `diffpriv` command: protect photos and recover them through ComfyUI's HTTP API.
 
-    diffpriv protect photo.jpg --task anonymize --out out/
-    diffpriv recover out/photo/photo_00001.dpkey.safetensors --out recovered/
-    diffpriv protect group.jpg --task anonymize --every-face --out out/
+    diffpriv protect group.jpg --task anonymize --out out/
     diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
+    diffpriv protect face.png --task anonymize --whole-image --out out/
+    diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/
 
-With ``--server URL`` (repeatable) it uses running ComfyUI servers; without, it starts
-the embedded ComfyUI headless for the run. It never imports ComfyUI itself.
+With ``--server URL`` (repeatable) it uses running ComfyUI servers; with ``--ray`` it
+spreads the batch over a Ray cluster, one embedded ComfyUI per actor (cluster.py);
+without either, it starts the embedded ComfyUI headless for the run. It never imports
+ComfyUI itself.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from . import graphs
 from .batch import Job, run_batch
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
-from .preflight import PreflightError, check_models, find_remote_key, install_embedded_key
+from .preflight import (PreflightError, check_models, find_remote_key, install_embedded_key, photo_problem,
+                        refused_photos)
 from .servers import Server
 from .summary import Summary, write_contact_sheet
 
@@ -65,17 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"sample{'s' * (t.samples > 1)}" for t in TASKS.values()))
     protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
     protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
-    protect.add_argument("--every-face", action="store_true",
-                         help="protect every face of each photo, one key per face, the rest of the photo untouched "
-                              "(default workflow: workflows/api/<task>_faces.json)")
-    protect.set_defaults(func=protect_command, photo=None)
+    mode = protect.add_mutually_exclusive_group()
+    mode.add_argument("--every-face", dest="whole_image", action="store_false",
+                      help="the default: protect every face of each photo, one key per face, the rest of the photo "
+                           "untouched (workflow: workflows/api/<task>_faces.json)")
+    mode.add_argument("--whole-image", dest="whole_image", action="store_true",
+                      help="protect the whole picture as one face, for photos that are already one aligned face "
+                           "(as in the paper's datasets); any size up to 2048 px (workflow: workflows/api/<task>.json)")
+    protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
     recover.add_argument("--photo", type=Path,
-                         help="keys made with --every-face: the protected photo to put each recovered face back "
-                              "into (default workflow: workflows/api/recover_face.json); one output per key")
-    recover.set_defaults(func=recover_command, task="recover", every_face=False)
+                         help="per-face keys (protect's default): the protected photo to put each recovered face "
+                              "back into (default workflow: workflows/api/recover_face.json); one output per key")
+    recover.set_defaults(func=recover_command)
 
     sub.add_parser("eval", add_help=False,
                    help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
@@ -89,11 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workflow", type=Path, help="API-format workflow (default: workflows/api/<task>.json)")
         p.add_argument("--base", type=Path,
                        help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
-                            "or comfy-demo next to it with --demo-weights)")
-        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in)")
+                            "or comfy-demo next to it with --demo-weights; with --ray: the folder, on each node, "
+                            "that holds each actor's own, removed when it stops; default: the temporary folder)")
+        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in; with --ray: "
+                                                   f"the same path on every node, default {CACHE_DIR / 'comfy' / 'models'})")
         p.add_argument("--demo-weights", action="store_true",
                        help="generate random-weight test models and run with them: meaningless pictures")
         p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="spread the batch over a Ray cluster, one embedded ComfyUI per actor: ADDRESS of the "
+                            "cluster (auto, HOST:PORT, ray://HOST:10001); alone, a cluster started on this machine "
+                            "with `ray start`, else a local one (docs/cluster.md)")
+        p.add_argument("--ray-actors", type=int, metavar="N",
+                       help="with --ray: actors (ComfyUI servers) to start (default: one per GPU of the cluster, "
+                            "one if it has none)")
     return parser
 
 
@@ -107,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.demo_weights and args.server:
         parser.error("--demo-weights runs the embedded ComfyUI: leave out --server")
+    if args.ray is not None and args.server:
+        parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        parser.error("--ray-actors N needs --ray and N >= 1")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -140,38 +160,50 @@ def _raise_keyboard_interrupt(signum, frame):
 def protect_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-
-    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
-        return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
-                for name, path in todo.items()]
-
-    return run_command(args, unique_names(args.images, lambda p: p.stem), template, jobs, passphrase)
+    refuse = partial(refused_photos, whole_image=graphs.msi_sees_the_photo(template))
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, passphrase, refuse)
 
 
 def recover_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-
-    if args.photo is not None and not args.photo.is_file():
-        raise UsageError(f"--photo {args.photo} is not a file")
-
-    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
-        # Resolved on every server up front, so a missing key stops the run before any compute.
-        key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
-                     for server in conn.servers}
-        return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase, args.photo))
-                for name, path in todo.items()]
-
-    return run_command(args, unique_names(args.keys, key_stem), template, jobs, passphrase)
+    if args.photo is not None and (problem := photo_problem(args.photo, whole_image=False)):
+        raise UsageError(f"--photo {args.photo}: {problem}")
+    return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs, passphrase)
 
 
-def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str) -> int:
-    """Skip what an earlier run finished, run the rest, report; exit status 1 if any failed."""
+# A command's jobs: make_jobs(args, template, passphrase, conn, todo) -> list[Job]. Module
+# functions, so a Ray actor can make the same jobs on its own server.
+def protect_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
+            for name, path in todo.items()]
+
+
+def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    # Resolved on every server up front, so a missing key stops the run before any compute.
+    key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
+                 for server in conn.servers}
+    return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase, args.photo))
+            for name, path in todo.items()]
+
+
+def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str, refuse=None) -> int:
+    """Skip what an earlier run finished, refuse (all at once) what the server could not do,
+    run the rest, report; exit status 1 if any failed."""
     summary = Summary(args.out, args.command)
     todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
+    if refuse is not None:
+        todo = drop_refused(summary, todo, refuse(todo))
+    if args.ray is not None:
+        from .cluster import run_on_ray  # imports ray: only here
+
+        if todo:
+            run_on_ray(args, template, passphrase, make_jobs, todo, summary)
+        return report(summary, args)
     with connect(args, needed=bool(todo)) as conn:
         preflight_models(conn, template, args)
-        run_batch(make_jobs(conn, todo), conn.servers, summary, forget_prompts=bool(passphrase))
+        run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
+                  forget_prompts=bool(passphrase))
     return report(summary, args)
 
 
@@ -194,7 +226,13 @@ def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
 
 # --- pieces --------------------------------------------------------------------------
 def load_template(args) -> dict:
-    template = graphs.load_workflow(args.workflow or graphs.default_workflow(workflow_name(args)))
+    path = args.workflow or graphs.default_workflow(workflow_name(args))
+    template = graphs.load_workflow(path)
+    command = "recover --photo" if args.command == "recover" and args.photo is not None else args.command
+    missing = graphs.missing_nodes(template, command)
+    if missing:
+        raise UsageError(f"the workflow {path} lacks what `diffpriv {command}` fills in: {'; '.join(missing)} "
+                         "(see 'Your own workflows' in docs/cli.md)")
     if args.demo_weights:
         from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
 
@@ -204,12 +242,11 @@ def load_template(args) -> dict:
 
 
 def workflow_name(args) -> str:
-    """The shipped workflow for what was asked: per task, per face, or a face back into a photo."""
-    if args.every_face:
-        return f"{args.task}_faces"
-    if args.photo is not None:
-        return "recover_face"
-    return args.task
+    """The shipped workflow for what was asked: every face or the whole image, per task; a
+    key's picture, or its face back into a photo."""
+    if args.command == "recover":
+        return "recover" if args.photo is None else "recover_face"
+    return args.task if args.whole_image else f"{args.task}_faces"
 
 
 def unique_names(paths: list[Path], name_of) -> dict[str, Path]:
@@ -245,6 +282,16 @@ def skip_if_done(summary: Summary, name: str) -> bool:
     return True
 
 
+def drop_refused(summary: Summary, todo: dict[str, Path], refused: dict[str, str]) -> dict[str, Path]:
+    """Record and print every refused input at once, before anything is queued; the rest go on."""
+    if refused:
+        print(f"refused before queueing ({len(refused)} of {len(todo)}):")
+    for name, reason in refused.items():
+        print(f"  {name}: {reason}")
+        summary.record(name, todo[name], "failed", error=f"refused before queueing: {reason}")
+    return {name: path for name, path in todo.items() if name not in refused}
+
+
 def preflight_models(conn: Connection, template: dict, args) -> None:
     hint = f"diffpriv {args.command} ... --demo-weights"
     for server in conn.servers:
@@ -256,6 +303,9 @@ def report(summary: Summary, args) -> int:
     sheet = write_contact_sheet(summary, show_source=args.command == "protect")
     counts = summary.counts()
     print(f"{summary.path}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    failed = {name: entry["error"] or "" for name, entry in summary.results.items() if entry["status"] == "failed"}
+    for name, error in failed.items():  # every failure together, with the first line of its reason
+        print(f"  {name}: failed: {error.splitlines()[0] if error else 'no reason given'}")
     if sheet:
         print(f"contact sheet: {sheet}")
     if args.demo_weights:
@@ -265,9 +315,10 @@ def report(summary: Summary, args) -> int:
 
 # --- servers -------------------------------------------------------------------------
 @contextlib.contextmanager
-def connect(args, needed: bool = True) -> Iterator[Connection]:
+def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connection]:
     """The servers given with --server, or the embedded ComfyUI for the time of the run
-    (none at all when everything was done in an earlier run)."""
+    (none at all when everything was done in an earlier run); ``embedded_options`` go to
+    EmbeddedComfy."""
     if not needed:
         yield Connection([])
         return
@@ -281,7 +332,7 @@ def connect(args, needed: bool = True) -> Iterator[Connection]:
     base = args.base or CACHE_DIR / ("comfy-demo" if args.demo_weights else "comfy")
     prepare_base_directory(base, models)
     # --disable-metadata: the graph (and so any passphrase) never lands in PNG metadata.
-    comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"])
+    comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"], **embedded_options)
     print(f"starting ComfyUI in {base} (log: {comfy.log_path}) ...", file=sys.stderr)
     with comfy:
         yield Connection([Server(comfy.url, args.max_in_flight)], embedded_models=base / "models")

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from . import ddim
 from .adapters.protocols import FaceEmbedder
 from .energy import energy, normalize_gradient
-from .faces.align import alignment_matrix, shift_source, warp_faces
+from .faces.align import face_matrix, shift_source, warp_faces
 from .faces.detect import Face
+from .frame import VAE_FACTOR, latent_offset
 from .schedule import Grid
 from .tasks import LambdaSchedule
 
@@ -40,8 +41,8 @@ class FaceTarget:
 
 
 def face_target(embedder: FaceEmbedder, image: torch.Tensor, face: Face) -> FaceTarget:
-    """Alignment and reference embedding of ``face`` in one [H, W, 3] image."""
-    matrix = alignment_matrix(face.landmarks, embedder.input_size)
+    """Alignment (the recogniser's own) and reference embedding of ``face`` in one [H, W, 3] image."""
+    matrix = face_matrix(face, embedder.input_size, embedder.alignment)
     with torch.no_grad():
         embedding = embedder(warp_faces(image[None].float(), matrix, embedder.input_size))[0]
     return FaceTarget(matrix, face.box, embedding.detach(), (image.shape[0], image.shape[1]))
@@ -88,22 +89,11 @@ def latent_window(box, latent_hw: tuple[int, int], margin: float, factor: int) -
     return top, left, bottom, right
 
 
-def frame_offset(image_hw: tuple[int, int], latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
-    """(dx, dy) of the latent's frame in the original image. VAE encoders crop the image to a
-    multiple of their factor, centred (ComfyUI's ``vae_encode_crop_pixels``); a latent of any
-    other size is not this image's, and the fixed alignment would miss the face."""
-    (height, width), (h, w) = image_hw, latent_hw
-    if not (0 <= height - h * factor < factor and 0 <= width - w * factor < factor):
-        raise ValueError(f"the latent ({w * factor} x {h * factor} px) is not the encoding of the reference image "
-                         f"({width} x {height} px): give the guidance the image that was encoded")
-    return (width - w * factor) // 2, (height - h * factor) // 2
-
-
 class IdentityCorrection:
     """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
 
     # SD's VAE: one latent cell is 8 x 8 pixels (used only to place the decode window).
-    LATENT_FACTOR = 8
+    LATENT_FACTOR = VAE_FACTOR
 
     def __init__(self, guidance: IdentityGuidance, target: FaceTarget, decoder: Decoder, grid: Grid):
         self.guidance = guidance
@@ -135,7 +125,7 @@ class IdentityCorrection:
             leaf = x0.detach().requires_grad_(True)
             image = self.decoder(leaf[..., top:bottom, left:right])
             factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
-            dx, dy = frame_offset(self.target.image_hw, latent_hw, factor)
+            dx, dy = latent_offset(self.target.image_hw, latent_hw, factor)
             matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
             samples = embedder(warp_faces(image, matrix, embedder.input_size))
             total = energy(self.guidance.mode, self.target.embedding.to(samples), samples, self.guidance.diversity)
@@ -197,11 +187,12 @@ class Protection:
 
     def check_frame(self, index: int, latent_hw: tuple[int, int]) -> None:
         """Before any compute: the latent of image ``index`` must be the encoding of its
-        reference image (VAE encoders crop to a multiple of 8, centred; the guidance follows)."""
+        reference image (padded to a multiple of 8 by Pad to VAE Size, or cropped to one,
+        centred, by VAE Encode; the guidance follows either)."""
         target = self.guidance.target_for(index) if self.guidance is not None else None
         if target is not None:
             try:
-                frame_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
+                latent_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
             except ValueError as exc:
                 raise ValueError(f"image {index} of 'latent' does not match 'guidance': {exc}") from None
 

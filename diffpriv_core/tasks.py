@@ -61,7 +61,9 @@ class Task:
 
 TASKS = {
     "anonymize": Task("anonymize", strength=0.6, tau=0.4, steps=50, samples=4, lambdas=LambdaSchedule(1.0, 1.0)),
-    "hide": Task("hide", strength=0.8, tau=0.6, steps=100, samples=1, lambdas=LambdaSchedule(1.5, 2.5)),
+    # Hiding samples on a 100-step grid; its key-I inverts on the same grid.
+    "hide": Task("hide", strength=0.8, tau=0.6, steps=100, samples=1, lambdas=LambdaSchedule(1.5, 2.5),
+                 key_i=KeyIGrid(steps=100)),
 }
 
 

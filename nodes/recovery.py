@@ -4,14 +4,14 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
-from diffpriv_core.tasks import KeyIGrid
+from diffpriv_core.tasks import TASKS
 
 from .adapters import ComfyEpsModel
 from .host import Progress
 from .inputs import per_image, sd1_model, sd_latents
 from .types import KeyE, KeyI
 
-KEY_I = KeyIGrid()  # the same for both tasks
+KEY_I = TASKS["anonymize"].key_i  # the defaults; the hide workflows invert on their 100-step grid
 MODE_TIPS = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
              "ddim": "plain DDIM inversion, as in the paper"}
 

@@ -150,7 +150,12 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
     assert PASSPHRASE not in requests.get(f"{url}/history", timeout=10).text, "prompts with it were deleted"
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.height == 2 * 128 and sheet.width > 3 * 64
-    assert "1 failed, 2 ok" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "1 failed, 2 ok" in shown.out
+    # The progress line names each stage with its step and clocks, and is cleared at the end.
+    lines = shown.err.replace("\r", "\n").splitlines()
+    assert any(re.search(r"astronaut: DDIM Inversion Key \d+/\d+, \d\d:\d\d elapsed", line) for line in lines), lines
+    assert "elapsed" not in [line for line in lines if line.strip()][-1]
 
     # Recovery on a server we did not start: the key must be put there by hand first.
     key = out / got["astronaut"]["keys"][0]

@@ -18,6 +18,7 @@ def test_the_tasks_are_the_papers():
     assert (hide.strength, hide.tau, hide.steps, hide.samples) == (0.8, 0.6, 100, 1)
     assert anonymize.lambdas(900) == 1.0 and (hide.lambdas(900), hide.lambdas(100)) == (1.5, 2.5)
     assert (anonymize.key_i.steps, anonymize.key_i.mode, anonymize.key_i.refine) == (50, "fixed_point", 4)
+    assert (hide.key_i.steps, hide.key_i.mode, hide.key_i.refine) == (100, "fixed_point", 4)
     with pytest.raises(ValueError, match="unknown task 'blur'; choose one of anonymize, hide"):
         task("blur")
 
