@@ -1,7 +1,7 @@
 """Calibration of the evaluation metrics with blur and mosaic on real photos.
 
 Applies each baseline at several strengths to the largest face of the sample photos that
-ship in installed packages (diffpriv_core.eval.sample_photos), and prints, per setting,
+ship in installed packages (diffpriv_eval.sample_photos), and prints, per setting,
 the dlib protection success rate and identity distance, the detection rates of MTCNN and
 dlib, their landmark shift, and the PSNR of the protected photo. A metric that does not
 move with strength here would not mean anything on Diff-Privacy's output either.
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffpriv_core.eval import metrics  # noqa: E402
-from diffpriv_core.eval.baselines import BASELINES  # noqa: E402
-from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector  # noqa: E402
-from diffpriv_core.eval.evaluate import evaluate  # noqa: E402
-from diffpriv_core.eval.images import Case  # noqa: E402
-from diffpriv_core.eval.recognizers import DlibRecognizer  # noqa: E402
-from diffpriv_core.eval.sample_photos import sample_photos  # noqa: E402
+from diffpriv_eval import metrics  # noqa: E402
+from diffpriv_eval.baselines import BASELINES  # noqa: E402
+from diffpriv_eval.detectors import DlibDetector, MtcnnDetector  # noqa: E402
+from diffpriv_eval.evaluate import evaluate  # noqa: E402
+from diffpriv_eval.images import Case  # noqa: E402
+from diffpriv_eval.recognizers import DlibRecognizer  # noqa: E402
+from diffpriv_eval.sample_photos import sample_photos  # noqa: E402
 
 
 def _fmt(value: float | None) -> str:

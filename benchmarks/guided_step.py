@@ -21,18 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from _models import MODELS, UNET_WORDS, astronaut, ensure_models
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from diffpriv_testmodels.cache import BENCHMARK_MODELS, UNET_WORDS, astronaut, benchmark_models  # noqa: E402
 CONFIGS = ("plain", "guided, whole frame", "guided, face crop")
 
 
 def measure(config: str, size: int, steps: int, models: Path, checkpointing: bool) -> dict:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
     import torch
-    from inprocess import load_host_in_process
 
-    from diffpriv_client import demo_models
     from diffpriv_core import ddim
     from diffpriv_core.energy import PAPER_LAMBDAS
     from diffpriv_core.faces.detect import detect_faces
@@ -41,10 +38,12 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     from diffpriv_core.key_types import KeyE
     from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import Grid, ddim_grid
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT
+    from diffpriv_testmodels.inprocess import load_host_in_process, pack_module
 
     host = load_host_in_process()
-    adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
-    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(models / demo_models.CHECKPOINT))[:3]
+    adapters = pack_module("nodes.adapters")
+    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(models / CHECKPOINT))[:3]
     photo = astronaut(size)
     g = torch.Generator().manual_seed(0)
     key_e = KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g))
@@ -60,7 +59,7 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     grid = ddim_grid(steps * 2).tail(0.5)
     correction = None
     if config != "plain":
-        embedder = load_recognizer(models / demo_models.ARCFACE_ONNX)
+        embedder = load_recognizer(models / ARCFACE_ONNX)
         target = face_target(embedder, photo[0], detect_faces(photo[0])[0])
         guidance = IdentityGuidance(embedder, "anonymize", PAPER_LAMBDAS["anonymize"], (target,),
                                     crop_margin=0.5 if config.endswith("crop") else None)
@@ -79,14 +78,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--unet", choices=list(MODELS), default="test")
+    parser.add_argument("--unet", choices=list(BENCHMARK_MODELS), default="test")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the VAE decoder")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.size, args.steps, MODELS[args.unet], args.checkpointing)))
+        print(json.dumps(measure(args.child, args.size, args.steps, BENCHMARK_MODELS[args.unet], args.checkpointing)))
         return
-    ensure_models(args.unet)
+    benchmark_models(args.unet)
     results = {}
     for config in CONFIGS:
         flags = ["--size", str(args.size), "--steps", str(args.steps), "--unet", args.unet]

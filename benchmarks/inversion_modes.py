@@ -11,7 +11,6 @@ inversion is, nothing about picture quality).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,11 +18,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-import make_models  # noqa: E402
-from inprocess import load_host_in_process  # noqa: E402
-
-MODELS = ROOT / ".cache" / "test-models" / f"v{make_models.GENERATOR_VERSION}-seed1234"
+sys.path.insert(0, str(ROOT))
+from diffpriv_testmodels.cache import astronaut, comfy_test_models  # noqa: E402
+from diffpriv_testmodels.comfy_models import CHECKPOINT  # noqa: E402
+from diffpriv_testmodels.inprocess import load_host_in_process, pack_module  # noqa: E402
 
 
 def main() -> None:
@@ -31,21 +29,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    if not (MODELS / make_models.CHECKPOINT).exists():
-        subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "make_models.py"), str(MODELS)], check=True)
+    models = comfy_test_models()
     host = load_host_in_process()
     from diffpriv_core import ddim
     from diffpriv_core.key_types import KeyE
     from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import ddim_grid
 
-    adapters = sys.modules["diffprivacy_pack.nodes.adapters"]
-    import skimage.data
-    import torch.nn.functional as F
-
-    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(MODELS / make_models.CHECKPOINT))[:3]
-    photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
-    photo = F.interpolate(photo.movedim(-1, 1), size=(args.size, args.size), mode="area").movedim(1, -1)
+    adapters = pack_module("nodes.adapters")
+    model, _clip, vae = host.sd.load_checkpoint_guess_config(str(models / CHECKPOINT))[:3]
+    photo = astronaut(args.size)
     g = torch.Generator().manual_seed(0)
     key_e = KeyE(torch.randn(10, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g))
     eps = adapters.ComfyEpsModel(model)

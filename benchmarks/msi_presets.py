@@ -1,5 +1,5 @@
 """MSI presets compared: held-out loss against training wall-clock, on CPU, on the tiny
-random diffusers models the unit tests use (tests/fixtures/tiny_diffusers.py).
+random diffusers models the unit tests use (diffpriv_testmodels/tiny_diffusers.py).
 
     python benchmarks/msi_presets.py [--faithful-steps 300] [--fast-steps 60]
 
@@ -27,11 +27,11 @@ CHECKPOINTS = 12  # held-out evaluations per run
 
 def run_preset(name: str, steps: int, seed: int) -> dict:
     """Train one preset here; return its curve [(train_seconds, held_out_loss)] and peak RSS."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
+    sys.path.insert(0, str(ROOT))
     import torch
-    from tiny_diffusers import MSI_SHAPE, tiny_components, tiny_host
 
     from diffpriv_core.msi_train import held_out_loss, preset, train_msi
+    from diffpriv_testmodels.tiny_diffusers import MSI_SHAPE, tiny_components, tiny_host
 
     torch.set_num_threads(1)  # the comparison, not the machine's other load, should decide
     host = tiny_host(tiny_components())

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from _models import MODELS, UNET_WORDS, astronaut, ensure_models
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from diffpriv_testmodels.cache import BENCHMARK_MODELS, UNET_WORDS, astronaut, benchmark_models  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -45,24 +45,23 @@ class Stages:
 
 
 def measure(args) -> tuple[Stages, str]:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
     import torch
-    from inprocess import load_host_in_process
 
-    from diffpriv_client import demo_models
     from diffpriv_core.faces.recognizers import load_recognizer
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
+    from diffpriv_testmodels.inprocess import load_host_in_process
 
     host = load_host_in_process()
     import comfy.clip_vision  # importable once the host is on the path
     nodes = host.pack.nodes
-    models = MODELS[args.unet]
+    models = BENCHMARK_MODELS[args.unet]
     photo = astronaut(args.size)
     stages = Stages()
     with torch.inference_mode():  # as ComfyUI runs prompts
-        model, clip, vae = host.sd.load_checkpoint_guess_config(str(models / demo_models.CHECKPOINT))[:3]
-        clip_vision = comfy.clip_vision.load(str(models / demo_models.CLIP_VISION))
+        model, clip, vae = host.sd.load_checkpoint_guess_config(str(models / CHECKPOINT))[:3]
+        clip_vision = comfy.clip_vision.load(str(models / CLIP_VISION))
         with nodes.host.gradients():  # as the loader node: the sampler differentiates through it
-            face_model = load_recognizer(models / demo_models.ARCFACE_ONNX)
+            face_model = load_recognizer(models / ARCFACE_ONNX)
         latent = {"samples": vae.encode(photo)}
         key_e = stages.run("MSI Inversion (key-E)", args.msi_steps, lambda: nodes.msi.MSIInversion.execute(
             model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0).args[0])
@@ -86,14 +85,14 @@ def measure(args) -> tuple[Stages, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", choices=list(MODELS), default="test")
+    parser.add_argument("--unet", choices=list(BENCHMARK_MODELS), default="test")
     parser.add_argument("--size", type=int, default=256, help="photo side in pixels (the face is about a sixth)")
     # Defaults keep the test size to a few minutes on a CPU; the sd15 arguments are the presets'.
     parser.add_argument("--steps", type=int, default=20, help="DDIM grid steps (sampling runs the last 60%%)")
     parser.add_argument("--samples", type=int, default=2, help="candidates per photo")
     parser.add_argument("--msi-steps", type=int, default=10, help="MSI training steps (the fast preset has 60)")
     args = parser.parse_args()
-    ensure_models(args.unet)
+    benchmark_models(args.unet)
     stages, device = measure(args)
     print(f"One {args.size}x{args.size} px photo, {UNET_WORDS[args.unet]} with the real-size VAE and CLIP "
           f"ViT-L/14 (random weights), ArcFace-shaped test recogniser, device {device}; anonymize with "

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # the evaluation toolkit has its own parser and needs no server
-        from diffpriv_core.eval.cli import main as eval_main
+        from diffpriv_eval.cli import main as eval_main
 
         return eval_main(argv[1:])
     parser = build_parser()
@@ -211,7 +211,7 @@ def _recover_graph(template, key_file: Path, name: str, passphrase: str, photo: 
 def load_template(args) -> dict:
     template = graphs.load_workflow(args.workflow or graphs.default_workflow(workflow_name(args)))
     if args.demo_weights:
-        from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
+        from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
 
         graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
         graphs.set_face_recognizer(template, ARCFACE_ONNX)
@@ -312,11 +312,11 @@ def normalise_url(url: str) -> str:
 def demo_models_dir() -> Path:
     """The seeded random-weight models, generated once into the cache (in a child process,
     since the generator imports ComfyUI)."""
-    from .demo_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
 
     folder = CACHE_DIR / "demo-models" / f"v{GENERATOR_VERSION}-seed1234"
     if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
-        subprocess.run([sys.executable, "-m", "diffpriv_client.demo_models", str(folder)], check=True, cwd=PACK_DIR)
+        subprocess.run([sys.executable, "-m", "diffpriv_testmodels.comfy_models", str(folder)], check=True, cwd=PACK_DIR)
     return folder
 
 

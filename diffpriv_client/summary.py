@@ -72,6 +72,19 @@ class Summary:
         return str(Path(path).relative_to(self.out_dir))
 
 
+def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
+    """The pictures of a `diffpriv protect` / `recover` --out folder that finished, each
+    with the name of the summary entry that made it (the photo's stem, or the key's
+    `<stem>_00001`); None for a folder without a summary."""
+    out_dir = Path(out_dir)
+    path = out_dir / SUMMARY_NAME
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text()).get("results", {})
+    return {out_dir / rel: name for name, entry in sorted(results.items()) if entry.get("status") in DONE_STATUSES
+            for rel in entry.get("outputs", [])}
+
+
 def key_face(path: Path) -> dict | None:
     """The face a per-face key belongs to ({"face": index, "box": [x1, y1, x2, y2]}), read
     from the key file's public metadata (no tensors loaded); None for a whole-image key."""

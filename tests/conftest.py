@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,14 +14,11 @@ sys.path.insert(0, str(ROOT))
 
 from diffpriv_client.comfy_http import ComfyClient  # noqa: E402
 from diffpriv_client.embedded import EmbeddedComfy, prepare_base_directory  # noqa: E402
+from diffpriv_testmodels import cache  # noqa: E402
+from diffpriv_testmodels.comfy_models import CHECKPOINT, CLIP_VISION  # noqa: E402
+from diffpriv_testmodels.face_models import ARCFACE_ONNX  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-import make_face_models  # noqa: E402
-import make_models  # noqa: E402
-
-MODEL_CACHE = ROOT / ".cache" / "test-models" / f"v{make_models.GENERATOR_VERSION}-seed1234"
-FACE_MODEL_CACHE = (ROOT / ".cache" / "test-models"
-                    / f"faces-v{make_face_models.GENERATOR_VERSION}-seed{make_face_models.SEED}")
 
 
 def pack_node_ids() -> set[str]:
@@ -36,22 +32,17 @@ def pack_node_ids() -> set[str]:
 @pytest.fixture(scope="session")
 def test_models() -> Path:
     """A models/ folder with the seeded random-weight SD1.5 checkpoint and CLIP vision."""
-    wanted = [MODEL_CACHE / make_models.CHECKPOINT, MODEL_CACHE / make_models.CLIP_VISION]
-    if not all(p.exists() for p in wanted):
-        subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "make_models.py"), str(MODEL_CACHE)],
-                       check=True)
-    return MODEL_CACHE
+    return cache.comfy_test_models()
 
 
 @pytest.fixture(scope="session")
 def face_models() -> Path:
     """A models/ folder with seeded random-weight face recognisers in the real file formats."""
-    return make_face_models.ensure(FACE_MODEL_CACHE)
+    return cache.face_test_models()
 
 
 def _models_folder(base: Path, test_models: Path, face_models: Path) -> None:
-    for folder, rel in ((test_models, make_models.CHECKPOINT), (test_models, make_models.CLIP_VISION),
-                        (face_models, make_face_models.ARCFACE_ONNX)):
+    for folder, rel in ((test_models, CHECKPOINT), (test_models, CLIP_VISION), (face_models, ARCFACE_ONNX)):
         link = base / "models" / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(folder / rel)
@@ -126,6 +117,6 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="session")
 def comfy_inproc():
     """ComfyUI's modules and this pack, imported in the test process (see inprocess.py)."""
-    from inprocess import load_host_in_process
+    from diffpriv_testmodels.inprocess import load_host_in_process
 
     return load_host_in_process()

@@ -21,10 +21,10 @@ UNET_PREFIX = "model.diffusion_model."  # where an SD 1.x checkpoint keeps the U
 @functools.cache
 def test_fingerprint() -> str:
     """The fingerprint the server computes for the test checkpoint's UNet."""
-    from conftest import MODEL_CACHE
-    import make_models
+    from diffpriv_testmodels import cache
+    from diffpriv_testmodels.comfy_models import CHECKPOINT
 
-    with safe_open(str(MODEL_CACHE / make_models.CHECKPOINT), "pt") as f:
+    with safe_open(str(cache.comfy_test_models() / CHECKPOINT), "pt") as f:
         unet = [(k[len(UNET_PREFIX):], f.get_tensor(k)) for k in f.keys() if k.startswith(UNET_PREFIX)]
     return keys.model_fingerprint(unet)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, insightface_image
+from diffpriv_eval.sample_photos import SamplePhotoMissingError, insightface_image
 
 
 def as_image(photo: np.ndarray) -> torch.Tensor:

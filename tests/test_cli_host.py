@@ -29,11 +29,11 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
-from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_core.key_types import key_e_id
 from diffpriv_core.keys import load_key, save_key
+from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
 
-import make_face_models
 from conftest import ROOT, keys_folder, start_host
 from key_helpers import install_key_e as install_random_key_e
 from key_helpers import random_key_e
@@ -248,7 +248,7 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     (key,) = results(protected)["hanks"]["keys"]
     assert cli.main(recover_args([protected / key], recovered, url)) == 0
 
-    arcface = face_models / make_face_models.ARCFACE_ONNX
+    arcface = face_models / ARCFACE_ONNX
     assert cli.main(["eval", "--originals", str(face_photos), "--protected", str(protected), "--recovered",
                      str(recovered), "--out", str(report), "--arcface", str(arcface)]) == 0
     got = json.loads((report / "results.json").read_text())

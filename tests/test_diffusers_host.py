@@ -11,8 +11,8 @@ from diffpriv_core.adapters.diffusers import DiffusersEps
 from diffpriv_core.key_types import KeyE
 from diffpriv_core.recovery import KeyMismatchError, conditioned_eps, make_key_i, recover
 from diffpriv_core.schedule import ddim_grid
+from diffpriv_testmodels.tiny_diffusers import TOKEN_DIM, tiny_components
 from test_ddim import SD
-from tiny_diffusers import TOKEN_DIM, tiny_components
 
 
 def random_key_e(seed: int) -> KeyE:

@@ -7,23 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import make_face_models
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffpriv_core.eval import metrics
-from diffpriv_core.eval.baselines import gaussian_blur, mosaic
-from diffpriv_core.eval.cli import main as eval_main
-from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
-from diffpriv_core.eval.diversity import pairwise_distances, pca_2d
-from diffpriv_core.eval.identity import FaceImage, identification_accuracy, protection_success_rate
-from diffpriv_core.eval.images import group_by_stem, group_folder
-from diffpriv_core.eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
-from diffpriv_core.eval.sample_photos import SamplePhotoMissingError, sample_photos
-from diffpriv_core.eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
+from diffpriv_eval import metrics
+from diffpriv_eval.baselines import gaussian_blur, mosaic
+from diffpriv_eval.cli import main as eval_main
+from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
+from diffpriv_eval.diversity import pairwise_distances, pca_2d
+from diffpriv_eval.identity import FaceImage, identification_accuracy, protection_success_rate
+from diffpriv_eval.images import group_by_stem, group_folder
+from diffpriv_eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
+from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
+from diffpriv_eval.utility import compare_detections
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +47,7 @@ def photos() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def arcface_file(face_models) -> Path:
     """A seeded random-weight ArcFace ONNX file (recognises nobody; exercises the plumbing)."""
-    return face_models / make_face_models.ARCFACE_ONNX
+    return face_models / ARCFACE_ONNX
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +263,6 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
 
 
 def test_importing_the_toolkit_does_not_load_dlib():
-    code = ("import sys, diffpriv_core.eval.cli; "
+    code = ("import sys, diffpriv_eval.cli; "
             "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -1,21 +1,21 @@
 """The face recogniser loader and the identity guidance node in the real ComfyUI server."""
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
-import make_face_models
 from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core import guided
 from diffpriv_core.schedule import ddim_grid
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.inprocess import pack_module
 from test_host_foundation import fetch_image
 
 pytestmark = pytest.mark.host
 
-TEST_RECOGNIZER = make_face_models.ARCFACE_ONNX  # "insightface/models/dp-test/dp-test-arcface.onnx"
+TEST_RECOGNIZER = ARCFACE_ONNX  # "insightface/models/dp-test/dp-test-arcface.onnx"
 
 
 def guidance_graph(image_names: list[str], model_name: str = TEST_RECOGNIZER, on_no_face: str = "error") -> dict:
@@ -81,8 +81,8 @@ def test_guidance_built_inside_a_prompt_gives_gradients(comfy_inproc, face_model
     tensors (recogniser weights, reference embeddings, alignment matrices)."""
     import folder_paths
 
-    guidance_nodes = importlib.import_module("diffprivacy_pack.nodes.guidance")
-    host = importlib.import_module("diffprivacy_pack.nodes.host")
+    guidance_nodes = pack_module("nodes.guidance")
+    host = pack_module("nodes.host")
     folder_paths.add_model_folder_path("insightface", str(face_models / "insightface"))
     image = torch.from_numpy(astronaut.copy()).float()[None] / 255
 

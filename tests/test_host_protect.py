@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import functools
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
-import make_face_models
-import make_models
 from diffpriv_core.energy import cosines_to
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import detect_faces
 from diffpriv_core.faces.recognizers import load_recognizer
 from diffpriv_core.guided import face_target
 from diffpriv_core.keys import save_key
+from diffpriv_testmodels.comfy_models import CHECKPOINT
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.inprocess import pack_module
 from test_host_foundation import fetch_image
 from test_host_recovery import add, base_graph, random_key_e
 
@@ -55,7 +55,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
     Guidance on ``reference`` and the Guided DDIM Sampler on ``latent``, then VAE Decode
     (nodes "sched", "fr", "guide", "sample", "dec"). Returns the decoded pictures' link."""
     add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=0.4)
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=make_face_models.ARCFACE_ONNX)
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=reference, mode=mode,
         lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
         face_index=0, min_score=0.9, on_no_face="error", gradient_checkpointing=checkpointing)
@@ -66,7 +66,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
 
 def identity_cosines(face_models, original: np.ndarray, outputs: list[np.ndarray]) -> torch.Tensor:
     """Cosine of each output's face (aligned like the original's) to the original's."""
-    embedder = load_recognizer(face_models / make_face_models.ARCFACE_ONNX)
+    embedder = load_recognizer(face_models / ARCFACE_ONNX)
     image = torch.from_numpy(original).float() / 255
     target = face_target(embedder, image, detect_faces(image)[0])
     batch = torch.stack([torch.from_numpy(o.copy()).float() / 255 for o in outputs])
@@ -101,8 +101,8 @@ def test_hide_raises_identity_similarity(comfy_host, photo, face_models):
 
 
 def test_a_checkpointed_decoder_gives_the_same_gradient_and_leaves_the_host_vae_alone(comfy_inproc, test_models):
-    adapters = importlib.import_module("diffprivacy_pack.nodes.adapters")
-    model, _clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / make_models.CHECKPOINT))[:3]
+    adapters = pack_module("nodes.adapters")
+    model, _clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / CHECKPOINT))[:3]
     latent_format = model.get_model_object("latent_format")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     grads = []

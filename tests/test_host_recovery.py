@@ -1,7 +1,6 @@
 """key-I, recovery and key files in the real host."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from diffpriv_core import ddim
 from diffpriv_core.keys import save_key
 from diffpriv_core.recovery import conditioned_eps
 from diffpriv_core.schedule import ddim_grid
-import make_models
+from diffpriv_testmodels.comfy_models import CHECKPOINT
+from diffpriv_testmodels.inprocess import pack_module
 from key_helpers import key_i_for, random_key_e  # noqa: F401  (random_key_e: shared with other host tests)
 
 pytestmark = pytest.mark.host
@@ -178,9 +178,9 @@ def test_path_traversal_names_are_refused(comfy_host, keys_dir):
 def test_stock_sampler_with_the_scheduler_matches_the_core_loop(comfy_inproc, test_models):
     """SamplerCustom's ddim with the Embedding Scheduler's CONDITIONING == our loop with
     C_t chosen by the core (same noise, same grid, S_ns 0.6, tau 0.4)."""
-    scheduler = importlib.import_module("diffprivacy_pack.nodes.scheduler")
-    adapters = importlib.import_module("diffprivacy_pack.nodes.adapters")
-    model = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / make_models.CHECKPOINT))[0]
+    scheduler = pack_module("nodes.scheduler")
+    adapters = pack_module("nodes.adapters")
+    model = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / CHECKPOINT))[0]
     key_e = random_key_e(3)
     g = torch.Generator().manual_seed(0)
     latent, noise = torch.randn(1, 4, 8, 8, generator=g) * 4, torch.randn(1, 4, 8, 8, generator=g)

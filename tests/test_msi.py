@@ -13,8 +13,8 @@ from diffpriv_core.msi import MSI, MSIShape, make_key_e
 from diffpriv_core.msi_train import (PRESETS, check_images, held_out_loss, lr_factor, preset, sample_timesteps,
                                      train_msi)
 from diffpriv_core.schedule import STAGES
+from diffpriv_testmodels import tiny_diffusers
 
-import tiny_diffusers
 import toy_host
 
 

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-import make_face_models
 from diffpriv_core.faces import recognizers
 from diffpriv_core.faces.model_files import MissingFaceModelError
 from diffpriv_core.faces.recognizers import find_recognizer, load_recognizer
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, FACENET, IR_SE50
 
 
 @pytest.fixture(scope="module")
 def arcface_onnx(face_models):
-    return load_recognizer(face_models / make_face_models.ARCFACE_ONNX)
+    return load_recognizer(face_models / ARCFACE_ONNX)
 
 
 def faces(size: int, count: int = 2, seed: int = 0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_arcface_onnx_pack_loads_and_matches_onnxruntime(face_models, arcface_on
 
     assert_is_face_embedder(arcface_onnx, 112)
     x = faces(112)
-    session = onnxruntime.InferenceSession(str(face_models / make_face_models.ARCFACE_ONNX),
+    session = onnxruntime.InferenceSession(str(face_models / ARCFACE_ONNX),
                                            providers=["CPUExecutionProvider"])
     # insightface's preprocessing: RGB, (pixel - 127.5) / 127.5
     (reference,) = session.run(None, {"input.1": ((x.numpy() * 255 - 127.5) / 127.5).astype(np.float32)})
@@ -51,7 +51,7 @@ def test_arcface_onnx_pack_loads_and_matches_onnxruntime(face_models, arcface_on
 def test_ir_se50_loads_from_pth_and_safetensors_alike(face_models, tmp_path):
     from safetensors.torch import save_file
 
-    pth = face_models / make_face_models.IR_SE50
+    pth = face_models / IR_SE50
     from_pth = load_recognizer(pth)
     assert_is_face_embedder(from_pth, 112)
     state = torch.load(pth, weights_only=True)
@@ -63,7 +63,7 @@ def test_ir_se50_loads_from_pth_and_safetensors_alike(face_models, tmp_path):
 
 
 def test_facenet_vggface2_state_dict_loads(face_models):
-    model = load_recognizer(face_models / make_face_models.FACENET)
+    model = load_recognizer(face_models / FACENET)
     assert_is_face_embedder(model, 160)
     assert model.input_range == recognizers.FACENET_RANGE
 

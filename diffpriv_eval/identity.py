@@ -6,7 +6,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from diffpriv_core.eval.recognizers import Recognizer, distances
+from diffpriv_eval.recognizers import Recognizer, distances
 from diffpriv_core.faces.detect import Face
 
 

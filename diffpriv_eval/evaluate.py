@@ -10,13 +10,13 @@ from typing import Sequence
 
 import numpy as np
 
-from diffpriv_core.eval import metrics
-from diffpriv_core.eval.detectors import Detector, MtcnnDetector
-from diffpriv_core.eval.diversity import pairwise_distances
-from diffpriv_core.eval.identity import protection_success_rate
-from diffpriv_core.eval.images import Case
-from diffpriv_core.eval.recognizers import Recognizer, cosines, distances
-from diffpriv_core.eval.utility import compare_detections
+from diffpriv_eval import metrics
+from diffpriv_eval.detectors import Detector, MtcnnDetector
+from diffpriv_eval.diversity import pairwise_distances
+from diffpriv_eval.identity import protection_success_rate
+from diffpriv_eval.images import Case
+from diffpriv_eval.recognizers import Recognizer, cosines, distances
+from diffpriv_eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
 
 

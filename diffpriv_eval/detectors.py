@@ -6,7 +6,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from diffpriv_core.eval import dlib_models
+from diffpriv_eval import dlib_models
 from diffpriv_core.faces.detect import Face, detect_faces
 
 

@@ -1,7 +1,6 @@
 """Loading evaluation sets from disk and pairing files by name stem."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +9,11 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from diffpriv_client.summary import finished_outputs
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...
 _CANDIDATE = re.compile(r"^(?P<stem>.+)_\d+$")
-# What `diffpriv protect` / `diffpriv recover` write in their --out folder: one sub-folder
-# per photo (or key) and this list of what each produced.
-CLI_SUMMARY = "summary.json"
-_CLI_DONE = ("ok", "skipped")
 
 
 @dataclass
@@ -71,23 +68,11 @@ def group_by_stem(files: Iterable[Path], stems: set[str],
     return groups
 
 
-def cli_outputs(folder: Path) -> dict[Path, str] | None:
-    """The pictures of a `diffpriv protect` / `recover` output folder, each with the name of
-    the summary entry that made it (the photo's stem, or the key's `<stem>_00001`); None
-    for any other folder. ComfyUI names the files `<name>_<label>_00001_.png` inside
-    `<name>/`, so their own stems cannot be paired; the summary's names can."""
-    summary = folder / CLI_SUMMARY
-    if not summary.is_file():
-        return None
-    results = json.loads(summary.read_text()).get("results", {})
-    return {folder / rel: name for name, entry in sorted(results.items()) if entry.get("status") in _CLI_DONE
-            for rel in entry.get("outputs", [])}
-
-
 def group_folder(folder: Path, stems: set[str]) -> dict[str, list[Path]]:
     """The pictures of `folder` per original stem: by the summary of a `diffpriv` output
-    folder, else by file name."""
-    outputs = cli_outputs(folder)
+    folder, else by file name. ComfyUI names a `diffpriv` output `<name>_<label>_00001_.png`
+    inside `<name>/`, so its own stem cannot be paired; the summary's names can."""
+    outputs = finished_outputs(folder)
     if outputs is None:
         return group_by_stem(image_files([folder]), stems)
     return group_by_stem(outputs, stems, name_of=outputs.__getitem__)

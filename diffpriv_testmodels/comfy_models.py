@@ -1,8 +1,8 @@
-"""Generate seeded random-weight models with the real shapes, for tests and demos.
+"""Generate seeded random-weight models with the real shapes, for the demo, tests and benchmarks.
 
-Run in its own process, since it imports ComfyUI: ``python -m diffpriv_client.demo_models
+Run in its own process, since it imports ComfyUI: ``python -m diffpriv_testmodels.comfy_models
 OUT_DIR`` (COMFYUI_DIR or the embedded host is found automatically). The `diffpriv
---demo-weights` option and the tests use it. The models are built with ComfyUI's own classes, so
+--demo-weights` option, the tests and the benchmarks use it. The models are built with ComfyUI's own classes, so
 ComfyUI's loaders accept them exactly as they accept real files:
 
 - ``checkpoints/dp-test-sd15.safetensors``: an SD1.5 checkpoint (real text encoder and VAE

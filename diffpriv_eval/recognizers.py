@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from diffpriv_core.eval import dlib_models
+from diffpriv_eval import dlib_models
 from diffpriv_core.faces.detect import Face
 
 if TYPE_CHECKING:

@@ -11,9 +11,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffpriv_core.eval.diversity import pca_2d, scatter_png
-from diffpriv_core.eval.evaluate import EmbeddingSet, Evaluation
-from diffpriv_core.eval.images import Case
+from diffpriv_eval.diversity import pca_2d, scatter_png
+from diffpriv_eval.evaluate import EmbeddingSet, Evaluation
+from diffpriv_eval.images import Case
 
 THUMB_HEIGHT = 192
 
@@ -131,7 +131,7 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
     lines += ["## Identification accuracy (Table 3)", "",
               "Not part of this report: AVIH's protocol needs a second photo of each person and a photo of someone "
-              "else; compute it with `diffpriv_core.eval.identity.identification_accuracy`.", ""]
+              "else; compute it with `diffpriv_eval.identity.identification_accuracy`.", ""]
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
     lines += ["## Images", "", "original | protected candidates | recovered", ""]
     lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]

@@ -1,7 +1,7 @@
 """Command line: evaluate protected/recovered sets, or a blur/mosaic baseline.
 
-    python -m diffpriv_core.eval --originals DIR_OR_FILES... --protected DIR [--recovered DIR] --out REPORT_DIR
-    python -m diffpriv_core.eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
+    diffpriv eval --originals DIR_OR_FILES... --protected DIR [--recovered DIR] --out REPORT_DIR
+    diffpriv eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
 protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png. The --out
@@ -13,13 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffpriv_core.eval.baselines import BASELINES
-from diffpriv_core.eval.detectors import DlibDetector, MtcnnDetector
-from diffpriv_core.eval.dlib_models import DlibUnavailableError
-from diffpriv_core.eval.evaluate import evaluate
-from diffpriv_core.eval.images import Case, load_cases, save_rgb
-from diffpriv_core.eval.recognizers import DlibRecognizer, load_paper_recognizer
-from diffpriv_core.eval.report import write_report
+from diffpriv_eval.baselines import BASELINES
+from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
+from diffpriv_eval.dlib_models import DlibUnavailableError
+from diffpriv_eval.evaluate import evaluate
+from diffpriv_eval.images import Case, load_cases, save_rgb
+from diffpriv_eval.recognizers import DlibRecognizer, load_paper_recognizer
+from diffpriv_eval.report import write_report
 
 
 def _parser() -> argparse.ArgumentParser:
