@@ -4,6 +4,8 @@ custom node rewrites the file records of every finished prompt, started without
 from __future__ import annotations
 
 import json
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +87,18 @@ def hostile(tmp_path_factory, test_models, face_models):
         server.stop()
 
 
-def run(hostile, tmp_path, modes: dict, *extra: str) -> tuple[int, dict, Path]:
+def run(hostile, tmp_path, modes: dict, *extra: str) -> tuple[int, dict | None, Path]:
+    """Protect the photo under a name of the test's own (so the key's prefix differs from
+    run to run and ComfyUI's cache never serves one run's removed key to another); returns
+    the exit status, the photo's summary entry and the photo's output folder."""
     server, workflow, photo = hostile
     (server.base_dir / "hostile.json").write_text(json.dumps(modes))
-    out = tmp_path / "out"
-    rc = cli.main(["protect", str(photo), "--task", "anonymize", "--out", str(out), "--server", server.url,
-                   "--workflow", str(workflow), *extra])
+    out, name = tmp_path / "out", tmp_path.name
+    shutil.copy(photo, tmp_path / f"{name}.png")
+    rc = cli.main(["protect", str(tmp_path / f"{name}.png"), "--task", "anonymize", "--out", str(out),
+                   "--server", server.url, "--workflow", str(workflow), *extra])
     summary = out / "summary.json"
-    return rc, json.loads(summary.read_text())["results"] if summary.exists() else {}, out
+    return rc, json.loads(summary.read_text())["results"][name] if summary.exists() else None, out / name
 
 
 def server_files(server) -> set[Path]:
@@ -107,10 +113,11 @@ def server_history(server) -> dict:
 def test_an_honest_run_names_its_files_and_leaves_nothing_on_the_server(hostile, tmp_path):
     server, _, _ = hostile
     before = server_files(server)
-    rc, got, out = run(hostile, tmp_path, {})
-    assert rc == 0 and got["photo"]["status"] == "ok"
-    assert sorted(Path(p).name for p in got["photo"]["outputs"] + got["photo"]["keys"]) == [
-        "photo_00001.dpkey.safetensors", "photo_picture_00001_.png"]
+    rc, got, folder = run(hostile, tmp_path, {})
+    assert rc == 0 and got["status"] == "ok"
+    name = tmp_path.name
+    assert sorted(p.name for p in folder.iterdir()) == [f"{name}_00001.dpkey.safetensors", f"{name}_picture_00001_.png"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
     assert server_files(server) == before and not server_history(server)
 
 
@@ -118,10 +125,10 @@ def test_an_honest_run_names_its_files_and_leaves_nothing_on_the_server(hostile,
                                    {"diffprivacy_keys": "not_a_key"}])
 def test_a_hostile_record_fails_the_photo_and_writes_nothing(hostile, tmp_path, modes, capsys):
     server, _, _ = hostile
-    rc, got, out = run(hostile, tmp_path, modes)
-    assert rc == 1 and got["photo"]["status"] == "failed"
-    assert ("unsafe file name" if "images" in modes else "not a valid key") in got["photo"]["error"]
-    assert not (out / "photo").exists() or not list((out / "photo").iterdir()), "nothing of the photo written"
+    rc, got, folder = run(hostile, tmp_path, modes)
+    assert rc == 1 and got["status"] == "failed"
+    assert ("unsafe file name" if "images" in modes else "not a valid key") in got["error"]
+    assert not folder.exists() or not list(folder.iterdir()), "nothing of the photo written"
     assert not (tmp_path / "escaped.png").exists() and not (ROOT / "escaped.png").exists()
     assert not server_history(server), "the failed prompt's history was deleted too"
     if "images" in modes:  # the server's own cleanup refuses the hostile name, and the command says so
@@ -130,10 +137,11 @@ def test_a_hostile_record_fails_the_photo_and_writes_nothing(hostile, tmp_path, 
 
 
 def test_the_same_file_name_in_two_folders_gives_two_files(hostile, tmp_path):
-    rc, got, out = run(hostile, tmp_path, {"images": "twins"})
+    rc, got, folder = run(hostile, tmp_path, {"images": "twins"})
     assert rc == 0
-    pictures = sorted(out / p for p in got["photo"]["outputs"])
-    assert [p.name for p in pictures] == ["photo_picture_00001_.png", "photo_picture_00002_.png"]
+    pictures = sorted(folder.parent / p for p in got["outputs"])
+    name = tmp_path.name
+    assert [p.name for p in pictures] == [f"{name}_picture_00001_.png", f"{name}_picture_00002_.png"]
     assert pictures[0].read_bytes() + b"twin" == pictures[1].read_bytes()
 
 
@@ -142,6 +150,6 @@ def test_a_passphrase_is_never_sent_to_a_server_that_writes_png_metadata(hostile
     before = server_files(server)
     monkeypatch.setenv("DP_HOSTILE_PASSPHRASE", "secret words")
     rc, got, _ = run(hostile, tmp_path, {}, "--passphrase-env", "DP_HOSTILE_PASSPHRASE")
-    assert rc == 2 and not got
+    assert rc == 2 and got is None
     assert "--disable-metadata" in capsys.readouterr().err
     assert server_files(server) == before and not server_history(server), "nothing uploaded, nothing queued"
