@@ -8,6 +8,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_bytes
 
 from diffpriv_client.comfy_http import PromptFailed
+from diffpriv_client.preflight import loader_options
 from diffpriv_core import ddim
 from diffpriv_core.keys import save_key
 from diffpriv_core.recovery import conditioned_eps
@@ -173,6 +174,14 @@ def test_path_traversal_names_are_refused(comfy_host, keys_dir):
     with pytest.raises(PromptFailed, match="invalid key file name"):
         comfy_host.client.run(g)
     assert not (comfy_host.base / "escape_00001.dpkey.safetensors").exists()
+
+
+def test_partial_files_are_never_offered_as_keys(comfy_host, keys_dir):
+    """A partial file an interrupted save left behind is not listed by Load Privacy Key."""
+    partial = keys_dir / ".crashed.dpkey.safetensors.0a1b2c.partial"
+    partial.write_bytes(b"half a key")
+    options = loader_options(comfy_host.client, "DiffPrivacyLoadKey", "key_name")
+    assert "test-e1.dpkey.safetensors" in options and not any(o.endswith(".partial") for o in options), options
 
 
 def test_stock_sampler_with_the_scheduler_matches_the_core_loop(comfy_inproc, test_models):
