@@ -244,6 +244,13 @@ def file_name(kind: str, label: str, record: dict, data: bytes) -> tuple[str, st
     return (f"{label}_face{face['face']}" if face else label), KEY_SUFFIX
 
 
+def rewrite_named(folder: Path, name: str, data: bytes) -> Path:
+    """Write again, in ``folder``, a file named ``stem_00001<tail>`` by download (a Ray
+    actor's download, sent to the driver): the next free number there, nothing replaced."""
+    stem, tail = re.fullmatch(r"(.*)_\d{5}(_\.\w+|\.dpkey\.safetensors)", name).groups()
+    return write_numbered(folder, stem, tail, data)
+
+
 def write_numbered(folder: Path, stem: str, tail: str, data: bytes) -> Path:
     """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced)."""
     number = 1

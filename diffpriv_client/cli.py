@@ -5,8 +5,10 @@
     diffpriv protect group.jpg --task anonymize --every-face --out out/
     diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
 
-With ``--server URL`` (repeatable) it uses running ComfyUI servers; without, it starts
-the embedded ComfyUI headless for the run. It never imports ComfyUI itself.
+With ``--server URL`` (repeatable) it uses running ComfyUI servers; with ``--ray`` it
+spreads the batch over a Ray cluster, one embedded ComfyUI per actor (cluster.py);
+without either, it starts the embedded ComfyUI headless for the run. It never imports
+ComfyUI itself.
 """
 from __future__ import annotations
 
@@ -87,14 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workflow", type=Path, help="API-format workflow (default: workflows/api/<task>.json)")
         p.add_argument("--base", type=Path,
                        help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
-                            "or comfy-demo next to it with --demo-weights)")
-        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in)")
+                            "or comfy-demo next to it with --demo-weights; with --ray: the folder, on each node, "
+                            "that holds each actor's own, removed when it stops; default: the temporary folder)")
+        p.add_argument("--models", type=Path, help="models folder for the embedded ComfyUI (linked in; with --ray: "
+                                                   f"the same path on every node, default {CACHE_DIR / 'comfy' / 'models'})")
         p.add_argument("--demo-weights", action="store_true",
                        help="generate random-weight test models and run with them: meaningless pictures")
         p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")
         p.add_argument("--keep-on-server", action="store_true",
                        help="keep what the command uploaded and what the prompts wrote on the server (by default "
                             "they are removed after downloading, with the prompt history)")
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="spread the batch over a Ray cluster, one embedded ComfyUI per actor: ADDRESS of the "
+                            "cluster (auto, HOST:PORT, ray://HOST:10001); alone, a cluster started on this machine "
+                            "with `ray start`, else a local one (docs/cluster.md)")
+        p.add_argument("--ray-actors", type=int, metavar="N",
+                       help="with --ray: actors (ComfyUI servers) to start (default: one per GPU of the cluster, "
+                            "one if it has none)")
     return parser
 
 
@@ -108,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.demo_weights and args.server:
         parser.error("--demo-weights runs the embedded ComfyUI: leave out --server")
+    if args.ray is not None and args.server:
+        parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        parser.error("--ray-actors N needs --ray and N >= 1")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -141,38 +156,48 @@ def _raise_keyboard_interrupt(signum, frame):
 def protect_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-
-    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
-        return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
-                for name, path in todo.items()]
-
-    return run_command(args, unique_names(args.images, lambda p: p.stem), template, jobs, passphrase)
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, passphrase)
 
 
 def recover_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-
     if args.photo is not None and not args.photo.is_file():
         raise UsageError(f"--photo {args.photo} is not a file")
+    return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs, passphrase)
 
-    def jobs(conn: Connection, todo: dict[str, Path]) -> list[Job]:
-        return [Job(name, path, partial(_recover_graph, template, path, name, passphrase, args.photo))
-                for name, path in todo.items()]
 
-    return run_command(args, unique_names(args.keys, key_stem), template, jobs, passphrase)
+# A command's jobs: make_jobs(args, template, passphrase, conn, todo) -> list[Job]. Module
+# functions, so a Ray actor can make the same jobs on its own server.
+def protect_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
+            for name, path in todo.items()]
+
+
+def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    return [Job(name, path, partial(_recover_graph, template, path, name, passphrase, args.photo))
+            for name, path in todo.items()]
+
+
+def cleanup_of(args, passphrase: str) -> Cleanup:
+    return Cleanup(keep_files=args.keep_on_server, has_passphrase=bool(passphrase))
 
 
 def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str) -> int:
     """Skip what an earlier run finished, run the rest, report; exit status 1 if any failed."""
     summary = Summary(args.out, args.command)
     todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
+    if args.ray is not None:
+        from .cluster import run_on_ray  # imports ray: only here
+
+        not_removed = run_on_ray(args, template, passphrase, make_jobs, todo, summary) if todo else []
+        return report(summary, args, not_removed)
     with connect(args, needed=bool(todo)) as conn:
         if passphrase:
             refuse_servers_writing_metadata(conn)
         preflight_models(conn, template, args)
-        not_removed = run_batch(make_jobs(conn, todo), conn.servers, summary,
-                                Cleanup(keep_files=args.keep_on_server, has_passphrase=bool(passphrase)))
+        not_removed = run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
+                                cleanup_of(args, passphrase))
     return report(summary, args, not_removed)
 
 
@@ -283,9 +308,10 @@ def report(summary: Summary, args, not_removed: list[str]) -> int:
 
 # --- servers -------------------------------------------------------------------------
 @contextlib.contextmanager
-def connect(args, needed: bool = True) -> Iterator[Connection]:
+def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connection]:
     """The servers given with --server, or the embedded ComfyUI for the time of the run
-    (none at all when everything was done in an earlier run)."""
+    (none at all when everything was done in an earlier run); ``embedded_options`` go to
+    EmbeddedComfy."""
     if not needed:
         yield Connection([])
         return
@@ -299,7 +325,7 @@ def connect(args, needed: bool = True) -> Iterator[Connection]:
     base = args.base or CACHE_DIR / ("comfy-demo" if args.demo_weights else "comfy")
     prepare_base_directory(base, models)
     # --disable-metadata: the graph (and so any passphrase) never lands in PNG metadata.
-    comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"])
+    comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"], **embedded_options)
     print(f"starting ComfyUI in {base} (log: {comfy.log_path}) ...", file=sys.stderr)
     with comfy:
         yield Connection([Server(comfy.url, args.max_in_flight)], embedded_models=base / "models")

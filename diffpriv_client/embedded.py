@@ -73,11 +73,29 @@ def _link_models(link: Path, models: Path) -> None:
     link.symlink_to(models, target_is_directory=True)
 
 
+def _die_with(parent_pid: int):
+    """For Popen's preexec_fn: the child gets SIGKILL when its parent thread ends."""
+    def arm() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the line above
+            os._exit(1)
+    return arm
+
+
 class EmbeddedComfy:
     """A ComfyUI server process on 127.0.0.1; use as a context manager."""
 
     def __init__(self, base_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 log_path: Path | None = None, startup_timeout: float = 180.0):
+                 log_path: Path | None = None, startup_timeout: float = 180.0, cpu: bool = True,
+                 die_with_parent: bool = False):
+        """``cpu=False`` lets ComfyUI use the GPUs it sees (CUDA_VISIBLE_DEVICES);
+        ``die_with_parent`` kills the server when the thread that started it ends, even by
+        SIGKILL (Linux): a Ray actor can be killed without a chance to stop it."""
+        self.cpu = cpu
+        self.die_with_parent = die_with_parent
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
@@ -89,7 +107,7 @@ class EmbeddedComfy:
     def command(self) -> list[str]:
         return [
             sys.executable, str(find_comfyui() / "main.py"),
-            "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base_dir),
             "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
             "--database-url", "sqlite:///:memory:",
@@ -105,6 +123,7 @@ class EmbeddedComfy:
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=self.base_dir, start_new_session=True,
+            preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
         )
         try:
             self._wait_until_up()

@@ -41,7 +41,9 @@ class Summary:
         self.save()
 
     def record(self, name: str, source: Path, status: str, outputs: list[Path] = (), keys: list[Path] = (),
-               seconds: float | None = None, server: str | None = None, error: str | None = None) -> None:
+               seconds: float | None = None, server: str | None = None, error: str | None = None,
+               node: str | None = None) -> None:
+        """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
@@ -50,6 +52,7 @@ class Summary:
             "faces": [dict(face, key=self._relative(p)) for p in keys if (face := key_face(p)) is not None],
             "seconds": None if seconds is None else round(seconds, 3),
             "server": server,
+            "node": node,
             "error": error,
         }
         self.save()

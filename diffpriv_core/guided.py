@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import ddim
 from .adapters.protocols import FaceEmbedder
 from .energy import PAPER_LAMBDAS, LambdaSchedule, energy, normalize_gradient
-from .faces.align import alignment_matrix, shift_source, warp_faces
+from .faces.align import face_matrix, shift_source, warp_faces
 from .faces.detect import Face
 from .schedule import Grid
 
@@ -54,8 +54,8 @@ class FaceTarget:
 
 
 def face_target(embedder: FaceEmbedder, image: torch.Tensor, face: Face) -> FaceTarget:
-    """Alignment and reference embedding of ``face`` in one [H, W, 3] image."""
-    matrix = alignment_matrix(face.landmarks, embedder.input_size)
+    """Alignment (the recogniser's own) and reference embedding of ``face`` in one [H, W, 3] image."""
+    matrix = face_matrix(face, embedder.input_size, embedder.alignment)
     with torch.no_grad():
         embedding = embedder(warp_faces(image[None].float(), matrix, embedder.input_size))[0]
     return FaceTarget(matrix, face.box, embedding.detach(), (image.shape[0], image.shape[1]))

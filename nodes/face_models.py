@@ -8,11 +8,15 @@ import folder_paths
 
 from diffpriv_core.faces.model_files import KnownModel
 
-FACE_MODEL_FOLDERS = ("arcface", "insightface", "facenet")
+FACE_MODEL_FOLDERS = ("sface", "arcface", "insightface", "facenet")
+# The setup installs the recognisers that ship in PyPI wheels into the models folder of the
+# ComfyUI installation; a server started with --base-directory elsewhere looks there too.
+INSTALL_MODELS_DIR = os.path.join(os.path.dirname(os.path.realpath(folder_paths.__file__)), "models")
 
 for _folder in FACE_MODEL_FOLDERS:
     # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
-    folder_paths.add_model_folder_path(_folder, os.path.join(folder_paths.models_dir, _folder))
+    for _models_dir in dict.fromkeys((folder_paths.models_dir, INSTALL_MODELS_DIR)):
+        folder_paths.add_model_folder_path(_folder, os.path.join(_models_dir, _folder))
 
 
 def model_options(accepts, known: tuple[KnownModel, ...]) -> list[str]:

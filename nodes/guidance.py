@@ -12,7 +12,9 @@ from comfy_api.v0_0_2 import io
 from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
-from diffpriv_core.faces.recognizers import KNOWN_MODELS, find_recognizer, is_recognizer_file, load_recognizer
+from diffpriv_core.faces.wheel_models import AlteredModelError
+from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
+                                             load_recognizer)
 from diffpriv_core.guided import IdentityGuidance, face_target
 
 from .face_models import model_options, resolve_model
@@ -43,10 +45,13 @@ class FaceRecognizerLoader(io.ComfyNode):
             node_id="DiffPrivacyFaceRecognizerLoader",
             display_name="Face Recognizer Loader (Diff-Privacy)",
             category="Diff-Privacy/faces",
-            description="Loads a face recogniser (ArcFace ONNX from insightface packs, IR-SE50, FaceNet) "
-                        "from models/insightface, models/arcface or models/facenet. Nothing is downloaded.",
-            inputs=[io.Combo.Input("model_name", options=recognizer_options(),
-                                   tooltip="insightface packs are licensed for non-commercial research only")],
+            description="Loads a face recogniser: SFace (the default, Apache-2.0) and FaceNet-CASIA, which the "
+                        "setup installs into models/sface and models/facenet, or ArcFace ONNX from insightface "
+                        "packs, IR-SE50, FaceNet-VGGFace2 from models/insightface, models/arcface, models/facenet. "
+                        "Each brings its own face alignment. Nothing is downloaded.",
+            inputs=[io.Combo.Input("model_name", options=recognizer_options(), default=DEFAULT_RECOGNIZER,
+                                   tooltip="SFace: Apache-2.0; FaceNet-CASIA: trained on a research dataset; "
+                                           "insightface packs: non-commercial research only")],
             outputs=[FaceModel.Output(display_name="face_model")],
         )
 
@@ -55,8 +60,9 @@ class FaceRecognizerLoader(io.ComfyNode):
         path = resolve_recognizer(model_name)
         with gradients():  # normal tensors: the sampler differentiates through this network
             model = load_checked(path)
-        log.info("Diff-Privacy: face recogniser %s (%d px input) loaded on the CPU; the sampler moves it "
-                 "to the model's device", path, model.input_size)
+        log.info("Diff-Privacy: face recogniser %s (%d px input, %s alignment, same-person cosine >= %.3f) loaded "
+                 "on the CPU; the sampler moves it to the model's device", path, model.input_size,
+                 model.alignment.kind, model.threshold)
         return io.NodeOutput(model)
 
 
@@ -68,6 +74,8 @@ def load_checked(path: Path):
 
     try:
         return load_recognizer(path)
+    except AlteredModelError as exc:
+        raise ValueError(f"Face Recognizer Loader: {exc}") from None
     except pickle.UnpicklingError:
         raise ValueError(f"Face Recognizer Loader: {path.name} holds pickled objects other than weights and was "
                          "refused (code in model files is never run); use a file that holds only weights, e.g. "

@@ -1,6 +1,7 @@
 """Stage I node: MSI inversion of each image of a batch into its key-E."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 
@@ -50,17 +51,21 @@ class MSIInversion(io.ComfyNode):
                 io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
                                tooltip="0 = the preset's"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Boolean.Input("one_embedding", default=False, optional=True,
+                                 tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
+                                         "modulation, one conditioning for every stage"),
             ],
             outputs=[KeyE.Output(display_name="key_e"), io.Image.Output(display_name="loss_curve")],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed,
+                one_embedding=False) -> io.NodeOutput:
         image = rgb_images(image, NAME)
         check_images(image)
         sd1_model(model, NAME)
         check_clip_vision(clip_vision)
-        config = _config(preset, steps, lr, seed)
+        config = _config(preset, steps, lr, seed, one_embedding)
         host = eps = None
         try:
             with gradients():
@@ -78,9 +83,10 @@ class MSIInversion(io.ComfyNode):
         return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary})
 
 
-def _config(name: str, steps: int, lr: float, seed: int):
+def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):
     """The preset with the node's overrides (0 keeps the preset's value)."""
-    return msi_train.preset(name, steps=steps or None, lr=lr or None, seed=seed)
+    config = msi_train.preset(name, steps=steps or None, lr=lr or None, seed=seed)
+    return dataclasses.replace(config, shape=dataclasses.replace(config.shape, one_embedding=one_embedding))
 
 
 def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]]]:
@@ -111,7 +117,8 @@ def _summary(index: int, key) -> dict:
     """What the history shows of a key-E: shapes, the final loss, a fingerprint."""
     digest = hashlib.sha256(key.stages.numpy().tobytes() + key.uc.numpy().tobytes()).hexdigest()
     return {"image": index, "stages": list(key.stages.shape), "uc": list(key.uc.shape),
-            "final_loss": key.meta.get("msi_final_loss", ""), "sha256": digest}
+            "variant": key.meta.get("msi_variant", ""), "final_loss": key.meta.get("msi_final_loss", ""),
+            "sha256": digest}
 
 
 def _smoothed(values: list[float]) -> np.ndarray:

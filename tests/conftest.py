@@ -120,3 +120,17 @@ def comfy_inproc():
     from diffpriv_testmodels.inprocess import load_host_in_process
 
     return load_host_in_process()
+
+
+@pytest.fixture(scope="session")
+def installed_models() -> Path:
+    """The models folder of the embedded ComfyUI, where ./scripts/setup installed the real
+    recognisers that ship in PyPI wheels (SFace, FaceNet-CASIA)."""
+    from diffpriv_client.embedded import find_comfyui
+    from diffpriv_core.faces.wheel_models import WHEEL_MODELS
+
+    models = find_comfyui() / "models"
+    missing = [f"{m.folder}/{m.file}" for m in WHEEL_MODELS if not (models / m.folder / m.file).is_file()]
+    if missing:
+        pytest.fail(f"{missing} not installed in {models}: run ./scripts/setup")
+    return models

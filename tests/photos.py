@@ -19,3 +19,26 @@ def insightface_photo(name: str) -> np.ndarray:
         return insightface_image(name)
     except SamplePhotoMissingError:
         pytest.skip("insightface (optional) is not installed")
+
+
+def face_photos() -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Real photos of six different people (scikit-image's astronaut, four people of
+    insightface's t1.jpg, its Tom Hanks crop), plus two more views of the astronaut
+    (mirrored; shrunk to two thirds), and the same-person pairs among them. The views are
+    the same photo, not other photos of her: no package ships those."""
+    from PIL import Image
+
+    from diffpriv_eval.sample_photos import sample_photos
+
+    try:
+        photos = sample_photos()
+    except SamplePhotoMissingError:
+        pytest.skip("insightface (optional) is not installed")
+    astronaut = photos["astronaut"]
+    photos["astronaut_mirrored"] = np.ascontiguousarray(astronaut[:, ::-1])
+    height, width = astronaut.shape[:2]
+    photos["astronaut_small"] = np.asarray(Image.fromarray(astronaut).resize((width * 2 // 3, height * 2 // 3),
+                                                                             Image.BILINEAR))
+    views = ("astronaut", "astronaut_mirrored", "astronaut_small")
+    same = [(a, b) for i, a in enumerate(views) for b in views[i + 1:]]
+    return photos, same

@@ -15,7 +15,7 @@ from torch import nn
 
 from diffpriv_core import guided, schedule
 from diffpriv_core.energy import LambdaSchedule
-from diffpriv_core.faces.align import warp_faces
+from diffpriv_core.faces.align import FIVE_POINT, warp_faces
 
 TABLE = schedule.alphas_cumprod()
 GRID = schedule.ddim_grid(25)
@@ -38,6 +38,7 @@ class ToyFaceNet(nn.Module):
     keeps the features centred, so random faces spread over the sphere."""
 
     input_size = 32
+    alignment = FIVE_POINT
 
     def __init__(self):
         super().__init__()

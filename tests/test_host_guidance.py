@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from diffpriv_client.comfy_http import PromptFailed
+from diffpriv_client.embedded import find_comfyui
 from diffpriv_core import guided
+from diffpriv_core.faces.recognizers import DEFAULT_RECOGNIZER, load_recognizer
+from diffpriv_core.faces.wheel_models import FACENET_CASIA, SFACE
+from photos import face_photos
 from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
 from diffpriv_testmodels.inprocess import pack_module
@@ -48,6 +52,37 @@ def test_loader_lists_recognisers_in_the_insightface_pack_layout(comfy_host):
     names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
     assert TEST_RECOGNIZER in names
     assert "insightface/models/buffalo_l/w600k_r50.onnx" in names  # the usual file, offered even when absent
+    # the trained recognisers the setup installs, SFace the default
+    assert options[1]["default"] == DEFAULT_RECOGNIZER == "sface/face_recognition_sface_2021dec.onnx"
+    assert {DEFAULT_RECOGNIZER, "facenet/20180408-102900-casia-webface.safetensors"} <= set(names)
+
+
+@pytest.mark.parametrize("model", [SFACE, FACENET_CASIA], ids=["sface", "facenet-casia"])
+def test_real_recognisers_through_the_nodes_align_their_own_way_and_tell_people_apart(comfy_host, model):
+    """The installed recogniser (in the ComfyUI installation's models folder, while the
+    server runs in a base directory of its own) aligns each photo's face its own way; its
+    embeddings of those crops match the same person and tell different people apart."""
+    photos, same = face_photos()
+    names = ["astronaut", "astronaut_mirrored", "t1_0", "hanks"]
+    graph = {"1": {"class_type": "DiffPrivacyFaceRecognizerLoader",
+                   "inputs": {"model_name": f"{model.folder}/{model.file}"}}}
+    for k, name in enumerate(names):
+        load, guide, save = (str(10 * (k + 1) + j) for j in range(3))
+        graph[load] = {"class_type": "LoadImage", "inputs": {"image": comfy_host.upload(photos[name], f"{name}.png")}}
+        graph[guide] = {"class_type": "DiffPrivacyIdentityGuidance",
+                        "inputs": {**guidance_graph(["x"])["2"]["inputs"], "image": [load, 0]}}
+        graph[save] = {"class_type": "SaveImage", "inputs": {"images": [guide, 1], "filename_prefix": name}}
+    result = comfy_host.client.run(graph)
+    crops = {name: fetch_image(comfy_host, result.files(str(10 * (k + 1) + 2))[0]) for k, name in enumerate(names)}
+    recognizer = load_recognizer(find_comfyui() / "models" / model.folder / model.file)
+    size = recognizer.input_size
+    assert all(c.shape == (size, size, 3) for c in crops.values())
+    with torch.no_grad():
+        batch = torch.stack([torch.from_numpy(c.copy()) for c in crops.values()]).permute(0, 3, 1, 2).float() / 255
+        embeddings = dict(zip(names, recognizer(batch)))
+    assert float(embeddings["astronaut"] @ embeddings["astronaut_mirrored"]) > recognizer.threshold + 0.3
+    for other in ("t1_0", "hanks"):
+        assert float(embeddings["astronaut"] @ embeddings[other]) < recognizer.threshold
 
 
 def test_guidance_aligns_the_reference_face_for_the_recogniser(comfy_host, uploads):

@@ -15,7 +15,8 @@ from test_host_foundation import fetch_image
 pytestmark = pytest.mark.host
 
 
-def msi_graph(image_names: list[str], steps: int = 2, seed: int = 5, preset: str = "fast") -> dict:
+def msi_graph(image_names: list[str], steps: int = 2, seed: int = 5, preset: str = "fast",
+              one_embedding: bool = False) -> dict:
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dp-test-sd15.safetensors"}},
         "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "dp-test-vitl14.safetensors"}},
@@ -28,7 +29,7 @@ def msi_graph(image_names: list[str], steps: int = 2, seed: int = 5, preset: str
         batch = ["12", 0]
     graph["20"] = {"class_type": "DiffPrivacyMSIInversion", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clip_vision": ["2", 0], "image": batch,
-        "preset": preset, "steps": steps, "lr": 0.0, "seed": seed}}
+        "preset": preset, "steps": steps, "lr": 0.0, "seed": seed, "one_embedding": one_embedding}}
     graph["30"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 1], "filename_prefix": "msi_loss"}}
     return graph
 
@@ -69,6 +70,13 @@ def test_the_same_seed_gives_the_same_key_e(comfy_host, faces, batch_run):
     # Each image trains on its own: alone it gets the key-E it got as image 0 of the batch.
     result = comfy_host.client.run(msi_graph(faces[:1], steps=1, seed=5))
     assert trained(result) and key_summaries(result)[0]["sha256"] == key_summaries(batch_run)[0]["sha256"]
+
+
+def test_the_one_embedding_ablation_is_an_input_of_the_node(comfy_host, faces, batch_run):
+    result = comfy_host.client.run(msi_graph(faces[:1], steps=1, seed=5, one_embedding=True))
+    (key,) = key_summaries(result)
+    assert key["variant"] == "one_embedding" and key_summaries(batch_run)[0]["variant"] == "multi_stage"
+    assert key["stages"] == [10, 77, 768] and key["sha256"] != key_summaries(batch_run)[0]["sha256"]
 
 
 def test_small_images_are_refused_with_a_clear_error(comfy_host, astronaut):

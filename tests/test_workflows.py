@@ -39,3 +39,12 @@ def test_api_workflow_uses_only_real_nodes_and_inputs(object_info, name):
             if isinstance(value, list):
                 source = load_api(name)[value[0]]
                 assert value[1] < len(object_info[source["class_type"]]["output"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflows_guide_with_the_installed_sface_recogniser(name):
+    from diffpriv_core.faces.recognizers import DEFAULT_RECOGNIZER
+
+    for node in load_api(name).values():
+        if node["class_type"] == "DiffPrivacyFaceRecognizerLoader":
+            assert node["inputs"]["model_name"] == DEFAULT_RECOGNIZER, name

@@ -8,9 +8,12 @@ Conventions shared by every implementation:
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..faces.align import Alignment
 
 
 class EpsModel(Protocol):
@@ -46,6 +49,7 @@ class ImageFeatures(Protocol):
 
 class FaceEmbedder(Protocol):
     input_size: int  # side of the aligned crop it takes (ArcFace 112, FaceNet 160)
+    alignment: "Alignment"  # how the crop is cut from a detected face (faces.align)
 
     def __call__(self, aligned: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] aligned faces in [0, 1] -> [B, D] L2-normalised identity embeddings;

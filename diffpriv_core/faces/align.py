@@ -1,5 +1,6 @@
-"""Face alignment: the similarity transform to a recogniser's template, and a
-differentiable warp that applies it.
+"""Face alignment: how each recogniser wants its face cut out (the similarity transform of
+five landmarks to a template, or a detector box crop), and a differentiable warp that
+applies it.
 
 The transform is estimated once, from the ORIGINAL image's five landmarks, and the same
 fixed transform aligns every intermediate image of the guided sampler (method.md: Stage II
@@ -10,10 +11,27 @@ integers, as in OpenCV's ``warpAffine``) to pixel coordinates of the aligned cro
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 ARCFACE_SIZE = 112
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """``five_point``: the similarity transform of the five landmarks to the ArcFace template
+    (ArcFace, SFace: OpenCV's ``alignCrop`` uses the same template). ``box``: the detector's
+    box grown by ``margin`` pixels of the crop in total, stretched to the crop (FaceNet:
+    facenet-pytorch's MTCNN crop, margin 32 at 160 px)."""
+
+    kind: str
+    margin: float = 0.0
+
+
+FIVE_POINT = Alignment("five_point")
+FACENET_BOX = Alignment("box", margin=32.0)
 
 # insightface's ``face_align.arcface_dst`` (left eye, right eye, nose, mouth left, mouth
 # right in a 112 x 112 crop). insightface is optional, so its value is kept here for when it
@@ -48,6 +66,28 @@ def alignment_matrix(landmarks, size: int = ARCFACE_SIZE) -> torch.Tensor:
     if not tform:
         raise ValueError(f"cannot estimate a similarity transform from landmarks {src.tolist()}")
     return torch.from_numpy(tform.params[:2].copy()).to(torch.float32)
+
+
+def box_matrix(box, size: int, margin: float) -> torch.Tensor:
+    """[2, 3]: the box (x1, y1, x2, y2, pixel edges) grown as facenet-pytorch's
+    ``extract_face`` grows it, onto a ``size`` crop. Unlike it, a box that runs off the
+    photo is not clipped (that would stretch the face): outside the photo is black."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    grow_x = margin * (x2 - x1) / (size - margin) / 2
+    grow_y = margin * (y2 - y1) / (size - margin) / 2
+    x1, x2, y1, y2 = x1 - grow_x, x2 + grow_x, y1 - grow_y, y2 + grow_y
+    sx, sy = size / (x2 - x1), size / (y2 - y1)
+    # pixel centres: crop pixel u covers [u, u + 1) of the crop's edges
+    return torch.tensor([[sx, 0.0, sx * (0.5 - x1) - 0.5], [0.0, sy, sy * (0.5 - y1) - 0.5]], dtype=torch.float32)
+
+
+def face_matrix(face, size: int, alignment: Alignment) -> torch.Tensor:
+    """The [2, 3] alignment of a detected ``Face`` (box and five landmarks) for a recogniser."""
+    if alignment.kind == "five_point":
+        return alignment_matrix(face.landmarks, size)
+    if alignment.kind == "box":
+        return box_matrix(face.box, size, alignment.margin)
+    raise ValueError(f"unknown face alignment {alignment.kind!r}")
 
 
 def shift_source(matrix: torch.Tensor, dx: float, dy: float) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """Differentiable, frozen face recognisers (the ``FaceEmbedder`` protocol) and their loader.
 
-Three formats are accepted, all read without pickle and without any download:
-- ArcFace ONNX files from insightface model packs (``buffalo_l/w600k_r50.onnx``,
+These formats are accepted, all read without pickle and without any download:
+- ONNX recognisers: SFace (OpenCV model zoo, installed by the setup: the default) and the
+  ArcFace files of insightface model packs (``buffalo_l/w600k_r50.onnx``,
   ``antelopev2/glintr100.onnx``), converted to torch with onnx2torch;
 - IR-SE50 (``model_ir_se50.pth``, TreB1eN's InsightFace_Pytorch ``Backbone(50, mode='ir_se')``,
   the network of the reference code), as .pth or .safetensors;
-- FaceNet InceptionResnetV1 (facenet-pytorch's VGGFace2 state dict), as .pt/.pth or .safetensors.
+- FaceNet InceptionResnetV1 state dicts (facenet-pytorch's layout): the CASIA-WebFace one
+  the setup converts, or facenet-pytorch's VGGFace2 file, as .pt/.pth or .safetensors.
+
+Each recogniser carries its own alignment (five-point template or MTCNN box crop) and its
+published same-person threshold, as a cosine similarity of its unit embeddings.
 
 onnx, onnx2torch and facenet-pytorch are imported only when a file needs them.
 """
@@ -18,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .align import FACENET_BOX, FIVE_POINT, Alignment
 from .detect import SCRFD_FILES
 from .model_files import KnownModel, find_face_model
+from .wheel_models import SFACE, WHEEL_MODELS, check_installed
 
 ONNX_SUFFIXES = (".onnx",)
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -38,16 +45,32 @@ PIXEL_RANGE = InputRange(0.0, 1.0 / 255.0)  # mxnet-era packs standardise inside
 FACENET_RANGE = InputRange(127.5 / 255.0, 128.0 / 255.0)  # facenet-pytorch fixed_image_standardization
 
 
+def cosine_of_distance(distance: float) -> float:
+    """The cosine of two unit vectors at Euclidean ``distance``: |a - b|^2 = 2 - 2 cos."""
+    return 1.0 - distance**2 / 2.0
+
+
+# Same-person thresholds, as cosine similarities: SFace's published one (OpenCV's
+# FaceRecognizerSF: cosine 0.363, i.e. L2 1.128); the paper's for FaceNet (L2 1.1) and
+# ArcFace (L2 0.8), which it uses to count a protection as successful.
+SFACE_THRESHOLD = 0.363
+FACENET_THRESHOLD = cosine_of_distance(1.1)
+ARCFACE_THRESHOLD = cosine_of_distance(0.8)
+
+
 class FaceRecognizer(nn.Module):
     """A frozen recogniser as a ``FaceEmbedder``: [B, 3, S, S] aligned RGB faces in [0, 1]
     -> [B, D] unit embeddings, differentiable w.r.t. the faces."""
 
-    def __init__(self, net: nn.Module, input_size: int, input_range: InputRange, name: str):
+    def __init__(self, net: nn.Module, input_size: int, input_range: InputRange, name: str,
+                 alignment: Alignment = FIVE_POINT, threshold: float = ARCFACE_THRESHOLD):
         super().__init__()
         self.net = net.requires_grad_(False)
         self.input_size = input_size
         self.input_range = input_range
         self.name = name
+        self.alignment = alignment
+        self.threshold = threshold  # same person when the cosine is at least this
         self.eval()
 
     def train(self, mode: bool = True) -> "FaceRecognizer":
@@ -160,7 +183,7 @@ def facenet_recognizer(state: dict[str, torch.Tensor], name: str) -> FaceRecogni
     # The VGGFace2 file also holds the training classifier, which embeddings do not use.
     net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")})
     # Its forward already L2-normalises; FaceRecognizer's second normalisation is a no-op.
-    return FaceRecognizer(net, 160, FACENET_RANGE, name)
+    return FaceRecognizer(net, 160, FACENET_RANGE, name, FACENET_BOX, FACENET_THRESHOLD)
 
 
 # --- ArcFace ONNX (insightface packs) -------------------------------------------------------
@@ -196,16 +219,19 @@ def onnx_input_size(graph) -> int:
     return int(dims[2].dim_value) if len(dims) == 4 and dims[2].dim_value else 112
 
 
-def arcface_onnx_recognizer(path: Path) -> FaceRecognizer:
-    """An insightface pack's recogniser as a torch module. insightface feeds it RGB (its
-    cv2 BGR image goes through ``blobFromImages(swapRB=True)``), which is what we have."""
+def onnx_recognizer(path: Path) -> FaceRecognizer:
+    """An ONNX recogniser (SFace, an insightface pack's ArcFace) as a torch module. Both are
+    fed RGB: insightface's and OpenCV's cv2 BGR images go through ``blobFromImage(s)`` with
+    ``swapRB=True``. SFace takes raw 0..255 pixels, as the mxnet-era packs do."""
     import onnx
     from onnx2torch import convert
 
     model = onnx.load(str(path))
     bypass_identity_nodes(model.graph)
     input_range = PIXEL_RANGE if standardises_inside(model.graph) else ARCFACE_RANGE
-    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name)
+    threshold = SFACE_THRESHOLD if path.name == SFACE.file else ARCFACE_THRESHOLD
+    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name,
+                          FIVE_POINT, threshold)
 
 
 # --- files ------------------------------------------------------------------------------
@@ -213,9 +239,10 @@ def arcface_onnx_recognizer(path: Path) -> FaceRecognizer:
 def load_recognizer(path: str | Path) -> FaceRecognizer:
     """The recogniser in ``path``, its format told by suffix and by the state dict's keys."""
     path = Path(path)
+    check_installed(path)
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return arcface_onnx_recognizer(path)
+        return onnx_recognizer(path)
     if suffix not in STATE_DICT_SUFFIXES:
         raise ValueError(f"{path.name}: face recognisers are {ONNX_SUFFIXES + STATE_DICT_SUFFIXES} files")
     state = read_state_dict(path)
@@ -228,6 +255,7 @@ def load_recognizer(path: str | Path) -> FaceRecognizer:
 
 
 KNOWN_MODELS = (
+    *(KnownModel(m.folder, m.file, m.what, m.source, m.licence) for m in WHEEL_MODELS),
     KnownModel("insightface", "models/buffalo_l/w600k_r50.onnx", "ArcFace R50 of insightface's buffalo_l pack",
                "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
                "non-commercial research only"),
@@ -240,6 +268,10 @@ KNOWN_MODELS = (
                "facenet-pytorch releases (github.com/timesler/facenet-pytorch/releases, v2.2.9)",
                "MIT code; VGGFace2-trained weights, check their terms"),
 )
+
+# The recogniser the nodes and workflows use unless told otherwise: trained, differentiable,
+# Apache-2.0, installed by the setup.
+DEFAULT_RECOGNIZER = f"{SFACE.folder}/{SFACE.file}"
 
 # Files of insightface packs that are not recognisers (detectors, landmarks, swappers).
 NOT_RECOGNISERS = SCRFD_FILES | {"1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "inswapper_128.onnx"}

@@ -1,0 +1,156 @@
+"""`diffpriv protect|recover --ray` on a local Ray cluster of CPU actors (test-size models).
+
+The cluster is started once in this process for the module (2 CPUs: two actors, each with
+its own embedded ComfyUI); the command, run in-process, uses it as a running cluster. The
+Ctrl-C test runs the command as a child process that starts a cluster of its own, as a user's
+`diffpriv protect ... --ray` does. Graphs and photos are those of test_cli_host.py.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from diffpriv_client import cli
+from conftest import ROOT, _models_folder
+from test_cli_host import (PASSPHRASE, SLOW_STEPS, install_key_e, ok_entries, passphrase_env,  # noqa: F401
+                           photos, protect_args, recover_args, results, run_in_thread, wait_for)
+
+pytestmark = pytest.mark.host
+FACES = ["astronaut", "hanks", "astronaut_mirrored", "hanks_mirrored"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    try:
+        yield ray.util.get_node_ip_address()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, test_models, face_models) -> Path:
+    """The models folder every actor links in (--models): test models and the test key-E."""
+    root = tmp_path_factory.mktemp("ray-models")
+    _models_folder(root, test_models, face_models)
+    install_key_e(root)
+    return root / "models"
+
+
+def ray_args(models: Path, bases: Path, actors: int = 2) -> list[str]:
+    return ["--ray", "--ray-actors", str(actors), "--models", str(models), "--base", str(bases)]
+
+
+def comfy_processes(bases: Path) -> dict[int, str]:
+    """pid -> command line of the ComfyUI servers run by actors whose folders are in ``bases``."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
+    found = {}
+    for line in ps.stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "main.py" in args and f"--base-directory {bases}/diffpriv-actor-" in args:
+            found[int(pid)] = args
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True)
+    children: dict[int, list[int]] = {}
+    for line in ps.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True)
+    running = {int(p) for p, s in (line.split() for line in ps.stdout.splitlines()) if not s.startswith("Z")}
+    return pids & running
+
+
+def output_files(out: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (out / name).iterdir())
+
+
+def test_two_actors_share_a_batch_a_faceless_photo_fails_alone_and_keys_recover(
+        ray_cluster, models, photos, tmp_path, passphrase_env, capsys):
+    out, bases = tmp_path / "out", tmp_path / "bases"
+    names = ["astronaut", "chelsea", "hanks"]
+    argv = protect_args([photos[n] for n in names], out) + ray_args(models, bases)
+    assert cli.main(argv + ["--passphrase-env", passphrase_env]) == 1, "one photo failed"
+
+    got = results(out)
+    assert got["chelsea"]["status"] == "failed" and "no face found in image 0" in got["chelsea"]["error"]
+    for name in ("astronaut", "hanks"):
+        entry = got[name]
+        assert entry["status"] == "ok" and entry["node"] == ray_cluster and entry["seconds"] > 0, entry
+        assert len(entry["outputs"]) == 2 and len(entry["keys"]) == 1, entry
+        assert len(output_files(out, name)) == 3, "each file once"
+        key = out / entry["keys"][0]
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert PASSPHRASE.encode() not in key.read_bytes() and b'"dtype":"F32"' not in key.read_bytes()
+    assert len({got[n]["server"] for n in names}) == 2, "both actors took part"
+    assert not comfy_processes(bases) and not list(bases.iterdir()), "actors stopped, their folders removed"
+    assert "1 failed, 2 ok" in capsys.readouterr().out
+
+    # Recovery on the cluster: the key file travels to the actor, the picture back.
+    key = out / got["hanks"]["keys"][0]
+    recovered = tmp_path / "recovered"
+    assert cli.main(recover_args([key], recovered, passphrase_env=passphrase_env)
+                    + ray_args(models, bases, actors=1)) == 0
+    (entry,) = results(recovered).values()
+    assert entry["status"] == "ok" and entry["node"] == ray_cluster and len(entry["outputs"]) == 1
+
+
+def test_a_killed_actor_loses_no_photo_and_none_is_done_twice(ray_cluster, models, photos, tmp_path, capsys):
+    out, bases = tmp_path / "out", tmp_path / "bases"
+    argv = protect_args([photos[n] for n in FACES], out, steps=SLOW_STEPS) + ray_args(models, bases)
+    thread, outcome = run_in_thread(argv)
+    wait_for(lambda: ok_entries(out))
+    time.sleep(1.0)  # the actor that finished took the next photo: both have one running
+    (victim,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("-0")]
+    servers_before = comfy_processes(bases)
+    assert len(servers_before) == 2
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+    wait_for(lambda: len(comfy_processes(bases)) == 1, timeout=30)  # its ComfyUI died with it
+    thread.join(600)
+
+    assert outcome["rc"] == 0
+    final = results(out)
+    assert all(final[n]["status"] == "ok" for n in FACES), final
+    for name in FACES:
+        assert len(output_files(out, name)) == 3, f"{name}: each file once"
+    assert re.search(r"the actor on \S+ died .*; \w+ goes to another actor", capsys.readouterr().out)
+    assert not comfy_processes(bases)
+
+    kept = {n: sorted((out / p).stat().st_mtime_ns for p in final[n]["outputs"]) for n in FACES}
+    assert cli.main(argv) == 0, "a rerun has nothing left to do"
+    assert all(e["status"] == "skipped" for e in results(out).values())
+    assert kept == {n: sorted((out / p).stat().st_mtime_ns for p in final[n]["outputs"]) for n in FACES}
+
+
+def test_ctrl_c_stops_the_cluster_work_and_leaves_no_process(models, photos, tmp_path):
+    """The command starts its own local cluster here (no address), as a user's would."""
+    bases = tmp_path / "bases"
+    argv = [sys.executable, "-m", "diffpriv_client.cli", *protect_args([photos["hanks"]], tmp_path / "out", steps=50),
+            *ray_args(models, bases, actors=1)]
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any("got prompt" in log.read_text() for log in bases.glob("*/comfy/comfyui.log")), timeout=300)
+    started = descendants(command.pid)
+    assert comfy_processes(bases).keys() <= started, "the ComfyUI runs under the command's cluster"
+    command.send_signal(signal.SIGINT)
+    assert command.wait(120) == 130, command.stdout.read()
+    wait_for(lambda: not alive(started), timeout=30)
+    assert not comfy_processes(bases)
