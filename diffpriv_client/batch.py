@@ -13,6 +13,7 @@ prompt's history, unless asked to keep it; a removal that fails is reported.
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,12 @@ from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary
 
 from . import graphs
 from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult
-from .servers import Finished, Lost, Progress, Server, choose_server
+from .progress import ProgressBoard, stage_title
+from .servers import Executing, Finished, Lost, Progress, Server, choose_server
 from .summary import Summary
 
 POLL_S = 0.2
+REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so its clocks move
 
 
 @dataclass(eq=False)
@@ -75,8 +78,10 @@ class _Batch:
         self.cleanup_failures: list[str] = []
         self.submitted: dict[Job, tuple[dict, list[str]]] = {}  # graph and uploads, per job on a server
         self.running: dict[Job, Server] = {}
-        self.steps: dict[Job, str] = {}  # the progress line, per running job
+        self.graphs: dict[Job, dict] = {}  # what each running job's server runs: names its stages
+        self.board = ProgressBoard()
         self.bar = tqdm(total=len(jobs), unit="image", dynamic_ncols=True)
+        self.drawn = 0.0
 
     def run(self) -> list[str]:
         try:
@@ -90,6 +95,8 @@ class _Batch:
                 for server in live:
                     for event in server.poll(POLL_S / len(live)):
                         self._handle(server, event)
+                if time.monotonic() - self.drawn >= REDRAW_S:
+                    self._draw()
             return self.cleanup_failures
         except BaseException:
             # Ctrl-C, SIGTERM or a bug: leave no orphans running on the servers, and no
@@ -101,6 +108,7 @@ class _Batch:
                     self._clean(server, job, prompt_id)
             raise
         finally:
+            self.bar.set_postfix_str("", refresh=True)  # no finished photo's step left on screen
             self.bar.close()
             for server in self.servers:
                 server.close()
@@ -113,8 +121,10 @@ class _Batch:
             job = self.pending.popleft()
             try:
                 self.submitted[job] = job.build(server.client)
-                server.submit(job, self.submitted[job][0])
+                graph = self.submitted[job][0]
+                server.submit(job, graph)
                 self.running[job] = server
+                self.graphs[job] = graph
             except PromptRejected as exc:
                 self._fail(job, server, f"the server refused the workflow: {exc}")
                 self._clean(server, job, None)
@@ -125,15 +135,24 @@ class _Batch:
                 self._fail(job, server, f"{type(exc).__name__}: {exc}")
 
     def _handle(self, server: Server, event) -> None:
-        if isinstance(event, Progress):
-            self.steps[event.job] = f"{event.job.name} {event.value}/{event.max}"
-            self.bar.set_postfix_str(", ".join(self.steps.values()), refresh=True)
+        if isinstance(event, Executing):
+            self.board.stage(event.job.name, stage_title(self.graphs.get(event.job, {}), event.node))
+            self._draw()
+        elif isinstance(event, Progress):
+            self.board.step(event.job.name, event.value, event.max)
+            self._draw()
         elif isinstance(event, Finished):
-            self.steps.pop(event.job, None)
+            self.board.finished(event.job.name)
             del self.running[event.job]
+            self.graphs.pop(event.job, None)
             self._finish(server, event)
+            self._draw()
         elif isinstance(event, Lost):
             self._requeue(server, event.jobs)
+
+    def _draw(self) -> None:
+        self.bar.set_postfix_str(self.board.line(), refresh=True)
+        self.drawn = time.monotonic()
 
     def _finish(self, server: Server, event: Finished) -> None:
         job = event.job
@@ -173,7 +192,8 @@ class _Batch:
     def _requeue(self, server: Server, jobs: list[Job]) -> None:
         for job in jobs:
             self.running.pop(job, None)
-            self.steps.pop(job, None)
+            self.graphs.pop(job, None)
+            self.board.forget(job.name)
             self.pending.appendleft(job)
         self.bar.write(f"{server.url} stopped answering; {len(jobs)} unfinished job(s) go to the other servers")
 
