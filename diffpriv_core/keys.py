@@ -25,12 +25,12 @@ from . import key_format as fmt
 from .key_format import KEY_SUFFIX, KeyFileError  # noqa: F401  (public names of this module)
 from .files import PARTIAL_SUFFIX, write_new_file
 from .key_types import EMBED_SHAPE, PAIR_MISMATCH, KeyE, KeyI, belong_together, key_e_id
-from .msi_train import LATENT_FACTOR, MAX_SIDE
+from .frame import MSI_MAX_SIDE, VAE_FACTOR
 from .schedule import STAGES, T, ddim_grid
 
 FORMAT, VERSION = fmt.FORMAT, fmt.VERSION
-# key-I's latent is at most what the nodes make: MSI takes images up to MAX_SIDE pixels.
-MAX_LATENT_SIDE = MAX_SIDE // LATENT_FACTOR
+# key-I's latent is at most what the nodes make: MSI takes images up to MSI_MAX_SIDE pixels.
+MAX_LATENT_SIDE = MSI_MAX_SIDE // VAE_FACTOR
 
 
 def check_metadata(key_e: KeyE, key_i: KeyI | None) -> None:
@@ -45,7 +45,7 @@ def check_metadata(key_e: KeyE, key_i: KeyI | None) -> None:
     h, w = key_i.latent.shape[-2:]
     if not (1 <= h <= MAX_LATENT_SIDE and 1 <= w <= MAX_LATENT_SIDE):
         raise KeyFileError(f"key-I's latent is {w} x {h}; the nodes make latents of at most "
-                           f"{MAX_LATENT_SIDE} x {MAX_LATENT_SIDE} (images of {MAX_SIDE} pixels)")
+                           f"{MAX_LATENT_SIDE} x {MAX_LATENT_SIDE} (images of {MSI_MAX_SIDE} pixels)")
     if not belong_together(key_e, key_i):
         raise KeyFileError(PAIR_MISMATCH if fmt.PAIR in key_i.meta else
                            "this key-I does not say which key-E it belongs to: make it with DDIM Inversion Key")
