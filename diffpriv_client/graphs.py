@@ -98,6 +98,13 @@ def set_image_prefixes(graph: dict, stem: str) -> None:
         node["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/{stem}_{label}"
 
 
+def output_labels(graph: dict) -> dict[str, str]:
+    """Node id -> the label the command names that node's downloaded files after: the
+    file name part of the prefix it set (never a name the server reports)."""
+    return {node_id: Path(str(node["inputs"].get("filename_prefix", node_id))).name for node_id, node in graph.items()
+            if node.get("class_type") in ("SaveImage", "DiffPrivacySaveKey")}
+
+
 def set_models(graph: dict, files: dict[str, str]) -> None:
     """Point every model loader at another file, by models sub-folder (used by --demo-weights)."""
     for class_type, (input_name, folder) in MODEL_INPUTS.items():
