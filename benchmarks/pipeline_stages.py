@@ -3,14 +3,22 @@
 Runs the nodes in process on random-weight models with the real shapes: MSI Inversion
 (key-E), Identity Energy Guidance, the Guided DDIM Sampler with and without guidance, DDIM
 Inversion Key (key-I) and Recover, on the astronaut photo. Every time comes from this one
-run, so the ratios hold even on a noisy machine; peak memory is the process's so far.
+run, so the ratios hold even on a noisy machine. Peak memory: on a GPU each stage's own
+(allocated tensors), on the CPU the process's so far. Timing does not depend on the
+weights, so random ones give the real cost.
 
     .venv/bin/python benchmarks/pipeline_stages.py                         # test size, minutes on a CPU
     .venv/bin/python benchmarks/pipeline_stages.py --unet sd15 --size 512 --steps 50 --samples 4 --msi-steps 60
+    .venv/bin/python benchmarks/pipeline_stages.py --unet sd15 --size 512 --task hide --preset --device cuda --dtype bf16
+    .venv/bin/python benchmarks/pipeline_stages.py --dry ...  # the same at a tiny size on the CPU: checks, measures nothing
 """
 from __future__ import annotations
 
 # sd15 arguments: --unet sd15 --size 512 --steps 50 --samples 4 --msi-steps 60
+# gpu arguments: --unet sd15 --size 512 --task anonymize --preset --msi-steps 40 --device cuda --dtype fp32
+# gpu arguments: --unet sd15 --size 512 --task anonymize --preset --msi-steps 40 --device cuda --dtype bf16
+# gpu arguments: --unet sd15 --size 512 --task hide --preset --msi-steps 40 --device cuda --dtype fp32
+# gpu arguments: --unet sd15 --size 512 --task hide --preset --msi-steps 40 --device cuda --dtype bf16
 
 import argparse
 import resource
@@ -23,25 +31,41 @@ sys.path.insert(0, str(ROOT))
 from diffpriv_testmodels.cache import BENCHMARK_MODELS, UNET_WORDS, astronaut, benchmark_models  # noqa: E402
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Stages:
     """Times each stage once and keeps the rows of the table."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
         self.rows: list[tuple[str, float, int, float]] = []
 
     def run(self, name: str, units: int, fn):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = fn()
-        self.rows.append((name, time.perf_counter() - start, units, peak_mib()))
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.rows.append((name, time.perf_counter() - start, units, self.peak_mib()))
         print(f"{name}: {self.rows[-1][1]:.1f} s", file=sys.stderr, flush=True)
         return out
 
+    def peak_mib(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def seconds(self, name: str) -> float:
         return next(s for n, s, _, _ in self.rows if n == name)
+
+
+# ComfyUI's precision flags per --dtype: every network in it (ComfyUI's own choice otherwise).
+DTYPE_OPTIONS = {"fp32": {"force_fp32": True},
+                 "bf16": {"bf16_unet": True, "bf16_vae": True, "bf16_text_enc": True}}
 
 
 def measure(args) -> tuple[Stages, str]:
@@ -51,12 +75,12 @@ def measure(args) -> tuple[Stages, str]:
     from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
     from diffpriv_testmodels.inprocess import load_host_in_process
 
-    host = load_host_in_process()
+    host = load_host_in_process(cpu=args.device == "cpu", **DTYPE_OPTIONS.get(args.dtype, {}))
     import comfy.clip_vision  # importable once the host is on the path
     nodes = host.pack.nodes
     models = BENCHMARK_MODELS[args.unet]
     photo = astronaut(args.size)
-    stages = Stages()
+    stages = Stages(cuda=args.device == "cuda")
     with torch.inference_mode():  # as ComfyUI runs prompts
         model, clip, vae = host.sd.load_checkpoint_guess_config(str(models / CHECKPOINT))[:3]
         clip_vision = comfy.clip_vision.load(str(models / CLIP_VISION))
@@ -65,14 +89,15 @@ def measure(args) -> tuple[Stages, str]:
         latent = {"samples": vae.encode(photo)}
         key_e = stages.run("MSI Inversion (key-E)", args.msi_steps, lambda: nodes.msi.MSIInversion.execute(
             model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0).args[0])
-        positive = nodes.scheduler.EmbeddingScheduler.execute(key_e, "anonymize", 0.4).args[0]
+        positive = nodes.scheduler.EmbeddingScheduler.execute(key_e, args.task, args.tau).args[0]
         guidance = stages.run("Identity Energy Guidance (reference)", 1, lambda: nodes.guidance.IdentityGuidanceNode.execute(
-            face_model, photo, "anonymize", 1.0, False, True, "face crop", 0, 0.5, "error", True).args[0])
-        sampled = round(args.steps * 0.6)
+            face_model, photo, args.task, 1.0, False, True, "face crop", 0, 0.5, "error", True).args[0])
+        sampled = round(args.steps * args.s_ns)
 
         def sample(with_guidance):
-            return nodes.protect.GuidedDDIMSampler.execute(model, vae, positive, latent, "custom", 0.6, args.steps,
-                                                           args.samples, 0, guidance if with_guidance else None)
+            return nodes.protect.GuidedDDIMSampler.execute(model, vae, positive, latent, "custom", args.s_ns,
+                                                           args.steps, args.samples, 0,
+                                                           guidance if with_guidance else None)
 
         stages.run("Guided DDIM Sampler, no guidance", sampled, lambda: sample(False))
         stages.run("Guided DDIM Sampler, guided (face crop)", sampled, lambda: sample(True))
@@ -83,31 +108,61 @@ def measure(args) -> tuple[Stages, str]:
     return stages, str(model.load_device)
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from diffpriv_core.guided import PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet", choices=list(BENCHMARK_MODELS), default="test")
     parser.add_argument("--size", type=int, default=256, help="photo side in pixels (the face is about a sixth)")
-    # Defaults keep the test size to a few minutes on a CPU; the sd15 arguments are the presets'.
-    parser.add_argument("--steps", type=int, default=20, help="DDIM grid steps (sampling runs the last 60%%)")
+    parser.add_argument("--task", choices=list(PRESETS), default="anonymize", help="energy, S_ns and tau of this task")
+    # Defaults keep the test size to a few minutes on a CPU; --preset takes the task's.
+    parser.add_argument("--steps", type=int, default=20, help="DDIM grid steps (sampling runs the last S_ns of them)")
     parser.add_argument("--samples", type=int, default=2, help="candidates per photo")
-    parser.add_argument("--msi-steps", type=int, default=10, help="MSI training steps (the fast preset has 60)")
-    args = parser.parse_args()
+    parser.add_argument("--preset", action="store_true", help="the task preset's steps and candidates")
+    parser.add_argument("--msi-steps", type=int, default=10,
+                        help="MSI training steps measured (the fast preset has at most 1100: the table projects)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_OPTIONS], default="auto",
+                        help="the networks' precision (auto: ComfyUI's choice for the device)")
+    parser.add_argument("--dry", action="store_true",
+                        help="the same run at a tiny size on the CPU (test UNet, 64 px, 4 steps, 2 MSI steps): "
+                             "checks that the script works, measures nothing")
+    args = parser.parse_args(argv)
+    task = PRESETS[args.task]
+    args.s_ns, args.tau = task.strength, {"anonymize": 0.4, "hide": 0.6}[args.task]
+    if args.preset:
+        args.steps, args.samples = task.steps, task.batch
+    if args.dry:
+        args.unet, args.size, args.steps, args.msi_steps, args.device = "test", 64, 4, 2, "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffpriv_core.msi_train import PRESETS as MSI_PRESETS
+
+    args = parse(argv)
     benchmark_models(args.unet)
     stages, device = measure(args)
-    print(f"One {args.size}x{args.size} px photo, {UNET_WORDS[args.unet]} with the real-size VAE and CLIP "
-          f"ViT-L/14 (random weights), ArcFace-shaped test recogniser, device {device}; anonymize with "
-          f"{args.samples} candidates, S_ns 0.6 of a {args.steps}-step grid, MSI fast preset with {args.msi_steps} "
-          "steps (its time includes the CLIP features, computed once). Each stage ran once, in this order, in one "
-          "process.\n")
-    print("| stage | seconds | per step | peak memory so far (MiB) |\n|---|---|---|---|")
+    precision = "ComfyUI's default precision" if args.dtype == "auto" else args.dtype
+    print(f"{'DRY RUN (nothing measured): ' if args.dry else ''}One {args.size}x{args.size} px photo, "
+          f"{UNET_WORDS[args.unet]} with the real-size VAE and CLIP ViT-L/14 (random weights), ArcFace-shaped test "
+          f"recogniser, device {device}, {precision}; {args.task} with {args.samples} candidate(s), S_ns "
+          f"{args.s_ns} of a {args.steps}-step grid, MSI fast preset with {args.msi_steps} steps (its time includes "
+          "the CLIP features, computed once). Each stage ran once, in this order, in one process.\n")
+    memory = "peak memory of the stage (MiB)" if stages.cuda else "peak memory so far (MiB)"
+    print(f"| stage | seconds | per step | {memory} |\n|---|---|---|---|")
     for name, seconds, units, peak in stages.rows:
         print(f"| {name} | {seconds:.2f} | {seconds / units:.3f} | {peak:.0f} |")
     plain, guided = stages.seconds("Guided DDIM Sampler, no guidance"), stages.seconds(
         "Guided DDIM Sampler, guided (face crop)")
+    msi = stages.seconds("MSI Inversion (key-E)")
     protect = sum(s for n, s, _, _ in stages.rows if n not in ("Recover", "Guided DDIM Sampler, no guidance"))
+    msi_full = msi / args.msi_steps * MSI_PRESETS["fast"].steps
     print(f"\nGuided sampling costs {guided / plain:.2f}x the same sampling without guidance. Protecting the "
           f"face (MSI, guidance, guided sampling, key-I) took {protect:.1f} s; recovering it "
-          f"{stages.seconds('Recover'):.1f} s.")
+          f"{stages.seconds('Recover'):.1f} s. With MSI's full fast preset ({MSI_PRESETS['fast'].steps} steps at "
+          f"most; projected from the {args.msi_steps} measured here) protecting would take at most "
+          f"{protect - msi + msi_full:.1f} s.")
 
 
 if __name__ == "__main__":

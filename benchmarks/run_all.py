@@ -5,10 +5,13 @@ to stdout. This harness runs each in a fresh interpreter, names the machine the 
 came from, and writes the sections in order. Figures are only ever what the scripts
 measured on this run; a script that fails gets a section saying so, with its error.
 
-Two sizes: ``test`` (the test-size models, minutes on a CPU) runs every script; ``sd15``
-(SD1.5's full-size UNet at 512 px, for a GPU or a patient CPU) runs the scripts that carry
-a line ``# sd15 arguments: ...`` with those arguments. Each size has its own block in
-BENCHMARKS.md, with its own date and machine; a run rewrites its size's block only.
+Three sizes: ``test`` (the test-size models, minutes on a CPU) runs every script; ``sd15``
+(SD1.5's full-size UNet at 512 px, for a GPU or a patient CPU) and ``gpu`` (the same on
+CUDA, fp32 and bf16: benchmarks/gpu.sh) run the scripts that carry lines
+``# sd15 arguments: ...`` / ``# gpu arguments: ...``, once per line, with those arguments.
+Each size has its own block in BENCHMARKS.md, with its own date and machine; a run rewrites
+its size's block only. ``--dry`` passes ``--dry`` to every script (a tiny run on the CPU
+that checks the scripts work) and prints the block instead of writing BENCHMARKS.md.
 
     .venv/bin/python benchmarks/run_all.py [--size sd15] [--only inversion_modes ...] [--out BENCHMARKS.md]
 """
@@ -48,21 +51,21 @@ def machine_lines() -> list[str]:
             f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}"]
 
 
-SIZES = {"test": "Test size: the test-size models", "sd15": "SD1.5 size: SD1.5's full-size UNet at 512 px"}
-SD15_MARKER = re.compile(r"^# sd15 arguments: (.+)$", re.MULTILINE)
+SIZES = {"test": "Test size: the test-size models", "sd15": "SD1.5 size: SD1.5's full-size UNet at 512 px",
+         "gpu": "GPU: SD1.5's full-size UNet at 512 px on CUDA"}
 
 
-def size_arguments(script: Path, size: str) -> list[str] | None:
-    """The script's arguments for this size; None when it has no such size."""
+def size_arguments(script: Path, size: str) -> list[list[str]]:
+    """The script's runs for this size, one argument list each; none when it has no such size."""
     if size == "test":
-        return []
-    found = SD15_MARKER.search(script.read_text())
-    return shlex.split(found.group(1)) if found else None
+        return [[]]
+    marker = re.compile(rf"^# {size} arguments: (.+)$", re.MULTILINE)
+    return [shlex.split(found) for found in marker.findall(script.read_text())]
 
 
 def benchmark_scripts(folder: Path, only: list[str] | None, size: str) -> list[Path]:
     scripts = sorted(p for p in folder.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
-                     and size_arguments(p, size) is not None)
+                     and size_arguments(p, size))
     if only:
         missing = set(only) - {p.stem for p in scripts}
         if missing:
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=HERE, help="folder of benchmark scripts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script")
     parser.add_argument("--size", choices=list(SIZES), default="test")
+    parser.add_argument("--dry", action="store_true", help="tiny CPU runs that check the scripts; print, write nothing")
     args = parser.parse_args(argv)
     scripts = benchmark_scripts(args.dir, args.only, args.size)
     lines = [f"## {SIZES[args.size]}", "", f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
@@ -100,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
              ""]
     lines += machine_lines() + [""]
     for script in scripts:
-        print(f"running {script.name} ...", file=sys.stderr, flush=True)
-        arguments = size_arguments(script, args.size)
-        command = " ".join(["python", f"benchmarks/{script.name}", *arguments])
-        lines += [f"### {script.stem}", "", f"`{command}`", "", run_benchmark(script, arguments, args.timeout)]
+        for arguments in size_arguments(script, args.size):
+            arguments = arguments + ["--dry"] if args.dry else arguments
+            print(f"running {script.name} {' '.join(arguments)} ...", file=sys.stderr, flush=True)
+            command = " ".join(["python", f"benchmarks/{script.name}", *arguments])
+            lines += [f"### {script.stem}", "", f"`{command}`", "", run_benchmark(script, arguments, args.timeout)]
+    if args.dry:
+        print("\n".join(lines))
+        return 0
     blocks = size_blocks(args.out.read_text() if args.out.exists() else "")
     blocks[args.size] = "\n".join(lines)
     args.out.write_text("# Benchmarks\n\n" + "\n".join(blocks[size] for size in SIZES if size in blocks))

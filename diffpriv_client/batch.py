@@ -7,6 +7,7 @@ on; the jobs of a server that dies are queued again on the others.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ import requests
 from tqdm import tqdm
 
 from .comfy_http import ComfyClient, PromptFailed, PromptRejected, PromptResult
-from .servers import Finished, Lost, Progress, Server, choose_server
+from .progress import ProgressBoard, stage_title
+from .servers import Executing, Finished, Lost, Progress, Server, choose_server
 from .summary import Summary
 
 POLL_S = 0.2
+REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so its clocks move
 
 
 @dataclass(eq=False)
@@ -52,8 +55,10 @@ class _Batch:
         self.summary = summary
         self.forget_prompts = forget_prompts
         self.running: dict[Job, Server] = {}
-        self.steps: dict[Job, str] = {}  # the progress line, per running job
+        self.graphs: dict[Job, dict] = {}  # what each running job's server runs: names its stages
+        self.board = ProgressBoard()
         self.bar = tqdm(total=len(jobs), unit="image", dynamic_ncols=True)
+        self.drawn = 0.0
 
     def run(self) -> None:
         try:
@@ -67,12 +72,15 @@ class _Batch:
                 for server in live:
                     for event in server.poll(POLL_S / len(live)):
                         self._handle(server, event)
+                if time.monotonic() - self.drawn >= REDRAW_S:
+                    self._draw()
         except KeyboardInterrupt:
             # Leave no orphans running on the servers; the summary already has what finished.
             for server in self.servers:
                 server.cancel_all()
             raise
         finally:
+            self.bar.set_postfix_str("", refresh=True)  # no finished photo's step left on screen
             self.bar.close()
             for server in self.servers:
                 server.close()
@@ -84,8 +92,10 @@ class _Batch:
                 return
             job = self.pending.popleft()
             try:
-                server.submit(job, job.build(server.client))
+                graph = job.build(server.client)
+                server.submit(job, graph)
                 self.running[job] = server
+                self.graphs[job] = graph
             except PromptRejected as exc:
                 self._fail(job, server, f"the server refused the workflow: {exc}")
             except requests.ConnectionError:
@@ -95,15 +105,24 @@ class _Batch:
                 self._fail(job, server, f"{type(exc).__name__}: {exc}")
 
     def _handle(self, server: Server, event) -> None:
-        if isinstance(event, Progress):
-            self.steps[event.job] = f"{event.job.name} {event.value}/{event.max}"
-            self.bar.set_postfix_str(", ".join(self.steps.values()), refresh=True)
+        if isinstance(event, Executing):
+            self.board.stage(event.job.name, stage_title(self.graphs.get(event.job, {}), event.node))
+            self._draw()
+        elif isinstance(event, Progress):
+            self.board.step(event.job.name, event.value, event.max)
+            self._draw()
         elif isinstance(event, Finished):
-            self.steps.pop(event.job, None)
+            self.board.finished(event.job.name)
             del self.running[event.job]
+            self.graphs.pop(event.job, None)
             self._finish(server, event)
+            self._draw()
         elif isinstance(event, Lost):
             self._requeue(server, event.jobs)
+
+    def _draw(self) -> None:
+        self.bar.set_postfix_str(self.board.line(), refresh=True)
+        self.drawn = time.monotonic()
 
     def _finish(self, server: Server, event: Finished) -> None:
         job = event.job
@@ -126,7 +145,8 @@ class _Batch:
     def _requeue(self, server: Server, jobs: list[Job]) -> None:
         for job in jobs:
             self.running.pop(job, None)
-            self.steps.pop(job, None)
+            self.graphs.pop(job, None)
+            self.board.forget(job.name)
             self.pending.appendleft(job)
         self.bar.write(f"{server.url} stopped answering; {len(jobs)} unfinished job(s) go to the other servers")
 

@@ -33,6 +33,13 @@ class Progress:
 
 
 @dataclass
+class Executing:
+    """The server started running this node of the job's graph."""
+    job: Any
+    node: str
+
+
+@dataclass
 class Finished:
     job: Any
     prompt_id: str
@@ -74,7 +81,8 @@ class Server:
         return prompt_id
 
     def poll(self, timeout: float) -> list:
-        """Progress, Finished and Lost events since the last call, waiting at most ``timeout``."""
+        """Executing, Progress, Finished and Lost events since the last call, waiting at most
+        ``timeout``."""
         if self.dead:
             return []
         self._connect()
@@ -135,6 +143,8 @@ class Server:
                 continue
             if msg.get("type") == "progress":
                 events.append(Progress(job, int(data["value"]), int(data["max"])))
+            elif msg.get("type") == "executing" and data.get("node") is not None:
+                events.append(Executing(job, str(data["node"])))
             elif msg.get("type") in DONE_MESSAGES:
                 done.add(data["prompt_id"])
         return events, done

@@ -45,8 +45,9 @@ class MSIInversion(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default="fast",
-                               tooltip="fast: all ten stages per step, cached encodings, warmup + cosine lr, "
-                                       "mixed precision on GPU; faithful: the paper's 6100 steps at lr 1e-4"),
+                               tooltip="fast: a fifth of the faithful UNet passes (1100 steps at most, stops "
+                                       "early on a loss plateau), mixed precision on GPU; faithful: the "
+                                       "paper's 6100 steps at lr 1e-4"),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
                 io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
                                tooltip="0 = the preset's"),

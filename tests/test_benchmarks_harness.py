@@ -38,3 +38,13 @@ def test_the_sd15_size_runs_only_scripts_that_have_it_and_keeps_the_test_block(t
     assert "args: --unet sd15 --size 512" in sd15_block and "test_only" not in sd15_block
     assert "`python benchmarks/both.py --unet sd15 --size 512`" in sd15_block
     assert run_all(tmp_path, out).split("## SD1.5 size")[1] == sd15_block, "a test-size run keeps the sd15 block"
+
+
+def test_a_size_runs_each_of_its_argument_lines_and_a_dry_run_writes_nothing(tmp_path):
+    (tmp_path / "stages.py").write_text("# gpu arguments: --dtype fp32\n# gpu arguments: --dtype bf16\nimport sys\n"
+                                        "print('args:', ' '.join(sys.argv[1:]))\n")
+    out = tmp_path / "BENCHMARKS.md"
+    dry = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--dir", str(tmp_path), "--out",
+                          str(out), "--size", "gpu", "--dry"], check=True, capture_output=True, text=True).stdout
+    assert "## GPU" in dry and "args: --dtype fp32 --dry" in dry and "args: --dtype bf16 --dry" in dry
+    assert not out.exists(), "a dry run writes nothing"

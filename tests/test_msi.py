@@ -9,13 +9,13 @@ import torch
 
 from diffpriv_core.clip_features import CLIP_MEAN, CLIP_STD, check_vit_l14, pick_blocks, to_clip_pixels
 from diffpriv_core.key_types import KeyE
+from diffpriv_core import msi_train
 from diffpriv_core.msi import MSI, MSIShape, make_key_e
-from diffpriv_core.msi_train import (PRESETS, check_images, held_out_loss, lr_factor, preset, sample_timesteps,
+from diffpriv_core.msi_train import (PRESETS, TimestepSampler, check_images, held_out_loss, lr_factor, preset,
                                      train_msi)
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.schedule import STAGES
-from diffpriv_testmodels import tiny_diffusers
-
-import toy_host
+from diffpriv_testmodels import tiny_diffusers, toy_host
 
 
 def image(seed: int = 0, size: int = 64) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_one_embedding_ablation_reads_the_last_layer_only_and_ignores_the_stage(
     out = msi(base, torch.arange(STAGES))
     assert torch.allclose(out, out[:1].expand_as(out))
     assert torch.equal(msi(base[:4] + [base[4] + 1], torch.arange(2)).ne(out[:2]).any(dim=1), torch.tensor([True, True]))
-    assert torch.equal(msi([f + 1 for f in base[:4]] + base[4:], torch.arange(2)), out[:2])
+    assert torch.allclose(msi([f + 1 for f in base[:4]] + base[4:], torch.arange(2)), out[:2], atol=1e-6)
 
 
 def test_msi_takes_five_hidden_states():
@@ -162,13 +162,16 @@ def test_reusing_encodings_changes_no_value():
     assert cached.losses == fresh.losses and torch.equal(cached.key.stages, fresh.key.stages)
 
 
-def test_stratified_timesteps_cover_every_stage_once():
+@pytest.mark.parametrize("per_step", [1, 2, 3, 10])
+def test_stratified_timesteps_cover_every_stage_once_per_round(per_step):
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        t = sample_timesteps(PRESETS["fast"], g)
-        assert (t // 100).tolist() == list(range(STAGES)) and t.min() >= 0 and t.max() <= 999
-    t = sample_timesteps(PRESETS["faithful"], g)
-    assert t.shape == (1,)
+    sample = TimestepSampler(preset("fast", timesteps_per_step=per_step), g)
+    drawn = torch.cat([sample() for _ in range(30)])
+    assert drawn.shape == (30 * per_step,) and drawn.min() >= 0 and drawn.max() <= 999
+    rounds = (drawn // 100).view(-1, STAGES)  # every 10 consecutive timesteps: each stage once
+    assert all(sorted(r.tolist()) == list(range(STAGES)) for r in rounds)
+    assert len({tuple(r.tolist()) for r in rounds}) > 1  # in a shuffled order
+    assert TimestepSampler(PRESETS["faithful"], g)().shape == (1,)
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
@@ -250,7 +253,10 @@ def test_training_on_diffusers_models_touches_only_msi(tiny):
     before = {name: {k: v.clone() for k, v in tiny[name].state_dict().items()}
               for name in ("unet", "vae", "text_encoder", "vision")}
     host = tiny_diffusers.tiny_host(tiny)
-    result = train_msi(image(), host, preset("fast", steps=3, shape=tiny_diffusers.MSI_SHAPE))
+    # No weight average: the gradients below are the trained module's own; every stage in
+    # the last step, so every layer's projection has one.
+    config = preset("fast", steps=3, average=0.0, timesteps_per_step=STAGES, shape=tiny_diffusers.MSI_SHAPE)
+    result = train_msi(image(), host, config)
     for name, state in before.items():
         module = tiny[name]
         assert all(p.grad is None and not p.requires_grad for p in module.parameters()), name
@@ -274,8 +280,20 @@ def test_image_checks_name_the_problem():
         check_images(torch.zeros(0, 64, 64, 3))
     with pytest.raises(ValueError, match="at least 64 x 64 pixels, got 64 x 56"):
         check_images(torch.zeros(1, 56, 64, 3))
-    with pytest.raises(ValueError, match="divisible by 8"):
-        check_images(torch.zeros(1, 68, 64, 3))
+    with pytest.raises(ValueError, match="at most 2048 x 2048 pixels, got 2049 x 64; resize"):
+        check_images(torch.zeros(1, 64, 2049, 3))
+    check_images(torch.zeros(1, 67, 2047, 3))  # any side: the VAE sees it padded
+
+
+def test_any_size_trains_with_the_vae_seeing_it_padded_and_key_e_records_the_size(tiny):
+    host = tiny_diffusers.tiny_host(tiny)
+    seen = []
+    encode = host.codec.encode_moments
+    host.codec.encode_moments = lambda pixels: seen.append(tuple(pixels.shape)) or encode(pixels)
+    odd = torch.rand(1, 67, 70, 3, generator=torch.Generator().manual_seed(0))
+    result = train_msi(odd, host, preset("fast", steps=2, shape=tiny_diffusers.MSI_SHAPE))
+    assert set(seen) == {(1, 72, 72, 3)}
+    assert result.key.meta["image_size"] == "70x67"
 
 
 def test_only_openai_vit_l14_is_accepted():
@@ -295,3 +313,40 @@ def test_micro_batches_give_the_same_training():
     assert whole.losses == pytest.approx(parts.losses, rel=1e-5)
     assert torch.allclose(whole.key.stages, parts.key.stages, atol=1e-5)
     assert whole.key.stages.abs().max() > 0
+
+
+# --- the fast preset's budget, early stopping, weight averaging ------------------------------
+
+def test_fast_preset_spends_at_most_a_fifth_of_the_faithful_unet_passes():
+    fast, faithful = PRESETS["fast"], PRESETS["faithful"]
+    probe_passes = (fast.steps // fast.plateau_every) * STAGES
+    assert fast.steps * fast.timesteps_per_step + probe_passes <= faithful.steps * faithful.timesteps_per_step / 5
+
+
+def test_unet_passes_are_counted_with_the_probe_of_early_stopping():
+    host, _ = toy_host.toy_host()
+    counter = PassCounter()
+    host.eps = counter.eps(host.eps)
+    config = preset("fast", steps=40, plateau_every=10, plateau_delta=0.0, plateau_patience=10, shape=toy_host.SHAPE)
+    train_msi(image(), host, config)
+    assert counter.counts["unet_backward"] == 40  # one timestep per step
+    assert counter.counts["unet_forward"] == 40 + 4 * STAGES  # and four probes of ten timesteps
+
+
+def test_early_stopping_ends_on_a_plateau_and_keeps_the_best_module():
+    host, _ = toy_host.toy_host()
+    seen = []
+    config = preset("fast", steps=100, plateau_every=5, plateau_patience=2, plateau_delta=0.99, average=0.0,
+                    shape=toy_host.SHAPE)
+    probe = msi_train.held_out(image(), host, rounds=1, seed=config.seed + 1)  # the trainer's stopping probe
+    result = train_msi(image(), host, config, probe=lambda step, msi: step % 5 or seen.append(probe(msi)))
+    assert len(result.losses) == 15  # best at the first check; no 99% gain in the two after it
+    assert probe(result.msi) == min(seen)
+
+
+def test_weight_average_changes_the_key_not_the_training():
+    host, _ = toy_host.toy_host()
+    plain, averaged = (train_msi(image(), host, preset("fast", steps=20, average=a, shape=toy_host.SHAPE))
+                       for a in (0.0, 0.9))
+    assert plain.losses == averaged.losses
+    assert not torch.allclose(plain.key.stages, averaged.key.stages)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU figures in one command: seconds and peak memory of every stage of one face at
+# 512 px with SD1.5's full-size UNet (random weights: timing does not depend on them), for
+# the default anonymize and hide presets, in fp32 and in bf16. Writes the "GPU" block of
+# BENCHMARKS.md, naming the card. Meant to finish in under 8 minutes on one H100-class GPU
+# (the models are generated once, into .cache/, before the clock that matters starts).
+#
+#   benchmarks/gpu.sh          # on a machine with CUDA
+#   benchmarks/gpu.sh --dry    # the same runs at a tiny size on the CPU: checks, measures nothing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup
+if [[ "${1:-}" == "--dry" ]]; then
+    exec .venv/bin/python benchmarks/run_all.py --size gpu --only pipeline_stages --dry
+fi
+.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh needs a CUDA GPU (try --dry)')"
+.venv/bin/python -c "import sys; sys.path.insert(0, '.'); from diffpriv_testmodels.cache import benchmark_models; benchmark_models('sd15')"
+.venv/bin/python benchmarks/run_all.py --size gpu --only pipeline_stages --timeout 300
