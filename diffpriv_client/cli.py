@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core.tasks import TASKS
 
 from . import graphs
 from .batch import Cleanup, Job, run_batch
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys")
     protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    protect.add_argument("--task", choices=["anonymize", "hide"], required=True)
+    protect.add_argument("--task", choices=list(TASKS), required=True,
+                         help="; ".join(f"{t.name}: S_ns {t.strength}, tau {t.tau}, {t.steps} steps, {t.samples} "
+                                        f"sample{'s' * (t.samples > 1)}" for t in TASKS.values()))
     protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
     protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
     mode = protect.add_mutually_exclusive_group()

@@ -73,14 +73,8 @@ def set_seed(graph: dict, seed: int) -> None:
 
 
 def set_steps(graph: dict, steps: int) -> None:
+    """Every steps input (a set value wins over a node's task preset)."""
     _set_literal(graph, ("steps",), steps)
-    # A sampler preset overrides its steps input: keep the preset's other values, take ours.
-    from diffpriv_core.guided import PRESETS
-
-    for node in nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
-        preset = PRESETS.get(node["inputs"].get("preset"))
-        if preset is not None:
-            node["inputs"].update(preset="custom", s_ns=preset.strength, samples=preset.batch)
 
 
 def set_input_image(graph: dict, image_name: str) -> None:
