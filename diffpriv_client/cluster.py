@@ -196,7 +196,7 @@ def start_actors(ray, args, template: dict, passphrase: str, make_jobs, most: in
     must be on every node)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = min(args.ray_actors or max(gpus, 1), most)
-    photo = (args.photo.name, args.photo.read_bytes()) if args.photo is not None else None  # recover --photo
+    photo = (args.photo.name, args.photo.read_bytes()) if args.command == "recover" and args.photo else None
     # stop() runs in its own group, next to the photo the actor may be running.
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0,
                         concurrency_groups={"control": 1})(ComfyActor)

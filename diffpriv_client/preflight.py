@@ -11,6 +11,7 @@ seconds of its turn.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -37,12 +38,16 @@ def photo_problem(path: Path, whole_image: bool) -> str | None:
     """Why the server could not protect this photo, or None: unreadable, or (when MSI trains
     on the whole photo) a size MSI cannot take. The limits hold for either orientation, so
     an EXIF rotation changes nothing."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"not a readable image ({exc})"
+    with warnings.catch_warnings():
+        # Photos over PIL's bomb limit (179 MP) are refused, as the server's Load Image would
+        # refuse them; its warning at half that size is no news to the user.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                width, height = image.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return f"not a readable image ({exc})"
     return msi_size_problem(height, width) if whole_image else None
 
 

@@ -1,4 +1,4 @@
-"""`diffpriv protect --every-face` and `diffpriv recover --photo` against the real server."""
+"""`diffpriv protect --every-face` (the default, named) and `diffpriv recover --photo` against the real server."""
 from __future__ import annotations
 
 import json
