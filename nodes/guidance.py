@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule, SimilarityTarget
+from diffpriv_core.energy import SimilarityTarget
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
 from diffpriv_core.guided import IdentityGuidance, face_target
+from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
 from .faces import NO_FACE
@@ -99,7 +100,7 @@ class IdentityGuidanceNode(io.ComfyNode):
             inputs=[
                 FaceModel.Input("face_model"),
                 io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
-                io.Combo.Input("mode", options=list(MODES), default="anonymize"),
+                io.Combo.Input("mode", options=list(TASKS), default="anonymize"),
                 io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="multiplies the paper's lambda_t (anonymize 1; hide 1.5 for t > 600, "
                                        "2.5 below); 0 = no guidance"),
@@ -177,10 +178,10 @@ class IdentityGuidanceNode(io.ComfyNode):
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:
     """lambda_t from the node's inputs: the paper's values where a value is negative, all
     times ``scale``."""
-    paper = PAPER_LAMBDAS[mode]
+    paper = TASKS[mode].lambdas
     early = paper.early if early < 0 else early
     late = paper.late if late < 0 else late
-    return LambdaSchedule(early * scale, late * scale, switch_t)
+    return LambdaSchedule(early, late, switch_t).scaled(scale)
 
 
 def aligned_face(face_model, image: torch.Tensor, target) -> torch.Tensor:
