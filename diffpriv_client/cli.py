@@ -1,9 +1,9 @@
 """The `diffpriv` command: protect photos and recover them through ComfyUI's HTTP API.
 
-    diffpriv protect photo.jpg --task anonymize --out out/
-    diffpriv recover out/photo/photo_00001.dpkey.safetensors --out recovered/
-    diffpriv protect group.jpg --task anonymize --every-face --out out/
+    diffpriv protect group.jpg --task anonymize --out out/
     diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
+    diffpriv protect face.png --task anonymize --whole-image --out out/
+    diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/
 
 With ``--server URL`` (repeatable) it uses running ComfyUI servers; with ``--ray`` it
 spreads the batch over a Ray cluster, one embedded ComfyUI per actor (cluster.py);
@@ -28,7 +28,8 @@ from . import graphs
 from .batch import Job, run_batch
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
-from .preflight import PreflightError, check_models, find_remote_key, install_embedded_key
+from .preflight import (PreflightError, check_models, find_remote_key, install_embedded_key, photo_problem,
+                        refused_photos)
 from .servers import Server
 from .summary import Summary, write_contact_sheet
 
@@ -63,17 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--task", choices=["anonymize", "hide"], required=True)
     protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
     protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
-    protect.add_argument("--every-face", action="store_true",
-                         help="protect every face of each photo, one key per face, the rest of the photo untouched "
-                              "(default workflow: workflows/api/<task>_faces.json)")
-    protect.set_defaults(func=protect_command, photo=None)
+    mode = protect.add_mutually_exclusive_group()
+    mode.add_argument("--every-face", dest="whole_image", action="store_false",
+                      help="the default: protect every face of each photo, one key per face, the rest of the photo "
+                           "untouched (workflow: workflows/api/<task>_faces.json)")
+    mode.add_argument("--whole-image", dest="whole_image", action="store_true",
+                      help="protect the whole picture as one face, for photos that are already one aligned face "
+                           "(as in the paper's datasets); any size up to 2048 px (workflow: workflows/api/<task>.json)")
+    protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
     recover.add_argument("--photo", type=Path,
-                         help="keys made with --every-face: the protected photo to put each recovered face back "
-                              "into (default workflow: workflows/api/recover_face.json); one output per key")
-    recover.set_defaults(func=recover_command, task="recover", every_face=False)
+                         help="per-face keys (protect's default): the protected photo to put each recovered face "
+                              "back into (default workflow: workflows/api/recover_face.json); one output per key")
+    recover.set_defaults(func=recover_command)
 
     sub.add_parser("eval", add_help=False,
                    help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
@@ -151,14 +156,15 @@ def _raise_keyboard_interrupt(signum, frame):
 def protect_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, passphrase)
+    refuse = partial(refused_photos, whole_image=graphs.msi_sees_the_photo(template))
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, passphrase, refuse)
 
 
 def recover_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
-    if args.photo is not None and not args.photo.is_file():
-        raise UsageError(f"--photo {args.photo} is not a file")
+    if args.photo is not None and (problem := photo_problem(args.photo, whole_image=False)):
+        raise UsageError(f"--photo {args.photo}: {problem}")
     return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs, passphrase)
 
 
@@ -177,10 +183,13 @@ def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: 
             for name, path in todo.items()]
 
 
-def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str) -> int:
-    """Skip what an earlier run finished, run the rest, report; exit status 1 if any failed."""
+def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str, refuse=None) -> int:
+    """Skip what an earlier run finished, refuse (all at once) what the server could not do,
+    run the rest, report; exit status 1 if any failed."""
     summary = Summary(args.out, args.command)
     todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
+    if refuse is not None:
+        todo = drop_refused(summary, todo, refuse(todo))
     if args.ray is not None:
         from .cluster import run_on_ray  # imports ray: only here
 
@@ -213,7 +222,13 @@ def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
 
 # --- pieces --------------------------------------------------------------------------
 def load_template(args) -> dict:
-    template = graphs.load_workflow(args.workflow or graphs.default_workflow(workflow_name(args)))
+    path = args.workflow or graphs.default_workflow(workflow_name(args))
+    template = graphs.load_workflow(path)
+    command = "recover --photo" if args.command == "recover" and args.photo is not None else args.command
+    missing = graphs.missing_nodes(template, command)
+    if missing:
+        raise UsageError(f"the workflow {path} lacks what `diffpriv {command}` fills in: {'; '.join(missing)} "
+                         "(see 'Your own workflows' in docs/cli.md)")
     if args.demo_weights:
         from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
 
@@ -223,12 +238,11 @@ def load_template(args) -> dict:
 
 
 def workflow_name(args) -> str:
-    """The shipped workflow for what was asked: per task, per face, or a face back into a photo."""
-    if args.every_face:
-        return f"{args.task}_faces"
-    if args.photo is not None:
-        return "recover_face"
-    return args.task
+    """The shipped workflow for what was asked: every face or the whole image, per task; a
+    key's picture, or its face back into a photo."""
+    if args.command == "recover":
+        return "recover" if args.photo is None else "recover_face"
+    return args.task if args.whole_image else f"{args.task}_faces"
 
 
 def unique_names(paths: list[Path], name_of) -> dict[str, Path]:
@@ -264,6 +278,16 @@ def skip_if_done(summary: Summary, name: str) -> bool:
     return True
 
 
+def drop_refused(summary: Summary, todo: dict[str, Path], refused: dict[str, str]) -> dict[str, Path]:
+    """Record and print every refused input at once, before anything is queued; the rest go on."""
+    if refused:
+        print(f"refused before queueing ({len(refused)} of {len(todo)}):")
+    for name, reason in refused.items():
+        print(f"  {name}: {reason}")
+        summary.record(name, todo[name], "failed", error=f"refused before queueing: {reason}")
+    return {name: path for name, path in todo.items() if name not in refused}
+
+
 def preflight_models(conn: Connection, template: dict, args) -> None:
     hint = f"diffpriv {args.command} ... --demo-weights"
     for server in conn.servers:
@@ -275,6 +299,9 @@ def report(summary: Summary, args) -> int:
     sheet = write_contact_sheet(summary, show_source=args.command == "protect")
     counts = summary.counts()
     print(f"{summary.path}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    failed = {name: entry["error"] or "" for name, entry in summary.results.items() if entry["status"] == "failed"}
+    for name, error in failed.items():  # every failure together, with the first line of its reason
+        print(f"  {name}: failed: {error.splitlines()[0] if error else 'no reason given'}")
     if sheet:
         print(f"contact sheet: {sheet}")
     if args.demo_weights:

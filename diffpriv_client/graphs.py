@@ -118,6 +118,29 @@ def set_face_recognizer(graph: dict, option: str) -> None:
         node["inputs"]["model_name"] = option
 
 
+# The nodes a workflow needs for what the command fills in (docs/cli.md, "Your own workflows").
+NODE_ROLES = {"LoadImage": "Load Image (LoadImage), which gets the photo",
+              "DiffPrivacySaveKey": "Save Privacy Key (DiffPrivacySaveKey), which writes the key",
+              "DiffPrivacyLoadKey": "Load Privacy Key (DiffPrivacyLoadKey), which gets the key"}
+REQUIRED_NODES = {"protect": ("LoadImage", "DiffPrivacySaveKey"), "recover": ("DiffPrivacyLoadKey",),
+                  "recover --photo": ("DiffPrivacyLoadKey", "LoadImage")}
+
+
+def missing_nodes(graph: dict, command: str) -> list[str]:
+    """What the graph lacks of the nodes ``command`` fills in, in words."""
+    return [NODE_ROLES[class_type] for class_type in REQUIRED_NODES[command] if not nodes_of(graph, class_type)]
+
+
+def msi_sees_the_photo(graph: dict) -> bool:
+    """Whether an MSI Inversion trains on the uploaded photo itself (the whole-image
+    workflows) rather than on face crops: then MSI's size limits hold for the photo."""
+    for node in nodes_of(graph, "DiffPrivacyMSIInversion"):
+        source = node.get("inputs", {}).get("image")
+        if _is_link(source) and graph.get(str(source[0]), {}).get("class_type") == "LoadImage":
+            return True
+    return False
+
+
 def required_models(graph: dict) -> dict[str, set[str]]:
     """The model files the graph loads: {models sub-folder: {file names}}."""
     wanted: dict[str, set[str]] = {}

@@ -1,12 +1,22 @@
-"""Checks made before anything is queued: the model files a workflow loads, and key files.
+"""Checks made before anything is queued: the photos (read here), the model files a
+workflow loads, and key files.
 
-Both read a loader's file list from ``/object_info/<class_type>``: the server lists exactly
-the files its loaders accept (extra_model_paths.yaml included).
+The server checks read a loader's file list from ``/object_info/<class_type>``: the server
+lists exactly the files its loaders accept (extra_model_paths.yaml included).
+
+Whether a photo shows a face is left to the server: finding faces needs the detector
+(torch), which this client does not import. In the default every-face workflows all the
+costly work (MSI, sampling) waits for Face Detect, so a photo without a face fails within
+seconds of its turn.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+from PIL import Image
+
+from diffpriv_core.frame import msi_size_problem
 
 from .comfy_http import ComfyClient
 from .graphs import MODEL_INPUTS
@@ -25,6 +35,24 @@ WHERE_TO_GET = {
 
 class PreflightError(RuntimeError):
     """Something the user must fix before the batch can run; the message says what."""
+
+
+def photo_problem(path: Path, whole_image: bool) -> str | None:
+    """Why the server could not protect this photo, or None: unreadable, or (when MSI trains
+    on the whole photo) a size MSI cannot take. The limits hold for either orientation, so
+    an EXIF rotation changes nothing."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"not a readable image ({exc})"
+    return msi_size_problem(height, width) if whole_image else None
+
+
+def refused_photos(photos: dict[str, Path], whole_image: bool) -> dict[str, str]:
+    """{name: reason} for every photo of the batch the server could not protect."""
+    return {name: problem for name, path in photos.items() if (problem := photo_problem(path, whole_image))}
 
 
 def loader_options(client: ComfyClient, class_type: str, input_name: str) -> list[str]:

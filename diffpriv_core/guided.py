@@ -23,6 +23,7 @@ from .adapters.protocols import FaceEmbedder
 from .energy import PAPER_LAMBDAS, LambdaSchedule, energy, normalize_gradient
 from .faces.align import face_matrix, shift_source, warp_faces
 from .faces.detect import Face
+from .frame import VAE_FACTOR, latent_offset
 from .schedule import Grid
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> [B, H, W, 3], unclamped
@@ -102,22 +103,11 @@ def latent_window(box, latent_hw: tuple[int, int], margin: float, factor: int) -
     return top, left, bottom, right
 
 
-def frame_offset(image_hw: tuple[int, int], latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
-    """(dx, dy) of the latent's frame in the original image. VAE encoders crop the image to a
-    multiple of their factor, centred (ComfyUI's ``vae_encode_crop_pixels``); a latent of any
-    other size is not this image's, and the fixed alignment would miss the face."""
-    (height, width), (h, w) = image_hw, latent_hw
-    if not (0 <= height - h * factor < factor and 0 <= width - w * factor < factor):
-        raise ValueError(f"the latent ({w * factor} x {h * factor} px) is not the encoding of the reference image "
-                         f"({width} x {height} px): give the guidance the image that was encoded")
-    return (width - w * factor) // 2, (height - h * factor) // 2
-
-
 class IdentityCorrection:
     """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
 
     # SD's VAE: one latent cell is 8 x 8 pixels (used only to place the decode window).
-    LATENT_FACTOR = 8
+    LATENT_FACTOR = VAE_FACTOR
 
     def __init__(self, guidance: IdentityGuidance, target: FaceTarget, decoder: Decoder, grid: Grid):
         self.guidance = guidance
@@ -149,7 +139,7 @@ class IdentityCorrection:
             leaf = x0.detach().requires_grad_(True)
             image = self.decoder(leaf[..., top:bottom, left:right])
             factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
-            dx, dy = frame_offset(self.target.image_hw, latent_hw, factor)
+            dx, dy = latent_offset(self.target.image_hw, latent_hw, factor)
             matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
             samples = embedder(warp_faces(image, matrix, embedder.input_size))
             total = energy(self.guidance.mode, self.target.embedding.to(samples), samples, self.guidance.diversity)

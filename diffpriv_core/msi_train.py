@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.protocols import EpsModel, ImageFeatures, LatentCodec, TextEncoder
+from .frame import SIZE_META, msi_size_problem, pad_to_factor, size_meta
 from .key_types import KeyE
 from .msi import MSI, MSIShape, evaluating, make_key_e
 from .schedule import STAGE_SPAN, STAGES, T, alphas_cumprod
@@ -113,33 +114,21 @@ class _Encodings:
             return self.cache[flipped]
         image = self.image.flip(2) if flipped else self.image
         with torch.no_grad():
-            mean, std = self.host.codec.encode_moments(image)
+            mean, std = self.host.codec.encode_moments(pad_to_factor(image))
             encoded = (mean.float(), std.float(), [f.float() for f in self.host.features(image)])
         if self.reuse:
             self.cache[flipped] = encoded
         return encoded
 
 
-MIN_SIDE = 64
-# MSI trains the UNet's forward and backward pass on the whole image at full resolution:
-# above this the memory and time grow out of reach of one GPU (SD 1.x works best at 512).
-MAX_SIDE = 2048
-LATENT_FACTOR = 8
-
-
 def check_images(images: torch.Tensor) -> None:
-    """Refuse batches MSI cannot train on, with a message that says what to do."""
+    """Refuse batches MSI cannot train on, with a message that says what to do. Any side
+    works within the limits: the VAE sees the image padded to its factor (frame.py)."""
     if images.shape[0] == 0:
         raise ValueError("MSI Inversion got an empty image batch")
-    h, w = images.shape[1:3]
-    if min(h, w) < MIN_SIDE:
-        raise ValueError(f"MSI needs images of at least {MIN_SIDE} x {MIN_SIDE} pixels, got {w} x {h}")
-    if max(h, w) > MAX_SIDE:
-        raise ValueError(f"MSI takes images of at most {MAX_SIDE} x {MAX_SIDE} pixels, got {w} x {h}; "
-                         "resize the image or crop the face region first")
-    if h % LATENT_FACTOR or w % LATENT_FACTOR:
-        raise ValueError(f"MSI needs image sides divisible by {LATENT_FACTOR} (the VAE's factor), got {w} x {h}; "
-                         "crop or resize the image first")
+    problem = msi_size_problem(*images.shape[1:3])
+    if problem:
+        raise ValueError(problem)
 
 
 class TimestepSampler:
@@ -261,7 +250,7 @@ def train_msi(image: torch.Tensor, host: MSIHost, config: MSITrainConfig,
                 break
         if plateau is not None and plateau.best_state is not None:
             trained.load_state_dict(plateau.best_state)
-        key = make_key_e(trained, features, host.text, meta=_key_meta(config, losses))
+        key = make_key_e(trained, features, host.text, meta=_key_meta(config, losses, image.shape[1:3]))
     return MSIResult(key, losses, trained)
 
 
@@ -317,10 +306,11 @@ def held_out_loss(msi: MSI, image: torch.Tensor, host: MSIHost, rounds: int = 4,
     return held_out(image, host, rounds, seed)(msi)
 
 
-def _key_meta(config: MSITrainConfig, losses: list[float]) -> dict[str, str]:
+def _key_meta(config: MSITrainConfig, losses: list[float], image_hw: tuple[int, int]) -> dict[str, str]:
     tail = losses[-max(1, len(losses) // 10):] if losses else []
     return {
         "key": "key-E",
+        SIZE_META: size_meta(*image_hw),  # what a recovery cuts out of the padded picture
         "msi_variant": "one_embedding" if config.shape.one_embedding else "multi_stage",
         "msi_config": json.dumps(dataclasses.asdict(config), sort_keys=True),
         "msi_final_loss": f"{sum(tail) / len(tail):.6g}" if tail else "",

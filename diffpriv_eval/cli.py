@@ -18,7 +18,7 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.dlib_models import DlibUnavailableError
 from diffpriv_eval.evaluate import evaluate
 from diffpriv_eval.images import Case, load_cases, save_rgb
-from diffpriv_eval.recognizers import DlibRecognizer, load_paper_recognizer
+from diffpriv_eval.recognizers import DlibRecognizer, installed_recognizers, load_pack_recognizer
 from diffpriv_eval.report import write_report
 
 
@@ -29,10 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--protected", type=Path, help="folder of protected candidates (or a diffpriv protect --out folder)")
     parser.add_argument("--recovered", type=Path, help="folder of recovered images (or a diffpriv recover --out folder)")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument("--models", type=Path, metavar="DIR",
+                        help="ComfyUI models folder holding the SFace and FaceNet-CASIA files the setup installs "
+                             "(default: the embedded ComfyUI's)")
+    parser.add_argument("--guided-by", metavar="NAME",
+                        help="the recogniser that guided the protection (white-box); the others measure transfer. "
+                             "Default: SFace, the shipped workflows' recogniser (none for --baseline)")
     parser.add_argument("--arcface", type=Path, metavar="FILE",
-                        help="also measure with this ArcFace / IR-SE50 file (threshold 0.8)")
+                        help="also measure with this ArcFace / IR-SE50 file (the paper's L2 threshold 0.8)")
     parser.add_argument("--facenet", type=Path, metavar="FILE",
-                        help="also measure with this FaceNet InceptionResnetV1 file (threshold 1.1)")
+                        help="also measure with this FaceNet InceptionResnetV1 file (the paper's L2 threshold 1.1)")
     parser.add_argument("--baseline", choices=sorted(BASELINES),
                         help="make the protected set from the originals with this obfuscation")
     parser.add_argument("--strength", type=float, default=8.0,
@@ -53,8 +59,24 @@ def protect_with_baseline(cases: list[Case], name: str, strength: float, folder:
 
 
 def _recognizers(args: argparse.Namespace) -> list:
-    extra = [(kind, path) for kind, path in (("ArcFace", args.arcface), ("FaceNet", args.facenet)) if path]
-    return [DlibRecognizer()] + [load_paper_recognizer(path, kind) for kind, path in extra]
+    """dlib, SFace and FaceNet-CASIA (three independent real recognisers), plus any file given."""
+    models = args.models
+    if models is None:
+        from diffpriv_client.embedded import find_comfyui
+
+        models = find_comfyui() / "models"
+    given = [(name, path) for name, path in (("ArcFace", args.arcface), ("FaceNet", args.facenet)) if path]
+    extra = [load_pack_recognizer(path, name) for name, path in given]  # a wrong path fails before the rest
+    return [DlibRecognizer(), *installed_recognizers(models), *extra]
+
+
+def guided_by(args: argparse.Namespace, recognizers: list) -> str | None:
+    if args.guided_by is None:
+        return None if args.baseline else "SFace"
+    names = [r.name for r in recognizers]
+    if args.guided_by not in names + ["none"]:
+        raise ValueError(f"--guided-by {args.guided_by}: not one of the recognisers measured ({', '.join(names)})")
+    return None if args.guided_by == "none" else args.guided_by
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,20 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.baseline) == bool(args.protected):
         parser.error("give exactly one of --protected DIR and --baseline blur|mosaic")
     try:
-        recognizers = _recognizers(args)
         cases = load_cases(args.originals, args.protected, args.recovered)
-    except (FileNotFoundError, ValueError) as exc:  # missing or unreadable inputs
+        if not cases:
+            raise FileNotFoundError("no original images found")
+        recognizers = _recognizers(args)  # after the cheap checks: loading them takes seconds
+        white_box = guided_by(args, recognizers)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # missing or unreadable inputs
         print(exc, file=sys.stderr)
-        return 2
-    if not cases:
-        print("no original images found", file=sys.stderr)
         return 2
     title = "Diff-Privacy evaluation"
     if args.baseline:
         protect_with_baseline(cases, args.baseline, args.strength, args.out / "protected")
         title = f"Baseline evaluation: {args.baseline}, strength {args.strength:g} px"
     try:
-        evaluation = evaluate(cases, recognizers, [MtcnnDetector(), DlibDetector()])
+        evaluation = evaluate(cases, recognizers, [MtcnnDetector(), DlibDetector()], white_box)
     except DlibUnavailableError as exc:
         print(exc, file=sys.stderr)
         return 2

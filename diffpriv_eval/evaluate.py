@@ -1,7 +1,10 @@
 """All measurements over a set of cases, as one JSON-ready dictionary.
 
 Identity is measured at the primary (largest) MTCNN face of each original; originals
-without a face are listed under "skipped" and left out of every table.
+without a face, and originals that produced neither a protected nor a recovered image
+(when such images were given), are listed under "skipped" and left out of every table.
+Each recogniser is reported at its own threshold, as white-box (it guided the protection)
+or transfer (it did not).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from diffpriv_eval.detectors import Detector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances
 from diffpriv_eval.identity import protection_success_rate
 from diffpriv_eval.images import Case
-from diffpriv_eval.recognizers import Recognizer, cosines, distances
+from diffpriv_eval.recognizers import Recognizer, distances
 from diffpriv_eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
 
@@ -40,11 +43,11 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _protection(recognizer: Recognizer, originals: np.ndarray, cases: Sequence[Case],
-                faces: Sequence[Face]) -> tuple[dict, EmbeddingSet]:
+                faces: Sequence[Face], role: str) -> tuple[dict, EmbeddingSet]:
     """Each candidate's identity distance to its original (`originals`: their
     embeddings), and between candidates of the same original (diversity)."""
     owner = [k for k, case in enumerate(cases) for _ in case.protected]
-    result = {"threshold": recognizer.threshold, "candidates": len(owner)}
+    result = {"role": role, "threshold": recognizer.threshold, "candidates": len(owner)}
     if not owner:
         return result, EmbeddingSet(originals, np.empty((0, originals.shape[1])), [])
     candidates = recognizer.embed([p for case in cases for p in case.protected], [faces[k] for k in owner])
@@ -71,19 +74,24 @@ def _pixel_metrics(original: np.ndarray, recovered: np.ndarray, with_lpips: bool
 
 def _recovery(recognizers: Sequence[Recognizer], originals: dict[str, np.ndarray], cases: Sequence[Case],
               faces: Sequence[Face]) -> dict:
-    """Pixel metrics and, per recogniser, the identity cosine of recovered vs original."""
+    """Pixel metrics and, per recogniser, the identity distance of recovered vs original,
+    its threshold and whether the recogniser takes them for the same person."""
     recovered = [(k, c) for k, c in enumerate(cases) if c.recovered is not None]
     if not recovered:
         return {"images": 0}
     lpips_reason = metrics.lpips_unavailable_reason()
     per_image = {c.stem: _pixel_metrics(c.original, c.recovered, lpips_reason is None) for _, c in recovered}
     index = [k for k, _ in recovered]
+    identity = {}
     for recognizer in recognizers:
         embedded = recognizer.embed([c.recovered for _, c in recovered], [faces[k] for k in index])
-        for (_, c), value in zip(recovered, cosines(originals[recognizer.name][index], embedded)):
-            per_image[c.stem][f"identity_cosine_{recognizer.name}"] = float(value)
+        apart = distances(originals[recognizer.name][index], embedded)
+        for (_, c), value in zip(recovered, apart):
+            per_image[c.stem][f"identity_distance_{recognizer.name}"] = float(value)
+        identity[recognizer.name] = {"threshold": recognizer.threshold, "mean_distance": _mean(apart),
+                                     "same_person_rate": float(np.mean(apart <= recognizer.threshold))}
     names = next(iter(per_image.values())).keys()
-    return {"images": len(recovered), "lpips_not_computed": lpips_reason,
+    return {"images": len(recovered), "lpips_not_computed": lpips_reason, "identity": identity,
             "mean": {n: _mean([v[n] for v in per_image.values()]) for n in names}, "per_image": per_image}
 
 
@@ -97,15 +105,28 @@ def _utility(detector: Detector, cases: Sequence[Case]) -> dict:
     return result
 
 
-def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector]) -> Evaluation:
-    """Protection, recovery, utility and diversity for `cases` (see the module doc)."""
+def _no_output(cases: Sequence[Case]) -> set[str]:
+    """Originals that produced nothing while others did (their protection failed)."""
+    if not any(c.protected or c.recovered is not None for c in cases):
+        return set()
+    return {c.stem for c in cases if not c.protected and c.recovered is None}
+
+
+def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector],
+             guided_by: str | None = None) -> Evaluation:
+    """Protection, recovery, utility and diversity for `cases` (see the module doc);
+    `guided_by` names the recogniser that guided the protection, if any."""
     reference = MtcnnDetector()
-    located = [(c, reference.detect(c.original)) for c in cases]
+    without_output = _no_output(cases)
+    located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
     usable = [(c, found[0]) for c, found in located if found]
     kept, faces = [c for c, _ in usable], [f for _, f in usable]
+    skipped = {stem: "no protected or recovered image (failed or not run)" for stem in sorted(without_output)}
+    skipped.update({c.stem: "no face found by MTCNN in the original" for c, found in located if not found})
     evaluation = Evaluation({
         "cases": [c.stem for c in kept],
-        "skipped": {c.stem: "no face found by MTCNN in the original" for c, found in located if not found},
+        "guided_by": guided_by,
+        "skipped": skipped,
         "resized": {c.stem: c.resized for c in cases if c.resized},
         "faces": {c.stem: f.as_dict() for c, f in usable},
         "protection": {}, "recovery": {"images": 0}, "utility": {},
@@ -114,7 +135,8 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
         return evaluation
     originals = {r.name: r.embed([c.original for c in kept], faces) for r in recognizers}
     for recognizer in recognizers:
-        result, embeddings = _protection(recognizer, originals[recognizer.name], kept, faces)
+        role = "white-box" if recognizer.name == guided_by else "transfer"
+        result, embeddings = _protection(recognizer, originals[recognizer.name], kept, faces, role)
         evaluation.results["protection"][recognizer.name] = result
         evaluation.embeddings[recognizer.name] = embeddings
     evaluation.results["recovery"] = _recovery(recognizers, originals, kept, faces)

@@ -2,7 +2,7 @@
 accuracy protocol of AVIH (paper Table 3)."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,21 +25,28 @@ def protection_success_rate(identity_distances: np.ndarray, threshold: float) ->
     return float(np.mean(np.asarray(identity_distances) > threshold))
 
 
-def identification_accuracy(recognizer: Recognizer, probes: Sequence[FaceImage],
-                            same_identity: Sequence[FaceImage],
-                            different_identity: Sequence[FaceImage]) -> float:
+def identification_accuracy(recognizer: Recognizer, probes: Sequence[tuple[str, FaceImage]],
+                            gallery: Mapping[str, Sequence[FaceImage]], distractors: Sequence[FaceImage]) -> float:
     """AVIH's identification protocol, as Diff-Privacy uses it for identity hiding.
 
-    probes[i] is the image under test (an identity-hidden image, or the original photo
-    for the reference row); same_identity[i] is ANOTHER photo of the same person;
-    different_identity[i] is a photo of someone else. A probe is identified when its
-    embedding is strictly closer to the same-identity photo than to the other one; the
-    accuracy is the fraction of identified probes. Identity hiding aims to keep this
-    close to the originals' accuracy (machines still recognise, people do not).
+    ``probes`` are (identity, image under test): identity-hidden images, or the originals
+    for the reference row. ``gallery`` holds several OTHER photos of each identity, and
+    ``distractors`` photos of people outside it. A probe is identified when its closest
+    gallery photo of its own identity is strictly closer than every other gallery photo
+    and every distractor; the accuracy is the identified fraction. Identity hiding aims to
+    keep it close to the originals' accuracy (machines still recognise, people do not).
     """
-    if not (len(probes) == len(same_identity) == len(different_identity)) or not probes:
-        raise ValueError("probes, same_identity and different_identity need the same, non-zero length")
-    probe = embed_all(recognizer, probes)
-    to_same = distances(probe, embed_all(recognizer, same_identity))
-    to_other = distances(probe, embed_all(recognizer, different_identity))
-    return float(np.mean(to_same < to_other))
+    if not probes or not gallery or any(not photos for photos in gallery.values()):
+        raise ValueError("identification needs probes and a gallery with at least one photo per identity")
+    unknown = sorted({who for who, _ in probes} - set(gallery))
+    if unknown:
+        raise ValueError(f"probes of identities without gallery photos: {unknown}")
+    owners = [who for who, photos in gallery.items() for _ in photos] + [None] * len(distractors)
+    references = embed_all(recognizer, [p for photos in gallery.values() for p in photos] + list(distractors))
+    probed = embed_all(recognizer, [item for _, item in probes])
+    identified = 0
+    for (who, _), embedding in zip(probes, probed):
+        apart = distances(references, embedding[None])
+        own = np.array([owner == who for owner in owners])
+        identified += bool(apart[own].min() < apart[~own].min()) if (~own).any() else True
+    return identified / len(probes)

@@ -12,8 +12,19 @@ from PIL import Image
 from diffpriv_client.summary import finished_outputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-# Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...
-_CANDIDATE = re.compile(r"^(?P<stem>.+)_\d+$")
+# Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...; the
+# recovery of one face's key (diffpriv protect --every-face) as <stem>_face<k>_00001.
+_SUFFIXES = (re.compile(r"_\d+$"), re.compile(r"_face\d+$"))
+
+
+def original_stem(name: str, stems: set[str]) -> str | None:
+    """The original `name` was made from: `<stem>`, `<stem>_<digits>`, `<stem>_face<k>` or
+    `<stem>_face<k>_<digits>`; None when it matches no original."""
+    for pattern in _SUFFIXES:
+        if name in stems:
+            return name
+        name = pattern.sub("", name)
+    return name if name in stems else None
 
 
 @dataclass
@@ -52,19 +63,13 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
 
 def group_by_stem(files: Iterable[Path], stems: set[str],
                   name_of: Callable[[Path], str] = lambda p: p.stem) -> dict[str, list[Path]]:
-    """Files assigned to the original whose stem their name carries: `<stem>` exactly,
-    else `<stem>_<digits>`. Files that match no original are left out."""
+    """Files assigned to the original whose stem their name carries (`original_stem`).
+    Files that match no original are left out."""
     groups: dict[str, list[Path]] = {}
     for path in files:
-        name = name_of(path)
-        candidate = _CANDIDATE.match(name)
-        if name in stems:
-            stem = name
-        elif candidate and candidate["stem"] in stems:
-            stem = candidate["stem"]
-        else:
-            continue
-        groups.setdefault(stem, []).append(path)
+        stem = original_stem(name_of(path), stems)
+        if stem is not None:
+            groups.setdefault(stem, []).append(path)
     return groups
 
 

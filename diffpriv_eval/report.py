@@ -71,12 +71,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 
 def _protection_section(results: dict) -> list[str]:
-    rows = [(name, r["threshold"], r["candidates"], r.get("success_rate"), r.get("mean_distance_to_original"))
-            for name, r in results["protection"].items()]
+    rows = [(name, r["role"], r["threshold"], r["candidates"], r.get("success_rate"),
+             r.get("mean_distance_to_original")) for name, r in results["protection"].items()]
+    guided = results.get("guided_by")
+    roles = (f"{guided} guided the protection (white-box); the others never saw it (transfer)." if guided
+             else "No recogniser guided this protection: every one measures transfer.")
     return ["## Protection success (Table 1)", "",
             "A protected face succeeds when its identity distance to the original exceeds the recogniser's "
-            "threshold, measured at the original's face position.", ""] + _table(
-        ["recogniser", "threshold", "candidates", "success rate", "mean distance"], rows)
+            "threshold (its published operating point, as the Euclidean distance of its embeddings), measured "
+            "at the original's face position. " + roles, ""] + _table(
+        ["recogniser", "role", "threshold (distance)", "candidates", "success rate", "mean distance"], rows)
 
 
 def _recovery_section(recovery: dict) -> list[str]:
@@ -84,7 +88,12 @@ def _recovery_section(recovery: dict) -> list[str]:
     if not recovery["images"]:
         return lines + ["No recovered images were given.", ""]
     mean = recovery["mean"]
-    lines += _table(["metric", "mean"], [(k, v) for k, v in mean.items()])
+    lines += _table(["metric", "mean"], [(k, v) for k, v in mean.items() if not k.startswith("identity_")])
+    lines += ["Identity of the recovered face against the original: the same person when the distance is at most "
+              "the recogniser's threshold.", ""]
+    lines += _table(["recogniser", "threshold (distance)", "mean distance", "recovered as the same person"],
+                    [(name, r["threshold"], r["mean_distance"], r["same_person_rate"])
+                     for name, r in recovery["identity"].items()])
     if recovery["lpips_not_computed"]:
         lines += [f"LPIPS was not computed: {recovery['lpips_not_computed']}", ""]
     return lines
@@ -130,8 +139,8 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
     lines += [f"- resized to the original's size: {', '.join(names)}" for names in results["resized"].values()]
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
     lines += ["## Identification accuracy (Table 3)", "",
-              "Not part of this report: AVIH's protocol needs a second photo of each person and a photo of someone "
-              "else; compute it with `diffpriv_eval.identity.identification_accuracy`.", ""]
+              "Not part of this report: AVIH's protocol needs a labelled gallery (several photos of each person "
+              "plus distractors); compute it with `diffpriv_eval.identity.identification_accuracy`.", ""]
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
     lines += ["## Images", "", "original | protected candidates | recovered", ""]
     lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]

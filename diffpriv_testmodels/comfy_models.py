@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -187,9 +188,13 @@ def make_arcface_onnx(path: Path) -> None:
     # de-duplicated by the exporter into Identity nodes, as in real exports.
     net.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, opset_version=11,
-                      input_names=["input.1"], output_names=["embedding"],
-                      dynamic_axes={"input.1": {0: "None"}, "embedding": {0: "None"}})
+    # The TorchScript exporter, as for real insightface files (onnx2torch cannot convert the
+    # dynamo exporter's ReduceMean-18); its deprecation notice is no news for the user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, opset_version=11,
+                          input_names=["input.1"], output_names=["embedding"],
+                          dynamic_axes={"input.1": {0: "None"}, "embedding": {0: "None"}})
 
 
 def make_arcface_file(path: Path, seed: int) -> None:

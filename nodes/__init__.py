@@ -1,5 +1,6 @@
 """Thin ComfyUI adapters over diffpriv_core."""
 from .faces import FaceCrop, FaceDetect, FacePaste
+from .frame import CropToOriginalSize, PadToVAESize
 from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
 from .msi import MSIInversion
@@ -21,4 +22,6 @@ NODES = [
     FacePaste,
     FaceRecognizerLoader,
     IdentityGuidanceNode,
+    PadToVAESize,
+    CropToOriginalSize,
 ]

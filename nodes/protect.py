@@ -10,7 +10,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core import ddim
-from diffpriv_core.guided import PRESETS, IdentityCorrection, KeepOutsideMask, chain, frame_offset
+from diffpriv_core.frame import latent_offset
+from diffpriv_core.guided import PRESETS, IdentityCorrection, KeepOutsideMask, chain
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 
 from .adapters import ComfyDecoder
@@ -89,9 +90,10 @@ class DecoderCache:
 
 def check_reference_frame(target, latent_hw: tuple[int, int], index: int, node: str = "Guided DDIM") -> None:
     """Before any compute: the latent must be the encoding of the guidance's reference image
-    (VAE Encode crops an image to a multiple of 8, centred; the guidance follows that crop)."""
+    (padded to a multiple of 8 by Pad to VAE Size, or cropped to one, centred, by VAE Encode;
+    the guidance follows either)."""
     try:
-        frame_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
+        latent_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
     except ValueError as exc:
         raise ValueError(f"{node}: image {index} of 'latent' does not match 'guidance': {exc}") from None
 

@@ -232,7 +232,7 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     """The user's round: protect photos, recover their keys, evaluate both output folders
     as they are (ComfyUI's file names, one folder per photo) against the photo folder.
     Only one of the two photos is protected (about a minute each on a CPU): the other
-    shows that nothing is paired with a photo that has no outputs."""
+    shows that nothing is paired with a photo that has no outputs, and it is not counted."""
     url = comfy_host.server.url
     protected, recovered, report = tmp_path / "protected", tmp_path / "recovered", tmp_path / "report"
     assert cli.main(protect_args([face_photos / "hanks.png"], protected, url, workflow="anonymize_small.json")) == 0
@@ -244,7 +244,9 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     assert cli.main(["eval", "--originals", str(face_photos), "--protected", str(protected), "--recovered",
                      str(recovered), "--out", str(report), "--arcface", str(arcface)]) == 0
     got = json.loads((report / "results.json").read_text())
-    assert got["cases"] == ["astronaut", "hanks"] and not got["skipped"]
+    assert got["cases"] == ["hanks"] and list(got["skipped"]) == ["astronaut"]
+    assert [(n, r["role"]) for n, r in got["protection"].items()] == [
+        ("dlib", "transfer"), ("SFace", "white-box"), ("FaceNet-CASIA", "transfer"), ("ArcFace", "transfer")]
     for recognizer in ("dlib", "ArcFace"):
         protection = got["protection"][recognizer]
         assert protection["candidates"] == 2, "the workflow's 2 samples, and nothing else of the folder"
@@ -254,7 +256,7 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     assert len(got["resized"]["hanks"]) == 3, "the 64 px outputs were compared at the photo's size"
     assert got["utility"]["MTCNN"]["protected"] is not None
     markdown = (report / "report.md").read_text()
-    for png in ("grids/astronaut.png", "grids/hanks.png", "diversity_dlib.png", "diversity_ArcFace.png"):
+    for png in ("grids/hanks.png", "diversity_dlib.png", "diversity_SFace.png", "diversity_ArcFace.png"):
         assert Image.open(report / png).width > 64 and png in markdown
     assert "Protection success" in markdown and "Recovery quality" in markdown
 

@@ -8,10 +8,17 @@ import pytest
 import requests
 
 from diffpriv_client.batch import prompt_seconds
-from diffpriv_client.cli import UsageError, build_parser, key_stem, main, read_passphrase, workflow_name
+from diffpriv_client import graphs
+from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, read_passphrase,
+                                 workflow_name)
+from diffpriv_client.preflight import refused_photos
 from diffpriv_client.graphs import default_workflow
 from diffpriv_client.servers import Server, choose_server
 from diffpriv_client.summary import Summary, key_face
+
+from conftest import ROOT
+
+EXAMPLE = ROOT / "examples" / "astronaut.png"
 
 
 class FakeServer(Server):
@@ -115,11 +122,12 @@ def test_eval_subcommand_reaches_the_evaluation_toolkit(capsys):
     assert "diffpriv eval" in capsys.readouterr().out
 
 
-def test_the_default_workflow_follows_task_faces_and_photo(tmp_path):
+def test_the_default_workflow_follows_task_mode_and_photo(tmp_path):
     parse = build_parser().parse_args
     photo = tmp_path / "p.png"
-    cases = {("protect", "a.png", "--task", "hide", "--out", "o"): "hide",
+    cases = {("protect", "a.png", "--task", "hide", "--out", "o"): "hide_faces",
              ("protect", "a.png", "--task", "anonymize", "--every-face", "--out", "o"): "anonymize_faces",
+             ("protect", "a.png", "--task", "hide", "--whole-image", "--out", "o"): "hide",
              ("recover", "k.dpkey.safetensors", "--out", "o"): "recover",
              ("recover", "k.dpkey.safetensors", "--photo", str(photo), "--out", "o"): "recover_face"}
     for argv, name in cases.items():
@@ -138,3 +146,54 @@ def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     save_key(whole_key, random_key_e(1))
     assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2]}
     assert key_face(whole_key) is None
+
+
+def test_the_readme_command_protects_every_face_of_the_example_photo():
+    args = build_parser().parse_args(["protect", str(EXAMPLE), "--task", "anonymize", "--out", "out/"])
+    assert not args.whole_image and workflow_name(args) == "anonymize_faces"
+    template = load_template(args)
+    assert not graphs.msi_sees_the_photo(template), "MSI sees 512 px face crops, not the photo"
+    assert refused_photos({"astronaut": EXAMPLE}, whole_image=False) == {}
+
+
+def test_only_whole_image_workflows_limit_the_photo_size():
+    for name, limited in (("anonymize", True), ("hide", True), ("anonymize_faces", False), ("hide_faces", False)):
+        assert graphs.msi_sees_the_photo(graphs.load_workflow(graphs.default_workflow(name))) == limited, name
+
+
+def test_every_unusable_photo_is_refused_at_once_before_any_server_starts(tmp_path, capsys):
+    from PIL import Image
+
+    big, small, broken, empty = (tmp_path / f"{n}.png" for n in ("big", "small", "broken", "empty"))
+    Image.new("RGB", (2100, 70)).save(big)
+    Image.new("RGB", (63, 90)).save(small)
+    broken.write_bytes(Image.new("RGB", (80, 80)).tobytes()[:50])
+    empty.write_bytes(b"")
+    photos = {p.stem: p for p in (big, small, broken, empty)}
+    refused = refused_photos(photos, whole_image=True)
+    assert "at most 2048 x 2048 pixels, got 2100 x 70; resize" in refused["big"]
+    assert "at least 64 x 64 pixels, got 63 x 90" in refused["small"]
+    assert refused["broken"].startswith("not a readable image") and refused["empty"].startswith("not a readable")
+    assert set(refused_photos(photos, whole_image=False)) == {"broken", "empty"}, "faces: any size"
+
+    out = tmp_path / "out"
+    # Everything refused: no server is started (none is given, and none would answer).
+    assert main(["protect", *map(str, photos.values()), "--task", "anonymize", "--whole-image",
+                 "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert printed.index("refused before queueing (4 of 4):") < printed.index("summary.json: 4 failed")
+    saved = json.loads((out / "summary.json").read_text())["results"]
+    assert {n: e["error"].split(":")[0] for n, e in saved.items()} == dict.fromkeys(photos, "refused before queueing")
+
+
+def test_a_workflow_without_the_nodes_the_command_fills_in_is_named(tmp_path, capsys):
+    workflow = tmp_path / "mine.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}))
+    assert main(["protect", str(EXAMPLE), "--task", "anonymize", "--out", str(tmp_path / "o"),
+                 "--workflow", str(workflow)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks what `diffpriv protect` fills in: Save Privacy Key (DiffPrivacySaveKey)" in err
+    assert "docs/cli.md" in err and "Load Image" not in err
+    assert main(["recover", "k.dpkey.safetensors", "--photo", str(EXAMPLE), "--out", str(tmp_path / "o"),
+                 "--workflow", str(workflow)]) == 2
+    assert "Load Privacy Key (DiffPrivacyLoadKey)" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances, pca_2d
 from diffpriv_eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_eval.images import group_by_stem, group_folder
-from diffpriv_eval.recognizers import ARCFACE_THRESHOLD, DlibRecognizer, distances, load_paper_recognizer
+from diffpriv_eval.recognizers import DlibRecognizer, distances, load_pack_recognizer
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_eval.utility import compare_detections
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
@@ -77,8 +77,8 @@ def test_dlib_distance_is_zero_to_itself_and_above_threshold_between_people(loca
 
 
 def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface_file):
-    recognizer = load_paper_recognizer(arcface_file, "ArcFace")
-    assert recognizer.threshold == ARCFACE_THRESHOLD
+    recognizer = load_pack_recognizer(arcface_file, "ArcFace")
+    assert recognizer.threshold == pytest.approx(0.8)  # the paper's ArcFace distance
     item = located["astronaut"]
     shifted = np.roll(item.image, shift=(5, 7), axis=(0, 1))  # 5 px down, 7 px right
     moved = Face(item.face.box, tuple((x + 7, y + 5) for x, y in item.face.landmarks), item.face.score)
@@ -129,13 +129,21 @@ def test_utility_sees_a_shifted_face_move_by_the_shift(photos):
 
 
 def test_identification_accuracy_follows_the_avih_protocol(located):
+    """Gallery: other views of each person; distractors: people outside the gallery. A probe
+    counts only when its own gallery photo is closer than every other photo."""
     recognizer = DlibRecognizer()
-    people = ["t1_0", "t1_1", "t1_2", "t1_3"]
-    probes = [located[p] for p in people]
-    same = [_mirrored(p) for p in probes]  # another view of the same person
-    others = probes[1:] + probes[:1]
-    assert identification_accuracy(recognizer, probes, same, others) == 1.0
-    assert identification_accuracy(recognizer, probes, others, same) == 0.0
+    people = ["t1_0", "t1_1", "t1_2"]
+    gallery = {p: [_mirrored(located[p])] for p in people}
+    distractors = [located["t1_3"], located["hanks"]]
+    probes = [(p, located[p]) for p in people]
+    assert identification_accuracy(recognizer, probes, gallery, distractors) == 1.0
+    # A probe whose face is another gallery person's is not identified: one of three wrong.
+    swapped = [("t1_0", located["t1_1"]), ("t1_1", located["t1_1"]), ("t1_2", located["t1_2"])]
+    assert identification_accuracy(recognizer, swapped, gallery, distractors) == pytest.approx(2 / 3)
+    # A distractor that is the probe's own person beats the gallery's mirrored view.
+    assert identification_accuracy(recognizer, probes[:1], gallery, [located["t1_0"]]) == 0.0
+    with pytest.raises(ValueError, match="without gallery photos"):
+        identification_accuracy(recognizer, [("astronaut", located["astronaut"])], gallery, distractors)
 
 
 def _mirrored(item: FaceImage) -> FaceImage:
@@ -172,10 +180,13 @@ def test_lpips_says_why_it_is_not_computed_without_weights(tmp_path, monkeypatch
 
 
 def test_candidates_pair_with_originals_by_stem():
-    files = [Path(n) for n in ("a.png", "a_00001.png", "a_00002.png", "a_1.png", "b_x.png", "c_00001.jpg")]
-    groups = group_by_stem(files, {"a", "a_1", "c"})
+    files = [Path(n) for n in ("a.png", "a_00001.png", "a_00002.png", "a_1.png", "b_x.png", "c_00001.jpg",
+                               "g_face0_00001.png", "g_face2.png", "h_face1_x.png")]
+    groups = group_by_stem(files, {"a", "a_1", "c", "g", "h"})
+    # the recoveries of per-face keys (<photo>_face<k>_00001) go with their photo
     assert groups == {"a": [Path("a.png"), Path("a_00001.png"), Path("a_00002.png")],
-                      "a_1": [Path("a_1.png")], "c": [Path("c_00001.jpg")]}
+                      "a_1": [Path("a_1.png")], "c": [Path("c_00001.jpg")],
+                      "g": [Path("g_face0_00001.png"), Path("g_face2.png")]}
 
 
 def test_a_diffpriv_output_folder_pairs_by_its_summary(tmp_path):
@@ -203,7 +214,8 @@ def test_diversity_counts_pairs_and_projects_on_the_main_axis():
     assert np.allclose(np.abs(projected[:, 0]), np.abs(points[:, 0] - points[:, 0].mean()))
 
 
-def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos, arcface_file, tmp_path):
+def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos, arcface_file, installed_models,
+                                                                        tmp_path):
     originals, protected, recovered = (tmp_path / n for n in ("originals", "protected", "recovered"))
     for folder in (originals, protected, recovered):
         folder.mkdir()
@@ -217,40 +229,57 @@ def test_cli_writes_the_report_for_blurred_candidates_and_exact_recovery(photos,
     Image.fromarray(photos["t1_0"]).save(originals / "t1_0.png")  # neither protected nor recovered
     out = tmp_path / "report"
     assert eval_main(["--originals", str(originals), "--protected", str(protected),
-                      "--recovered", str(recovered), "--out", str(out), "--arcface", str(arcface_file)]) == 0
+                      "--recovered", str(recovered), "--out", str(out), "--arcface", str(arcface_file),
+                      "--models", str(installed_models)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["cases"] == ["astronaut", "hanks", "t1_0"] and list(results["skipped"]) == ["wall"]
+    # t1_0 produced nothing (a failed protection): not counted as evaluated
+    assert results["cases"] == ["astronaut", "hanks"] and sorted(results["skipped"]) == ["t1_0", "wall"]
     assert results["protection"]["dlib"]["candidates"] == 4
     assert list(results["protection"]["dlib"]["distances_to_original"]) == ["astronaut", "hanks"]
     assert results["recovery"]["images"] == 2
     assert results["protection"]["dlib"]["diversity"]["pairs"] == 2
     recovery = results["recovery"]
     assert recovery["mean"]["psnr"] == "inf" and recovery["mean"]["ssim"] == pytest.approx(1.0)
-    assert recovery["mean"]["identity_cosine_dlib"] == pytest.approx(1.0)
-    assert recovery["mean"]["identity_cosine_ArcFace"] == pytest.approx(1.0)
-    assert results["protection"]["ArcFace"]["threshold"] == ARCFACE_THRESHOLD
+    # three independent real recognisers, each at its own operating point; SFace guided (white-box)
+    protection = results["protection"]
+    assert [(n, r["role"]) for n, r in protection.items()] == [
+        ("dlib", "transfer"), ("SFace", "white-box"), ("FaceNet-CASIA", "transfer"), ("ArcFace", "transfer")]
+    thresholds = {n: round(r["threshold"], 3) for n, r in protection.items()}
+    assert thresholds == {"dlib": 0.6, "SFace": 1.129, "FaceNet-CASIA": 1.1, "ArcFace": 0.8}
+    for name, identity in recovery["identity"].items():  # the exact original back: the same person
+        assert identity["mean_distance"] == pytest.approx(0.0, abs=1e-6) and identity["same_person_rate"] == 1.0
+        assert identity["threshold"] == protection[name]["threshold"]
     assert set(results["utility"]) == {"MTCNN", "dlib"}
     report = (out / "report.md").read_text()
     assert "Protection success" in report and "grids/astronaut.png" in report
+    assert "SFace guided the protection (white-box)" in report and "recovered as the same person" in report
     for png in ("grids/astronaut.png", "grids/hanks.png", "diversity_dlib.png"):
         with Image.open(out / png) as image:
             assert image.width > 100
 
 
-def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, tmp_path):
+def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, installed_models, tmp_path):
     Image.fromarray(photos["hanks"]).save(tmp_path / "hanks.png")
     out = tmp_path / "report"
     assert eval_main(["--originals", str(tmp_path / "hanks.png"), "--baseline", "mosaic", "--strength", "24",
-                      "--out", str(out)]) == 0
+                      "--out", str(out), "--models", str(installed_models)]) == 0
     with Image.open(out / "protected" / "hanks.png") as image:
         assert not np.array_equal(np.asarray(image), photos["hanks"])
     results = json.loads((out / "results.json").read_text())
+    assert {r["role"] for r in results["protection"].values()} == {"transfer"}  # a baseline is guided by none
     assert results["protection"]["dlib"]["success_rate"] == 1.0
     assert results["recovery"] == {"images": 0}
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
 
 
-def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
+def test_cli_refuses_bad_arguments_with_a_message(photos, tmp_path, capsys):
+    photo = tmp_path / "photos" / "hanks.png"
+    photo.parent.mkdir()
+    Image.fromarray(photos["hanks"]).save(photo)
+    assert eval_main(["--originals", str(photo), "--baseline", "blur", "--out", str(tmp_path / "r"),
+                      "--models", str(tmp_path / "models")]) == 2
+    message = capsys.readouterr().err
+    assert "face_recognition_sface_2021dec.onnx not found in" in message and "./scripts/setup" in message
     with pytest.raises(SystemExit) as both_missing:
         eval_main(["--originals", str(tmp_path), "--out", str(tmp_path / "r")])
     assert both_missing.value.code == 2
@@ -258,8 +287,9 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert eval_main(["--originals", str(tmp_path), "--baseline", "blur", "--out", str(tmp_path / "r")]) == 2
     assert "no original images" in capsys.readouterr().err
-    assert eval_main(["--originals", str(tmp_path), "--protected", str(tmp_path), "--out", str(tmp_path / "r"),
+    assert eval_main(["--originals", str(photo), "--protected", str(tmp_path), "--out", str(tmp_path / "r"),
                       "--facenet", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
 
 
 def test_importing_the_toolkit_does_not_load_dlib():

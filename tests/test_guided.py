@@ -127,13 +127,6 @@ def test_decoding_only_the_face_crop_gives_the_whole_frames_gradient():
     assert F.cosine_similarity(g_whole.flatten(), g_crop.flatten(), dim=0) > 0.95
 
 
-def test_the_latent_frame_is_the_centred_crop_vae_encoders_take():
-    assert guided.frame_offset((517, 130), (64, 16), 8) == (1, 2)
-    assert guided.frame_offset((512, 128), (64, 16), 8) == (0, 0)
-    with pytest.raises(ValueError, match="not the encoding of the reference image"):
-        guided.frame_offset((512, 512), (32, 32), 8)
-
-
 def test_an_uncropped_reference_guides_like_the_cropped_one(toy):
     """A 70 px reference whose 64 px centre was encoded: same gradient as a 64 px reference."""
     target = toy.target
@@ -141,6 +134,17 @@ def test_an_uncropped_reference_guides_like_the_cropped_one(toy):
     x0 = torch.randn(2, 4, 8, 8)
     gradient = [guided.IdentityCorrection(toy.guidance("anonymize", 1.0), t, toy.decoder, GRID).energy_gradient(x0)
                 for t in (target, padded)]
+    assert torch.allclose(*gradient, atol=1e-6)
+
+
+def test_a_reference_smaller_than_its_padded_latent_guides_like_a_full_size_one(toy):
+    """A 59 px reference padded to 64 px before encoding: its frame starts at the corner, so
+    the guidance is the same as for a 64 px reference with the same face."""
+    target = toy.target
+    smaller = guided.FaceTarget(target.matrix, target.box, target.embedding, (59, 61))
+    x0 = torch.randn(2, 4, 8, 8)
+    gradient = [guided.IdentityCorrection(toy.guidance("anonymize", 1.0), t, toy.decoder, GRID).energy_gradient(x0)
+                for t in (target, smaller)]
     assert torch.allclose(*gradient, atol=1e-6)
 
 

@@ -280,8 +280,20 @@ def test_image_checks_name_the_problem():
         check_images(torch.zeros(0, 64, 64, 3))
     with pytest.raises(ValueError, match="at least 64 x 64 pixels, got 64 x 56"):
         check_images(torch.zeros(1, 56, 64, 3))
-    with pytest.raises(ValueError, match="divisible by 8"):
-        check_images(torch.zeros(1, 68, 64, 3))
+    with pytest.raises(ValueError, match="at most 2048 x 2048 pixels, got 2049 x 64; resize"):
+        check_images(torch.zeros(1, 64, 2049, 3))
+    check_images(torch.zeros(1, 67, 2047, 3))  # any side: the VAE sees it padded
+
+
+def test_any_size_trains_with_the_vae_seeing_it_padded_and_key_e_records_the_size(tiny):
+    host = tiny_diffusers.tiny_host(tiny)
+    seen = []
+    encode = host.codec.encode_moments
+    host.codec.encode_moments = lambda pixels: seen.append(tuple(pixels.shape)) or encode(pixels)
+    odd = torch.rand(1, 67, 70, 3, generator=torch.Generator().manual_seed(0))
+    result = train_msi(odd, host, preset("fast", steps=2, shape=tiny_diffusers.MSI_SHAPE))
+    assert set(seen) == {(1, 72, 72, 3)}
+    assert result.key.meta["image_size"] == "70x67"
 
 
 def test_only_openai_vit_l14_is_accepted():
