@@ -17,6 +17,15 @@ except ImportError:  # imported outside ComfyUI (test collection, packaging tool
 if ComfyExtension is not None:
     from .nodes import NODES
 
+    try:  # the server that is loading the pack: add the pack's HTTP routes to it
+        from server import PromptServer
+    except ImportError:  # imported by tests without a server
+        PromptServer = None
+    if getattr(PromptServer, "instance", None) is not None:
+        from .nodes.routes import register
+
+        register(PromptServer.instance)
+
     class DiffPrivacyExtension(ComfyExtension):
         async def get_node_list(self):
             return list(NODES)

@@ -31,13 +31,13 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     import torch
 
     from diffpriv_core import ddim
-    from diffpriv_core.energy import PAPER_LAMBDAS
     from diffpriv_core.faces.detect import detect_faces
     from diffpriv_core.faces.recognizers import load_recognizer
     from diffpriv_core.guided import IdentityCorrection, IdentityGuidance, face_target
     from diffpriv_core.key_types import KeyE
     from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import Grid, ddim_grid
+    from diffpriv_core.tasks import TASKS
     from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT
     from diffpriv_testmodels.inprocess import load_host_in_process, pack_module
 
@@ -61,7 +61,7 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     if config != "plain":
         embedder = load_recognizer(models / ARCFACE_ONNX)
         target = face_target(embedder, photo[0], detect_faces(photo[0])[0])
-        guidance = IdentityGuidance(embedder, "anonymize", PAPER_LAMBDAS["anonymize"], (target,),
+        guidance = IdentityGuidance(embedder, "anonymize", TASKS["anonymize"].lambdas, (target,),
                                     crop_margin=0.5 if config.endswith("crop") else None)
         decoder = adapters.ComfyDecoder(vae, model.get_model_object("latent_format"), checkpointed=checkpointing)
         correction = IdentityCorrection(guidance, target, decoder, grid)

@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 LATENT = 64  # a 512 px photo
 BOX = (192.0, 160.0, 320.0, 288.0)  # the face, about a quarter of the photo's width
 CROP_MARGIN = 0.5  # the Identity Energy Guidance node's face-crop margin
-KEY_I_STEPS = {"anonymize": 50, "hide": 100}  # the workflows' key-I grids
 
 
 @dataclass(frozen=True)
@@ -89,26 +88,27 @@ class Chain:
         from diffpriv_core.faces.detect import Face
         from diffpriv_core.recovery import conditioned_eps
         from diffpriv_core.schedule import ddim_grid
+        from diffpriv_core.tasks import task as task_preset
 
         x1, y1, x2, y2 = BOX
         eyes, mouth = y1 + 0.4 * (y2 - y1), y1 + 0.75 * (y2 - y1)
         landmarks = ((x1 + 0.3 * (x2 - x1), eyes), (x1 + 0.7 * (x2 - x1), eyes), ((x1 + x2) / 2, (eyes + mouth) / 2),
                      (x1 + 0.35 * (x2 - x1), mouth), (x1 + 0.65 * (x2 - x1), mouth))
         target = guided.face_target(self.embedder, self.photo[0], Face(BOX, landmarks, 1.0))
-        task = guided.PRESETS[task_name]
+        task = task_preset(task_name)
         guidance = guided.IdentityGuidance(self.embedder, task_name, task.lambdas, (target,),
                                            crop_margin=CROP_MARGIN if crop else None)
-        tau = {"anonymize": 0.4, "hide": 0.6}[task_name]
-        protected = guided.protect(conditioned_eps(self.eps, [key_e], tau), self.z0, ddim_grid(task.steps),
-                                   task.strength, task.batch, seed=0, guidance=guidance, decoder=self.decode)
+        protected = guided.protect(conditioned_eps(self.eps, [key_e], task.tau), self.z0, ddim_grid(task.steps),
+                                   task.strength, task.samples, seed=0, guidance=guidance, decoder=self.decode)
         with torch.no_grad():
             return self.decode(protected)
 
     def key_i(self, task_name: str, inversion: tuple[str, int], key_e):
         from diffpriv_core.recovery import make_key_i
+        from diffpriv_core.tasks import task
 
-        mode, refine = inversion
-        return make_key_i(self.eps, self.z0, [key_e], KEY_I_STEPS[task_name], mode=mode, refine=refine)
+        mode, refine = inversion  # on the task's key-I grid (the workflows')
+        return make_key_i(self.eps, self.z0, [key_e], task(task_name).key_i.steps, mode=mode, refine=refine)
 
     def recover(self, keys_i, key_e):
         import torch

@@ -109,12 +109,12 @@ def measure(args) -> tuple[Stages, str]:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    from diffpriv_core.guided import PRESETS
+    from diffpriv_core.tasks import TASKS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet", choices=list(BENCHMARK_MODELS), default="test")
     parser.add_argument("--size", type=int, default=256, help="photo side in pixels (the face is about a sixth)")
-    parser.add_argument("--task", choices=list(PRESETS), default="anonymize", help="energy, S_ns and tau of this task")
+    parser.add_argument("--task", choices=list(TASKS), default="anonymize", help="energy, S_ns and tau of this task")
     # Defaults keep the test size to a few minutes on a CPU; --preset takes the task's.
     parser.add_argument("--steps", type=int, default=20, help="DDIM grid steps (sampling runs the last S_ns of them)")
     parser.add_argument("--samples", type=int, default=2, help="candidates per photo")
@@ -128,10 +128,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the same run at a small size on the CPU (test UNet, 256 px, 4 steps, 2 MSI steps): "
                              "checks that the script works, measures nothing")
     args = parser.parse_args(argv)
-    task = PRESETS[args.task]
-    args.s_ns, args.tau = task.strength, {"anonymize": 0.4, "hide": 0.6}[args.task]
+    task = TASKS[args.task]
+    args.s_ns, args.tau = task.strength, task.tau
     if args.preset:
-        args.steps, args.samples = task.steps, task.batch
+        args.steps, args.samples = task.steps, task.samples
     if args.dry:
         args.unet, args.size, args.steps, args.msi_steps, args.device = "test", 256, 4, 2, "cpu"
     return args

@@ -3,10 +3,16 @@
 All jobs are queued up front, at most ``max_in_flight`` per server at a time, each next
 one to the server with the shortest queue. A failing prompt is recorded and the rest go
 on; the jobs of a server that dies are queued again on the others.
+
+The command names every file it writes itself, inside the job's folder: a server's file
+names only say which files to fetch, and a name that could point anywhere else fails the
+job before anything is written. After each prompt (finished, failed or cancelled) what
+the command uploaded and what the prompt wrote is removed from the server, with the
+prompt's history, unless asked to keep it; a removal that fails is reported.
 """
 from __future__ import annotations
 
-import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -16,7 +22,11 @@ from typing import Callable
 import requests
 from tqdm import tqdm
 
-from .comfy_http import ComfyClient, PromptFailed, PromptRejected, PromptResult
+from diffpriv_core.files import write_new_file
+from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary, read_container
+
+from . import graphs
+from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult
 from .progress import ProgressBoard, stage_title
 from .servers import Executing, Finished, Lost, Progress, Server, choose_server
 from .summary import Summary
@@ -29,8 +39,9 @@ REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so 
 class Job:
     name: str  # the output folder DIR/<name>/ and the summary entry
     source: Path
-    # Uploads what the job needs to this server and returns the filled-in graph.
-    build: Callable[[ComfyClient], dict]
+    # Uploads what the job needs to this server; returns the filled-in graph and the names
+    # of the uploads (removed from the server afterwards).
+    build: Callable[[ComfyClient], tuple[dict, list[str]]]
 
 
 @dataclass
@@ -39,28 +50,40 @@ class Downloaded:
     keys: list[Path]
 
 
-def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, forget_prompts: bool = False) -> None:
-    """Run every job; each result lands in ``summary`` as soon as it is known.
+@dataclass(frozen=True)
+class Cleanup:
+    """What is removed from a server after each prompt."""
 
-    ``forget_prompts`` deletes each prompt from the server's /history once downloaded, for
-    graphs that carry a passphrase.
-    """
-    _Batch(jobs, servers, summary, forget_prompts).run()
+    keep_files: bool = False  # --keep-on-server: keep uploads and outputs (and history)
+    has_passphrase: bool = False  # the history holds the passphrase: deleted even when keeping files
+
+
+class UnsafeDownload(RuntimeError):
+    """The server listed a file the command will not write (a name that could leave the
+    output folder, a key file that is not one)."""
+
+
+def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup()) -> list[str]:
+    """Run every job; each result lands in ``summary`` as soon as it is known. Returns
+    what could not be removed from the servers afterwards (empty when all went)."""
+    return _Batch(jobs, servers, summary, cleanup).run()
 
 
 class _Batch:
-    def __init__(self, jobs: list[Job], servers: list[Server], summary: Summary, forget_prompts: bool):
+    def __init__(self, jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup):
         self.pending = deque(jobs)
         self.servers = servers
         self.summary = summary
-        self.forget_prompts = forget_prompts
+        self.cleanup = cleanup
+        self.cleanup_failures: list[str] = []
+        self.submitted: dict[Job, tuple[dict, list[str]]] = {}  # graph and uploads, per job on a server
         self.running: dict[Job, Server] = {}
         self.graphs: dict[Job, dict] = {}  # what each running job's server runs: names its stages
         self.board = ProgressBoard()
         self.bar = tqdm(total=len(jobs), unit="image", dynamic_ncols=True)
         self.drawn = 0.0
 
-    def run(self) -> None:
+    def run(self) -> list[str]:
         try:
             while self.pending or self.running:
                 self._dispatch()
@@ -68,16 +91,21 @@ class _Batch:
                 if not live:
                     self._fail_pending("no server left: " + ", ".join(s.url for s in self.servers)
                                        + " stopped answering")
-                    return
+                    break
                 for server in live:
                     for event in server.poll(POLL_S / len(live)):
                         self._handle(server, event)
                 if time.monotonic() - self.drawn >= REDRAW_S:
                     self._draw()
-        except KeyboardInterrupt:
-            # Leave no orphans running on the servers; the summary already has what finished.
+            return self.cleanup_failures
+        except BaseException:
+            # Ctrl-C, SIGTERM or a bug: leave no orphans running on the servers, and no
+            # uploads, outputs or history of ours; the summary already has what finished.
             for server in self.servers:
+                in_flight = dict(server.in_flight)
                 server.cancel_all()
+                for prompt_id, job in in_flight.items():
+                    self._clean(server, job, prompt_id)
             raise
         finally:
             self.bar.set_postfix_str("", refresh=True)  # no finished photo's step left on screen
@@ -92,12 +120,14 @@ class _Batch:
                 return
             job = self.pending.popleft()
             try:
-                graph = job.build(server.client)
+                self.submitted[job] = job.build(server.client)
+                graph = self.submitted[job][0]
                 server.submit(job, graph)
                 self.running[job] = server
                 self.graphs[job] = graph
             except PromptRejected as exc:
                 self._fail(job, server, f"the server refused the workflow: {exc}")
+                self._clean(server, job, None)
             except requests.ConnectionError:
                 self.pending.appendleft(job)
                 self._requeue(server, server.give_up().jobs)
@@ -128,19 +158,36 @@ class _Batch:
         job = event.job
         try:
             result = ComfyClient.result_of(event.prompt_id, event.entry)
-            files = download(server.client, result, self.summary.out_dir / job.name)
-        except PromptFailed as exc:
-            self._fail(job, server, exc.message or "the prompt failed")
-            return
+            files = download(server.client, result, self.summary.out_dir / job.name,
+                             graphs.output_labels(self.submitted[job][0]))
         except requests.ConnectionError:
             self.pending.appendleft(job)  # finished, but the server died before we had the files
             return
-        finally:
-            if self.forget_prompts:
-                _forget(server, event.prompt_id)
-        self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                            seconds=prompt_seconds(event.entry), server=server.url)
-        self.bar.update(1)
+        except PromptFailed as exc:
+            self._fail(job, server, exc.message or "the prompt failed")
+        except (UnsafeDownload, OSError) as exc:
+            self._fail(job, server, str(exc))
+        else:
+            self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
+                                seconds=prompt_seconds(event.entry), server=server.url)
+            self.bar.update(1)
+        self._clean(server, job, event.prompt_id)
+
+    def _clean(self, server: Server, job: Job, prompt_id: str | None) -> None:
+        """Remove the job's uploads, its prompt's outputs and history from the server, as
+        ``cleanup`` says; a removal that fails is reported."""
+        _graph, uploads = self.submitted.pop(job, ({}, []))
+        keep = self.cleanup.keep_files
+        if keep and not (self.cleanup.has_passphrase and prompt_id):
+            return
+        try:
+            problems = server.client.cleanup(prompt_id, [] if keep else uploads, outputs=not keep)["failed"]
+        except (requests.RequestException, PackRouteMissing, ValueError, KeyError) as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            message = f"{job.name}: could not remove from {server.url}: {problem}"
+            self.cleanup_failures.append(message)
+            self.bar.write(message)
 
     def _requeue(self, server: Server, jobs: list[Job]) -> None:
         for job in jobs:
@@ -160,35 +207,78 @@ class _Batch:
         self.bar.update(1)
 
 
-def _forget(server: Server, prompt_id: str) -> None:
-    try:
-        server.client.delete_history([prompt_id])
-    except requests.RequestException:
-        pass  # the server is gone, and its history with it
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def download(client: ComfyClient, result: PromptResult, folder: Path) -> Downloaded:
-    """Saved pictures ('images') and key files ('diffprivacy_keys') in the output folder.
+def download(client: ComfyClient, result: PromptResult, folder: Path, labels: dict[str, str]) -> Downloaded:
+    """The saved pictures ('images') and key files ('diffprivacy_keys') of the nodes in
+    ``labels``, written as new owner-only files named ``<label>_00001_.png`` and
+    ``<label>[_face<N>]_00001.dpkey.safetensors`` in ``folder``.
 
-    Previews (type 'temp') are skipped; key files are made readable by their owner only.
+    Every record is checked and every file fetched before anything is written: an unsafe
+    record or a damaged key raises UnsafeDownload and writes nothing. Previews (type
+    'temp') are skipped.
     """
+    fetched = []
+    for node_id, label in labels.items():
+        for kind in ("images", "diffprivacy_keys"):
+            for record in result.files(node_id, kind):
+                check_record(record)
+                if record.get("type") == "output":
+                    fetched.append((kind, safe_label(label), record, client.view(record)))
+    named = [(kind, *file_name(kind, label, record, data), data) for kind, label, record, data in fetched]
     folder.mkdir(parents=True, exist_ok=True)
     got = Downloaded([], [])
-    for node_id in result.outputs:
-        for kind, into, mode in (("images", got.outputs, 0o644), ("diffprivacy_keys", got.keys, 0o600)):
-            for record in result.files(node_id, kind):
-                if record.get("type") == "output":
-                    into.append(_write(folder / record["filename"], client.view(record), mode))
+    for kind, stem, tail, data in named:
+        (got.keys if kind == "diffprivacy_keys" else got.outputs).append(write_numbered(folder, stem, tail, data))
     return got
 
 
-def _write(path: Path, data: bytes, mode: int) -> Path:
-    tmp = path.with_name(f".{path.name}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path
+def check_record(record) -> None:
+    """Refuse a file record whose name or folder could point outside where it belongs."""
+    if not isinstance(record, dict):
+        raise UnsafeDownload(f"the server listed a malformed file record {record!r}: nothing of this job was written")
+    name, sub = record.get("filename"), record.get("subfolder", "")
+    plain_name = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    plain_sub = isinstance(sub, str) and not sub.startswith("/") and not any(c in sub for c in "\\\0") \
+        and ".." not in Path(sub).parts
+    if not (plain_name and plain_sub):
+        raise UnsafeDownload(f"the server listed an unsafe file name {name!r} in folder {sub!r}: nothing of this job "
+                             "was written (the command names its files itself and never follows a server's path)")
+
+
+def safe_label(label: str) -> str:
+    return re.sub(r"[^\w.-]", "_", label).lstrip(".") or "output"
+
+
+def file_name(kind: str, label: str, record: dict, data: bytes) -> tuple[str, str]:
+    """(stem, tail) of a downloaded file's name; key files are checked and named by their face."""
+    if kind != "diffprivacy_keys":
+        suffix = Path(record["filename"]).suffix.lower()
+        return label, f"_{suffix if suffix in IMAGE_SUFFIXES else '.png'}"
+    try:
+        face = face_crop_summary(read_container(data).meta)
+    except KeyFileError as exc:
+        raise UnsafeDownload(f"the server sent a key file that is not a valid key ({exc}): nothing of this job was "
+                             "written") from None
+    return (f"{label}_face{face['face']}" if face else label), KEY_SUFFIX
+
+
+def rewrite_named(folder: Path, name: str, data: bytes) -> Path:
+    """Write again, in ``folder``, a file named ``stem_00001<tail>`` by download (a Ray
+    actor's download, sent to the driver): the next free number there, nothing replaced."""
+    stem, tail = re.fullmatch(r"(.*)_\d{5}(_\.\w+|\.dpkey\.safetensors)", name).groups()
+    return write_numbered(folder, stem, tail, data)
+
+
+def write_numbered(folder: Path, stem: str, tail: str, data: bytes) -> Path:
+    """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced)."""
+    number = 1
+    while True:
+        try:
+            return write_new_file(folder / f"{stem}_{number:05d}{tail}", data, 0o600)
+        except FileExistsError:
+            number += 1
 
 
 def prompt_seconds(entry: dict) -> float | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,17 +25,18 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core.tasks import TASKS
+
 from . import graphs
-from .batch import Job, run_batch
+from .batch import Cleanup, Job, run_batch
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
-from .preflight import (PreflightError, check_models, find_remote_key, install_embedded_key, photo_problem,
-                        refused_photos)
+from .preflight import PreflightError, check_models, photo_problem, refused_photos
 from .servers import Server
 from .summary import Summary, write_contact_sheet
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
-KEY_SUFFIX = ".dpkey.safetensors"
 DEMO_BANNER = """
 ##############################################################################
 #  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS   #
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys")
     protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    protect.add_argument("--task", choices=["anonymize", "hide"], required=True)
+    protect.add_argument("--task", choices=list(TASKS), required=True,
+                         help="; ".join(f"{t.name}: S_ns {t.strength}, tau {t.tau}, {t.steps} steps, {t.samples} "
+                                        f"sample{'s' * (t.samples > 1)}" for t in TASKS.values()))
     protect.add_argument("--seed", type=int, help="seed for every seed input of the workflow (default: the workflow's)")
     protect.add_argument("--steps", type=int, help="steps for every steps input of the workflow")
     mode = protect.add_mutually_exclusive_group()
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--demo-weights", action="store_true",
                        help="generate random-weight test models and run with them: meaningless pictures")
         p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")
+        p.add_argument("--keep-on-server", action="store_true",
+                       help="keep what the command uploaded and what the prompts wrote on the server (by default "
+                            "they are removed after downloading, with the prompt history)")
         p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                        help="spread the batch over a Ray cluster, one embedded ComfyUI per actor: ADDRESS of the "
                             "cluster (auto, HOST:PORT, ray://HOST:10001); alone, a cluster started on this machine "
@@ -176,11 +183,12 @@ def protect_jobs(args, template: dict, passphrase: str, conn: Connection, todo: 
 
 
 def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    # Resolved on every server up front, so a missing key stops the run before any compute.
-    key_names = {server.url: {name: key_name_on(server.client, path, conn) for name, path in todo.items()}
-                 for server in conn.servers}
-    return [Job(name, path, partial(_recover_graph, template, key_names, name, passphrase, args.photo))
+    return [Job(name, path, partial(_recover_graph, template, path, name, passphrase, args.photo))
             for name, path in todo.items()]
+
+
+def cleanup_of(args, passphrase: str) -> Cleanup:
+    return Cleanup(keep_files=args.keep_on_server, has_passphrase=bool(passphrase))
 
 
 def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str, refuse=None) -> int:
@@ -193,31 +201,46 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphr
     if args.ray is not None:
         from .cluster import run_on_ray  # imports ray: only here
 
-        if todo:
-            run_on_ray(args, template, passphrase, make_jobs, todo, summary)
-        return report(summary, args)
+        not_removed = run_on_ray(args, template, passphrase, make_jobs, todo, summary) if todo else []
+        return report(summary, args, not_removed)
     with connect(args, needed=bool(todo)) as conn:
+        if passphrase:
+            refuse_servers_writing_metadata(conn)
         preflight_models(conn, template, args)
-        run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
-                  forget_prompts=bool(passphrase))
-    return report(summary, args)
+        not_removed = run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
+                                cleanup_of(args, passphrase))
+    return report(summary, args, not_removed)
 
 
-def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps, client: ComfyClient) -> dict:
-    uploaded = client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX)
-    return graphs.protect_graph(template, uploaded, name, passphrase, seed=seed, steps=steps)
+def refuse_servers_writing_metadata(conn: Connection) -> None:
+    """A passphrase goes into the graph, and ComfyUI's SaveImage writes the graph into every
+    PNG unless started with --disable-metadata: refuse such a server before sending anything."""
+    for server in conn.servers:
+        if server.client.writes_metadata():
+            raise UsageError(f"{server.url} writes the prompt, passphrase included, into every PNG it saves: start "
+                             "that ComfyUI with --disable-metadata before sending it a passphrase "
+                             "(the command's own embedded ComfyUI does)")
 
 
-def _recover_graph(template, key_names: dict, name: str, passphrase: str, photo: Path | None,
-                   client: ComfyClient) -> dict:
-    uploaded = client.upload_image(photo, subfolder=graphs.OUTPUT_PREFIX) if photo is not None else None
-    return graphs.recover_graph(template, key_names[client.base_url][name], name, passphrase, uploaded)
+def upload_photo(client: ComfyClient, path: Path) -> str:
+    """Upload under a new random name, so two users' photos never replace each other."""
+    return client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
+                               name=f"{secrets.token_hex(12)}{path.suffix.lower()}")
 
 
-def key_name_on(client: ComfyClient, key_file: Path, conn: Connection) -> str:
-    if conn.embedded_models is not None:
-        return install_embedded_key(client, key_file, conn.embedded_models)
-    return find_remote_key(client, key_file)
+def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps,
+                   client: ComfyClient) -> tuple[dict, list[str]]:
+    uploaded = upload_photo(client, path)
+    return graphs.protect_graph(template, uploaded, name, passphrase, seed=seed, steps=steps), [uploaded]
+
+
+def _recover_graph(template, key_file: Path, name: str, passphrase: str, photo: Path | None,
+                   client: ComfyClient) -> tuple[dict, list[str]]:
+    uploads = [client.upload_key(key_file)]
+    if photo is not None:
+        uploads.append(upload_photo(client, photo))
+    graph = graphs.recover_graph(template, uploads[0], name, passphrase, uploads[1] if photo is not None else None)
+    return graph, uploads
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -294,7 +317,7 @@ def preflight_models(conn: Connection, template: dict, args) -> None:
         check_models(server.client, graphs.required_models(template), conn.embedded_models, hint)
 
 
-def report(summary: Summary, args) -> int:
+def report(summary: Summary, args, not_removed: list[str]) -> int:
     # Keys are not pictures: a recovery's sheet shows the results only.
     sheet = write_contact_sheet(summary, show_source=args.command == "protect")
     counts = summary.counts()
@@ -304,9 +327,12 @@ def report(summary: Summary, args) -> int:
         print(f"  {name}: failed: {error.splitlines()[0] if error else 'no reason given'}")
     if sheet:
         print(f"contact sheet: {sheet}")
+    if not_removed:
+        print(f"diffpriv: {len(not_removed)} file(s) or records could not be removed from the server(s):\n  "
+              + "\n  ".join(not_removed), file=sys.stderr)
     if args.demo_weights:
         print(DEMO_BANNER, file=sys.stderr)
-    return 1 if counts.get("failed") else 0
+    return 1 if counts.get("failed") or not_removed else 0
 
 
 # --- servers -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import cli, graphs
-from .batch import _write, run_batch
+from .batch import rewrite_named, run_batch
 from .preflight import PreflightError
 from .summary import Summary
 
@@ -99,12 +99,12 @@ class ComfyActor:
             summary = Summary(work / "out", self.args.command)
             conn = self.keeper.conn
             jobs = self.make_jobs(self.args, self.template, self.passphrase, conn, {name: source})
-            run_batch(jobs, conn.servers, summary, forget_prompts=bool(self.passphrase))
+            not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args, self.passphrase))
             if conn.servers[0].dead or not conn.servers[0].client.is_up():
                 raise ServerLost(f"the ComfyUI of the actor on {self.node} stopped answering")
             entry = summary.results[name]
             files = {rel: (summary.out_dir / rel).read_bytes() for rel in entry["outputs"] + entry["keys"]}
-            return {"entry": entry, "files": files}
+            return {"entry": entry, "files": files, "not_removed": not_removed}
         finally:
             # Nothing of the photo stays on the node once it is sent back: not the photo, not
             # its key (an actor killed outright leaves at most the photo it was running).
@@ -168,8 +168,10 @@ def _write_private(path: Path, data: bytes) -> Path:
 
 
 # --- the driver ----------------------------------------------------------------------
-def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str, Path], summary: Summary) -> None:
-    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``."""
+def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str, Path],
+               summary: Summary) -> list[str]:
+    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``.
+    Returns what the actors could not remove from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -181,7 +183,7 @@ def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str,
     actors: dict = {}
     try:
         actors = start_actors(ray, args, template, passphrase, make_jobs, most=len(todo))
-        _ClusterBatch(ray, actors, todo, summary).run()
+        return _ClusterBatch(ray, actors, todo, summary).run()
     finally:
         stop_actors(ray, list(actors))
         if started_here:
@@ -194,7 +196,7 @@ def start_actors(ray, args, template: dict, passphrase: str, make_jobs, most: in
     must be on every node)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = min(args.ray_actors or max(gpus, 1), most)
-    photo = (args.photo.name, args.photo.read_bytes()) if args.photo is not None else None  # recover --photo
+    photo = (args.photo.name, args.photo.read_bytes()) if args.command == "recover" and args.photo else None
     # stop() runs in its own group, next to the photo the actor may be running.
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0,
                         concurrency_groups={"control": 1})(ComfyActor)
@@ -253,18 +255,20 @@ class _ClusterBatch:
         self.done_on: Counter = Counter()  # node -> photos done there
         self.started = time.monotonic()
         self.bar = tqdm(total=len(todo), unit="photo", dynamic_ncols=True)
+        self.not_removed: list[str] = []
 
-    def run(self) -> None:
+    def run(self) -> list[str]:
         try:
             while self.pending or self.running:
                 self._dispatch()
                 if not self.running:
                     self._fail_pending("no actor left on the cluster: every one died")
-                    return
+                    break
                 ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=POLL_S)
                 for ref in ready:
                     self._collect(ref)
                 self._show()
+            return self.not_removed
         finally:
             self.bar.close()
 
@@ -289,14 +293,13 @@ class _ClusterBatch:
             else:  # the actor is fine, this file is not (a key its server does not list, ...)
                 self._record_failure(name, info, _error_text(exc))
             return
+        self.not_removed += got["not_removed"]
         self._record(name, info, got["entry"], got["files"])
 
     def _record(self, name: str, info: dict, entry: dict, files: dict[str, bytes]) -> None:
         folder = self.summary.out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        keys = set(entry["keys"])
-        written = {rel: _write(folder / Path(rel).name, data, 0o600 if rel in keys else 0o644)
-                   for rel, data in files.items()}
+        written = {rel: rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
         self.summary.record(name, self.todo[name], entry["status"],
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
                             seconds=entry["seconds"], server=info["server"], node=info["node"],

@@ -17,6 +17,10 @@ import requests
 import websocket
 
 
+class PackRouteMissing(RuntimeError):
+    """The server's Diff-Privacy pack predates the routes the command needs."""
+
+
 class PromptRejected(RuntimeError):
     """The server refused a graph at validation time (``node_errors``)."""
 
@@ -86,19 +90,50 @@ class ComfyClient:
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 
-    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True) -> str:
-        """Upload a picture to the server's input folder; returns the name nodes refer to."""
+    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True,
+                     name: str | None = None) -> str:
+        """Upload a picture to the server's input folder (as ``name``, default its own);
+        returns the name nodes refer to."""
         path = Path(path)
         with path.open("rb") as fh:
             r = self.http.post(
                 f"{self.base_url}/upload/image",
-                files={"image": (path.name, fh)},
+                files={"image": (name or path.name, fh)},
                 data={"subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
                 timeout=self.timeout,
             )
         r.raise_for_status()
         info = r.json()
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def upload_key(self, path: str | Path) -> str:
+        """Store a key file in the server's key folder under a new name (the pack's route);
+        returns the name Load Privacy Key knows it by."""
+        with Path(path).open("rb") as fh:
+            r = self.http.post(f"{self.base_url}/diffprivacy/keys", files={"key": ("key", fh)}, timeout=self.timeout)
+        if r.status_code == 404:
+            raise PackRouteMissing(f"{self.base_url} has no /diffprivacy/keys route: update the Diff-Privacy pack "
+                                   "on that server")
+        if r.status_code == 400:
+            raise ValueError(f"the server refused the key file {Path(path).name}: {r.json().get('error')}")
+        r.raise_for_status()
+        return r.json()["key_name"]
+
+    def cleanup(self, prompt_id: str | None, inputs: list[str], outputs: bool = True) -> dict:
+        """Remove our uploads, the prompt's output files (``outputs``) and its history entry
+        from the server (the pack's route). Returns {"removed": [...], "failed": [...]}."""
+        r = self.http.post(f"{self.base_url}/diffprivacy/cleanup",
+                           json={"prompt_id": prompt_id, "inputs": inputs, "outputs": outputs}, timeout=self.timeout)
+        if r.status_code == 404:
+            raise PackRouteMissing(f"{self.base_url} has no /diffprivacy/cleanup route: update the Diff-Privacy pack "
+                                   "on that server")
+        r.raise_for_status()
+        return r.json()
+
+    def writes_metadata(self) -> bool:
+        """Whether the server's SaveImage writes the prompt into PNGs (no --disable-metadata)."""
+        argv = self.get("/system_stats").get("system", {}).get("argv", [])
+        return "--disable-metadata" not in argv
 
     def view(self, file_record: dict) -> bytes:
         r = self.http.get(

@@ -73,14 +73,8 @@ def set_seed(graph: dict, seed: int) -> None:
 
 
 def set_steps(graph: dict, steps: int) -> None:
+    """Every steps input (a set value wins over a node's task preset)."""
     _set_literal(graph, ("steps",), steps)
-    # A sampler preset overrides its steps input: keep the preset's other values, take ours.
-    from diffpriv_core.guided import PRESETS
-
-    for node in nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
-        preset = PRESETS.get(node["inputs"].get("preset"))
-        if preset is not None:
-            node["inputs"].update(preset="custom", s_ns=preset.strength, samples=preset.batch)
 
 
 def set_input_image(graph: dict, image_name: str) -> None:
@@ -102,6 +96,13 @@ def set_image_prefixes(graph: dict, stem: str) -> None:
     for node in nodes_of(graph, "SaveImage"):
         label = Path(str(node["inputs"].get("filename_prefix", "image"))).name
         node["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/{stem}_{label}"
+
+
+def output_labels(graph: dict) -> dict[str, str]:
+    """Node id -> the label the command names that node's downloaded files after: the
+    file name part of the prefix it set (never a name the server reports)."""
+    return {node_id: Path(str(node["inputs"].get("filename_prefix", node_id))).name for node_id, node in graph.items()
+            if node.get("class_type") in ("SaveImage", "DiffPrivacySaveKey")}
 
 
 def set_models(graph: dict, files: dict[str, str]) -> None:

@@ -1,5 +1,5 @@
-"""Checks made before anything is queued: the photos (read here), the model files a
-workflow loads, and key files.
+"""Checks made before anything is queued: the photos (read here) and the model files a
+workflow loads.
 
 The server checks read a loader's file list from ``/object_info/<class_type>``: the server
 lists exactly the files its loaders accept (extra_model_paths.yaml included).
@@ -11,7 +11,7 @@ seconds of its turn.
 """
 from __future__ import annotations
 
-import shutil
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -21,9 +21,6 @@ from diffpriv_core.frame import msi_size_problem
 from .comfy_http import ComfyClient
 from .graphs import MODEL_INPUTS
 
-KEYS_FOLDER = "diffprivacy_keys"
-# Where the embedded server gets the keys the command copies in for recovery.
-EMBEDDED_KEYS_SUBFOLDER = "diffpriv-cli"
 WHERE_TO_GET = {
     "checkpoints": "a Stable Diffusion 1.5 checkpoint, from the SD 1.5 model card: "
                    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
@@ -41,12 +38,16 @@ def photo_problem(path: Path, whole_image: bool) -> str | None:
     """Why the server could not protect this photo, or None: unreadable, or (when MSI trains
     on the whole photo) a size MSI cannot take. The limits hold for either orientation, so
     an EXIF rotation changes nothing."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"not a readable image ({exc})"
+    with warnings.catch_warnings():
+        # Photos over PIL's bomb limit (179 MP) are refused, as the server's Load Image would
+        # refuse them; its warning at half that size is no news to the user.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                width, height = image.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return f"not a readable image ({exc})"
     return msi_size_problem(height, width) if whole_image else None
 
 
@@ -83,33 +84,3 @@ def check_models(client: ComfyClient, wanted: dict[str, set[str]], models_dir: P
     lines += [f"  {folder}: {WHERE_TO_GET[folder]}" for folder in missing]
     lines.append(f"To try the pipeline without them: {demo_hint} (random weights: meaningless pictures).")
     raise PreflightError("\n".join(lines))
-
-
-def find_remote_key(client: ComfyClient, key_file: Path) -> str:
-    """The name the server's Load Privacy Key node knows this key file by.
-
-    ComfyUI has no upload endpoint for model folders, so the file must already be there.
-    """
-    options = loader_options(client, "DiffPrivacyLoadKey", "key_name")
-    matches = sorted(o for o in options if Path(o).name == key_file.name)
-    if not matches:
-        raise PreflightError(
-            f"{client.base_url} does not have the key file {key_file.name}. ComfyUI cannot receive files for its "
-            f"model folders over HTTP: copy {key_file} into that server's models/{KEYS_FOLDER}/ folder (or a "
-            f"folder extra_model_paths.yaml lists under {KEYS_FOLDER}), then rerun. No restart is needed.")
-    if len(matches) > 1:
-        raise PreflightError(f"{client.base_url} has several key files named {key_file.name}: {matches}; "
-                             "rename the one you mean")
-    return matches[0]
-
-
-def install_embedded_key(client: ComfyClient, key_file: Path, models_dir: Path) -> str:
-    """Copy a key into the embedded server's keys folder; returns its key_name there."""
-    name = f"{EMBEDDED_KEYS_SUBFOLDER}/{key_file.name}"
-    target = models_dir / KEYS_FOLDER / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(key_file, target)
-    target.chmod(0o600)
-    if name not in loader_options(client, "DiffPrivacyLoadKey", "key_name"):
-        raise PreflightError(f"copied {key_file} to {target}, but the server does not list it")
-    return name

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from diffpriv_core.key_format import face_crop_summary, read_public_metadata
+
 SUMMARY_NAME = "summary.json"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 # "skipped": done by an earlier run, files kept; a later run skips it again.
@@ -89,13 +91,7 @@ def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
 def key_face(path: Path) -> dict | None:
     """The face a per-face key belongs to ({"face": index, "box": [x1, y1, x2, y2]}), read
     from the key file's public metadata (no tensors loaded); None for a whole-image key."""
-    with open(path, "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    crop = json.loads(header["__metadata__"]["diffprivacy"]).get("face_crop")
-    if crop is None:
-        return None
-    crop = json.loads(crop)
-    return {"face": crop["face_index"], "box": [round(v, 1) for v in crop["face_box"]]}
+    return face_crop_summary(read_public_metadata(path))
 
 
 def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | None:

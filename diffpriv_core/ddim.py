@@ -26,7 +26,16 @@ class Correction(Protocol):
     def __call__(self, step: int, t: int, z_next: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor: ...
 
 
-INVERSION_MODES = ("ddim", "fixed_point")
+def k_diffusion_scale(sigma):
+    """sqrt(1 + sigma^2) = 1 / sqrt(alpha_bar): k-diffusion's (and ComfyUI's) x is the
+    scaled latent z times this, with sigma = sqrt((1 - alpha_bar) / alpha_bar). ``sigma``
+    is a float or a tensor (broadcast against the latents)."""
+    return torch.sqrt(1.0 + sigma**2) if torch.is_tensor(sigma) else math.sqrt(1.0 + sigma**2)
+
+
+def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
+    """The noise prediction of a k-diffusion model that returned ``denoised`` for x at sigma."""
+    return (x - denoised) / sigma
 
 
 def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Identity energies of Stage II and the guidance-scale schedule lambda_t.
+"""Identity energies of Stage II (their scale lambda_t is the task's, tasks.py).
 
 Embeddings are L2-normalised [*, D] face-recogniser outputs, so cosine = dot product.
 ``original`` is F(x), the embedding of the face being protected; ``samples`` are
@@ -6,11 +6,9 @@ F(x0hat_i) of the batch of predictions guided together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-MODES = ("anonymize", "hide")
+from .tasks import TASKS
 
 
 def cosines_to(original: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
@@ -43,27 +41,7 @@ def energy(mode: str, original: torch.Tensor, samples: torch.Tensor, diversity: 
         return distance + diversity_loss(samples) if diversity else distance
     if mode == "hide":
         return identity_similarity_loss(original, samples)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-@dataclass(frozen=True)
-class LambdaSchedule:
-    """lambda_t: ``early`` for t > ``switch_t``, ``late`` at and below it. All zero = no guidance."""
-
-    early: float
-    late: float
-    switch_t: int = 600
-
-    def __call__(self, t: int) -> float:
-        return self.early if t > self.switch_t else self.late
-
-    @property
-    def is_off(self) -> bool:
-        return self.early == 0 and self.late == 0
-
-
-# The paper's scales: anonymization 1 throughout; hiding 1.5 for t > 600 and 2.5 below.
-PAPER_LAMBDAS = {"anonymize": LambdaSchedule(1.0, 1.0), "hide": LambdaSchedule(1.5, 2.5)}
+    raise ValueError(f"mode must be one of {', '.join(TASKS)}, got {mode!r}")
 
 
 def normalize_gradient(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

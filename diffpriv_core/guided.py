@@ -20,28 +20,14 @@ import torch.nn.functional as F
 
 from . import ddim
 from .adapters.protocols import FaceEmbedder
-from .energy import PAPER_LAMBDAS, LambdaSchedule, energy, normalize_gradient
+from .energy import energy, normalize_gradient
 from .faces.align import face_matrix, shift_source, warp_faces
 from .faces.detect import Face
 from .frame import VAE_FACTOR, latent_offset
 from .schedule import Grid
+from .tasks import LambdaSchedule
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> [B, H, W, 3], unclamped
-
-
-@dataclass(frozen=True)
-class Preset:
-    strength: float  # S_ns: the fraction of the DDIM grid that is re-run
-    tau: float  # key-E conditions t > tau * T, the unconditional embedding below
-    steps: int
-    batch: int  # independent noises of the same image guided together
-    lambdas: LambdaSchedule
-
-
-PRESETS = {
-    "anonymize": Preset(strength=0.6, tau=0.4, steps=50, batch=4, lambdas=PAPER_LAMBDAS["anonymize"]),
-    "hide": Preset(strength=0.8, tau=0.6, steps=100, batch=1, lambdas=PAPER_LAMBDAS["hide"]),
-}
 
 
 @dataclass(frozen=True)
@@ -72,7 +58,7 @@ class IdentityGuidance:
     """
 
     embedder: FaceEmbedder
-    mode: str  # "anonymize" or "hide" (energy.MODES)
+    mode: str  # the task whose energy is descended: "anonymize" or "hide" (tasks.TASKS)
     lambdas: LambdaSchedule
     targets: tuple[FaceTarget | None, ...]  # per reference image; None: no face, runs unguided
     normalize: bool = False  # FreeDoM-style: lambda relative to the DDIM step's size
@@ -184,31 +170,88 @@ def chain(*corrections: ddim.Correction | None) -> ddim.Correction | None:
     return apply
 
 
+def start_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """The noise image ``index`` of a batch starts from: one independent noise per sample,
+    seeded ``seed + index``, so an image gets the same pictures whatever batch it is in."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed + index))
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What Algorithm 1 does besides DDIM, for each image of a batch: the identity energy
+    step of ``guidance`` (None: the w/o-guidance ablation), then, with ``masks`` ([1 or B,
+    H, W] pixel masks, 1 = protect), the original kept outside the mask."""
+
+    guidance: IdentityGuidance | None = None
+    masks: torch.Tensor | None = None
+
+    def check_frame(self, index: int, latent_hw: tuple[int, int]) -> None:
+        """Before any compute: the latent of image ``index`` must be the encoding of its
+        reference image (padded to a multiple of 8 by Pad to VAE Size, or cropped to one,
+        centred, by VAE Encode; the guidance follows either)."""
+        target = self.guidance.target_for(index) if self.guidance is not None else None
+        if target is not None:
+            try:
+                latent_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
+            except ValueError as exc:
+                raise ValueError(f"image {index} of 'latent' does not match 'guidance': {exc}") from None
+
+    def correction(self, index: int, grid: Grid, z0: torch.Tensor, noise: torch.Tensor,
+                   decoder: Callable[[bool], Decoder] | None) -> ddim.Correction | None:
+        """The correction of image ``index`` on ``grid``, whose run starts from the scaled
+        latents ``z0`` noised with ``noise``; ``decoder(checkpointed)`` gives the
+        differentiable VAE decoder, asked for only when the identity step runs."""
+        self.check_frame(index, tuple(z0.shape[-2:]))
+        target = self.guidance.target_for(index) if self.guidance is not None else None
+        identity = None
+        if target is not None and not self.guidance.lambdas.is_off:
+            if decoder is None:
+                raise ValueError("identity guidance needs the VAE decoder")
+            self.guidance.embedder.to(z0.device)
+            identity = IdentityCorrection(self.guidance, target, decoder(self.guidance.checkpoint_decoder), grid)
+        background = None
+        if self.masks is not None:
+            masks = self.masks.reshape(-1, *self.masks.shape[-2:])
+            background = KeepOutsideMask(masks[min(index, masks.shape[0] - 1)], z0, noise, grid)
+        return chain(identity, background)
+
+
+ImageSampler = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def protect_batch(sample_image: ImageSampler, originals: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """Stage II over a batch of original latents [B, 4, h, w]: image i is copied ``samples``
+    times and ``sample_image(i, z0, noise)`` runs its DDIM (the core's own in ``protect``,
+    or a host's sampler) from ``start_noise(seed, i)``. Returns [B * samples, 4, h, w]."""
+    outputs = []
+    for i, original in enumerate(originals):
+        z0 = original[None].expand(samples, *original.shape).clone()
+        outputs.append(sample_image(i, z0, start_noise(z0.shape, seed, i)))
+    return torch.cat(outputs)
+
+
 def protect(
     eps_fn: ddim.EpsFn,
-    z0: torch.Tensor,
+    originals: torch.Tensor,
     grid: Grid,
     strength: float,
-    batch: int,
+    samples: int,
     seed: int,
     guidance: IdentityGuidance | None = None,
     decoder: Decoder | None = None,
-    image_index: int = 0,
-    protect_mask: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
     callback: ddim.StepCallback | None = None,
 ) -> torch.Tensor:
-    """One image's protection run: noise its latent z0 [1, 4, h, w] to the start of
-    ``grid.tail(strength)`` with ``batch`` independent seeded noises, then run DDIM with the
-    identity correction of ``guidance``'s target for ``image_index`` (through ``decoder``)
-    and, with ``protect_mask``, the original kept outside the mask. Returns [batch, 4, h, w]."""
+    """Algorithm 1 with the core's own DDIM: noise each scaled latent of ``originals``
+    [B, 4, h, w] to the start of ``grid.tail(strength)``, then run DDIM over ``eps_fn`` with
+    the ``Protection`` of ``guidance`` (through ``decoder``) and ``masks``. Returns
+    [B * samples, 4, h, w]."""
     tail = grid.tail(strength)
-    z0 = z0.to(torch.float32).expand(batch, *z0.shape[1:])
-    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0.device)
-    target = guidance.target_for(image_index) if guidance is not None else None
-    identity = None
-    if target is not None and not guidance.lambdas.is_off:
-        if decoder is None:
-            raise ValueError("identity guidance needs the VAE decoder")
-        identity = IdentityCorrection(guidance, target, decoder, tail)
-    background = KeepOutsideMask(protect_mask, z0, noise, tail) if protect_mask is not None else None
-    return ddim.sample(eps_fn, ddim.add_noise(z0, noise, tail.alphas[0]), tail, chain(identity, background), callback)
+    protection = Protection(guidance, masks)
+
+    def sample_image(index: int, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        z0, noise = z0.to(torch.float32), noise.to(z0.device)
+        correction = protection.correction(index, tail, z0, noise, None if decoder is None else lambda _: decoder)
+        return ddim.sample(eps_fn, ddim.add_noise(z0, noise, tail.alphas[0]), tail, correction, callback)
+
+    return protect_batch(sample_image, originals, samples, seed)

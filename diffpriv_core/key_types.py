@@ -1,10 +1,12 @@
 """The key types the stages hand to each other (and that the key file stores)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
+from .key_format import PAIR
 from .schedule import STAGES
 
 EMBED_SHAPE = (77, 768)  # SD 1.x: 77 tokens of CLIP ViT-L/14 text width
@@ -50,3 +52,20 @@ class KeyI:
     def __post_init__(self):
         if self.latent.ndim != 3 or self.latent.shape[0] != 4:
             raise ValueError(f"key-I must be one [4, h, w] latent, got {tuple(self.latent.shape)}")
+
+
+PAIR_MISMATCH = ("key-E and key-I do not belong together: this key-I was made from another key-E (another "
+                 "photo's key). Use the key-E and key-I of one key file")
+
+
+def key_e_id(key_e: KeyE) -> str:
+    """key-E's identity, a digest of its tensors: key-I records it (``meta["pair"]``), so a
+    key-I only runs with the key-E it was made from."""
+    h = hashlib.sha256(b"diffprivacy key-E\0")
+    for t in (key_e.stages, key_e.uc):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def belong_together(key_e: KeyE, key_i: KeyI) -> bool:
+    return key_i.meta.get(PAIR) == key_e_id(key_e)

@@ -1,10 +1,15 @@
-"""Key files: key-E, key-I and their metadata in one safetensors file.
+"""Key files: key-E, key-I and their metadata in one safetensors file (key_format.py).
 
-No pickle anywhere. Unencrypted files carry a SHA-256 digest over metadata and tensors, so
-damage or tampering is refused before any compute. With a passphrase the tensors are
-serialised, then encrypted with AES-256-GCM under a key derived by scrypt (memory-hard);
-the public metadata is the AEAD's associated data, so it cannot be altered either. A
-stolen encrypted key file reveals only its metadata (task, step count, image size).
+No pickle anywhere. A key file has one encoding, and the loader accepts only that
+encoding, so any changed byte is detected. Unencrypted files carry a SHA-256 digest over
+metadata and tensors (damage, not forgery); with a passphrase the tensors are serialised,
+then encrypted with AES-256-GCM under a key derived by scrypt (memory-hard), with the
+exact header bytes as the AEAD's associated data, so the public metadata cannot be
+altered either. A stolen encrypted key file reveals only its metadata (task, step count,
+image size).
+
+key-I is bound to the key-E it was inverted under (its ``pair`` metadata is key-E's id),
+so keys of two photos never run together silently.
 """
 from __future__ import annotations
 
@@ -13,189 +18,243 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
-from .key_types import EMBED_SHAPE, KeyE, KeyI
-from .schedule import STAGES
+from . import key_format as fmt
+from .key_format import KEY_SUFFIX, KeyFileError  # noqa: F401  (public names of this module)
+from .files import PARTIAL_SUFFIX, write_new_file
+from .key_types import EMBED_SHAPE, PAIR_MISMATCH, KeyE, KeyI, belong_together, key_e_id
+from .frame import MSI_MAX_SIDE, VAE_FACTOR
+from .schedule import STAGES, T, ddim_grid
 
-FORMAT = "diffprivacy-key"
-VERSION = "1"
-SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # 32 MiB, about 0.1 s: cheap once, costly to brute-force
-MAX_FILE_BYTES = 64 * 2**20  # a key is ~2.4 MB (key-E) + the latent; refuse anything absurd
-# All metadata goes in ONE safetensors metadata entry: the container stores its entries in
-# an unordered map, so several entries would make the bytes differ from run to run.
-META_KEY = "diffprivacy"
+FORMAT, VERSION = fmt.FORMAT, fmt.VERSION
+# key-I's latent is at most what the nodes make: MSI takes images up to MSI_MAX_SIDE pixels.
+MAX_LATENT_SIDE = MSI_MAX_SIDE // VAE_FACTOR
 
 
-class KeyFileError(ValueError):
-    """A key file that cannot be used: damaged, tampered, wrong passphrase, not a key."""
+def check_metadata(key_e: KeyE, key_i: KeyI | None) -> None:
+    """Refuse keys whose checks would be skipped: no checkpoint fingerprint, no grid."""
+    if not key_e.meta.get(fmt.CHECKPOINT):
+        raise KeyFileError("this key-E has no checkpoint fingerprint, so it cannot be checked against the model")
+    if key_i is None:
+        return
+    if not key_i.meta.get(fmt.CHECKPOINT) or not key_i.meta.get(fmt.GRID):
+        raise KeyFileError("this key-I has no checkpoint fingerprint or timestep grid, so it cannot be checked "
+                           "against the model")
+    h, w = key_i.latent.shape[-2:]
+    if not (1 <= h <= MAX_LATENT_SIDE and 1 <= w <= MAX_LATENT_SIDE):
+        raise KeyFileError(f"key-I's latent is {w} x {h}; the nodes make latents of at most "
+                           f"{MAX_LATENT_SIDE} x {MAX_LATENT_SIDE} (images of {MSI_MAX_SIDE} pixels)")
+    if not belong_together(key_e, key_i):
+        raise KeyFileError(PAIR_MISMATCH if fmt.PAIR in key_i.meta else
+                           "this key-I does not say which key-E it belongs to: make it with DDIM Inversion Key")
 
 
-def _canonical(meta: dict[str, str]) -> bytes:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(_canonical(meta))
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _derive(passphrase: str, salt: bytes, params: dict) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    return Scrypt(salt=salt, length=32, **params).derive(passphrase.encode("utf-8"))
-
-
+# --- writing -------------------------------------------------------------------------
 def _tensors(key_e: KeyE, key_i: KeyI | None) -> dict[str, torch.Tensor]:
-    tensors = {"key_e.stages": key_e.stages.detach().float().cpu().contiguous(),
-               "key_e.uc": key_e.uc.detach().float().cpu().contiguous()}
+    tensors = {fmt.KEY_E_STAGES: key_e.stages.detach().float().cpu().contiguous(),
+               fmt.KEY_E_UC: key_e.uc.detach().float().cpu().contiguous()}
     if key_i is not None:
-        tensors["key_i.latent"] = key_i.latent.detach().float().cpu().contiguous()
+        tensors[fmt.KEY_I_LATENT] = key_i.latent.detach().float().cpu().contiguous()
     return tensors
 
 
 def _metadata(key_e: KeyE, key_i: KeyI | None, extra: dict[str, str]) -> dict[str, str]:
-    meta = {f"key_e.{k}": str(v) for k, v in key_e.meta.items()}
+    meta = {f"{fmt.KEY_E_PREFIX}{k}": str(v) for k, v in key_e.meta.items()}
     if key_i is not None:
-        meta.update({f"key_i.{k}": str(v) for k, v in key_i.meta.items()})
+        meta.update({f"{fmt.KEY_I_PREFIX}{k}": str(v) for k, v in key_i.meta.items()})
         meta.update({"steps": str(key_i.steps), "inversion": key_i.inversion, "refine": str(key_i.refine)})
     meta.update({k: str(v) for k, v in extra.items()})
-    meta.update({"format": FORMAT, "version": VERSION})
+    meta.update({"format": fmt.FORMAT, "version": fmt.VERSION})
     return meta
+
+
+def _encode(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor]) -> bytes:
+    """The container: canonical header, then the tensors' bytes in the header's order."""
+    dtypes = {name: "U8" if t.dtype == torch.uint8 else "F32" for name, t in tensors.items()}
+    order = fmt.tensor_order(dtypes)
+    header = fmt.encode_header(meta, [(n, dtypes[n], tuple(tensors[n].shape)) for n in order])
+    return header + b"".join(tensors[n].numpy().tobytes() for n in order)
+
+
+def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(fmt.canonical_json(meta).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _derive(passphrase: str, salt: bytes, version: str) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    # Version 1 derived from the passphrase's UTF-8 as typed; later versions normalise it.
+    secret = passphrase.encode("utf-8") if version == "1" else fmt.normalise_passphrase(passphrase)
+    return Scrypt(salt=salt, length=32, **fmt.SCRYPT[version]).derive(secret)
 
 
 def key_bytes(key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
               extra: dict[str, str] | None = None) -> bytes:
     """Serialise keys to the file format (deterministic when unencrypted)."""
+    check_metadata(key_e, key_i)
     tensors = _tensors(key_e, key_i)
     meta = _metadata(key_e, key_i, extra or {})
     if not passphrase:
-        meta["digest"] = _digest(meta, tensors)
-        return save_bytes(tensors, metadata={META_KEY: _canonical(meta).decode()})
+        meta[fmt.DIGEST] = _digest(meta, tensors)
+        return _encode(meta, tensors)
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     salt, nonce = os.urandom(16), os.urandom(12)
-    meta.update({"encryption": "aes-256-gcm", "kdf": "scrypt", "kdf.params": json.dumps(SCRYPT),
+    meta.update({"encryption": fmt.ENCRYPTION, "kdf": fmt.KDF, "kdf.params": json.dumps(fmt.SCRYPT[fmt.VERSION]),
                  "kdf.salt": salt.hex(), "nonce": nonce.hex()})
-    sealed = AESGCM(_derive(passphrase, salt, SCRYPT)).encrypt(nonce, save_bytes(tensors), _canonical(meta))
-    return save_bytes({"ciphertext": torch.frombuffer(bytearray(sealed), dtype=torch.uint8)},
-                      metadata={META_KEY: _canonical(meta).decode()})
+    plain = _encode(None, tensors)
+    # The header depends only on the ciphertext's length (the payload plus the 16-byte tag),
+    # so it is written first and authenticated byte for byte.
+    header = fmt.encode_header(meta, [(fmt.CIPHERTEXT, "U8", (len(plain) + 16,))])
+    return header + AESGCM(_derive(passphrase, salt, fmt.VERSION)).encrypt(nonce, plain, header)
 
 
 def save_key(path: str | os.PathLike, key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
              extra: dict[str, str] | None = None) -> Path:
-    """Write a key file atomically, readable by its owner only."""
-    path = Path(path)
-    data = key_bytes(key_e, key_i, passphrase, extra)
-    tmp = path.with_name(f".{path.name}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write a new key file, readable by its owner only, never replacing an existing file
+    (FileExistsError); it appears complete or not at all (files.write_new_file)."""
+    return write_new_file(path, key_bytes(key_e, key_i, passphrase, extra))
 
 
-def _read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse the safetensors container; any malformed input becomes a KeyFileError."""
-    if len(data) < 8:
-        raise KeyFileError("not a key file: it is truncated or empty")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8 or header_len > 1 << 20:
-        raise KeyFileError("not a key file: its header is damaged or truncated")
-    try:
-        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][META_KEY])
-        tensors = load_bytes(data)
-    except (KeyError, TypeError):
-        raise KeyFileError("not a Diff-Privacy key file (no 'diffprivacy-key' format tag)") from None
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, RuntimeError) as exc:
-        raise KeyFileError(f"not a key file: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(isinstance(v, str) for v in meta.values()):
-        raise KeyFileError("not a Diff-Privacy key file (no 'diffprivacy-key' format tag)")
-    if meta.get("version") != VERSION:
-        raise KeyFileError(f"key file version {meta.get('version')!r} is not supported (this pack reads {VERSION})")
-    return tensors, meta
+def save_next_key(folder: str | os.PathLike, prefix: str, key_e: KeyE, key_i: KeyI | None = None,
+                  passphrase: str | None = None, extra: dict[str, str] | None = None) -> Path:
+    """Save under the next free ``prefix_NNNNN`` name; a name taken meanwhile (another
+    process saving into the same folder) moves on to the next number."""
+    while True:
+        try:
+            return save_key(next_key_path(folder, prefix), key_e, key_i, passphrase, extra)
+        except FileExistsError:
+            continue
 
 
-def _decrypt(tensors: dict[str, torch.Tensor], meta: dict[str, str], passphrase: str | None) -> dict[str, torch.Tensor]:
+# --- reading -------------------------------------------------------------------------
+def _tensor(data: bytes, record: fmt.TensorRecord) -> torch.Tensor:
+    dtype = torch.uint8 if record.dtype == "U8" else torch.float32
+    return torch.frombuffer(bytearray(data[record.start:record.end]), dtype=dtype).reshape(record.shape)
+
+
+def _checked(data: bytes, records: dict[str, fmt.TensorRecord], name: str, shape: tuple | None) -> torch.Tensor:
+    record = records[name]
+    latent_shape = len(record.shape) == 3 and record.shape[0] == 4
+    if record.dtype != "F32" or (shape is not None and record.shape != shape) or (shape is None and not latent_shape):
+        expected = f"float32 {shape}" if shape is not None else "float32 [4, height, width]"
+        raise KeyFileError(f"the key file is damaged: its {name} is {record.dtype} {list(record.shape)}; "
+                           f"a Diff-Privacy key has {expected}")
+    t = _tensor(data, record)
+    if not np.isfinite(t.numpy()).all():  # numpy: one thread, no pool to wake for a check
+        raise KeyFileError(f"the key file is damaged: its {name} holds NaN or infinite values")
+    return t
+
+
+def _key_tensors(data: bytes, records: dict[str, fmt.TensorRecord]) -> dict[str, torch.Tensor]:
+    names = set(records)
+    if not {fmt.KEY_E_STAGES, fmt.KEY_E_UC} <= names <= {fmt.KEY_E_STAGES, fmt.KEY_E_UC, fmt.KEY_I_LATENT}:
+        raise KeyFileError(f"the key file is damaged: it holds the tensors {sorted(names)}; a key file holds "
+                           f"{fmt.KEY_E_STAGES}, {fmt.KEY_E_UC} and, with key-I, {fmt.KEY_I_LATENT}")
+    tensors = {fmt.KEY_E_STAGES: _checked(data, records, fmt.KEY_E_STAGES, (STAGES, *EMBED_SHAPE)),
+               fmt.KEY_E_UC: _checked(data, records, fmt.KEY_E_UC, (1, *EMBED_SHAPE))}
+    if fmt.KEY_I_LATENT in records:
+        tensors[fmt.KEY_I_LATENT] = _checked(data, records, fmt.KEY_I_LATENT, None)
+    return tensors
+
+
+def _open(data: bytes, container: fmt.Container, passphrase: str | None) -> dict[str, torch.Tensor]:
+    """The key tensors of an encrypted file, decrypted and checked."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    meta, version = container.meta, container.meta["version"]
+    if not all(field in meta for field in fmt.ENCRYPTED_FIELDS) or meta["encryption"] != fmt.ENCRYPTION \
+            or meta["kdf"] != fmt.KDF:
+        raise KeyFileError(f"the key file is damaged: its encryption fields are not {fmt.ENCRYPTION} with {fmt.KDF}")
     if not passphrase:
         raise KeyFileError("this key file is encrypted: a passphrase is required")
-    sealed = tensors.get("ciphertext")
-    if sealed is None or sealed.dtype != torch.uint8 or meta.get("kdf") != "scrypt":
-        raise KeyFileError("the encrypted key file is damaged (no ciphertext)")
+    sealed = container.tensors.get(fmt.CIPHERTEXT)
+    if set(container.tensors) != {fmt.CIPHERTEXT} or sealed.dtype != "U8" or len(sealed.shape) != 1:
+        raise KeyFileError("the encrypted key file is damaged: it has no ciphertext, or more than one")
+    # The file's scrypt settings must be its version's: a file never chooses how costly a
+    # derivation is (they are checked before deriving, authenticated after).
+    if meta["kdf.params"] != json.dumps(fmt.SCRYPT[version]):
+        raise KeyFileError(f"the encrypted key file is damaged: its scrypt settings {meta['kdf.params']} are not "
+                           f"the ones version {version} writes ({json.dumps(fmt.SCRYPT[version])})")
     try:
-        params = json.loads(meta["kdf.params"])
-        # The metadata is only authenticated after derivation, so a file must not choose
-        # the cost of deriving: only the parameters this pack writes are accepted.
-        if params != SCRYPT:
-            raise ValueError(f"scrypt parameters {params} are not the ones this pack writes ({SCRYPT})")
-        key = _derive(passphrase, bytes.fromhex(meta["kdf.salt"]), params)
-        plain = AESGCM(key).decrypt(bytes.fromhex(meta["nonce"]), sealed.numpy().tobytes(), _canonical(meta))
+        salt, nonce = bytes.fromhex(meta["kdf.salt"]), bytes.fromhex(meta["nonce"])
+    except ValueError:
+        raise KeyFileError("the encrypted key file is damaged: its salt or nonce is not hexadecimal") from None
+    if len(salt) != 16 or len(nonce) != 12:
+        raise KeyFileError("the encrypted key file is damaged: its salt or nonce has the wrong length")
+    associated = container.header if version != "1" else fmt.canonical_json(meta).encode()
+    try:
+        plain = AESGCM(_derive(passphrase, salt, version)).decrypt(nonce, data[sealed.start:sealed.end], associated)
     except InvalidTag:
         raise KeyFileError("wrong passphrase, or the key file was modified") from None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise KeyFileError(f"the encrypted key file is damaged: {exc}") from None
     try:
-        return load_bytes(plain)
-    except (SafetensorError, ValueError) as exc:
-        raise KeyFileError(f"the decrypted payload is damaged: {exc}") from None
-
-
-def _checked(tensors: dict[str, torch.Tensor], name: str, shape: tuple | None, ndim: int | None = None) -> torch.Tensor:
-    t = tensors.get(name)
-    if t is None:
-        raise KeyFileError(f"the key file has no {name}")
-    if t.dtype != torch.float32 or (shape is not None and tuple(t.shape) != shape) or (ndim is not None and t.ndim != ndim):
-        expected = f"float32 {shape}" if shape is not None else f"float32 with {ndim} dimensions"
-        raise KeyFileError(f"{name} has dtype {t.dtype} and shape {tuple(t.shape)}; a Diff-Privacy key has {expected}")
-    if not torch.isfinite(t).all():
-        raise KeyFileError(f"{name} holds NaN or infinite values")
-    return t
+        inner = fmt.read_container(plain, with_metadata=False)
+    except KeyFileError as exc:
+        raise KeyFileError(f"the encrypted part of the key file is damaged: {exc}") from None
+    return _key_tensors(plain, inner.tensors)
 
 
 def _sub(meta: dict[str, str], prefix: str) -> dict[str, str]:
     return {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
 
 
+def _number(meta: dict[str, str], name: str) -> int | None:
+    """A whole number written as the pack writes it ("50", never " 50" or "050")."""
+    text = meta.get(name, "")
+    return int(text) if 0 < len(text) <= 6 and text.isascii() and text.isdigit() and text == str(int(text)) else None
+
+
+def _keys(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[KeyE, KeyI | None]:
+    key_e = KeyE(tensors[fmt.KEY_E_STAGES], tensors[fmt.KEY_E_UC], _sub(meta, fmt.KEY_E_PREFIX))
+    if fmt.KEY_I_LATENT not in tensors:
+        return key_e, None
+    latent = tensors[fmt.KEY_I_LATENT]
+    key_i_meta = _sub(meta, fmt.KEY_I_PREFIX)
+    if meta["version"] == "1":
+        key_i_meta[fmt.PAIR] = key_e_id(key_e)  # version 1 bound the pair by holding it in one verified file
+    steps, inversion, refine = _number(meta, "steps"), meta.get("inversion"), _number(meta, "refine")
+    if steps is None or refine is None or not 1 <= steps <= T or refine < 0 or inversion not in ("ddim", "fixed_point"):
+        raise KeyFileError("the key file is damaged: its key-I settings (steps, inversion, refine) are missing "
+                           "or unreadable")
+    if key_i_meta.get(fmt.GRID) not in (None, ddim_grid(steps).describe()):
+        raise KeyFileError(f"this key-I was made on another timestep grid ({steps} steps); it cannot be "
+                           "recovered with this version of the pack")
+    key_i = KeyI(latent, steps, inversion, refine, key_i_meta)
+    return key_e, key_i
+
+
 def load_key_bytes(data: bytes, passphrase: str | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
-    """Parse and verify a key file: (key-E, key-I or None, metadata)."""
-    if len(data) > MAX_FILE_BYTES:
-        raise KeyFileError(f"not a key file: {len(data)} bytes is far larger than any key")
-    tensors, meta = _read(data)
+    """Parse and verify a key file: (key-E, key-I or None, metadata). Every failure is a
+    KeyFileError whose message says what is wrong."""
+    container = fmt.read_container(data)
+    meta = container.meta
     if "encryption" in meta:
-        tensors = _decrypt(tensors, meta, passphrase)
+        tensors = _open(data, container, passphrase)
     else:
-        body = {k: v for k, v in meta.items() if k != "digest"}
-        if meta.get("digest") != _digest(body, tensors):
+        if passphrase:
+            raise KeyFileError("this key file is not encrypted, but a passphrase was given: leave the passphrase "
+                               "empty for it (or it was tampered with to drop its encryption)")
+        tensors = _key_tensors(data, container.tensors)
+        if meta.get(fmt.DIGEST) != _digest({k: v for k, v in meta.items() if k != fmt.DIGEST}, tensors):
             raise KeyFileError("the key file was modified or damaged (integrity check failed)")
-    key_e = KeyE(_checked(tensors, "key_e.stages", (STAGES, *EMBED_SHAPE)),
-                 _checked(tensors, "key_e.uc", (1, *EMBED_SHAPE)), _sub(meta, "key_e."))
-    key_i = None
-    if "key_i.latent" in tensors:
-        latent = _checked(tensors, "key_i.latent", None, ndim=3)
-        try:
-            key_i = KeyI(latent, int(meta["steps"]), meta["inversion"], int(meta["refine"]), _sub(meta, "key_i."))
-        except (KeyError, ValueError) as exc:
-            raise KeyFileError(f"the key file's key-I is unusable: {exc}") from None
+    key_e, key_i = _keys(meta, tensors)
+    check_metadata(key_e, key_i)
     return key_e, key_i, meta
 
 
 def load_key(path: str | os.PathLike, passphrase: str | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
     path = Path(path)
-    if path.stat().st_size > MAX_FILE_BYTES:
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise KeyFileError(f"{path.name} is a partial file left by an interrupted save, not a key file")
+    if path.stat().st_size > fmt.MAX_FILE_BYTES:
         raise KeyFileError(f"{path.name} is not a key file: far larger than any key")
     return load_key_bytes(path.read_bytes(), passphrase)
 
@@ -218,9 +277,7 @@ def model_fingerprint(named_tensors, samples_per_tensor: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
-KEY_SUFFIX = ".dpkey.safetensors"
-
-
+# --- names ---------------------------------------------------------------------------
 def safe_join(folder: str | os.PathLike, name: str) -> Path:
     """``folder/name``, refusing any name that could leave the folder (absolute paths,
     '..', backslashes, NUL, links pointing outside)."""
@@ -234,11 +291,24 @@ def safe_join(folder: str | os.PathLike, name: str) -> Path:
 
 
 def next_key_path(folder: str | os.PathLike, prefix: str) -> Path:
-    """The next free ``prefix_00001.dpkey.safetensors`` (numbered like ComfyUI's images)."""
+    """The next free ``prefix_00001.dpkey.safetensors`` (numbered like ComfyUI's images).
+
+    Taken names are compared as plain strings (no glob: a prefix with '[' or '*' is just a
+    name). The prefix must end in a file name inside the folder: '.', 'sub/' or 'sub/..'
+    do not."""
+    parts = prefix.replace("\\", "/").split("/")
+    if not parts[-1] or parts[-1] in (".", "..") or parts[-1].startswith("."):
+        raise ValueError(f"invalid key file prefix {prefix!r}: it must end in a file name (not '.', '..', a "
+                         "hidden name or a folder), e.g. diffprivacy/key")
     base = safe_join(folder, prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
-    taken = {p.name for p in base.parent.glob(f"{base.name}_*{KEY_SUFFIX}")}
+    start, end = f"{base.name}_", KEY_SUFFIX
+    taken = set()
+    for name in os.listdir(base.parent):
+        number = name[len(start):-len(end)]
+        if name.startswith(start) and name.endswith(end) and number.isascii() and number.isdigit():
+            taken.add(int(number))
     counter = 1
-    while f"{base.name}_{counter:05d}{KEY_SUFFIX}" in taken:
+    while counter in taken:
         counter += 1
     return base.parent / f"{base.name}_{counter:05d}{KEY_SUFFIX}"

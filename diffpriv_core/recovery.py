@@ -11,7 +11,7 @@ import torch
 
 from . import ddim
 from .adapters.protocols import EpsModel
-from .key_types import KeyE, KeyI
+from .key_types import PAIR, PAIR_MISMATCH, KeyE, KeyI, belong_together, key_e_id
 from .schedule import ddim_grid, scheduled_stage, stage_of
 
 MODES = ("fixed_point", "ddim")
@@ -44,13 +44,17 @@ def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps:
     with torch.no_grad():
         z = ddim.invert(conditioned_eps(eps_model, keys_e), z0, grid, refine=refine, callback=callback)
     meta = dict(meta or {}, grid=grid.describe())
-    return [KeyI(zi.cpu(), steps, mode, refine, dict(meta)) for zi in z]
+    return [KeyI(zi.cpu(), steps, mode, refine, {**meta, PAIR: key_e_id(key_e)})
+            for zi, key_e in zip(z, keys_e * len(z) if len(keys_e) == 1 else keys_e, strict=True)]
 
 
 def check_checkpoint(meta: dict[str, str], fingerprint: str | None, what: str) -> None:
     """Refuse a key made with another checkpoint than the one whose UNet has ``fingerprint``."""
     made_with = meta.get("checkpoint")
-    if fingerprint and made_with and made_with != fingerprint:
+    if fingerprint and not made_with:
+        raise KeyMismatchError(f"this {what} has no checkpoint fingerprint, so it cannot be checked against the "
+                               "loaded model; make it again with this pack")
+    if fingerprint and made_with != fingerprint:
         raise KeyMismatchError(f"this {what} was made with another checkpoint (fingerprint {made_with}); the "
                                f"loaded model's is {fingerprint}. Load the checkpoint the key was made with.")
 
@@ -63,8 +67,8 @@ def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
     grid = ddim_grid(steps.pop())
     for k in keys_i:
         check_checkpoint(k.meta, fingerprint, "key-I")
-        if k.meta.get("grid", grid.describe()) != grid.describe():
-            raise KeyMismatchError(f"this key-I was made on another timestep grid ({k.steps} steps); "
+        if k.meta.get("grid") != grid.describe():
+            raise KeyMismatchError(f"this key-I was made on another timestep grid ({k.steps} steps), or has none; "
                                    "it cannot be recovered with this version of the pack")
     return grid.steps
 
@@ -73,6 +77,9 @@ def recover(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE], fingerp
             callback: ddim.StepCallback | None = None) -> torch.Tensor:
     """Stage III: the latents [B, 4, h, w] (scaled) that key-I + key-E give back."""
     grid = ddim_grid(check_keys(keys_i, fingerprint))
+    pairs = zip(keys_e * len(keys_i) if len(keys_e) == 1 else keys_e, keys_i, strict=True)
+    if not all(belong_together(e, i) for e, i in pairs):
+        raise KeyMismatchError(PAIR_MISMATCH)
     with torch.no_grad():
         return ddim.sample(conditioned_eps(eps_model, keys_e), torch.stack([k.latent for k in keys_i]), grid,
                            callback=callback)

@@ -75,16 +75,26 @@ def ddim_grid(steps: int, table: torch.Tensor | None = None) -> Grid:
 
 
 def grid_from_sigmas(sigmas: torch.Tensor, table: torch.Tensor | None = None) -> Grid:
-    """A grid from a descending k-diffusion sigma list (what a SAMPLER receives).
+    """A grid from a descending k-diffusion sigma list (what a SAMPLER receives), position by
+    position: step k starts at ``sigmas[k]``.
 
     Timesteps are the nearest table entries (used for the stage index and the lambda
     schedule); alphas come from the sigmas themselves so the step matches the sampler's.
+    Two steps that snap to the same timestep would be indistinguishable to everything that
+    goes by timestep (the embedding, lambda_t, the model call), so such schedules are refused.
     """
     table = alphas_cumprod() if table is None else table
     s = sigmas.detach().double().cpu()
     alphas = 1.0 / (1.0 + s**2)
     table_sigmas = ((1.0 - table) / table).sqrt()
     ts = [int((table_sigmas.log() - torch.log(x)).abs().argmin()) for x in s[:-1]]
+    first_step: dict[int, int] = {}
+    for k, t in enumerate(ts):
+        j = first_step.setdefault(t, k)
+        if j != k:
+            raise ValueError(f"the sigma schedule puts steps {j} and {k} of {len(ts)} (sigmas {float(s[j]):.4g} and "
+                             f"{float(s[k]):.4g}) on the same timestep {t}: Guided DDIM needs one timestep per step; "
+                             "use fewer steps or the ddim_uniform scheduler")
     return Grid(tuple(ts), tuple(float(a) for a in alphas))
 
 

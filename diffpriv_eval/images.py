@@ -13,7 +13,7 @@ from diffpriv_client.summary import finished_outputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...; the
-# recovery of one face's key (diffpriv protect --every-face) as <stem>_face<k>_00001.
+# recovery of one face's key (a per-face key, diffpriv protect's default) as <stem>_face<k>_00001.
 _SUFFIXES = (re.compile(r"_\d+$"), re.compile(r"_face\d+$"))
 
 

@@ -7,6 +7,7 @@ import comfy.model_management
 import torch
 import torch.utils.checkpoint
 
+from diffpriv_core.ddim import eps_from_denoised, k_diffusion_scale
 from diffpriv_core.keys import model_fingerprint
 
 from .host import autograd_copy
@@ -37,9 +38,9 @@ class ComfyEpsModel:
         """``t``: one timestep for the batch, or a [B] tensor with one per sample."""
         sigma = self.sigma(t).to(self.device).expand(z_t.shape[0])
         s = sigma.view(-1, 1, 1, 1)
-        x = z_t.to(self.device, torch.float32) * torch.sqrt(1.0 + s**2)
+        x = z_t.to(self.device, torch.float32) * k_diffusion_scale(s)
         x0 = self.base.apply_model(x, sigma, c_crossattn=cond.to(self.device))
-        return ((x - x0.float()) / s).to(z_t.device)
+        return eps_from_denoised(x, x0.float(), s).to(z_t.device)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -69,9 +70,14 @@ class ComfyDecoder:
             checkpoint_blocks(self.network.decoder)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        raw = self.latent_format.process_out(z).to(self.vae.device, self.vae.vae_dtype)
-        image = self.network.decode(raw).float()
-        return ((image + 1.0) / 2.0).movedim(1, -1)
+        return decode_scaled(self.vae, self.network, self.latent_format, z)
+
+
+def decode_scaled(vae, network: torch.nn.Module, latent_format, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> [B, H, W, 3] through ``network`` (the VAE's first stage, or a copy
+    of it), unclamped."""
+    raw = latent_format.process_out(z).to(vae.device, vae.vae_dtype)
+    return ((network.decode(raw).float() + 1.0) / 2.0).movedim(1, -1)
 
 
 def checkpoint_blocks(network: torch.nn.Module, block_class: str = "ResnetBlock") -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from diffpriv_core.energy import MODES, PAPER_LAMBDAS, LambdaSchedule
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
 from diffpriv_core.guided import IdentityGuidance, face_target
+from diffpriv_core.tasks import TASKS
 
 from .face_models import model_options, resolve_model
 from .faces import NO_FACE
@@ -98,7 +98,7 @@ class IdentityGuidanceNode(io.ComfyNode):
             inputs=[
                 FaceModel.Input("face_model"),
                 io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
-                io.Combo.Input("mode", options=list(MODES), default="anonymize"),
+                io.Combo.Input("mode", options=list(TASKS), default="anonymize"),
                 io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="multiplies the paper's lambda_t (anonymize 1; hide 1.5 for t > 600, "
                                        "2.5 below); 0 = no guidance"),
@@ -126,7 +126,6 @@ class IdentityGuidanceNode(io.ComfyNode):
                 face_index, min_score, on_no_face, gradient_checkpointing=False) -> io.NodeOutput:
         image = rgb_images(image, "Identity Guidance")
         image_side_at_least(image, MIN_FACE_SIDE, "Identity Guidance")
-        paper = PAPER_LAMBDAS[mode]
         targets, missing = [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
@@ -146,7 +145,7 @@ class IdentityGuidanceNode(io.ComfyNode):
                         missing)
         guidance = IdentityGuidance(
             embedder=face_model, mode=mode, targets=tuple(targets),
-            lambdas=LambdaSchedule(paper.early * lambda_scale, paper.late * lambda_scale, paper.switch_t),
+            lambdas=TASKS[mode].lambdas.scaled(lambda_scale),
             normalize=normalize_gradient, diversity=diversity,
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
             checkpoint_decoder=gradient_checkpointing)

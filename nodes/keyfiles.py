@@ -7,21 +7,23 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.faces.crop import FaceCrop
-from diffpriv_core.keys import load_key, next_key_path, safe_join, save_key
+from diffpriv_core.key_format import CROP_META
+from diffpriv_core.keys import load_key, safe_join, save_next_key
 
 from .inputs import per_image
 from .types import FaceCrops, KeyE, KeyI
 
 KEYS_FOLDER = "diffprivacy_keys"
-CROP_META = "face_crop"  # key metadata: where the key's face sits in its photo (Face Crop)
 # Merge into (never overwrite) the folder list, so extra_model_paths.yaml entries stay.
 folder_paths.add_model_folder_path(KEYS_FOLDER, os.path.join(folder_paths.models_dir, KEYS_FOLDER), is_default=True)
+# Only .safetensors files are offered: a partial file an interrupted save left is never listed.
+folder_paths.folder_names_and_paths[KEYS_FOLDER][1].add(".safetensors")
 
 PASSPHRASE_TIP = ("optional; encrypts the key (AES-256-GCM, scrypt). Note: ComfyUI stores node inputs in "
                   "saved workflows and PNG metadata; run ComfyUI with --disable-metadata when you use one")
 
 
-def _keys_dir() -> str:
+def keys_dir() -> str:
     return folder_paths.get_folder_paths(KEYS_FOLDER)[0]
 
 
@@ -56,13 +58,13 @@ class SavePrivacyKey(io.ComfyNode):
         if crop_info is not None and len(crop_info) != count:
             raise ValueError(f"{len(crop_info)} face crops for {count} keys: connect the Face Crop whose crops "
                              "made these keys")
-        root = folder_paths.get_output_directory() if folder == "output" else _keys_dir()
+        root = folder_paths.get_output_directory() if folder == "output" else keys_dir()
         written, records = [], []
         for b in range(count):
             crop = crop_info[b] if crop_info is not None else None
-            path = next_key_path(root, face_key_prefix(filename_prefix, crop, crop_info))
-            save_key(path, keys_e[b], key_i[b] if key_i else None, passphrase or None,
-                     extra={CROP_META: crop.to_json()} if crop is not None else None)
+            path = save_next_key(root, face_key_prefix(filename_prefix, crop, crop_info), keys_e[b],
+                                 key_i[b] if key_i else None, passphrase or None,
+                                 extra={CROP_META: crop.to_json()} if crop is not None else None)
             written.append(str(path))
             rel = os.path.relpath(path, root)
             records.append({"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),

@@ -11,6 +11,7 @@ import torch
 
 from diffpriv_core.clip_features import check_vit_l14, pick_blocks, to_clip_pixels
 
+from .adapters import decode_scaled
 from .host import autograd_copy
 
 PLACEHOLDER = "*"
@@ -47,8 +48,7 @@ class ComfyCodec:
         return self.latent_format.process_in(mean), std * self.latent_format.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        raw = self.latent_format.process_out(z).to(self.vae.device, self.vae.vae_dtype)
-        return ((self.stage.decode(raw).float() + 1.0) / 2.0).movedim(1, -1)
+        return decode_scaled(self.vae, self.stage, self.latent_format, z)
 
 
 def _residual_out_of_place(layer, x, mask=None, optimized_attention=None):

@@ -4,12 +4,14 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
+from diffpriv_core.tasks import TASKS
 
 from .adapters import ComfyEpsModel
 from .host import Progress
 from .inputs import per_image, sd1_model, sd_latents
 from .types import KeyE, KeyI
 
+KEY_I = TASKS["anonymize"].key_i  # the defaults; the hide workflows invert on their 100-step grid
 MODE_TIPS = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
              "ddim": "plain DDIM inversion, as in the paper"}
 
@@ -27,10 +29,10 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
                 KeyE.Input("key_e"),
-                io.Int.Input("steps", default=50, min=1, max=500),
-                io.Combo.Input("mode", options=list(MODES), default="fixed_point",
+                io.Int.Input("steps", default=KEY_I.steps, min=1, max=500),
+                io.Combo.Input("mode", options=list(MODES), default=KEY_I.mode,
                                tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
-                io.Int.Input("refine_iterations", default=4, min=1, max=50,
+                io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
             ],
             outputs=[KeyI.Output(display_name="key_i")],

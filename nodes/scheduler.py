@@ -5,10 +5,11 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.schedule import T, embedding_schedule
+from diffpriv_core.tasks import TASKS, preset_value
 
 from .types import KeyE
 
-TAU_PRESETS = {"anonymize": 0.4, "hide": 0.6}
+NAME = "Embedding Scheduler"
 
 
 def percent_of(timestep: float) -> float:
@@ -37,9 +38,10 @@ class EmbeddingScheduler(io.ComfyNode):
                         "Works with any sampler (KSampler, SamplerCustom, the Guided DDIM Sampler).",
             inputs=[
                 KeyE.Input("key_e"),
-                io.Combo.Input("preset", options=[*TAU_PRESETS, "custom"], default="anonymize",
-                               tooltip="anonymize: tau 0.4; hide: tau 0.6; custom: the tau below"),
-                io.Float.Input("tau", default=0.4, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("preset", options=[*TASKS, "custom"], default="anonymize",
+                               tooltip="anonymize: tau 0.4; hide: tau 0.6; for a tau left at -1. custom: the tau below"),
+                io.Float.Input("tau", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="key-E conditions t > tau * 1000, the empty prompt below; -1 = the preset's"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive")],
         )
@@ -47,5 +49,5 @@ class EmbeddingScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, key_e, preset, tau) -> io.NodeOutput:
         if not key_e:
-            raise ValueError("Embedding Scheduler got an empty key-E list")
-        return io.NodeOutput(scheduled_conditioning(key_e, TAU_PRESETS.get(preset, tau)))
+            raise ValueError(f"{NAME} got an empty key-E list")
+        return io.NodeOutput(scheduled_conditioning(key_e, preset_value(NAME, preset, "tau", tau, -1.0)))

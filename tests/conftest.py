@@ -80,10 +80,13 @@ class Host:
         return self.client.upload_image(path)
 
 
-def start_host(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
+def start_host(base: Path, test_models: Path, face_models: Path,
+               extra_args: tuple[str, ...] = ("--disable-metadata",)) -> EmbeddedComfy:
+    """A test server; ``--disable-metadata`` as the command asks of servers it sends
+    passphrases to (a server without it is the hostile one of test_cli_hostile.py)."""
     prepare_base_directory(base)
     _models_folder(base, test_models, face_models)
-    server = EmbeddedComfy(base).start()
+    server = EmbeddedComfy(base, extra_args=list(extra_args)).start()
     log = server.log()
     info = ComfyClient(server.url, timeout=60).object_info()
     missing = sorted(pack_node_ids() - set(info))

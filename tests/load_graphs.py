@@ -16,7 +16,7 @@ def protect(image: str, mode: str, seed: int, prefix: str, passphrase: str = "",
     add(g, "img", "LoadImage", image=image)
     add(g, "enc", "VAEEncode", pixels=["img", 0], vae=["ckpt", 2])
     add(g, "key", "DiffPrivacyLoadKey", key_name=KEY_E, passphrase="")
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset=mode, tau=0.4)
+    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset=mode, tau=-1.0)
     extra = {}
     if guided:
         add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)

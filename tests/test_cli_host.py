@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -30,12 +29,14 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
+from diffpriv_core.key_types import key_e_id
 from diffpriv_core.keys import load_key, save_key
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
 
 from conftest import ROOT, keys_folder, start_host
-from test_host_recovery import random_key_e
+from key_helpers import install_key_e as install_random_key_e
+from key_helpers import random_key_e
 
 pytestmark = pytest.mark.host
 WORKFLOWS = ROOT / "tests" / "workflows"
@@ -55,7 +56,7 @@ RECOVERY_TOLERANCE = 8.0
 
 
 def install_key_e(base: Path) -> None:
-    save_key(keys_folder(base) / KEY_E_NAME, random_key_e(7))
+    install_random_key_e(keys_folder(base) / KEY_E_NAME, 7)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +126,19 @@ def passphrase_env(monkeypatch):
     return "DP_TEST_PASSPHRASE"
 
 
+def server_state(host) -> tuple[set[Path], set[str]]:
+    """The files in the server's input, output and key folders, and its prompt history."""
+    files = {p for root in (host.base / "input", host.base / "output", host.keys) for p in root.rglob("*")
+             if p.is_file()}
+    return files, set(host.client.get("/history"))
+
+
 def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_env, capsys):
     install_key_e(comfy_host.base)
     url = comfy_host.server.url
     out = tmp_path / "out"
     images = [photos["astronaut"], photos["chelsea"], photos["hanks"]]
+    before = server_state(comfy_host)
     rc = cli.main(protect_args(images, out, url) + ["--passphrase-env", passphrase_env])
 
     assert rc == 1, "one image failed"
@@ -148,6 +157,7 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
         assert PASSPHRASE.encode() not in key_bytes and b'"dtype":"F32"' not in key_bytes, "encrypted"
         assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
     assert PASSPHRASE not in requests.get(f"{url}/history", timeout=10).text, "prompts with it were deleted"
+    assert server_state(comfy_host) == before, "uploads, outputs and history of every prompt removed, failed too"
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.height == 2 * 128 and sheet.width > 3 * 64
     shown = capsys.readouterr()
@@ -157,17 +167,21 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
     assert any(re.search(r"astronaut: DDIM Inversion Key \d+/\d+, \d\d:\d\d elapsed", line) for line in lines), lines
     assert "elapsed" not in [line for line in lines if line.strip()][-1]
 
-    # Recovery on a server we did not start: the key must be put there by hand first.
+    # Recovery on a server we did not start: the command uploads the key, then removes it.
     key = out / got["astronaut"]["keys"][0]
     recovered = tmp_path / "recovered"
-    argv = recover_args([key], recovered, url, passphrase_env=passphrase_env)
-    assert cli.main(argv) == 2
-    assert f"copy {key} into that server's models/diffprivacy_keys/" in capsys.readouterr().err
-    shutil.copy(key, keys_folder(comfy_host.base) / key.name)
-    assert cli.main(argv) == 0
+    assert cli.main(recover_args([key], recovered, url, passphrase_env=passphrase_env)) == 0
     (entry,) = results(recovered).values()
     (picture,) = entry["outputs"]
     assert entry["status"] == "ok" and Image.open(recovered / picture).size == (64, 64)
+    assert stat.S_IMODE((recovered / picture).stat().st_mode) == 0o600
+    assert server_state(comfy_host) == before
+
+    # --keep-on-server keeps the uploads and outputs, never the history of a passphrase.
+    kept = tmp_path / "kept"
+    assert cli.main(recover_args([key], kept, url, passphrase_env=passphrase_env) + ["--keep-on-server"]) == 0
+    files, history = server_state(comfy_host)
+    assert history == before[1] and {p.parent.name for p in files - before[0]} == {"diffpriv", "diffpriv-cli"}
 
 
 def picture(path: Path) -> np.ndarray:
@@ -182,7 +196,9 @@ def only_output(out: Path, name: str, label: str = "") -> Path:
 def with_another_key_e(key: Path, into: Path) -> Path:
     """The same key-I under another key-E: what recovery gives without the right key-E."""
     _key_e, key_i, _meta = load_key(key, PASSPHRASE)
-    return save_key(into, random_key_e(8), key_i, PASSPHRASE)
+    other = random_key_e(8)
+    key_i.meta["pair"] = key_e_id(other)  # a forged binding: the pair check is a check, the key-E decides
+    return save_key(into, other, key_i, PASSPHRASE)
 
 
 def test_recover_gives_back_the_original_and_a_wrong_passphrase_fails_clearly(comfy_host, photos, tmp_path,
@@ -195,8 +211,6 @@ def test_recover_gives_back_the_original_and_a_wrong_passphrase_fails_clearly(co
     reconstruction = picture(only_output(out, "astronaut", "_reconstruction_"))
     key = out / results(out)["astronaut"]["keys"][0]
     wrong = with_another_key_e(key, tmp_path / "wrong-e.dpkey.safetensors")
-    for k in (key, wrong):
-        shutil.copy(k, keys_folder(comfy_host.base) / k.name)
 
     recovered = tmp_path / "recovered"
     assert cli.main(recover_args([key, wrong], recovered, url, passphrase_env=passphrase_env)) == 0
@@ -237,7 +251,6 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     protected, recovered, report = tmp_path / "protected", tmp_path / "recovered", tmp_path / "report"
     assert cli.main(protect_args([face_photos / "hanks.png"], protected, url, workflow="anonymize_small.json")) == 0
     (key,) = results(protected)["hanks"]["keys"]
-    shutil.copy(protected / key, keys_folder(comfy_host.base) / Path(key).name)
     assert cli.main(recover_args([protected / key], recovered, url)) == 0
 
     arcface = face_models / ARCFACE_ONNX
@@ -355,11 +368,11 @@ def test_without_server_the_embedded_comfyui_runs_the_batch_and_recovery(tmp_pat
     for picture in entry["outputs"]:
         assert not Image.open(out / picture).info, "--disable-metadata: no workflow (or passphrase) in the PNG"
 
-    # The embedded server gets the key copied into its keys folder; the user's file stays put.
+    # The embedded server gets the key uploaded into its keys folder, and removed after.
     key = out / entry["keys"][0]
     assert cli.main(recover_args([key], tmp_path / "recovered") + common) == 0
-    assert (models / "diffprivacy_keys" / "diffpriv-cli" / key.name).read_bytes() == key.read_bytes()
     assert results(tmp_path / "recovered")[key.name.split(".")[0]]["status"] == "ok"
+    assert not list((models / "diffprivacy_keys" / "diffpriv-cli").iterdir())
 
 
 def test_cancel_withdraws_our_queued_and_running_prompts(comfy_host, photos):
@@ -376,6 +389,23 @@ def test_cancel_withdraws_our_queued_and_running_prompts(comfy_host, photos):
     first = server.client.history(prompt_ids[0])
     assert first["status"]["status_str"] == "error", "interrupted mid-run"
     assert server.client.history(prompt_ids[1]) is None, "never ran"
+
+
+def test_a_stopped_command_leaves_no_prompt_upload_or_history_on_the_server(comfy_host, photos, tmp_path,
+                                                                             passphrase_env):
+    """SIGTERM (as Ctrl-C) mid-batch: the running prompt is interrupted, the queued one
+    withdrawn, and both prompts' uploads, outputs and history removed."""
+    install_key_e(comfy_host.base)
+    before = server_state(comfy_host)
+    argv = [sys.executable, "-m", "diffpriv_client.cli",
+            *protect_args([photos["hanks"], photos["astronaut"]], tmp_path / "out", comfy_host.server.url, steps=200),
+            "--passphrase-env", passphrase_env]
+    command = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: comfy_host.client.get("/queue")["queue_running"], timeout=180)
+    command.terminate()
+    assert command.wait(120) == 130, command.stdout.read()
+    assert not any(comfy_host.client.get("/queue").values())
+    assert server_state(comfy_host) == before
 
 
 def embedded_servers(base: Path) -> list[str]:

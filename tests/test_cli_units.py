@@ -138,12 +138,12 @@ def test_the_default_workflow_follows_task_mode_and_photo(tmp_path):
 def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     from diffpriv_core.faces.crop import FaceCrop
     from diffpriv_core.keys import save_key
-    from test_host_recovery import random_key_e
+    from key_helpers import random_key_e
 
     crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25))
     face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
-    save_key(face_key, random_key_e(1), passphrase="pw", extra={"face_crop": crop.to_json()})
-    save_key(whole_key, random_key_e(1))
+    save_key(face_key, random_key_e(1, "abc"), passphrase="pw", extra={"face_crop": crop.to_json()})
+    save_key(whole_key, random_key_e(1, "abc"))
     assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2]}
     assert key_face(whole_key) is None
 

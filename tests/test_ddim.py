@@ -33,6 +33,29 @@ def test_grid_round_trips_through_sigmas():
     assert torch.allclose(torch.tensor(again.alphas), torch.tensor(grid.alphas), rtol=1e-5)
 
 
+def karras_sigmas(n: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146, rho: float = 7.0) -> torch.Tensor:
+    """k-diffusion's (and ComfyUI's "karras") schedule over SD1.5's sigma range, ending at 0."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def test_sigmas_map_to_timesteps_position_by_position():
+    sigmas = karras_sigmas(20)  # 20 distinct timesteps
+    grid = grid_from_sigmas(sigmas)
+    assert grid.steps == 20 and len(set(grid.timesteps)) == 20
+    assert list(grid.timesteps) == sorted(grid.timesteps, reverse=True)
+    # Each step keeps its own sigma (the alphas come from the sigmas, not from the timesteps).
+    assert torch.allclose(torch.tensor(grid.alphas[:-1], dtype=torch.float64) ** -1 - 1, sigmas[:-1].double() ** 2,
+                          rtol=1e-5)
+
+
+def test_a_schedule_that_repeats_a_timestep_is_refused():
+    with pytest.raises(ValueError, match=r"steps 47 and 48 of 50 .* on the same timestep 1: Guided DDIM needs one "
+                                         r"timestep per step"):
+        grid_from_sigmas(karras_sigmas(50))
+
+
 def test_tail_is_img2img_strength():
     grid = ddim_grid(50)
     tail = grid.tail(0.6)

@@ -2,13 +2,14 @@
 loop against diffusers' own scheduler driving the same UNet."""
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from diffpriv_core import ddim
 from diffpriv_core.adapters.diffusers import DiffusersEps
 from diffpriv_core.key_types import KeyE
-from diffpriv_core.recovery import conditioned_eps, make_key_i, recover
+from diffpriv_core.recovery import KeyMismatchError, conditioned_eps, make_key_i, recover
 from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.tiny_diffusers import TOKEN_DIM, tiny_components
 from test_ddim import SD
@@ -30,7 +31,8 @@ def test_recovery_with_diffusers_components():
     right = err(recover(eps, keys_i, [key_e]))
     assert right < 1e-4 * z0.pow(2).mean().item()
     assert err(recover(eps, plain_i, [key_e])) > 10 * right
-    assert err(recover(eps, keys_i, [other])) > 1000 * right
+    with pytest.raises(KeyMismatchError, match="do not belong together"):  # another photo's key-E
+        recover(eps, keys_i, [other])
     assert err(recover(eps, keys_i[::-1], [key_e])) > 1000 * right  # each image's key-I is its own
 
 

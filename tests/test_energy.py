@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffpriv_core import energy
+from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 
 def unit(*rows) -> torch.Tensor:
@@ -46,10 +47,11 @@ def test_energy_per_mode():
 
 
 def test_paper_lambda_schedules():
-    anonymize, hide = energy.PAPER_LAMBDAS["anonymize"], energy.PAPER_LAMBDAS["hide"]
+    anonymize, hide = TASKS["anonymize"].lambdas, TASKS["hide"].lambdas
     assert [anonymize(t) for t in (999, 601, 600, 0)] == [1.0, 1.0, 1.0, 1.0]
     assert [hide(t) for t in (999, 601, 600, 0)] == [1.5, 1.5, 2.5, 2.5]
-    assert energy.LambdaSchedule(0.0, 0.0).is_off and not hide.is_off
+    assert LambdaSchedule(0.0, 0.0).is_off and not hide.is_off
+    assert [hide.scaled(2.0)(t) for t in (999, 0)] == [3.0, 5.0] and hide.scaled(0.0).is_off
 
 
 def test_normalized_gradient_has_the_size_of_each_samples_update():

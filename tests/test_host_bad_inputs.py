@@ -12,15 +12,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from diffpriv_client.comfy_http import PromptFailed
-from diffpriv_core import keys
-from diffpriv_core.key_types import KeyE, KeyI
 from diffpriv_core.keys import save_key
-from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from key_helpers import forge, key_i_for
 from test_host_foundation import fetch_image
 from test_host_recovery import add, base_graph, random_key_e
 
@@ -50,9 +47,7 @@ def sd2_unet(checkpoint: Path, out: Path) -> None:
 
 def forged_key(path: Path, tensors: dict[str, torch.Tensor], **meta) -> None:
     """A key file with a valid digest around tensors no real key has."""
-    meta = {"format": keys.FORMAT, "version": keys.VERSION, **meta}
-    meta["digest"] = keys._digest(meta, tensors)
-    path.write_bytes(save_bytes(tensors, metadata={keys.META_KEY: keys._canonical(meta).decode()}))
+    path.write_bytes(forge(tensors, **meta))
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +82,7 @@ def bad(comfy_host, astronaut, test_models):
     other_e = random_key_e(12)
     other_e.meta["checkpoint"] = "0123456789abcdef"
     save_key(key_dir / "other-e.dpkey.safetensors", other_e)
-    save_key(key_dir / "other-e-with-i.dpkey.safetensors", other_e,
-             KeyI(torch.randn(4, 8, 8), 10, "ddim", 0, {"grid": ddim_grid(10).describe()}))
+    save_key(key_dir / "other-e-with-i.dpkey.safetensors", other_e, key_i_for(other_e, 10))
     e = random_key_e(13)
     forged_key(key_dir / "wide-e.dpkey.safetensors",
                {"key_e.stages": torch.zeros(10, 77, 1024), "key_e.uc": torch.zeros(1, 77, 1024)})
@@ -357,9 +351,9 @@ def test_a_mask_batch_that_fits_neither_one_nor_every_image_is_refused(comfy_hos
 # --- keys ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, match", [
-    ("bi/wide-e.dpkey.safetensors", r"key_e.stages has dtype torch.float32 and shape \(10, 77, 1024\)"),
-    ("bi/fp16-e.dpkey.safetensors", r"key_e.stages has dtype torch.float16"),
-    ("bi/i8ch.dpkey.safetensors", r"key-I must be one \[4, h, w\] latent, got \(8, 8, 8\)"),
+    ("bi/wide-e.dpkey.safetensors", r"key_e.stages is F32 \[10, 77, 1024\]; a Diff-Privacy key has float32"),
+    ("bi/fp16-e.dpkey.safetensors", r"key_e.stages is F16 \[10, 77, 768\]"),
+    ("bi/i8ch.dpkey.safetensors", r"key_i.latent is F32 \[8, 8, 8\]; a Diff-Privacy key has float32 \[4, height"),
 ])
 def test_keys_of_wrong_shape_or_dtype_are_refused_at_load(comfy_host, bad, key, match):
     refused(comfy_host, recover(base_graph(), key), match)

@@ -14,11 +14,12 @@ import torch
 
 from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core.faces.crop import FaceCrop, paste_faces
-from diffpriv_core.key_types import KeyI
 from diffpriv_core.keys import load_key, save_key
 from photos import as_image, insightface_photo
 from test_host_foundation import fetch_image
 from test_host_protect import add_guided_sampling
+from key_helpers import install_key_e as install_random_key_e
+from key_helpers import key_i_for
 from test_host_recovery import add, base_graph, random_key_e
 
 pytestmark = pytest.mark.host
@@ -71,7 +72,7 @@ def pair_photo() -> np.ndarray:
 
 
 def install_key_e(host) -> None:
-    save_key(host.keys / KEY_E_FILE, random_key_e(11))
+    install_random_key_e(host.keys / KEY_E_FILE, 11)
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +157,9 @@ def test_a_photo_without_a_face_is_refused_or_passed_by_policy(comfy_host):
 
 def test_a_key_without_crop_geometry_is_refused_by_face_paste(comfy_host, group):
     photo, _ = group
-    key_i = KeyI(torch.zeros(4, CROP // 8, CROP // 8), 5, "ddim", 0)
-    save_key(comfy_host.keys / "whole.dpkey.safetensors", random_key_e(1), key_i)
+    key_e = random_key_e(1)
+    key_i = key_i_for(key_e, 5, torch.zeros(4, CROP // 8, CROP // 8))
+    save_key(comfy_host.keys / "whole.dpkey.safetensors", key_e, key_i)
     g = recover_face_graph(comfy_host.upload(photo, "group-again.png"), "whole.dpkey.safetensors")
     with pytest.raises(PromptFailed, match="no crop geometry"):
         comfy_host.client.run(g)

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from diffpriv_client.comfy_http import PromptFailed
-from diffpriv_core.key_types import KeyI
 from diffpriv_core.keys import load_key, save_key
-from diffpriv_core.schedule import ddim_grid
 from test_host_protect import add_guided_sampling
+from key_helpers import key_i_for
 from test_host_recovery import add, base_graph, random_key_e
 
 pytestmark = pytest.mark.host
@@ -31,8 +29,8 @@ def setup(comfy_host, astronaut):
     keys.mkdir(exist_ok=True)
     save_key(keys / "e.dpkey.safetensors", random_key_e(21))
     for steps in (300, 3):
-        save_key(keys / f"ei{steps}.dpkey.safetensors", random_key_e(22),
-                 KeyI(torch.randn(4, 8, 8), steps, "ddim", 0, {"grid": ddim_grid(steps).describe()}))
+        key_e = random_key_e(22)
+        save_key(keys / f"ei{steps}.dpkey.safetensors", key_e, key_i_for(key_e, steps))
     return {"small": comfy_host.upload(np.ascontiguousarray(astronaut[::8, ::8]), "int-64.png"),
             "face": comfy_host.upload(np.ascontiguousarray(astronaut[::4, ::4]), "int-128.png")}
 

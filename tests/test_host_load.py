@@ -14,10 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import load_graphs
-from diffpriv_core.key_types import KeyI
 from diffpriv_core.keys import load_key, save_key
-from diffpriv_core.schedule import ddim_grid
-from test_host_recovery import random_key_e
+from key_helpers import key_i_for, random_key_e
 
 pytestmark = pytest.mark.host
 
@@ -38,11 +36,11 @@ def load_setup(comfy_host, astronaut):
     save_key(comfy_host.keys / load_graphs.KEY_E, random_key_e(51))
     recover_keys = {"recover": [], "recover-pw": []}
     for n in range(4):  # several keys, so consecutive recoveries are not served from ComfyUI's cache
-        key_i = KeyI(torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(n)), 1, "ddim", 0,
-                     {"grid": ddim_grid(1).describe()})
+        key_e = random_key_e(60 + n)
+        key_i = key_i_for(key_e, 1, torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(n)))
         for kind, passphrase in (("recover", None), ("recover-pw", load_graphs.PASSPHRASE)):
             name = f"load/r{n}{'-pw' if passphrase else ''}.dpkey.safetensors"
-            save_key(keys.parent / name, random_key_e(60 + n), key_i, passphrase)
+            save_key(keys.parent / name, key_e, key_i, passphrase)
             recover_keys[kind].append(name)
     # Face crops of the astronaut (64 x 64), so consecutive protections encode different pictures.
     images = [comfy_host.upload(np.ascontiguousarray(astronaut[30 + 10 * k:222 + 10 * k:3, 150 + 5 * k:342 + 5 * k:3]),

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from diffpriv_core import guided
 from diffpriv_core.energy import cosines_to
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import detect_faces
 from diffpriv_core.faces.recognizers import load_recognizer
 from diffpriv_core.guided import face_target
 from diffpriv_core.keys import save_key
+from diffpriv_core.recovery import conditioned_eps
+from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.comfy_models import CHECKPOINT
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
 from diffpriv_testmodels.inprocess import pack_module
@@ -54,7 +57,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
     """Stage II in a test graph: Embedding Scheduler, the test recogniser, Identity Energy
     Guidance on ``reference`` and the Guided DDIM Sampler on ``latent``, then VAE Decode
     (nodes "sched", "fr", "guide", "sample", "dec"). Returns the decoded pictures' link."""
-    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=0.4)
+    add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=-1.0)  # the preset's
     add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=reference, mode=mode,
         lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
@@ -116,3 +119,31 @@ def test_a_checkpointed_decoder_gives_the_same_gradient_and_leaves_the_host_vae_
         assert blocks and all(isinstance(m.forward, functools.partial) == checkpointed for m in blocks)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert not any(isinstance(m.forward, functools.partial) for m in vae.first_stage_model.modules())
+
+
+def test_the_sampler_node_samplercustom_and_the_core_run_one_stage_two(comfy_inproc, test_models):
+    """The Guided DDIM Sampler node, the Guided DDIM SAMPLER in SamplerCustom (ComfyUI's
+    ddim_uniform sigmas, SamplerCustom's seeded noise) and the core's guided.protect give the
+    same latents: one orchestration of Stage II, three ways in (unguided, so any model works)."""
+    protect = pack_module("nodes.protect")
+    scheduler = pack_module("nodes.scheduler")
+    adapters = pack_module("nodes.adapters")
+    model, _clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / CHECKPOINT))[:3]
+    key_e, seed = random_key_e(3), 5
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 4
+    positive = scheduler.EmbeddingScheduler.execute([key_e], "anonymize", -1.0).args[0]  # tau: the preset's 0.4
+    node = protect.GuidedDDIMSampler.execute(model, vae, positive, {"samples": latent}, "custom", 0.6, 20, 1,
+                                             seed).args[0]["samples"]
+    sigmas = comfy_inproc.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", 20)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # SamplerCustom's, for seed
+    sampler = protect.GuidedDDIMSamplerSelect.execute(vae, 0).args[0]
+    custom = comfy_inproc.sample.sample_custom(model, noise, 1.0, sampler, sigmas[-13:], positive, positive, latent,
+                                               seed=seed, disable_pbar=True)
+    eps = adapters.ComfyEpsModel(model)
+    core = eps.to_samples(guided.protect(conditioned_eps(eps, [key_e], tau=0.4), eps.to_z(latent), ddim_grid(20), 0.6,
+                                         1, seed))
+    tolerance = 1e-3 * core.abs().max().item()
+    assert torch.allclose(node, core, atol=tolerance), (node - core).abs().max()
+    assert torch.allclose(custom.float(), core, atol=tolerance), (custom - core).abs().max()
+    other = guided.protect(conditioned_eps(eps, [key_e], tau=0.4), eps.to_z(latent), ddim_grid(20), 0.6, 1, seed + 1)
+    assert not torch.allclose(eps.to_samples(other), core, atol=tolerance)  # the seed decides the noise

@@ -51,6 +51,7 @@ def test_decoder_records_the_sizes_it_decoded_and_the_embedder_keeps_its_attribu
 def test_stage_ii_presets_pay_one_decoder_and_recogniser_pass_per_candidate_and_step_and_no_unet_backward(task, crop):
     from diffpriv_core import guided
     from diffpriv_core.schedule import ddim_grid
+    from diffpriv_core.tasks import task as task_preset
     from diffpriv_testmodels.toy_host import ToyDecoder, ToyFaceNet
 
     torch.manual_seed(0)
@@ -59,13 +60,13 @@ def test_stage_ii_presets_pay_one_decoder_and_recogniser_pass_per_candidate_and_
     box = (16.0, 16.0, 48.0, 48.0)
     matrix = torch.tensor([[1.0, 0.0, -16.0], [0.0, 1.0, -16.0]])  # the 32 px box -> the net's 32 px crop
     target = guided.FaceTarget(matrix, box, torch.nn.functional.normalize(torch.randn(64), dim=0), (64, 64))
-    preset = guided.PRESETS[task]
+    preset = task_preset(task)
     guidance = guided.IdentityGuidance(embedder, task, preset.lambdas, (target,), crop_margin=0.25 if crop else None)
     eps = counter.eps_fn(lambda z, t: 0.1 * z)
-    guided.protect(eps, torch.randn(1, 4, 8, 8), ddim_grid(preset.steps), preset.strength, preset.batch, seed=0,
+    guided.protect(eps, torch.randn(1, 4, 8, 8), ddim_grid(preset.steps), preset.strength, preset.samples, seed=0,
                    guidance=guidance, decoder=decode)
     steps = round(preset.steps * preset.strength)  # anonymize: 30 of 50; hide: 80 of 100
-    passes = steps * preset.batch
+    passes = steps * preset.samples
     counts = counter.as_dict()
     assert counts["unet_forward"] == passes and counts["unet_backward"] == 0
     assert counts["vae_decode_forward"] == counts["vae_decode_backward"] == passes

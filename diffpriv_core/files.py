@@ -1,0 +1,59 @@
+"""Creating sensitive files: never replacing one, private from the first byte, complete or
+absent (torch-free: the nodes, the core and the `diffpriv` command all write this way)."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"  # a file being written: hidden, never listed or loaded
+STALE_PARTIAL_S = 600  # a partial file this old was left by a crash and is removed
+
+
+def write_new_file(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Write ``data`` to a NEW file at ``path`` (FileExistsError if the name is taken, a
+    link included). The bytes go to a hidden partial file created exclusively (``mode``
+    from the first byte, links not followed), are synced to disk, then linked to the name,
+    which fails instead of replacing; the folder is synced, so the file appears complete
+    or not at all."""
+    path = Path(path)
+    remove_stale_partials(path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)  # unlike a rename, never replaces an existing name
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+    return path
+
+
+def remove_stale_partials(folder: Path) -> None:
+    """Remove the partial files a crash left in this folder (never a finished file)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file(follow_symlinks=False):
+            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_PARTIAL_S:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,50 @@
+"""The task table: the paper's settings, and how a node's preset meets the inputs a user set."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from diffpriv_core.tasks import TASKS, preset_value, task
+
+NODE = "Guided DDIM Sampler"
+
+
+def test_the_tasks_are_the_papers():
+    anonymize, hide = TASKS["anonymize"], TASKS["hide"]
+    assert (anonymize.strength, anonymize.tau, anonymize.steps, anonymize.samples) == (0.6, 0.4, 50, 4)
+    assert (hide.strength, hide.tau, hide.steps, hide.samples) == (0.8, 0.6, 100, 1)
+    assert anonymize.lambdas(900) == 1.0 and (hide.lambdas(900), hide.lambdas(100)) == (1.5, 2.5)
+    assert (anonymize.key_i.steps, anonymize.key_i.mode, anonymize.key_i.refine) == (50, "fixed_point", 4)
+    assert (hide.key_i.steps, hide.key_i.mode, hide.key_i.refine) == (100, "fixed_point", 4)
+    with pytest.raises(ValueError, match="unknown task 'blur'; choose one of anonymize, hide"):
+        task("blur")
+
+
+def test_an_input_left_to_the_preset_takes_the_tasks_setting():
+    assert preset_value(NODE, "hide", "s_ns", 0.0, 0.0, setting="strength") == 0.8
+    assert preset_value(NODE, "hide", "steps", 0, 0) == 100
+    assert preset_value("Embedding Scheduler", "anonymize", "tau", -1.0, -1.0) == 0.4
+
+
+def test_a_preset_never_overrides_an_input_the_user_set(caplog):
+    with caplog.at_level(logging.WARNING, logger="diffprivacy"):
+        assert preset_value(NODE, "hide", "steps", 30, 0) == 30
+        assert preset_value(NODE, "hide", "samples", 1, 0) == 1  # the preset's own value: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "Diff-Privacy Guided DDIM Sampler: steps is set to 30, the hide preset's is 100: using 30"]
+    assert preset_value("Embedding Scheduler", "hide", "tau", 0.0, -1.0) == 0.0  # tau 0 is a value, not "unset"
+
+
+def test_custom_needs_every_value():
+    assert preset_value(NODE, "custom", "steps", 7, 0) == 7
+    with pytest.raises(ValueError, match="preset custom takes 'samples' from its input, which is left at 0"):
+        preset_value(NODE, "custom", "samples", 0, 0)
+
+
+def test_the_command_reads_the_task_table_without_torch():
+    code = ("import sys, diffpriv_client.cli, diffpriv_client.graphs, diffpriv_core.tasks; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
