@@ -92,9 +92,6 @@ def latent_window(box, latent_hw: tuple[int, int], margin: float, factor: int) -
 class IdentityCorrection:
     """Algorithm 1's energy step for one face, as a ``ddim.Correction`` on one grid."""
 
-    # SD's VAE: one latent cell is 8 x 8 pixels (used only to place the decode window).
-    LATENT_FACTOR = VAE_FACTOR
-
     def __init__(self, guidance: IdentityGuidance, target: FaceTarget, decoder: Decoder, grid: Grid):
         self.guidance = guidance
         self.target = target
@@ -114,7 +111,7 @@ class IdentityCorrection:
     def window(self, latent_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         if self.guidance.crop_margin is None:
             return 0, 0, *latent_hw
-        return latent_window(self.target.box, latent_hw, self.guidance.crop_margin, self.LATENT_FACTOR)
+        return latent_window(self.target.box, latent_hw, self.guidance.crop_margin, VAE_FACTOR)
 
     def energy_gradient(self, x0: torch.Tensor) -> torch.Tensor:
         """dE/dz0hat' with z0hat' a detached leaf: no gradient flows back into the UNet."""
@@ -192,7 +189,7 @@ class Protection:
         target = self.guidance.target_for(index) if self.guidance is not None else None
         if target is not None:
             try:
-                latent_offset(target.image_hw, latent_hw, IdentityCorrection.LATENT_FACTOR)
+                latent_offset(target.image_hw, latent_hw, VAE_FACTOR)
             except ValueError as exc:
                 raise ValueError(f"image {index} of 'latent' does not match 'guidance': {exc}") from None
 

@@ -4,7 +4,7 @@ The cluster is started once in this process for the module (2 CPUs: two actors, 
 its own embedded ComfyUI); the command, run in-process, uses it as a running cluster. The
 Ctrl-C test runs the command as a child process that starts a cluster of its own, as a user's
 `diffpriv protect ... --ray` does. Graphs and photos are those of test_cli_host.py.
-The module took 5.3 to 6 minutes on a busy 2-core machine (about 2 GB for the cluster and its
+The module took 5 to 9 minutes on a busy, shared 2-core machine (about 2 GB for the cluster and its
 two servers), most of it ComfyUI start-ups: each command starts its actors' servers.
 """
 from __future__ import annotations
