@@ -6,7 +6,7 @@
 # (the models are generated once, into .cache/, before the clock that matters starts).
 #
 #   benchmarks/gpu.sh          # on a machine with CUDA
-#   benchmarks/gpu.sh --dry    # the same runs at a tiny size on the CPU: checks, measures nothing
+#   benchmarks/gpu.sh --dry    # the same runs at a small size on the CPU: checks, measures nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup

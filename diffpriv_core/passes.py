@@ -87,7 +87,9 @@ class CountedCodec:
 
     def __init__(self, codec, counter: PassCounter):
         self.inner, self.counter = codec, counter
-        self.decode = counter.decoder(codec.decode)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.counter.decoder(self.inner.decode)(z)
 
     def encode_moments(self, image: torch.Tensor):
         self.counter.add(VAE_ENCODE, image.shape[0])

@@ -11,45 +11,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffpriv_core import guided, schedule
 from diffpriv_core.energy import SimilarityTarget
-from diffpriv_core.faces.align import FIVE_POINT, warp_faces
+from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.tasks import LambdaSchedule
+from diffpriv_testmodels.toy_host import ToyDecoder, ToyFaceNet
 
 TABLE = schedule.alphas_cumprod()
 GRID = schedule.ddim_grid(25)
-
-
-class ToyDecoder(nn.Module):
-    """Scaled latents [B, 4, h, w] -> [B, 8h, 8w, 3] in (0, 1), differentiable, unclamped."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 3, 3, padding=1)
-
-    def forward(self, z):
-        pixels = F.interpolate(self.conv(z), scale_factor=8, mode="bilinear", align_corners=False)
-        return (0.5 + 0.5 * torch.tanh(pixels)).permute(0, 2, 3, 1)
-
-
-class ToyFaceNet(nn.Module):
-    """A random-weight FaceEmbedder: 32 px crops -> 64-d unit vectors. tanh without biases
-    keeps the features centred, so random faces spread over the sphere."""
-
-    input_size = 32
-    alignment = FIVE_POINT
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
-        self.c2 = nn.Conv2d(16, 32, 3, 2, 1, bias=False)
-        self.fc = nn.Linear(32 * 8 * 8, 64, bias=False)
-
-    def forward(self, x):
-        x = torch.tanh(self.c2(torch.tanh(self.c1((x - 0.5) / 0.5))))
-        return F.normalize(self.fc(x.flatten(1)), dim=-1)
 
 
 class Toy:

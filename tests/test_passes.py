@@ -1,6 +1,7 @@
 """The pass counter: what ran through each host network, forward and backward, per image."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffpriv_core.passes import PassCounter
@@ -44,3 +45,30 @@ def test_decoder_records_the_sizes_it_decoded_and_the_embedder_keeps_its_attribu
     assert (counts["vae_decode_forward"], counts["vae_decode_backward"]) == (3, 2)
     assert (counts["recogniser_forward"], counts["recogniser_backward"]) == (2, 2)
     assert counts["unet_forward"] == 0 and list(counts)[0] == "unet_forward"
+
+
+@pytest.mark.parametrize("task, crop", [("anonymize", True), ("hide", False)])
+def test_stage_ii_presets_pay_one_decoder_and_recogniser_pass_per_candidate_and_step_and_no_unet_backward(task, crop):
+    from diffpriv_core import guided
+    from diffpriv_core.schedule import ddim_grid
+    from diffpriv_core.tasks import task as task_preset
+    from diffpriv_testmodels.toy_host import ToyDecoder, ToyFaceNet
+
+    torch.manual_seed(0)
+    counter = PassCounter()
+    decode, embedder = counter.decoder(ToyDecoder().requires_grad_(False)), counter.embedder(ToyFaceNet().requires_grad_(False))
+    box = (16.0, 16.0, 48.0, 48.0)
+    matrix = torch.tensor([[1.0, 0.0, -16.0], [0.0, 1.0, -16.0]])  # the 32 px box -> the net's 32 px crop
+    target = guided.FaceTarget(matrix, box, torch.nn.functional.normalize(torch.randn(64), dim=0), (64, 64))
+    preset = task_preset(task)
+    guidance = guided.IdentityGuidance(embedder, task, preset.lambdas, (target,), crop_margin=0.25 if crop else None)
+    eps = counter.eps_fn(lambda z, t: 0.1 * z)
+    guided.protect(eps, torch.randn(1, 4, 8, 8), ddim_grid(preset.steps), preset.strength, preset.samples, seed=0,
+                   guidance=guidance, decoder=decode)
+    steps = round(preset.steps * preset.strength)  # anonymize: 30 of 50; hide: 80 of 100
+    passes = steps * preset.samples
+    counts = counter.as_dict()
+    assert counts["unet_forward"] == passes and counts["unet_backward"] == 0
+    assert counts["vae_decode_forward"] == counts["vae_decode_backward"] == passes
+    assert counts["recogniser_forward"] == counts["recogniser_backward"] == passes
+    assert counter.decoded() == (["48x48"] if crop else ["64x64"])
