@@ -22,7 +22,7 @@ from diffpriv_eval.baselines import BASELINES  # noqa: E402
 from diffpriv_eval.detectors import DlibDetector, MtcnnDetector  # noqa: E402
 from diffpriv_eval.evaluate import evaluate  # noqa: E402
 from diffpriv_eval.images import Case  # noqa: E402
-from diffpriv_eval.recognizers import DlibRecognizer  # noqa: E402
+from diffpriv_eval.verifiers import DlibRecognizer  # noqa: E402
 from diffpriv_eval.sample_photos import sample_photos  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.dlib_models import DlibUnavailableError
 from diffpriv_eval.evaluate import evaluate
 from diffpriv_eval.images import Case, load_cases, save_rgb
-from diffpriv_eval.recognizers import DlibRecognizer, installed_recognizers, load_pack_recognizer
+from diffpriv_eval.verifiers import DlibRecognizer, installed_recognizers, load_pack_recognizer
 from diffpriv_eval.report import write_report
 
 

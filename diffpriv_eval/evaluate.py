@@ -18,7 +18,7 @@ from diffpriv_eval.detectors import Detector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances
 from diffpriv_eval.identity import protection_success_rate
 from diffpriv_eval.images import Case
-from diffpriv_eval.recognizers import Recognizer, distances
+from diffpriv_eval.verifiers import Recognizer, distances
 from diffpriv_eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
 

@@ -6,7 +6,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from diffpriv_eval.recognizers import Recognizer, distances
+from diffpriv_eval.verifiers import Recognizer, distances
 from diffpriv_core.faces.detect import Face
 
 

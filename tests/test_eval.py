@@ -20,7 +20,7 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances, pca_2d
 from diffpriv_eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_eval.images import group_by_stem, group_folder
-from diffpriv_eval.recognizers import DlibRecognizer, distances, load_pack_recognizer
+from diffpriv_eval.verifiers import DlibRecognizer, distances, load_pack_recognizer
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_eval.utility import compare_detections
 from diffpriv_testmodels.face_models import ARCFACE_ONNX

@@ -1,4 +1,6 @@
-"""Face recognisers as the evaluation sees them.
+"""Face verification for the evaluation: is this the same person, by a recogniser's distance
+at its published threshold? (The recognisers that guide the protection live in
+``diffpriv_core/faces/recognizers.py``; this module only measures with them and with dlib.)
 
 A recogniser maps the face at a known position in each image to an embedding; two faces
 are the same person when the Euclidean distance of their embeddings is at most the
