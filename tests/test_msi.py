@@ -56,7 +56,8 @@ def test_one_embedding_ablation_reads_the_last_layer_only_and_ignores_the_stage(
     assert msi.stage_embedding is None and len(msi.project) == 1
     base = features(shape)
     out = msi(base, torch.arange(STAGES))
-    assert torch.allclose(out, out[:1].expand_as(out))
+    # Rows differ only by float rounding (batched kernels), never by a stage's embedding.
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6)
     assert torch.equal(msi(base[:4] + [base[4] + 1], torch.arange(2)).ne(out[:2]).any(dim=1), torch.tensor([True, True]))
     assert torch.allclose(msi([f + 1 for f in base[:4]] + base[4:], torch.arange(2)), out[:2], atol=1e-6)
 

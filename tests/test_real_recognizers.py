@@ -184,7 +184,8 @@ def test_target_guidance_without_diffusion_crosses_the_real_recognisers_threshol
     with its face blurred past recognition, ends above threshold + margin; both with a small
     mean pixel change."""
     from diffpriv_core import guided
-    from diffpriv_core.energy import LambdaSchedule, SimilarityTarget
+    from diffpriv_core.energy import SimilarityTarget
+    from diffpriv_core.tasks import LambdaSchedule
     from diffpriv_eval.baselines import gaussian_blur
 
     sface = load_recognizer(installed_models / SFACE.folder / SFACE.file)
