@@ -10,7 +10,7 @@ record the pixel sizes decoded, which tells a whole frame from a face crop.
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 
