@@ -11,7 +11,6 @@ Ray is imported here only, and this module only when --ray is given.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import sys
@@ -23,6 +22,8 @@ from collections import Counter, deque
 from pathlib import Path
 
 from tqdm import tqdm
+
+from diffpriv_core.files import write_new_file
 
 from . import cli, graphs
 from .batch import rewrite_named, run_batch
@@ -82,7 +83,7 @@ class ComfyActor:
             if not self.args.models.is_dir():
                 raise PreflightError(f"node {self.node}: no models folder {self.args.models} (docs/cluster.md)")
         if self.photo is not None:
-            self.args.photo = _write_private(self.base / "work" / self.photo[0], self.photo[1])
+            self.args.photo = write_new_file(self.base / "work" / self.photo[0], self.photo[1])
         self.keeper = _ServerKeeper(self.args, gpu=bool(ray.get_gpu_ids()))
         conn = self.keeper.open()
         try:
@@ -95,7 +96,7 @@ class ComfyActor:
         """One photo (or key) through this actor's server: its summary entry and files."""
         work = Path(tempfile.mkdtemp(dir=self.base / "work"))
         try:
-            source = _write_private(work / Path(filename).name, data)
+            source = write_new_file(work / Path(filename).name, data)
             summary = Summary(work / "out", self.args.command)
             conn = self.keeper.conn
             jobs = self.make_jobs(self.args, self.template, self.passphrase, conn, {name: source})
@@ -157,14 +158,6 @@ class _ServerKeeper(threading.Thread):
     def close(self) -> None:
         self._close_asked.set()
         self.join(STOP_TIMEOUT_S)
-
-
-def _write_private(path: Path, data: bytes) -> Path:
-    """A photo or key file the actor was sent, readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    return path
 
 
 # --- the driver ----------------------------------------------------------------------
