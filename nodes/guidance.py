@@ -16,6 +16,7 @@ from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
 from diffpriv_core.guided import IdentityGuidance, face_target
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
@@ -30,6 +31,7 @@ DECODE_REGIONS = ("whole image", "face crop")
 LAMBDA_MODES = ("paper schedule", "target similarity")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
 MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
+NAME = "Identity Energy Guidance"
 
 
 def recognizer_options() -> list[str]:
@@ -150,19 +152,21 @@ class IdentityGuidanceNode(io.ComfyNode):
         target = None
         if lambda_mode == "target similarity":
             target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
-        targets, missing = [], []
+        targets, missing, passes = [], [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
             for i, img in enumerate(images):
                 check_interrupt()  # long batches: Cancel stops between images
                 faces = detect_faces(img, min_score=min_score)
+                counter = PassCounter()
                 if len(faces) <= face_index:
                     if on_no_face == "error":
                         raise NoFaceError(i, f" for identity guidance (face_index {face_index}, min_score {min_score})")
                     missing.append(i)
                     targets.append(None)
                 else:
-                    targets.append(face_target(face_model, img, faces[face_index]))
+                    targets.append(face_target(counter.embedder(face_model), img, faces[face_index]))
+                passes += counter.report(NAME, first=i)
             aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; they will run without identity guidance",
@@ -172,7 +176,7 @@ class IdentityGuidanceNode(io.ComfyNode):
             lambdas=lambdas, normalize=normalize_gradient, diversity=diversity,
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
             checkpoint_decoder=gradient_checkpointing, target=target)
-        return io.NodeOutput(guidance, aligned.detach())
+        return io.NodeOutput(guidance, aligned.detach(), ui={"passes": passes})
 
 
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:
