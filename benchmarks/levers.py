@@ -2,7 +2,7 @@
 against its baseline in this one process, on the same inputs, and the table gives both
 times, their ratio and the largest difference between the two results.
 
-    .venv/bin/python benchmarks/levers.py [--size 256] [--steps 10] [--msi-steps 8]
+    .venv/bin/python benchmarks/levers.py [--size 256] [--steps 10] [--msi-steps 8] [--only msi batch ...]
 
 Runs through the pack's ComfyUI adapters on the benchmark models (the test-size SD1.5 UNet
 with the real-size VAE and CLIP ViT-L/14, random weights, the ArcFace-shaped test
@@ -160,7 +160,8 @@ def guidance_step(s: Setup, args, label: str, autocast: bool = False, channels_l
 
     with s.gradients():
         guide, target = guidance(s, diversity=True)
-        x0 = s.z0.expand(4, -1, -1, -1) + 0.3 * torch.randn(4, *s.z0.shape[1:], generator=torch.Generator().manual_seed(0))
+        jitter = torch.randn(4, *s.z0.shape[1:], generator=torch.Generator().manual_seed(0))
+        x0 = s.z0.expand(4, -1, -1, -1) + 0.3 * jitter
         base = guided.IdentityCorrection(guide, target, s.decoder(), None)
         network = copy.deepcopy(base.decoder.network)
         if channels_last:
@@ -217,12 +218,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="DDIM grid steps (anonymize samples 60%% of them)")
     parser.add_argument("--msi-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="guidance steps timed per variant")
-    parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="these levers (default: all)")
+    parser.add_argument("--only", nargs="+", choices=list(LEVERS),
+                        help="these levers (default: all but bf16, which a CPU without bf16 instructions runs for "
+                             "far longer than the rest together)")
+    parser.add_argument("--dry", action="store_true",
+                        help="1 MSI step, a 2-step grid, 1 repeat: checks, measures nothing")
     args = parser.parse_args(argv)
+    if args.dry:
+        args.msi_steps, args.steps, args.repeats = 1, 2, 1
     torch.manual_seed(0)
     s = Setup(args)
     rows = []
-    chosen = args.only or list(LEVERS)
+    chosen = args.only or [name for name in LEVERS if name != "bf16"]
     if "msi" in chosen:
         rows.append(msi_encodings(s, args))  # its key-E conditions the other levers
     else:
@@ -231,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         if name != "msi":
             rows.append(LEVERS[name](s, args))
             print(rows[-1], file=sys.stderr, flush=True)
-    print(f"Levers on one {args.size} px photo (astronaut), test-size SD1.5 UNet with the real-size VAE and CLIP "
-          f"ViT-L/14 (random weights), ArcFace-shaped test recogniser, CPU ({torch.get_num_threads()} threads), "
+    dry = "DRY RUN (nothing measured): " if args.dry else ""
+    print(f"{dry}Levers on one {args.size} px photo (astronaut), test-size SD1.5 UNet with the real-size VAE and "
+          f"CLIP ViT-L/14 (random weights), ArcFace-shaped test recogniser, CPU ({torch.get_num_threads()} threads), "
           "fp32 unless said. Each lever ran right after its baseline, on the same inputs, in this one process.\n")
     print("| lever | baseline s | lever s | baseline / lever | result |\n|---|---|---|---|---|")
     for label, base_t, lever_t, result in rows:
