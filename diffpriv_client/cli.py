@@ -28,7 +28,7 @@ from typing import Iterator
 from diffpriv_core.key_format import KEY_SUFFIX
 from diffpriv_core.tasks import TASKS
 
-from . import graphs
+from . import demo, graphs
 from .batch import Cleanup, Job, run_batch
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
@@ -37,12 +37,6 @@ from .servers import Server
 from .summary import Summary, write_contact_sheet
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
-DEMO_BANNER = """
-##############################################################################
-#  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS   #
-#  and protect nothing. Use them only to see the pipeline run end to end.    #
-##############################################################################
-"""
 
 class UsageError(RuntimeError):
     pass
@@ -253,10 +247,8 @@ def load_template(args) -> dict:
         raise UsageError(f"the workflow {path} lacks what `diffpriv {command}` fills in: {'; '.join(missing)} "
                          "(see 'Your own workflows' in docs/cli.md)")
     if args.demo_weights:
-        from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
-
-        graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
-        graphs.set_face_recognizer(template, ARCFACE_ONNX)
+        demo.use_demo_models(template)
+        demo.apply_settings(template)
     return template
 
 
@@ -331,7 +323,7 @@ def report(summary: Summary, args, not_removed: list[str]) -> int:
         print(f"diffpriv: {len(not_removed)} file(s) or records could not be removed from the server(s):\n  "
               + "\n  ".join(not_removed), file=sys.stderr)
     if args.demo_weights:
-        print(DEMO_BANNER, file=sys.stderr)
+        print(demo.BANNER, file=sys.stderr)
     return 1 if counts.get("failed") or not_removed else 0
 
 
@@ -349,8 +341,11 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
         return
     models = args.models
     if args.demo_weights:
-        print(DEMO_BANNER, file=sys.stderr)
-        models = demo_models_dir()
+        print(demo.BANNER, file=sys.stderr)
+        models = demo.models_dir(CACHE_DIR)
+        print(f"--demo-weights: {demo.MODELS_WORDS}", file=sys.stderr)
+        if args.command == "protect":
+            print(f"--demo-weights: {demo.SETTINGS.describe(args.steps)}", file=sys.stderr)
     base = args.base or CACHE_DIR / ("comfy-demo" if args.demo_weights else "comfy")
     prepare_base_directory(base, models)
     # --disable-metadata: the graph (and so any passphrase) never lands in PNG metadata.
@@ -362,17 +357,6 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
 
 def normalise_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
-
-
-def demo_models_dir() -> Path:
-    """The seeded random-weight models, generated once into the cache (in a child process,
-    since the generator imports ComfyUI)."""
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
-
-    folder = CACHE_DIR / "demo-models" / f"v{GENERATOR_VERSION}-seed1234"
-    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
-        subprocess.run([sys.executable, "-m", "diffpriv_testmodels.comfy_models", str(folder)], check=True, cwd=PACK_DIR)
-    return folder
 
 
 if __name__ == "__main__":
