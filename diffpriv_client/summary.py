@@ -45,7 +45,7 @@ class Summary:
                node: str | None = None, identity: list[dict] = ()) -> None:
         """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray);
         ``identity``: per guided image, the guiding recogniser's cosine of each sample to the
-        original, its threshold and verdict (the Guided DDIM Sampler's report)."""
+        original, its threshold and verdict (the Guided DDIM Sampler's or Identity Similarity's report)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
