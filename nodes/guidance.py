@@ -16,6 +16,7 @@ from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
 from diffpriv_core.guided import FaceTarget, IdentityGuidance, face_target
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
@@ -30,6 +31,7 @@ DECODE_REGIONS = ("whole image", "face crop")
 LAMBDA_MODES = ("paper schedule", "target similarity")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
 MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
+NAME = "Identity Energy Guidance"
 
 
 def recognizer_options() -> list[str]:
@@ -152,7 +154,8 @@ class IdentityGuidanceNode(io.ComfyNode):
             target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
-            targets = reference_faces(face_model, images, face_index, min_score, on_no_face, "identity guidance")
+            targets, passes = reference_faces(face_model, images, face_index, min_score, on_no_face,
+                                              "identity guidance", NAME)
             aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
         missing = [i for i, target in enumerate(targets) if target is None]
         if missing:
@@ -163,25 +166,28 @@ class IdentityGuidanceNode(io.ComfyNode):
             lambdas=lambdas, normalize=normalize_gradient, diversity=diversity,
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
             checkpoint_decoder=gradient_checkpointing, target=target)
-        return io.NodeOutput(guidance, aligned.detach())
+        return io.NodeOutput(guidance, aligned.detach(), ui={"passes": passes})
 
 
 def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score: float, on_no_face: str,
-                    purpose: str) -> list[FaceTarget | None]:
+                    purpose: str, stage: str) -> tuple[list[FaceTarget | None], list[dict]]:
     """Each image's face ``face_index`` (0 = largest) as the recogniser sees it: its
     alignment and identity (guided.face_target); None where there is none and
-    ``on_no_face`` is skip."""
-    targets = []
+    ``on_no_face`` is skip. Also the recogniser passes per image, for the history under
+    ``stage``."""
+    targets, passes = [], []
     for i, img in enumerate(images):
         check_interrupt()  # long batches: Cancel stops between images
         faces = detect_faces(img, min_score=min_score)
+        counter = PassCounter()
         if len(faces) > face_index:
-            targets.append(face_target(face_model, img, faces[face_index]))
+            targets.append(face_target(counter.embedder(face_model), img, faces[face_index]))
         elif on_no_face == "error":
             raise NoFaceError(i, f" for {purpose} (face_index {face_index}, min_score {min_score})")
         else:
             targets.append(None)
-    return targets
+        passes += counter.report(stage, first=i)
+    return targets, passes
 
 
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:

@@ -107,7 +107,8 @@ class IdentitySimilarity(io.ComfyNode):
         protected = rgb_images(protected, NAME, "protected")
         image_side_at_least(original, MIN_FACE_SIDE, NAME, "original")
         per_original = pictures_per_original(original.shape[0], protected.shape[0])
-        targets = reference_faces(face_model, original, face_index, min_score, on_no_face, "identity similarity")
+        targets, _passes = reference_faces(face_model, original, face_index, min_score, on_no_face,
+                                           "identity similarity", NAME)
         entries, similarities = [], []
         for i, target in enumerate(targets):
             if target is None:

@@ -24,6 +24,7 @@ from diffpriv_eval.verifiers import DlibRecognizer, distances, load_pack_recogni
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_eval.utility import compare_detections
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from photos import variations
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -270,6 +271,65 @@ def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, ins
     assert results["protection"]["dlib"]["success_rate"] == 1.0
     assert results["recovery"] == {"images": 0}
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
+
+
+def test_cli_gallery_identifies_the_originals_and_not_another_person(photos, installed_models, tmp_path, capsys):
+    """AVIH's protocol from the command line, on a gallery of real photos: several pictures
+    per person (variations of one photo each: no package ships two photos of one person)
+    and real other people as distractors."""
+    gallery, originals, protected = tmp_path / "gallery", tmp_path / "photos", tmp_path / "protected"
+    for person in ("astronaut", "t1_0", "t1_1"):
+        (gallery / person).mkdir(parents=True)
+        for name, view in variations(photos[person]).items():
+            Image.fromarray(view).save(gallery / person / f"{name}.png")
+    (gallery / "distractors").mkdir()
+    for person in ("t1_2", "t1_3", "hanks"):
+        Image.fromarray(photos[person]).save(gallery / "distractors" / f"{person}.png")
+    Image.fromarray(photos["t1_1"]).save(gallery / "t1_1" / "original.png")  # probed from its folder
+    originals.mkdir(), protected.mkdir()
+    for person in ("astronaut", "t1_0"):  # probed by name
+        Image.fromarray(photos[person]).save(originals / f"{person}.png")
+    for name, person in (("astronaut", "astronaut"), ("original", "t1_1")):  # lightly blurred: still identified
+        Image.fromarray(gaussian_blur(photos[person], 1.0)).save(protected / f"{name}_00001.png")
+    # t1_0's "protected" picture shows another person (a distractor) where t1_0's face was
+    Image.fromarray(photos["t1_3"]).save(protected / "t1_0_00001.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(originals), str(gallery / "t1_1" / "original.png"),
+                      "--protected", str(protected), "--gallery", str(gallery), "--out", str(out),
+                      "--models", str(installed_models)]) == 0
+    table = json.loads((out / "results.json").read_text())["identification"]
+    assert table["probes"] == {"astronaut": "astronaut", "t1_0": "t1_0", "original": "t1_1"}
+    assert table["gallery"]["identities"] == {"astronaut": 4, "t1_0": 4, "t1_1": 5} and table["gallery"]["distractors"] == 3
+    for name in ("dlib", "SFace", "FaceNet-CASIA"):
+        rows = table["recognizers"][name]
+        assert rows["originals"]["accuracy"] == 1.0, name  # every original identified
+        assert rows["protected"]["identified"] == {"astronaut": [True], "t1_0": [False], "original": [True]}, name
+    assert "Identification accuracy (Table 3)" in (out / "report.md").read_text()
+    (gallery / "loose.png").write_bytes((gallery / "t1_1" / "original.png").read_bytes())
+    assert eval_main(["--originals", str(originals), "--protected", str(protected), "--gallery", str(gallery),
+                      "--out", str(out), "--models", str(installed_models)]) == 2
+    assert "outside any identity folder (loose.png" in capsys.readouterr().err
+
+
+def test_cli_guidance_baseline_crosses_the_guiding_recognisers_threshold(photos, installed_models, tmp_path):
+    """Identity guidance without diffusion on a real photo: SFace (white-box) reads another
+    person in an all but unchanged picture; the report gives each verifier's numbers."""
+    Image.fromarray(photos["astronaut"]).save(tmp_path / "astronaut.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(tmp_path / "astronaut.png"), "--baseline", "guidance",
+                      "--out", str(out), "--models", str(installed_models)]) == 0
+    with Image.open(out / "protected" / "astronaut.png") as image:
+        change = np.abs(np.asarray(image).astype(float) - photos["astronaut"]).mean()
+    assert 0 < change < 2.0  # in 8-bit levels
+    protection = json.loads((out / "results.json").read_text())["protection"]
+    assert [(n, r["role"]) for n, r in protection.items()] == [
+        ("dlib", "transfer"), ("SFace", "white-box"), ("FaceNet-CASIA", "transfer")]
+    assert protection["SFace"]["success_rate"] == 1.0
+    assert protection["SFace"]["mean_distance_to_original"] > protection["SFace"]["threshold"]
+    report = (out / "report.md").read_text()
+    assert "identity guidance without diffusion by SFace" in report and "SFace guided the protection" in report
+    assert eval_main(["--originals", str(tmp_path / "astronaut.png"), "--baseline", "guidance", "--guided-by",
+                      "dlib", "--out", str(out), "--models", str(installed_models)]) == 2  # not differentiable
 
 
 def test_cli_refuses_bad_arguments_with_a_message(photos, tmp_path, capsys):
