@@ -77,6 +77,11 @@ def test_identity_similarity_tells_a_face_from_its_mosaic_with_sface(comfy_host,
     graph["three"] = {"class_type": "ImageBatch", "inputs": {"image1": ["pair", 0], "image2": ["orig", 0]}}
     with pytest.raises(PromptFailed, match="'protected' holds 3 pictures and 'original' 2 images"):
         comfy_host.client.run(graph)
+    graph["sim"]["inputs"].update(original=["orig", 0], protected=["half", 0])
+    graph["half"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["a", 0], "upscale_method": "area",
+                                                              "scale_by": 0.5}}
+    with pytest.raises(PromptFailed, match="image 0: the pictures are 128 x 128 px, their original 256 x 256"):
+        comfy_host.client.run(graph)
 
 
 def test_the_target_workflows_run_to_their_goal_and_the_command_sets_the_margin(comfy_host, face, tmp_path):
