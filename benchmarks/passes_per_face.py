@@ -10,8 +10,9 @@ The counts do not depend on the networks' size: early stopping and the fixed-poi
 inversion's early exit are the only data-dependent parts, and they run for real here.
 
 Settings: the paper's (MSI's reference 6100 steps with the photo encoded at every step, as
-the reference code does, the whole frame decoded at every guided step, plain DDIM inversion) and this pack's defaults (MSI fast preset, the face crop
-decoded, fixed-point inversion with 4 refinements), for both tasks.
+the reference code does, the whole frame decoded at every guided step, plain DDIM
+inversion) and this pack's defaults (MSI fast preset, the face crop decoded, fixed-point
+inversion with 4 refinements), for both tasks.
 """
 from __future__ import annotations
 
@@ -154,10 +155,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = count_all(args.msi_steps)
     capped = f", MSI capped at {args.msi_steps} steps" if args.msi_steps else ""
-    print(f"Network passes to protect one face of a 512 px photo (a 128 px face), counted per image where the core "
-          f"calls each network{capped}. Paper: MSI's reference preset encoding the photo at every step (as its code "
-          "does), the whole frame decoded at every guided step, plain DDIM key-I. Ours: MSI's fast preset, the face crop decoded, fixed-point key-I (4 "
-          "refinements). Both include the photo's VAE encode, the reference embedding and the candidates' decode.\n")
+    print(f"Network passes per protected face, for one face of a 512 px photo (a 128 px face), counted per image "
+          f"where the core calls each network{capped}. Paper: MSI's reference preset encoding the photo at every "
+          "step (as its code does), the whole frame decoded at every guided step, plain DDIM key-I. Ours: MSI's fast "
+          "preset, the face crop decoded, fixed-point key-I (4 refinements). Both include the photo's VAE encode, the "
+          "reference embedding and the candidates' decode.\n")
     print("| setting | " + " | ".join(TITLES.values()) + " | decoded at guided steps |")
     print("|---|" + "---|" * (len(TITLES) + 1))
     for setting, protection, _, sizes in rows:

@@ -236,7 +236,8 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
 
 
 def identity_of(result: PromptResult) -> list[dict]:
-    """What the Guided DDIM Sampler reported of each guided image (its ``identity_similarity``)."""
+    """What the Guided DDIM Sampler, or an Identity Similarity node, reported of each image
+    (their ``identity_similarity``)."""
     return [entry for output in result.outputs.values() for entry in output.get("identity_similarity", [])]
 
 
