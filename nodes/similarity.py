@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.guided import picture_similarity
