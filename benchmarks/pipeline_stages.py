@@ -32,13 +32,16 @@ from diffpriv_testmodels.cache import BENCHMARK_MODELS, UNET_WORDS, astronaut, b
 
 
 class Stages:
-    """Times each stage once and keeps the rows of the table."""
+    """Times each stage once and keeps the rows of the table, and the network passes the
+    stage's node reported (its history's ``passes``, per image of its batch)."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.rows: list[tuple[str, float, int, float]] = []
+        self.passes: dict[str, dict[str, int]] = {}
 
     def run(self, name: str, units: int, fn):
+        """Runs ``fn`` (a node's execute) and returns its NodeOutput."""
         import torch
 
         if self.cuda:
@@ -49,6 +52,7 @@ class Stages:
         if self.cuda:
             torch.cuda.synchronize()
         self.rows.append((name, time.perf_counter() - start, units, self.peak_mib()))
+        self.passes[name] = {k: v for entry in (out.ui or {}).get("passes", []) for k, v in entry["passes"].items()}
         print(f"{name}: {self.rows[-1][1]:.1f} s", file=sys.stderr, flush=True)
         return out
 
@@ -88,10 +92,10 @@ def measure(args) -> tuple[Stages, str]:
             face_model = load_recognizer(models / ARCFACE_ONNX)
         latent = {"samples": vae.encode(photo)}
         key_e = stages.run("MSI Inversion (key-E)", args.msi_steps, lambda: nodes.msi.MSIInversion.execute(
-            model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0).args[0])
+            model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0)).args[0]
         positive = nodes.scheduler.EmbeddingScheduler.execute(key_e, args.task, args.tau).args[0]
         guidance = stages.run("Identity Energy Guidance (reference)", 1, lambda: nodes.guidance.IdentityGuidanceNode.execute(
-            face_model, photo, args.task, 1.0, False, True, "face crop", 0, 0.5, "error", True).args[0])
+            face_model, photo, args.task, 1.0, False, True, "face crop", 0, 0.5, "error", True)).args[0]
         sampled = round(args.steps * args.s_ns)
 
         def sample(with_guidance):
@@ -103,7 +107,7 @@ def measure(args) -> tuple[Stages, str]:
         stages.run("Guided DDIM Sampler, guided (face crop)", sampled, lambda: sample(True))
         key_i = stages.run("DDIM Inversion Key (key-I, fixed_point 4)", args.steps,
                            lambda: nodes.recovery.DDIMInversionKey.execute(model, latent, key_e, args.steps,
-                                                                           "fixed_point", 4).args[0])
+                                                                           "fixed_point", 4)).args[0]
         stages.run("Recover", args.steps, lambda: nodes.recovery.Recover.execute(model, key_i, key_e))
     return stages, str(model.load_device)
 
@@ -139,6 +143,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from diffpriv_core.msi_train import PRESETS as MSI_PRESETS
+    from diffpriv_core.passes import TITLES
 
     args = parse(argv)
     benchmark_models(args.unet)
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| stage | seconds | per step | {memory} |\n|---|---|---|---|")
     for name, seconds, units, peak in stages.rows:
         print(f"| {name} | {seconds:.2f} | {seconds / units:.3f} | {peak:.0f} |")
+    print(f"\nNetwork passes each stage reported (one photo, one face; the workflow's VAE Encode of the photo and "
+          f"VAE Decode of the {args.samples} candidate(s) come on top):\n")
+    print("| stage | " + " | ".join(TITLES.values()) + " |\n|---|" + "---|" * len(TITLES))
+    for name, counts in stages.passes.items():
+        print(f"| {name} | " + " | ".join(str(counts.get(key, 0)) for key in TITLES) + " |")
     plain, guided = stages.seconds("Guided DDIM Sampler, no guidance"), stages.seconds(
         "Guided DDIM Sampler, guided (face crop)")
     msi = stages.seconds("MSI Inversion (key-E)")

@@ -170,7 +170,7 @@ class _Batch:
         else:
             self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
                                 seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result))
+                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
             self.bar.update(1)
         self._clean(server, job, event.prompt_id)
 
@@ -236,8 +236,58 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
 
 
 def identity_of(result: PromptResult) -> list[dict]:
-    """What the Guided DDIM Sampler reported of each guided image (its ``identity_similarity``)."""
+    """What the Guided DDIM Sampler, or an Identity Similarity node, reported of each image
+    (their ``identity_similarity``)."""
     return [entry for output in result.outputs.values() for entry in output.get("identity_similarity", [])]
+
+
+# Stock nodes in the pack's workflows and the pass each makes per latent or picture.
+STOCK_PASSES = {"VAEEncode": ("VAE Encode", "pixels", "vae_encode"),
+                "VAEDecode": ("VAE Decode", "samples", "vae_decode_forward")}
+REPORT_DETAILS = ("candidates", "decode_region", "decoded")  # what a node says besides its counts
+
+
+def passes_of(result: PromptResult, graph: dict) -> list[dict]:
+    """The network passes each face cost, stage by stage: what the pack's nodes reported
+    (their ``passes``) per image of the batch they ran (a face crop, or the one photo of a
+    whole-image run), plus one pass per picture or latent of the stock VAE Encode and VAE
+    Decode nodes in ``graph`` (a latent of the Guided DDIM Sampler holds its candidates)."""
+    reports = {node_id: [e for e in output.get("passes", []) if _is_report(e)] if isinstance(output, dict) else []
+               for node_id, output in result.outputs.items()}
+    faces: dict[int, dict[str, dict]] = {}
+    for entries in reports.values():
+        for entry in entries:
+            stage = faces.setdefault(entry["image"], {}).setdefault(entry["stage"], {"passes": {}})
+            stage["passes"] = _added(stage["passes"], entry["passes"])
+            stage.update({k: entry[k] for k in REPORT_DETAILS if k in entry})
+    for node in graph.values():
+        if node.get("class_type") not in STOCK_PASSES:
+            continue
+        name, source_input, pass_name = STOCK_PASSES[node["class_type"]]
+        source = node.get("inputs", {}).get(source_input)
+        per_face = {e["image"]: e.get("candidates", 1) for e in reports.get(str(source[0]), [])} \
+            if isinstance(source, list) else {}
+        for index, stages in faces.items():
+            stage = stages.setdefault(name, {"passes": {}})
+            stage["passes"] = _added(stage["passes"], {pass_name: per_face.get(index, 1)})
+    return [{"face": index, "total": _added(*(s["passes"] for s in stages.values())), "stages": stages}
+            for index, stages in sorted(faces.items())]
+
+
+def _is_report(entry) -> bool:
+    """A pass report as the pack's nodes write it (a server's answer is checked, not trusted)."""
+    return (isinstance(entry, dict) and type(entry.get("image")) is int and isinstance(entry.get("stage"), str)
+            and isinstance(entry.get("passes"), dict)
+            and all(isinstance(k, str) and type(v) is int for k, v in entry["passes"].items())
+            and type(entry.get("candidates", 1)) is int)
+
+
+def _added(*counts: dict) -> dict:
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, n in count.items():
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 def check_record(record) -> None:

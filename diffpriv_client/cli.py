@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--whole-image", dest="whole_image", action="store_true",
                       help="protect the whole picture as one face, for photos that are already one aligned face "
                            "(as in the paper's datasets); any size up to 2048 px (workflow: workflows/api/<task>.json)")
+    protect.add_argument("--target-similarity", action="store_true",
+                         help="guide every face to a target identity distance instead of the paper's fixed lambda: "
+                              "the guiding recogniser's cosine to the original ends below its threshold minus "
+                              "--margin (anonymize) or above threshold plus --margin (hide); summary.json says "
+                              "what each face reached")
+    protect.add_argument("--margin", type=float, metavar="COSINE",
+                         help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
+                              "(default: the workflow's, 0.05 in the shipped ones)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
     if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
         parser.error("--ray-actors N needs --ray and N >= 1")
+    if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
+        parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -246,6 +256,8 @@ def load_template(args) -> dict:
     if missing:
         raise UsageError(f"the workflow {path} lacks what `diffpriv {command}` fills in: {'; '.join(missing)} "
                          "(see 'Your own workflows' in docs/cli.md)")
+    if args.command == "protect" and args.target_similarity:
+        graphs.set_target_similarity(template, args.margin)
     if args.demo_weights:
         demo.use_demo_models(template)
         demo.apply_settings(template)

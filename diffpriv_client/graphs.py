@@ -119,6 +119,20 @@ def set_face_recognizer(graph: dict, option: str) -> None:
         node["inputs"]["model_name"] = option
 
 
+def set_target_similarity(graph: dict, margin: float | None = None) -> None:
+    """Every Identity Energy Guidance guides to a target similarity (the recogniser's
+    threshold minus ``margin`` to anonymize, plus it to hide) instead of the paper's fixed
+    lambda_t; ``margin`` None keeps the workflow's."""
+    nodes = nodes_of(graph, "DiffPrivacyIdentityGuidance")
+    if not nodes:
+        raise ValueError("--target-similarity needs an Identity Energy Guidance (DiffPrivacyIdentityGuidance) node "
+                         "in the workflow; it has none")
+    values = {"lambda_mode": "target similarity", **({} if margin is None else {"margin": margin})}
+    for node in nodes:
+        inputs = node.setdefault("inputs", {})
+        inputs.update({name: value for name, value in values.items() if not _is_link(inputs.get(name))})
+
+
 # The nodes a workflow needs for what the command fills in (docs/cli.md, "Your own workflows").
 NODE_ROLES = {"LoadImage": "Load Image (LoadImage), which gets the photo",
               "DiffPrivacySaveKey": "Save Privacy Key (DiffPrivacySaveKey), which writes the key",

@@ -42,10 +42,12 @@ class Summary:
 
     def record(self, name: str, source: Path, status: str, outputs: list[Path] = (), keys: list[Path] = (),
                seconds: float | None = None, server: str | None = None, error: str | None = None,
-               node: str | None = None, identity: list[dict] = ()) -> None:
+               node: str | None = None, identity: list[dict] = (), passes: list[dict] = ()) -> None:
         """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray);
         ``identity``: per guided image, the guiding recogniser's cosine of each sample to the
-        original, its threshold and verdict (the Guided DDIM Sampler's report)."""
+        original, its threshold and verdict (the Guided DDIM Sampler's or Identity Similarity's
+        report); ``passes``:
+        per face, the network passes of each stage and their total (batch.passes_of)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
@@ -53,6 +55,7 @@ class Summary:
             "keys": [self._relative(p) for p in keys],
             "faces": [dict(face, key=self._relative(p)) for p in keys if (face := key_face(p)) is not None],
             "identity": list(identity),
+            "passes": list(passes),
             "seconds": None if seconds is None else round(seconds, 3),
             "server": server,
             "node": node,

@@ -10,6 +10,7 @@ record the pixel sizes decoded, which tells a whole frame from a face crop.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
@@ -21,6 +22,9 @@ RECOGNISER_FORWARD, RECOGNISER_BACKWARD = "recogniser_forward", "recogniser_back
 CLIP_VISION, TEXT_FORWARD, TEXT_BACKWARD = "clip_vision", "text_forward", "text_backward"
 NAMES = (UNET_FORWARD, UNET_BACKWARD, VAE_ENCODE, DECODE_FORWARD, DECODE_BACKWARD, RECOGNISER_FORWARD,
          RECOGNISER_BACKWARD, CLIP_VISION, TEXT_FORWARD, TEXT_BACKWARD)
+TITLES = {UNET_FORWARD: "UNet fwd", UNET_BACKWARD: "UNet bwd", VAE_ENCODE: "VAE enc", DECODE_FORWARD: "VAE dec fwd",
+          DECODE_BACKWARD: "VAE dec bwd", RECOGNISER_FORWARD: "recogniser fwd", RECOGNISER_BACKWARD: "recogniser bwd",
+          CLIP_VISION: "CLIP vision", TEXT_FORWARD: "text enc fwd", TEXT_BACKWARD: "text enc bwd"}
 DECODER_PIXELS = 8  # SD's VAE: one latent cell decodes to 8 x 8 pixels
 
 
@@ -46,6 +50,17 @@ class PassCounter:
 
     def decoded(self) -> list[str]:
         return [f"{w}x{h}" for h, w in sorted(self.decoded_sizes)]
+
+    def report(self, stage: str, images: int = 1, first: int = 0) -> list[dict]:
+        """What a node shows in its history, one entry per image of the batch it ran
+        together: the counts divided by ``images`` (a batched call counts each image, and
+        every image of a batch runs the same passes), the zeros left out. ``first``: the
+        batch index of its first image."""
+        passes = {name: n // images for name, n in self.as_dict().items() if n}
+        entry = {"stage": stage, "passes": passes}
+        if self.decoded_sizes:
+            entry["decoded"] = self.decoded()
+        return [dict(entry, image=first + i) for i in range(images)]
 
     # --- wrappers, one per protocol ------------------------------------------------------
 
@@ -80,6 +95,11 @@ class PassCounter:
 
     def text(self, text) -> "CountedText":
         return CountedText(text, self)
+
+    def msi_host(self, host):
+        """An ``msi_train.MSIHost`` with each of its networks counted."""
+        return dataclasses.replace(host, eps=self.eps(host.eps), codec=self.codec(host.codec),
+                                   text=self.text(host.text), features=self.features(host.features))
 
 
 class CountedCodec:

@@ -1,14 +1,20 @@
-"""Classic obfuscation baselines, to calibrate the metrics on real photos.
+"""Baselines, to calibrate the metrics on real photos.
 
-Both act on a face box (the whole image when none is given), as deployed anonymisers
-do; strength is in pixels, so it means the same on any photo size.
+Blur and mosaic act on a face box (the whole image when none is given), as deployed
+anonymisers do; their strength is in pixels, so it means the same on any photo size.
+Identity guidance without diffusion is the method's identity energy alone, applied to the
+photo itself: what a gradient attack on the guiding recogniser does.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    from diffpriv_core.adapters.protocols import FaceEmbedder
+    from diffpriv_core.faces.detect import Face
 
 Box = tuple[float, float, float, float]
 
@@ -43,3 +49,31 @@ def mosaic(image: np.ndarray, block: float, box: Box | None = None) -> np.ndarra
 
 
 BASELINES: dict[str, Callable[..., np.ndarray]] = {"blur": gaussian_blur, "mosaic": mosaic}
+GUIDANCE = "guidance"  # identity guidance without diffusion; needs a face and a recogniser
+GUIDANCE_STEPS = 12
+GUIDANCE_CAP = 10.0  # the largest lambda of one step
+
+
+def identity_guidance(image: np.ndarray, face: "Face", recognizer: "FaceEmbedder", margin: float = 0.05,
+                      steps: int = GUIDANCE_STEPS) -> np.ndarray:
+    """Anonymization by the identity energy alone (``guided.guide_without_diffusion``, the
+    image as its own latent: an identity codec in place of the VAE, no UNet, no noise), to
+    the target ``recognizer``'s threshold minus ``margin`` in cosine; as 8-bit pixels."""
+    import torch
+
+    from diffpriv_core import guided
+    from diffpriv_core.energy import SimilarityTarget
+    from diffpriv_core.tasks import LambdaSchedule
+
+    pixels = torch.from_numpy(np.array(image)).float().div(255)
+    target = guided.face_target(recognizer, pixels, face)
+    goal = SimilarityTarget(recognizer.threshold, margin=margin, cap=GUIDANCE_CAP)
+    guidance = guided.IdentityGuidance(recognizer, "anonymize", LambdaSchedule(1.0, 1.0), (target,),
+                                       diversity=False, target=goal)
+    z = guided.guide_without_diffusion(pixels.permute(2, 0, 1)[None], guidance, _pixels_as_image, steps)
+    return _pixels_as_image(z)[0].clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+def _pixels_as_image(z):
+    """The identity codec's decoder: the latent [B, 3, H, W] is the image [B, H, W, 3]."""
+    return z.permute(0, 2, 3, 1)

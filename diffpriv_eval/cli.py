@@ -2,24 +2,43 @@
 
     diffpriv eval --originals DIR_OR_FILES... --protected DIR [--recovered DIR] --out REPORT_DIR
     diffpriv eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
+    diffpriv eval --originals DIR --baseline guidance [--guided-by SFace] --out REPORT_DIR
+    diffpriv eval --originals DIR --protected DIR --gallery GALLERY_DIR --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
 protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png. The --out
 folders of `diffpriv protect` and `diffpriv recover` pair as they are, by their summary.json.
+
+--baseline makes the protected set itself: blur or mosaic of each photo's largest face, or
+identity guidance without diffusion (the method's identity energy alone, applied to the
+photo by the --guided-by recogniser until it reads another person).
+
+Identification accuracy (AVIH's protocol, the paper's Table 3) needs --gallery: a folder
+with one subfolder of several photos per person (gallery/alice/*.jpg, gallery/bob/*.jpg)
+and gallery/distractors/ with photos of people outside it. An original is probed as the
+person whose subfolder holds it or is named like its file stem (photos/alice.jpg); a copy
+of the original in the gallery is never its match.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from diffpriv_eval.baselines import BASELINES
+import numpy as np
+
+from diffpriv_eval.baselines import BASELINES, GUIDANCE, identity_guidance
 from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.dlib_models import DlibUnavailableError
 from diffpriv_eval.evaluate import evaluate
+from diffpriv_eval.gallery import load_gallery
 from diffpriv_eval.images import Case, load_cases, save_rgb
 from diffpriv_eval.verifiers import DlibRecognizer, installed_recognizers, load_pack_recognizer
 from diffpriv_eval.report import write_report
+
+if TYPE_CHECKING:
+    from diffpriv_core.faces.detect import Face
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,26 +53,55 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: the embedded ComfyUI's)")
     parser.add_argument("--guided-by", metavar="NAME",
                         help="the recogniser that guided the protection (white-box); the others measure transfer. "
-                             "Default: SFace, the shipped workflows' recogniser (none for --baseline)")
+                             "Default: SFace, the shipped workflows' recogniser (none for --baseline blur|mosaic)")
     parser.add_argument("--arcface", type=Path, metavar="FILE",
                         help="also measure with this ArcFace / IR-SE50 file (the paper's L2 threshold 0.8)")
     parser.add_argument("--facenet", type=Path, metavar="FILE",
                         help="also measure with this FaceNet InceptionResnetV1 file (the paper's L2 threshold 1.1)")
-    parser.add_argument("--baseline", choices=sorted(BASELINES),
-                        help="make the protected set from the originals with this obfuscation")
-    parser.add_argument("--strength", type=float, default=8.0,
-                        help="baseline strength in pixels: blur sigma or mosaic block size (default 8)")
+    parser.add_argument("--gallery", type=Path, metavar="DIR",
+                        help="identification gallery: DIR/<person>/ with several photos each, DIR/distractors/ "
+                             "with other people (adds AVIH's identification accuracy, Table 3)")
+    parser.add_argument("--baseline", choices=[*sorted(BASELINES), GUIDANCE],
+                        help="make the protected set from the originals: blur, mosaic, or identity guidance "
+                             "without diffusion")
+    parser.add_argument("--strength", type=float,
+                        help="baseline strength: blur sigma or mosaic block size in pixels (default 8); for "
+                             "guidance, how far below the guiding recogniser's threshold its cosine is pushed "
+                             "(default 0.05)")
     return parser
 
 
-def protect_with_baseline(cases: list[Case], name: str, strength: float, folder: Path) -> None:
-    """Fills each case's protected set with the baseline applied to its largest face
-    (the whole image when MTCNN finds none), and saves the images in `folder`."""
+DEFAULT_STRENGTH = {"blur": 8.0, "mosaic": 8.0, GUIDANCE: 0.05}
+Baseline = Callable[[np.ndarray, "Face | None"], np.ndarray]
+
+
+def baseline(name: str, strength: float, recognizers: list, white_box: str | None) -> tuple[Baseline, str]:
+    """The baseline as (image, its largest face) -> protected image, and its title."""
+    if name != GUIDANCE:
+        def obfuscate(image: np.ndarray, face: "Face | None") -> np.ndarray:
+            return BASELINES[name](image, strength, face.box if face else None)  # no face: the whole image
+
+        return obfuscate, f"{name}, strength {strength:g} px"
+    guide = next((r for r in recognizers if r.name == white_box), None)
+    if guide is None:
+        raise ValueError("--baseline guidance needs a recogniser to guide it (--guided-by NAME)")
+    if not hasattr(guide, "model"):
+        raise ValueError(f"--guided-by {white_box}: its descriptor is not differentiable, it cannot guide")
+
+    def anonymize(image: np.ndarray, face: "Face | None") -> np.ndarray:
+        return image if face is None else identity_guidance(image, face, guide.model, strength)  # nothing to guide
+
+    return anonymize, f"identity guidance without diffusion by {white_box}, margin {strength:g} below its threshold"
+
+
+def protect_with_baseline(cases: list[Case], protect: Baseline, folder: Path) -> None:
+    """Fills each case's protected set with the baseline applied to its largest MTCNN face,
+    and saves the images in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     detector = MtcnnDetector()
     for case in cases:
         faces = detector.detect(case.original)
-        protected = BASELINES[name](case.original, strength, faces[0].box if faces else None)
+        protected = protect(case.original, faces[0] if faces else None)
         save_rgb(protected, folder / f"{case.stem}.png")
         case.protected = [protected]
 
@@ -72,7 +120,7 @@ def _recognizers(args: argparse.Namespace) -> list:
 
 def guided_by(args: argparse.Namespace, recognizers: list) -> str | None:
     if args.guided_by is None:
-        return None if args.baseline else "SFace"
+        return None if args.baseline in BASELINES else "SFace"
     names = [r.name for r in recognizers]
     if args.guided_by not in names + ["none"]:
         raise ValueError(f"--guided-by {args.guided_by}: not one of the recognisers measured ({', '.join(names)})")
@@ -83,22 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if bool(args.baseline) == bool(args.protected):
-        parser.error("give exactly one of --protected DIR and --baseline blur|mosaic")
+        parser.error(f"give exactly one of --protected DIR and --baseline {'|'.join([*BASELINES, GUIDANCE])}")
     try:
         cases = load_cases(args.originals, args.protected, args.recovered)
         if not cases:
             raise FileNotFoundError("no original images found")
         recognizers = _recognizers(args)  # after the cheap checks: loading them takes seconds
         white_box = guided_by(args, recognizers)
+        if args.baseline:
+            strength = DEFAULT_STRENGTH[args.baseline] if args.strength is None else args.strength
+            protect, title = baseline(args.baseline, strength, recognizers, white_box)
+        gallery = load_gallery(args.gallery, MtcnnDetector()) if args.gallery else None
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # missing or unreadable inputs
         print(exc, file=sys.stderr)
         return 2
-    title = "Diff-Privacy evaluation"
     if args.baseline:
-        protect_with_baseline(cases, args.baseline, args.strength, args.out / "protected")
-        title = f"Baseline evaluation: {args.baseline}, strength {args.strength:g} px"
+        protect_with_baseline(cases, protect, args.out / "protected")
+        title = f"Baseline evaluation: {title}"
+    else:
+        title = "Diff-Privacy evaluation"
     try:
-        evaluation = evaluate(cases, recognizers, [MtcnnDetector(), DlibDetector()], white_box)
+        evaluation = evaluate(cases, recognizers, [MtcnnDetector(), DlibDetector()], white_box, gallery)
     except DlibUnavailableError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ Identity is measured at the primary (largest) MTCNN face of each original; origi
 without a face, and originals that produced neither a protected nor a recovered image
 (when such images were given), are listed under "skipped" and left out of every table.
 Each recogniser is reported at its own threshold, as white-box (it guided the protection)
-or transfer (it did not).
+or transfer (it did not). With a gallery, identification (AVIH's protocol) probes the
+originals, their candidates and their recoveries, read at the original's face too.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 from diffpriv_eval import metrics
 from diffpriv_eval.detectors import Detector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances
-from diffpriv_eval.identity import protection_success_rate
+from diffpriv_eval.gallery import Gallery
+from diffpriv_eval.identity import FaceImage, Probe, identify, photo_digest, protection_success_rate
 from diffpriv_eval.images import Case
 from diffpriv_eval.verifiers import Recognizer, distances
 from diffpriv_eval.utility import compare_detections
@@ -105,6 +107,54 @@ def _utility(detector: Detector, cases: Sequence[Case]) -> dict:
     return result
 
 
+# The rows of the identification table: what each original gives as probes.
+_PROBE_ROWS = {"originals": lambda c: [c.original], "protected": lambda c: c.protected,
+               "recovered": lambda c: [] if c.recovered is None else [c.recovered]}
+
+
+def _probed(gallery: Gallery, cases: Sequence[Case]) -> tuple[dict[str, str], dict[str, str]]:
+    """(original -> identity it is probed as, original -> why it is not probed)."""
+    probed, not_probed = {}, {}
+    for case in cases:
+        who = gallery.identity_of(case)
+        if who is None:
+            not_probed[case.stem] = "no gallery identity of that name or folder"
+        elif all(photo_digest(p.image) == photo_digest(case.original) for p in gallery.identities[who]):
+            not_probed[case.stem] = f"no photo of {who} in the gallery other than this original"
+        else:
+            probed[case.stem] = who
+    return probed, not_probed
+
+
+def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
+                    gallery: Gallery, guided_by: str | None) -> dict:
+    """AVIH's identification accuracy (paper Table 3) per recogniser, for the originals (the
+    reference row), the protected candidates and the recovered images as probes."""
+    probed, not_probed = _probed(gallery, cases)
+    result = {"gallery": {"folder": str(gallery.folder), "identities": {k: len(v) for k, v in gallery.identities.items()},
+                          "distractors": len(gallery.distractors), "skipped": gallery.skipped},
+              "probes": probed, "not_probed": not_probed, "recognizers": {}}
+    rows = [(row, c, image, face) for row, images_of in _PROBE_ROWS.items()
+            for c, face in zip(cases, faces) if c.stem in probed for image in images_of(c)]
+    if not rows:
+        return result
+    probes = [Probe(probed[c.stem], FaceImage(image, face), c.original) for _, c, image, face in rows]
+    for recognizer in recognizers:
+        hits = identify(recognizer, probes, gallery.identities, gallery.distractors)
+        table = {}
+        for row in _PROBE_ROWS:
+            mine = [(c.stem, hit) for (r, c, _, _), hit in zip(rows, hits) if r == row]
+            if mine:
+                per_original: dict[str, list[bool]] = {}
+                for stem, hit in mine:
+                    per_original.setdefault(stem, []).append(hit)
+                table[row] = {"probes": len(mine), "accuracy": _mean([hit for _, hit in mine]),
+                              "identified": per_original}
+        role = "white-box" if recognizer.name == guided_by else "transfer"
+        result["recognizers"][recognizer.name] = {"role": role, **table}
+    return result
+
+
 def _no_output(cases: Sequence[Case]) -> set[str]:
     """Originals that produced nothing while others did (their protection failed)."""
     if not any(c.protected or c.recovered is not None for c in cases):
@@ -113,9 +163,10 @@ def _no_output(cases: Sequence[Case]) -> set[str]:
 
 
 def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector],
-             guided_by: str | None = None) -> Evaluation:
-    """Protection, recovery, utility and diversity for `cases` (see the module doc);
-    `guided_by` names the recogniser that guided the protection, if any."""
+             guided_by: str | None = None, gallery: Gallery | None = None) -> Evaluation:
+    """Protection, recovery, utility and diversity for `cases` (see the module doc), and
+    identification against `gallery` when one is given; `guided_by` names the recogniser
+    that guided the protection, if any."""
     reference = MtcnnDetector()
     without_output = _no_output(cases)
     located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
@@ -129,7 +180,7 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
         "skipped": skipped,
         "resized": {c.stem: c.resized for c in cases if c.resized},
         "faces": {c.stem: f.as_dict() for c, f in usable},
-        "protection": {}, "recovery": {"images": 0}, "utility": {},
+        "protection": {}, "recovery": {"images": 0}, "utility": {}, "identification": None,
     })
     if not kept:
         return evaluation
@@ -140,6 +191,8 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
         evaluation.results["protection"][recognizer.name] = result
         evaluation.embeddings[recognizer.name] = embeddings
     evaluation.results["recovery"] = _recovery(recognizers, originals, kept, faces)
+    if gallery is not None:
+        evaluation.results["identification"] = _identification(recognizers, kept, faces, gallery, guided_by)
     for detector in detectors:
         evaluation.results["utility"][detector.name] = _utility(detector, kept)
     return evaluation

@@ -37,6 +37,7 @@ class Case:
     protected: list[np.ndarray] = field(default_factory=list)
     recovered: np.ndarray | None = None
     resized: list[str] = field(default_factory=list)  # files resized to the original's size
+    source: Path | None = None  # the original's file
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -95,7 +96,7 @@ def _load_at_size(path: Path, size: tuple[int, int], case: Case) -> np.ndarray:
 def load_cases(originals: list[Path], protected_dir: Path | None, recovered_dir: Path | None) -> list[Case]:
     """Cases for every original; protected candidates and recovered image matched by stem."""
     files = image_files(originals)
-    cases = {p.stem: Case(p.stem, load_rgb(p)) for p in files}
+    cases = {p.stem: Case(p.stem, load_rgb(p), source=p) for p in files}
     if len(cases) != len(files):
         raise ValueError("two originals share a name stem; rename one")
     stems = set(cases)

@@ -99,6 +99,31 @@ def _recovery_section(recovery: dict) -> list[str]:
     return lines
 
 
+_ROW_NAMES = {"originals": "originals (reference)", "protected": "protected", "recovered": "recovered"}
+
+
+def _identification_section(identification: dict | None) -> list[str]:
+    lines = ["## Identification accuracy (Table 3)", ""]
+    if identification is None:
+        return lines + ["Not measured: give `--gallery DIR` (one folder of several photos per person, plus "
+                        "`distractors/`) for AVIH's identification protocol.", ""]
+    gallery = identification["gallery"]
+    photos = sum(gallery["identities"].values())
+    lines += [f"AVIH's protocol against the gallery {gallery['folder']}: {len(gallery['identities'])} identities "
+              f"({photos} photos) and {gallery['distractors']} distractors. A probe is identified when a gallery "
+              "photo of its own person is closer than every photo of anyone else and every distractor (a copy of "
+              "the probe's own original never counts). Identity hiding keeps the protected row close to the "
+              "originals'; anonymization brings it down.", ""]
+    lines += [f"- not probed {stem}: {why}" for stem, why in identification["not_probed"].items()]
+    lines += [f"- gallery photo left out {name}: {why}" for name, why in gallery["skipped"].items()]
+    lines += [""] if identification["not_probed"] or gallery["skipped"] else []
+    rows = [(name, r["role"], _ROW_NAMES[row], r[row]["probes"], r[row]["accuracy"])
+            for name, r in identification["recognizers"].items() for row in _ROW_NAMES if row in r]
+    if not rows:
+        return lines + ["No original is a person of the gallery: nothing was probed.", ""]
+    return lines + _table(["recogniser", "role", "probes", "count", "identified"], rows)
+
+
 def _utility_section(utility: dict) -> list[str]:
     rows = []
     for name, u in utility.items():
@@ -138,9 +163,7 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
     lines += [f"- skipped {stem}: {why}" for stem, why in results["skipped"].items()]
     lines += [f"- resized to the original's size: {', '.join(names)}" for names in results["resized"].values()]
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
-    lines += ["## Identification accuracy (Table 3)", "",
-              "Not part of this report: AVIH's protocol needs a labelled gallery (several photos of each person "
-              "plus distractors); compute it with `diffpriv_eval.identity.identification_accuracy`.", ""]
+    lines += _identification_section(results["identification"])
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
     lines += ["## Images", "", "original | protected candidates | recovered", ""]
     lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]

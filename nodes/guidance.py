@@ -15,7 +15,8 @@ from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
-from diffpriv_core.guided import IdentityGuidance, face_target
+from diffpriv_core.guided import FaceTarget, IdentityGuidance, face_target
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
@@ -30,6 +31,7 @@ DECODE_REGIONS = ("whole image", "face crop")
 LAMBDA_MODES = ("paper schedule", "target similarity")
 FACE_CROP_MARGIN = 0.5  # "face crop" decodes the face box grown by half its size on each side
 MIN_FACE_SIDE = 20  # the smallest face the detector reports (detect_faces' min_size)
+NAME = "Identity Energy Guidance"
 
 
 def recognizer_options() -> list[str]:
@@ -150,20 +152,12 @@ class IdentityGuidanceNode(io.ComfyNode):
         target = None
         if lambda_mode == "target similarity":
             target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
-        targets, missing = [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
-            for i, img in enumerate(images):
-                check_interrupt()  # long batches: Cancel stops between images
-                faces = detect_faces(img, min_score=min_score)
-                if len(faces) <= face_index:
-                    if on_no_face == "error":
-                        raise NoFaceError(i, f" for identity guidance (face_index {face_index}, min_score {min_score})")
-                    missing.append(i)
-                    targets.append(None)
-                else:
-                    targets.append(face_target(face_model, img, faces[face_index]))
+            targets, passes = reference_faces(face_model, images, face_index, min_score, on_no_face,
+                                              "identity guidance", NAME)
             aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
+        missing = [i for i, target in enumerate(targets) if target is None]
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; they will run without identity guidance",
                         missing)
@@ -172,7 +166,28 @@ class IdentityGuidanceNode(io.ComfyNode):
             lambdas=lambdas, normalize=normalize_gradient, diversity=diversity,
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
             checkpoint_decoder=gradient_checkpointing, target=target)
-        return io.NodeOutput(guidance, aligned.detach())
+        return io.NodeOutput(guidance, aligned.detach(), ui={"passes": passes})
+
+
+def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score: float, on_no_face: str,
+                    purpose: str, stage: str) -> tuple[list[FaceTarget | None], list[dict]]:
+    """Each image's face ``face_index`` (0 = largest) as the recogniser sees it: its
+    alignment and identity (guided.face_target); None where there is none and
+    ``on_no_face`` is skip. Also the recogniser passes per image, for the history under
+    ``stage``."""
+    targets, passes = [], []
+    for i, img in enumerate(images):
+        check_interrupt()  # long batches: Cancel stops between images
+        faces = detect_faces(img, min_score=min_score)
+        counter = PassCounter()
+        if len(faces) > face_index:
+            targets.append(face_target(counter.embedder(face_model), img, faces[face_index]))
+        elif on_no_face == "error":
+            raise NoFaceError(i, f" for {purpose} (face_index {face_index}, min_score {min_score})")
+        else:
+            targets.append(None)
+        passes += counter.report(stage, first=i)
+    return targets, passes
 
 
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from diffpriv_core import msi_train
 from diffpriv_core.msi_train import MSIHost, check_images, train_msi
+from diffpriv_core.passes import PassCounter
 
 from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input
@@ -74,14 +75,14 @@ class MSIInversion(io.ComfyNode):
                 load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
                 host = MSIHost(eps=eps, codec=ComfyCodec(vae, model), text=ComfyText(clip),
                                features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
-                keys, curves = _train_batch(grad_input(image), host, config)
+                keys, curves, passes = _train_batch(grad_input(image), host, config)
                 for key in keys:  # key-I and recovery refuse this key-E with another checkpoint
                     key.meta["checkpoint"] = eps.fingerprint
         finally:
             del host, eps
             comfy.model_management.soft_empty_cache()
         summary = [_summary(i, key) for i, key in enumerate(keys)]
-        return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary})
+        return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary, "passes": passes})
 
 
 def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):
@@ -90,13 +91,15 @@ def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):
     return dataclasses.replace(config, shape=dataclasses.replace(config.shape, one_embedding=one_embedding))
 
 
-def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]]]:
-    """One key-E per image; progress over the whole batch, a live loss-curve preview."""
+def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]], list[dict]]:
+    """One key-E per image, with its loss curve and the network passes it took; progress
+    over the whole batch, a live loss-curve preview."""
     total = config.steps * images.shape[0]
     progress = Progress(total)
     every = max(1, total // PREVIEWS)
-    keys, curves = [], []
+    keys, curves, passes = [], [], []
     for i in range(images.shape[0]):
+        counter = PassCounter()
         curve: list[float] = []
         curves.append(curve)
 
@@ -110,8 +113,9 @@ def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, lis
                 preview = ("PNG", _curve_picture(curves), None)
             progress.step(preview=preview)
 
-        keys.append(train_msi(images[i:i + 1], host, config, callback=on_step).key)
-    return keys, curves
+        keys.append(train_msi(images[i:i + 1], counter.msi_host(host), config, callback=on_step).key)
+        passes += counter.report(NAME, first=i)
+    return keys, curves, passes
 
 
 def _summary(index: int, key) -> dict:

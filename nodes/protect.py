@@ -1,6 +1,9 @@
 """Stage II: the Guided DDIM Sampler (Algorithm 1) as a node and as a SAMPLER."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import comfy.model_management
 import comfy.samplers
 import latent_preview
@@ -10,20 +13,25 @@ from comfy_api.v0_0_2 import io
 from diffpriv_core import ddim
 from diffpriv_core.ddim import eps_from_denoised, k_diffusion_scale
 from diffpriv_core.guided import Protection, achieved_similarity, protect_batch
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 from diffpriv_core.tasks import TASKS, preset_value
 
 from .adapters import ComfyDecoder
 from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
+from .similarity import report_text, similarity_entry
 from .types import Guidance
 
+log = logging.getLogger("diffprivacy")
 NAME = "Guided DDIM Sampler"
 
 
-def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, make_correction=None):
+def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, make_correction=None,
+                       counter: PassCounter | None = None):
     """A k-diffusion-style sampler function: deterministic DDIM over the guider's model (so
     CFG, ControlNet, LoRA and ComfyUI's own noise masks apply), with Algorithm 1's correction
-    after every step. k-diffusion's x is z / sqrt(alpha_bar); the core works on z."""
+    after every step. k-diffusion's x is z / sqrt(alpha_bar); the core works on z.
+    ``counter`` counts the model's passes (the correction counts its own)."""
     extra_args = extra_args or {}
     grid = grid_from_sigmas(sigmas)  # refuses schedules that repeat a timestep
     sigma_at = dict(zip(grid.timesteps, sigmas.tolist()))  # position by position: one sigma per timestep
@@ -35,6 +43,8 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
         with torch.no_grad():  # Algorithm 1 never backpropagates through the UNet
             return eps_from_denoised(x_t, model(x_t, sigma * s_in, **extra_args), sigma)
 
+    if counter is not None:
+        eps_fn = counter.eps_fn(eps_fn)
     def step_callback(k, _total, z, x0):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if callback is not None:
@@ -53,11 +63,17 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
 class ProtectionCorrection:
     """Image ``index``'s ``Protection`` for the SAMPLER, built once the sampler knows its
     grid; ``model`` is the sampler's wrapped model, which holds the original latent, the
-    start noise and the latent format."""
+    start noise and the latent format. With a ``counter``, the decoder and recogniser
+    passes are counted there."""
 
-    def __init__(self, decoders: "DecoderCache", protection: Protection, index: int = 0, node: str = "Guided DDIM"):
+    def __init__(self, decoders: "DecoderCache", protection: Protection, index: int = 0, node: str = "Guided DDIM",
+                 counter: PassCounter | None = None):
         self.decoders = decoders
+        if counter is not None and protection.guidance is not None:
+            guidance = dataclasses.replace(protection.guidance, embedder=counter.embedder(protection.guidance.embedder))
+            protection = dataclasses.replace(protection, guidance=guidance)
         self.protection = protection
+        self.counter = counter
         self.index = index
         self.node = node
         self.latent_format = None
@@ -67,7 +83,7 @@ class ProtectionCorrection:
         self.latent_format = model.inner_model.inner_model.latent_format
         try:
             return self.protection.correction(self.index, grid, model.latent_image.float(), model.noise.float(),
-                                              lambda checkpointed: self.decoders.get(self.latent_format, checkpointed))
+                                              self.decoder)
         except ValueError as exc:
             raise ValueError(f"{self.node}: {exc}") from None
 
@@ -76,10 +92,16 @@ class ProtectionCorrection:
         guidance = self.protection.guidance
         if guidance is None or guidance.lambdas.is_off or self.latent_format is None:
             return
-        decoder = self.decoders.get(self.latent_format, guidance.checkpoint_decoder)
-        similarity = achieved_similarity(guidance, decoder, z, self.index)
+        similarity = achieved_similarity(guidance, self.decoder(guidance.checkpoint_decoder), z, self.index)
         if similarity is not None:
             self.similarity = similarity.tolist()
+            # A SAMPLER returns latents only: the log is where SamplerCustom users read this.
+            text = report_text([similarity_report(guidance, self.index, self.similarity)])
+            log.info("Diff-Privacy %s: %s", self.node, text.replace("**", "").replace("\n", "; "))
+
+    def decoder(self, checkpointed: bool):
+        decoder = self.decoders.get(self.latent_format, checkpointed)
+        return decoder if self.counter is None else self.counter.decoder(decoder)
 
 
 class DecoderCache:
@@ -119,8 +141,9 @@ def conditioning_row(conditioning: list, index: int) -> list:
     return rows
 
 
-def guided_sampler(make_correction) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(sample_guided_ddim, extra_options={"make_correction": make_correction})
+def guided_sampler(make_correction, counter: PassCounter | None = None) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_guided_ddim, extra_options={"make_correction": make_correction,
+                                                                      "counter": counter})
 
 
 class GuidedDDIMSampler(io.ComfyNode):
@@ -152,7 +175,10 @@ class GuidedDDIMSampler(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="latent"),
                      io.Float.Output(display_name="identity_similarity", is_output_list=True,
                                      tooltip="per sample, the guiding recogniser's cosine to the original "
-                                             "(none for images without guidance)")],
+                                             "(none for images without guidance)"),
+                     io.String.Output(display_name="identity_report",
+                                      tooltip="the similarities in words: threshold verdicts, and whether the "
+                                              "target similarity was reached (wire into Preview as Text)")],
         )
 
     @classmethod
@@ -182,11 +208,12 @@ class GuidedDDIMSampler(io.ComfyNode):
         model = model.clone()
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
         decoders = DecoderCache(vae)
-        report = []
+        report, passes = [], []
 
         def sample_image(i, z0_raw, noise):
-            correction = ProtectionCorrection(decoders, protection, i, NAME)
-            sampler = guided_sampler(correction)
+            counter = PassCounter()
+            correction = ProtectionCorrection(decoders, protection, i, NAME, counter)
+            sampler = guided_sampler(correction, counter)
             guider = comfy.samplers.CFGGuider(model)
             rows = conditioning_row(positive, i)
             guider.set_conds(rows, rows)
@@ -195,21 +222,29 @@ class GuidedDDIMSampler(io.ComfyNode):
             latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=callback, seed=seed + i).cpu()
             if correction.similarity is not None:
                 report.append(similarity_report(protection.guidance, i, correction.similarity))
+            passes.extend(dict(entry, candidates=samples, decode_region=decode_region(protection.guidance))
+                          for entry in counter.report(NAME, first=i))
             return latent
 
         latents = protect_batch(sample_image, originals, samples, seed)
         similarities = [c for entry in report for c in entry["cosines"]]
-        return io.NodeOutput({"samples": latents}, similarities, ui={"identity_similarity": report})
+        text = report_text(report)
+        return io.NodeOutput({"samples": latents}, similarities, text,
+                             ui={"identity_similarity": report, "text": [text], "passes": passes})
+
+
+def decode_region(guidance) -> str | None:
+    """What the guidance step decodes: the face crop or the whole frame (None: no guidance)."""
+    if guidance is None or guidance.lambdas.is_off:
+        return None
+    return "whole frame" if guidance.crop_margin is None else "face crop"
 
 
 def similarity_report(guidance, index: int, cosines: list[float]) -> dict:
     """One image's achieved similarity, as the history shows it (and summary.json keeps it)."""
-    embedder, target = guidance.embedder, guidance.target
-    threshold = embedder.threshold
-    return {"image": index, "recognizer": embedder.name, "cosines": [round(c, 4) for c in cosines],
-            "threshold": round(threshold, 4), "mode": guidance.mode,
-            "goal": None if target is None else round(target.goal(guidance.mode), 4),
-            "same_person": [c >= threshold for c in cosines]}
+    target = guidance.target
+    return similarity_entry(index, guidance.embedder, cosines, guidance.mode,
+                            None if target is None else target.goal(guidance.mode))
 
 
 class GuidedDDIMSamplerSelect(io.ComfyNode):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from diffpriv_core.passes import PassCounter
 from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
 from diffpriv_core.tasks import TASKS
 
@@ -48,9 +49,10 @@ class DDIMInversionKey(io.ComfyNode):
         for k in keys_e:
             check_checkpoint(k.meta, eps.fingerprint, "key-E")
         meta = {"checkpoint": eps.fingerprint, "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
-        keys_i = make_key_i(eps, eps.to_z(samples), keys_e, steps, mode, refine_iterations, meta,
+        counter = PassCounter()
+        keys_i = make_key_i(counter.eps(eps), eps.to_z(samples), keys_e, steps, mode, refine_iterations, meta,
                             callback=Progress(steps).step)
-        return io.NodeOutput(keys_i)
+        return io.NodeOutput(keys_i, ui={"passes": counter.report("DDIM Inversion Key", samples.shape[0])})
 
 
 class Recover(io.ComfyNode):
@@ -76,5 +78,6 @@ class Recover(io.ComfyNode):
         eps = ComfyEpsModel(model)
         for k in keys_e:
             check_checkpoint(k.meta, eps.fingerprint, "key-E")
-        z = recover(eps, key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
-        return io.NodeOutput({"samples": eps.to_samples(z)})
+        counter = PassCounter()
+        z = recover(counter.eps(eps), key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
+        return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report("Recover", len(key_i))})

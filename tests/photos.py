@@ -42,3 +42,16 @@ def face_photos() -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     views = ("astronaut", "astronaut_mirrored", "astronaut_small")
     same = [(a, b) for i, a in enumerate(views) for b in views[i + 1:]]
     return photos, same
+
+
+def variations(photo: np.ndarray) -> dict[str, np.ndarray]:
+    """Other pictures of the person in ``photo``, as a gallery needs: mirrored, shrunk to two
+    thirds, cut 8% off the top-left corner, and 20% brighter. They are the same photo, not
+    other photos of the person: no package ships those."""
+    from PIL import Image
+
+    height, width = photo.shape[:2]
+    small = Image.fromarray(photo).resize((width * 2 // 3, height * 2 // 3), Image.BILINEAR)
+    return {"mirrored": np.ascontiguousarray(photo[:, ::-1]), "small": np.asarray(small),
+            "shifted": np.ascontiguousarray(photo[height * 8 // 100:, width * 8 // 100:]),
+            "brighter": np.clip(photo.astype(np.float32) * 1.2, 0, 255).astype(np.uint8)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from diffpriv_client.batch import identity_of, prompt_seconds
+from diffpriv_client.batch import identity_of, passes_of, prompt_seconds
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client import graphs
 from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, read_passphrase,
@@ -82,7 +82,7 @@ def test_summary_resume_needs_ok_and_the_files(tmp_path):
     saved = json.loads((out / "summary.json").read_text())["results"]
     assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
     assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
-                          "identity": [], "seconds": None, "server": None, "node": None,
+                          "identity": [], "passes": [], "seconds": None, "server": None, "node": None,
                           "error": "no face found in image 0"}
     assert not list(out.glob(".summary-*")), "no temporary file left behind"
 
@@ -144,6 +144,22 @@ def test_the_default_workflow_follows_task_mode_and_photo(tmp_path):
     for argv, name in cases.items():
         assert workflow_name(parse(list(argv))) == name
         assert default_workflow(name).is_file(), name
+
+
+def test_passes_per_face_add_the_stock_vae_nodes_and_ignore_malformed_reports():
+    graph = {"enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0]}},
+             "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0]}}}
+    sampler = [{"image": k, "stage": "Guided DDIM Sampler", "passes": {"unet_forward": 8}, "candidates": 4,
+                "decode_region": "face crop", "decoded": ["96x96"]} for k in (0, 1)]
+    outputs = {"sample": {"passes": sampler + [{"image": "0", "stage": "x", "passes": {}}]},
+               "inv": {"passes": [{"image": 1, "stage": "DDIM Inversion Key", "passes": {"unet_forward": 5}}]},
+               "odd": {"passes": "unet_forward"}}
+    faces = passes_of(PromptResult("p", outputs, {}), graph)
+    assert [f["face"] for f in faces] == [0, 1]
+    assert faces[1]["total"] == {"unet_forward": 13, "vae_encode": 1, "vae_decode_forward": 4}
+    assert faces[0]["stages"]["Guided DDIM Sampler"] == {"passes": {"unet_forward": 8}, "candidates": 4,
+                                                         "decode_region": "face crop", "decoded": ["96x96"]}
+    assert faces[0]["stages"]["VAE Decode"] == {"passes": {"vae_decode_forward": 4}}
 
 
 def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
@@ -208,3 +224,20 @@ def test_a_workflow_without_the_nodes_the_command_fills_in_is_named(tmp_path, ca
     assert main(["recover", "k.dpkey.safetensors", "--photo", str(EXAMPLE), "--out", str(tmp_path / "o"),
                  "--workflow", str(workflow)]) == 2
     assert "Load Privacy Key (DiffPrivacyLoadKey)" in capsys.readouterr().err
+
+
+def test_target_similarity_switches_the_workflows_guidance_and_needs_one(capsys):
+    args = build_parser().parse_args(["protect", "a.png", "--task", "hide", "--target-similarity", "--margin", "0.1",
+                                      "--out", "o"])
+    (guide,) = graphs.nodes_of(load_template(args), "DiffPrivacyIdentityGuidance")
+    assert guide["inputs"]["lambda_mode"] == "target similarity" and guide["inputs"]["margin"] == 0.1
+    assert guide["inputs"]["mode"] == "hide", "the rest of the node as the workflow has it"
+    linked = {"g": {"class_type": "DiffPrivacyIdentityGuidance", "inputs": {"margin": ["m", 0]}}}
+    graphs.set_target_similarity(linked, 0.2)
+    assert linked["g"]["inputs"] == {"margin": ["m", 0], "lambda_mode": "target similarity"}, "a link stays"
+    with pytest.raises(ValueError, match="--target-similarity needs an Identity Energy Guidance"):
+        graphs.set_target_similarity({"1": {"class_type": "LoadImage", "inputs": {}}})
+    for wrong in (["--margin", "0.1"], ["--target-similarity", "--margin", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(["protect", "a.png", "--task", "hide", "--out", "o", *wrong])
+    assert "--margin COSINE needs --target-similarity" in capsys.readouterr().err

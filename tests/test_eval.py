@@ -20,10 +20,11 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances, pca_2d
 from diffpriv_eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_eval.images import group_by_stem, group_folder
-from diffpriv_eval.verifiers import DlibRecognizer, distances, load_pack_recognizer
+from diffpriv_eval.verifiers import DlibRecognizer, distances, installed_recognizers, load_pack_recognizer
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_eval.utility import compare_detections
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from photos import variations
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,6 +87,24 @@ def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface
     assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
     assert np.linalg.norm(embedded[0] - embedded[1]) < 1e-4  # the alignment follows the face
     assert np.linalg.norm(embedded[0] - embedded[2]) > 1e-3  # stale landmarks read other pixels
+
+
+def test_a_face_cut_by_the_photos_edge_reads_as_in_the_whole_photo(located, installed_models):
+    """The astronaut's photo cut 10% into her face box from the top and at its left edge:
+    MTCNN finds her landmarks where they are in the whole photo (facenet-pytorch alone puts
+    them about 20 px off, and dlib and SFace then read another person), and every verifier
+    reads her close to its reading of the whole photo."""
+    whole = located["astronaut"]
+    x1, y1, x2, y2 = whole.face.box
+    left, top = int(x1), int(y1 + 0.1 * (y2 - y1))
+    cut = np.ascontiguousarray(whole.image[top:, left:])
+    (face, *_) = MtcnnDetector().detect(cut)
+    assert face.box[1] < 0  # the box runs off the photo
+    expected = whole.face.moved(-left, -top).landmarks
+    assert np.abs(np.subtract(face.landmarks, expected)).max() < 4.0
+    for recognizer in (DlibRecognizer(), *installed_recognizers(installed_models)):
+        embedded = recognizer.embed([whole.image, cut], [whole.face, face])
+        assert np.linalg.norm(embedded[0] - embedded[1]) < recognizer.threshold / 2, recognizer.name
 
 
 @pytest.mark.parametrize("baseline, weak, strong", [(gaussian_blur, 0.5, 12.0), (mosaic, 2.0, 24.0)])
@@ -270,6 +289,65 @@ def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, ins
     assert results["protection"]["dlib"]["success_rate"] == 1.0
     assert results["recovery"] == {"images": 0}
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
+
+
+def test_cli_gallery_identifies_the_originals_and_not_another_person(photos, installed_models, tmp_path, capsys):
+    """AVIH's protocol from the command line, on a gallery of real photos: several pictures
+    per person (variations of one photo each: no package ships two photos of one person)
+    and real other people as distractors."""
+    gallery, originals, protected = tmp_path / "gallery", tmp_path / "photos", tmp_path / "protected"
+    for person in ("astronaut", "t1_0", "t1_1"):
+        (gallery / person).mkdir(parents=True)
+        for name, view in variations(photos[person]).items():
+            Image.fromarray(view).save(gallery / person / f"{name}.png")
+    (gallery / "distractors").mkdir()
+    for person in ("t1_2", "t1_3", "hanks"):
+        Image.fromarray(photos[person]).save(gallery / "distractors" / f"{person}.png")
+    Image.fromarray(photos["t1_1"]).save(gallery / "t1_1" / "original.png")  # probed from its folder
+    originals.mkdir(), protected.mkdir()
+    for person in ("astronaut", "t1_0"):  # probed by name
+        Image.fromarray(photos[person]).save(originals / f"{person}.png")
+    for name, person in (("astronaut", "astronaut"), ("original", "t1_1")):  # lightly blurred: still identified
+        Image.fromarray(gaussian_blur(photos[person], 1.0)).save(protected / f"{name}_00001.png")
+    # t1_0's "protected" picture shows another person (a distractor) where t1_0's face was
+    Image.fromarray(photos["t1_3"]).save(protected / "t1_0_00001.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(originals), str(gallery / "t1_1" / "original.png"),
+                      "--protected", str(protected), "--gallery", str(gallery), "--out", str(out),
+                      "--models", str(installed_models)]) == 0
+    table = json.loads((out / "results.json").read_text())["identification"]
+    assert table["probes"] == {"astronaut": "astronaut", "t1_0": "t1_0", "original": "t1_1"}
+    assert table["gallery"]["identities"] == {"astronaut": 4, "t1_0": 4, "t1_1": 5} and table["gallery"]["distractors"] == 3
+    for name in ("dlib", "SFace", "FaceNet-CASIA"):
+        rows = table["recognizers"][name]
+        assert rows["originals"]["accuracy"] == 1.0, name  # every original identified
+        assert rows["protected"]["identified"] == {"astronaut": [True], "t1_0": [False], "original": [True]}, name
+    assert "Identification accuracy (Table 3)" in (out / "report.md").read_text()
+    (gallery / "loose.png").write_bytes((gallery / "t1_1" / "original.png").read_bytes())
+    assert eval_main(["--originals", str(originals), "--protected", str(protected), "--gallery", str(gallery),
+                      "--out", str(out), "--models", str(installed_models)]) == 2
+    assert "outside any identity folder (loose.png" in capsys.readouterr().err
+
+
+def test_cli_guidance_baseline_crosses_the_guiding_recognisers_threshold(photos, installed_models, tmp_path):
+    """Identity guidance without diffusion on a real photo: SFace (white-box) reads another
+    person in an all but unchanged picture; the report gives each verifier's numbers."""
+    Image.fromarray(photos["astronaut"]).save(tmp_path / "astronaut.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(tmp_path / "astronaut.png"), "--baseline", "guidance",
+                      "--out", str(out), "--models", str(installed_models)]) == 0
+    with Image.open(out / "protected" / "astronaut.png") as image:
+        change = np.abs(np.asarray(image).astype(float) - photos["astronaut"]).mean()
+    assert 0 < change < 2.0  # in 8-bit levels
+    protection = json.loads((out / "results.json").read_text())["protection"]
+    assert [(n, r["role"]) for n, r in protection.items()] == [
+        ("dlib", "transfer"), ("SFace", "white-box"), ("FaceNet-CASIA", "transfer")]
+    assert protection["SFace"]["success_rate"] == 1.0
+    assert protection["SFace"]["mean_distance_to_original"] > protection["SFace"]["threshold"]
+    report = (out / "report.md").read_text()
+    assert "identity guidance without diffusion by SFace" in report and "SFace guided the protection" in report
+    assert eval_main(["--originals", str(tmp_path / "astronaut.png"), "--baseline", "guidance", "--guided-by",
+                      "dlib", "--out", str(out), "--models", str(installed_models)]) == 2  # not differentiable
 
 
 def test_cli_refuses_bad_arguments_with_a_message(photos, tmp_path, capsys):
