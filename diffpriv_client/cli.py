@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from diffpriv_core.key_format import KEY_SUFFIX
 from diffpriv_core.tasks import TASKS
 
 from . import demo, graphs
-from .batch import Cleanup, Job, run_batch
+from .batch import Cleanup, Job, run_batch, upload_photo
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
 from .preflight import PreflightError, check_models, photo_problem, refused_photos
@@ -213,6 +212,9 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphr
         preflight_models(conn, template, args)
         not_removed = run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
                                 cleanup_of(args, passphrase))
+        if args.demo_weights and args.command == "protect":
+            not_removed += demo.check_recovery(summary, template, passphrase, conn.servers,
+                                               cleanup_of(args, passphrase), _recover_graph)
     return report(summary, args, not_removed)
 
 
@@ -224,12 +226,6 @@ def refuse_servers_writing_metadata(conn: Connection) -> None:
             raise UsageError(f"{server.url} writes the prompt, passphrase included, into every PNG it saves: start "
                              "that ComfyUI with --disable-metadata before sending it a passphrase "
                              "(the command's own embedded ComfyUI does)")
-
-
-def upload_photo(client: ComfyClient, path: Path) -> str:
-    """Upload under a new random name, so two users' photos never replace each other."""
-    return client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
-                               name=f"{secrets.token_hex(12)}{path.suffix.lower()}")
 
 
 def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps,
