@@ -33,7 +33,7 @@ BANNER = """
 ##############################################################################
 """
 # The generator's models plus the demo's own UNet: bump when what the demo generates changes.
-MODELS_VERSION = "1"
+MODELS_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -65,19 +65,19 @@ MODELS_WORDS = ("demo models: a one-level SD1.5-shaped UNet (random, gentle outp
 def models_dir(cache_dir: Path) -> Path:
     """The seeded random-weight models, generated once into the cache (in a child process,
     since the generator imports ComfyUI)."""
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT, GENERATOR_VERSION
 
     folder = cache_dir / "demo-models" / f"demo{MODELS_VERSION}-v{GENERATOR_VERSION}-seed1234"
-    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
+    if not all((folder / rel).is_file() for rel in (DEMO_CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
         subprocess.run([sys.executable, "-m", "diffpriv_testmodels.comfy_models", str(folder), "--unet", "demo"],
                        check=True, cwd=PACK_DIR)
     return folder
 
 
 def use_demo_models(graph: dict) -> None:
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT  # imports torch: only here
 
-    graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
+    graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (DEMO_CHECKPOINT, CLIP_VISION)})
     graphs.set_face_recognizer(graph, ARCFACE_ONNX)
 
 

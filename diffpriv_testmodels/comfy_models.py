@@ -31,6 +31,7 @@ from torch import nn
 
 GENERATOR_VERSION = "1"
 CHECKPOINT = "checkpoints/dp-test-sd15.safetensors"
+DEMO_CHECKPOINT = "checkpoints/dp-demo-sd15.safetensors"  # the checkpoint's name with --unet demo
 CLIP_VISION = "clip_vision/dp-test-vitl14.safetensors"
 ARCFACE_ONNX = "insightface/models/dp-test/dp-test-arcface.onnx"
 
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                              "demo: the test UNet with a gentle output (--demo-weights)")
     args = parser.parse_args(argv)
     _import_comfy()
-    for rel, make in ((CHECKPOINT, partial(make_checkpoint, unet=args.unet)), (CLIP_VISION, make_clip_vision),
+    checkpoint = DEMO_CHECKPOINT if args.unet == "demo" else CHECKPOINT
+    for rel, make in ((checkpoint, partial(make_checkpoint, unet=args.unet)), (CLIP_VISION, make_clip_vision),
                       (ARCFACE_ONNX, make_arcface_file)):
         target = args.out / rel
         if not target.exists():

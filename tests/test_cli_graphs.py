@@ -137,7 +137,7 @@ def test_the_demo_works_small_and_keeps_more_key_i_steps_than_sampling_steps():
                                                                           settings.key_i_refine)
     assert settings.key_i_steps > settings.sampling_steps
     assert inputs["DiffPrivacyIdentityGuidance"]["gradient_checkpointing"] is False
-    assert graphs.required_models(graph) == {"checkpoints": {"dp-test-sd15.safetensors"},
+    assert graphs.required_models(graph) == {"checkpoints": {"dp-demo-sd15.safetensors"},
                                              "clip_vision": {"dp-test-vitl14.safetensors"}}
     g = graphs.protect_graph(graph, "up.png", "astronaut", steps=3)  # --steps still sets every steps input
     assert {n["inputs"]["steps"] for n in g.values() if "steps" in n["inputs"]} == {3}
