@@ -21,7 +21,7 @@ from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
 from .faces import NO_FACE
-from .host import check_interrupt, gradients, grad_input
+from .host import Progress, gradients, grad_input
 from .inputs import image_side_at_least, rgb_images
 from .types import FaceModel, Guidance
 
@@ -176,8 +176,8 @@ def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score
     ``on_no_face`` is skip. Also the recogniser passes per image, for the history under
     ``stage``."""
     targets, passes = [], []
+    progress = Progress(images.shape[0])  # long batches: Cancel stops between images
     for i, img in enumerate(images):
-        check_interrupt()  # long batches: Cancel stops between images
         faces = detect_faces(img, min_score=min_score)
         counter = PassCounter()
         if len(faces) > face_index:
@@ -187,6 +187,7 @@ def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score
         else:
             targets.append(None)
         passes += counter.report(stage, first=i)
+        progress.step()
     return targets, passes
 
 

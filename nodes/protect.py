@@ -18,6 +18,7 @@ from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 from diffpriv_core.tasks import TASKS, preset_value
 
 from .adapters import ComfyDecoder
+from .host import Progress
 from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
 from .similarity import report_text, similarity_entry
 from .types import Guidance
@@ -209,6 +210,8 @@ class GuidedDDIMSampler(io.ComfyNode):
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
         decoders = DecoderCache(vae)
         report, passes = [], []
+        # One bar over the whole batch (the sampler runs image by image), with previews.
+        step_callback = preview_callback(model, Progress(batch * (sigmas.shape[-1] - 1)))
 
         def sample_image(i, z0_raw, noise):
             counter = PassCounter()
@@ -218,8 +221,7 @@ class GuidedDDIMSampler(io.ComfyNode):
             rows = conditioning_row(positive, i)
             guider.set_conds(rows, rows)
             guider.set_cfg(1.0)
-            callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=callback, seed=seed + i).cpu()
+            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback, seed=seed + i).cpu()
             if correction.similarity is not None:
                 report.append(similarity_report(protection.guidance, i, correction.similarity))
             passes.extend(dict(entry, candidates=samples, decode_region=decode_region(protection.guidance))
@@ -231,6 +233,15 @@ class GuidedDDIMSampler(io.ComfyNode):
         text = report_text(report)
         return io.NodeOutput({"samples": latents}, similarities, text,
                              ui={"identity_similarity": report, "text": [text], "passes": passes})
+
+
+def preview_callback(model, progress: Progress):
+    """A sampler callback, as latent_preview.prepare_callback's, that steps ``progress``."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(_step, x0, _x, _total_steps):
+        progress.step(preview=previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None)
+    return callback
 
 
 def decode_region(guidance) -> str | None:
