@@ -59,3 +59,12 @@ def astronaut(size: int):
 
     photo = torch.from_numpy(skimage.data.astronaut()).float().div(255)[None]
     return F.interpolate(photo.movedim(-1, 1), size=(size, size), mode="area").movedim(1, -1)
+
+
+def astronaut_face(size: int):
+    """The astronaut's face filling the picture, [1, size, size, 3] (tiny runs that must still
+    find a face)."""
+    import torch.nn.functional as F
+
+    face = astronaut(512)[:, 20:212, 130:322]
+    return F.interpolate(face.movedim(-1, 1), size=(size, size), mode="area").movedim(1, -1)
