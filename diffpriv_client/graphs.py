@@ -165,6 +165,38 @@ def required_models(graph: dict) -> dict[str, set[str]]:
     return wanted
 
 
+def ancestors(graph: dict, node_id: str) -> set[str]:
+    """The node and every node it depends on through links."""
+    seen, todo = set(), [str(node_id)]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in graph:
+            continue
+        seen.add(current)
+        todo += [str(v[0]) for v in graph[current].get("inputs", {}).values() if _is_link(v)]
+    return seen
+
+
+def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
+    """From an every-face protect template: each face's crop through the VAE and back (encode,
+    decode), pasted into the photo the way the protected faces are: what a perfect recovery
+    gives. Built from the template's own nodes, so the faces, crops and mask are the same."""
+    (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
+    (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
+    graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
+    vae = template[encode_id]["inputs"]["vae"]
+    graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
+    graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
+        paste["inputs"], faces=["reconstruction_decode", 0])}
+    graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
+        "images": ["reconstruction_paste", 0], "filename_prefix": label}}
+    missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]
+    if missing:
+        raise ValueError("the workflow's Face Paste takes inputs that do not lead to its VAE Encode: "
+                         "no reconstruction to compare with")
+    return graph
+
+
 def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = "",
                   seed: int | None = None, steps: int | None = None) -> dict:
     """The template, filled in for one uploaded picture."""
