@@ -6,6 +6,10 @@ the dlib protection success rate and identity distance, the detection rates of M
 dlib, their landmark shift, and the PSNR of the protected photo. A metric that does not
 move with strength here would not mean anything on Diff-Privacy's output either.
 
+A second table puts identity guidance without diffusion (guided by SFace) beside blur and
+mosaic at the command's default strengths, per verifier (dlib, SFace, FaceNet-CASIA, as
+`diffpriv eval --baseline` reports them), when the setup installed SFace and FaceNet-CASIA.
+
     .venv/bin/python benchmarks/eval_baselines.py [--blur 1 2 4 8 16] [--mosaic 2 4 8 16 32]
 """
 from __future__ import annotations
@@ -18,11 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffpriv_eval import metrics  # noqa: E402
-from diffpriv_eval.baselines import BASELINES  # noqa: E402
+from diffpriv_eval.baselines import BASELINES, GUIDANCE  # noqa: E402
+from diffpriv_eval.cli import DEFAULT_STRENGTH, baseline  # noqa: E402
 from diffpriv_eval.detectors import DlibDetector, MtcnnDetector  # noqa: E402
 from diffpriv_eval.evaluate import evaluate  # noqa: E402
 from diffpriv_eval.images import Case  # noqa: E402
-from diffpriv_eval.verifiers import DlibRecognizer  # noqa: E402
+from diffpriv_eval.verifiers import DlibRecognizer, installed_recognizers  # noqa: E402
 from diffpriv_eval.sample_photos import sample_photos  # noqa: E402
 
 
@@ -42,6 +47,21 @@ def row(name: str, strength: float, photos: dict[str, np.ndarray], boxes: dict[s
             f"| {_fmt(utility['dlib']['landmark_distance'])} | {psnr:.1f} |")
 
 
+def verifier_rows(photos: dict[str, np.ndarray], faces: dict, recognizers: list) -> list[str]:
+    """Blur, mosaic and identity guidance at their default strengths, per verifier."""
+    rows = []
+    for name in (*BASELINES, GUIDANCE):
+        guided_by = "SFace" if name == GUIDANCE else None
+        protect, title = baseline(name, DEFAULT_STRENGTH[name], recognizers, guided_by)
+        cases = [Case(stem, photo, [protect(photo, faces[stem])]) for stem, photo in photos.items()]
+        protection = evaluate(cases, recognizers, [], guided_by).results["protection"]
+        psnr = np.mean([metrics.psnr(c.original, c.protected[0]) for c in cases])
+        cells = [f"{_fmt(r['success_rate'])} / {_fmt(r['mean_distance_to_original'])} ({r['role']})"
+                 for r in protection.values()]
+        rows.append(f"| {title} | " + " | ".join(cells) + f" | {psnr:.1f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blur", type=float, nargs="*", default=[1, 2, 4, 8, 16], help="Gaussian sigmas, px")
@@ -49,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     photos = sample_photos()
     detector = MtcnnDetector()
-    boxes = {stem: detector.detect(photo)[0].box for stem, photo in photos.items()}
+    faces = {stem: detector.detect(photo)[0] for stem, photo in photos.items()}
+    boxes = {stem: face.box for stem, face in faces.items()}
     print(f"Baselines on the largest face of {len(photos)} sample photos ({', '.join(photos)}); "
           "identity by dlib (threshold 0.6), distances in pixels.\n")
     print("| baseline | strength px | dlib protection success | dlib distance | MTCNN detected | dlib detected "
@@ -58,6 +79,19 @@ def main() -> None:
     for name, strengths in (("blur", args.blur), ("mosaic", args.mosaic)):
         for strength in strengths:
             print(row(name, strength, photos, boxes), flush=True)
+    try:
+        from diffpriv_client.embedded import find_comfyui
+
+        recognizers = [DlibRecognizer(), *installed_recognizers(find_comfyui() / "models")]
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"\nPer verifier: not measured ({exc})")
+        return
+    print("\nPer verifier: protection success / mean distance to the original (role), at the default "
+          "strengths of `diffpriv eval --baseline`; thresholds dlib 0.6, SFace 1.129, FaceNet-CASIA 1.1.\n")
+    print("| baseline | " + " | ".join(r.name for r in recognizers) + " | PSNR dB |")
+    print("|---|" + "---|" * (len(recognizers) + 1))
+    for line in verifier_rows(photos, faces, recognizers):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

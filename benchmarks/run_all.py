@@ -11,7 +11,8 @@ CUDA, fp32 and bf16: benchmarks/gpu.sh) run the scripts that carry lines
 ``# sd15 arguments: ...`` / ``# gpu arguments: ...``, once per line, with those arguments.
 Each size has its own block in BENCHMARKS.md, with its own date and machine; a run rewrites
 its size's block only. ``--dry`` passes ``--dry`` to every script (a tiny run on the CPU
-that checks the scripts work) and prints the block instead of writing BENCHMARKS.md.
+that checks the scripts work), prints the block instead of writing BENCHMARKS.md, and exits
+with status 1 when a script failed.
 
     .venv/bin/python benchmarks/run_all.py [--size sd15] [--only inversion_modes ...] [--out BENCHMARKS.md]
 """
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"### {script.stem}", "", f"`{command}`", "", run_benchmark(script, arguments, args.timeout)]
     if args.dry:
         print("\n".join(lines))
-        return 0
+        failed = [line for line in lines if line.startswith("_Not measured")]
+        return 1 if failed else 0  # a dry run is a check: a script that failed fails it
     blocks = size_blocks(args.out.read_text() if args.out.exists() else "")
     blocks[args.size] = "\n".join(lines)
     args.out.write_text("# Benchmarks\n\n" + "\n".join(blocks[size] for size in SIZES if size in blocks))

@@ -13,6 +13,7 @@ prompt's history, unless asked to keep it; a removal that fails is reported.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class Cleanup:
 class UnsafeDownload(RuntimeError):
     """The server listed a file the command will not write (a name that could leave the
     output folder, a key file that is not one)."""
+
+
+def upload_photo(client: ComfyClient, path: Path) -> str:
+    """Upload under a new random name, so two users' photos never replace each other."""
+    return client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
+                               name=f"{secrets.token_hex(12)}{path.suffix.lower()}")
 
 
 def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup()) -> list[str]:
@@ -236,7 +243,8 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
 
 
 def identity_of(result: PromptResult) -> list[dict]:
-    """What the Guided DDIM Sampler reported of each guided image (its ``identity_similarity``)."""
+    """What the Guided DDIM Sampler, or an Identity Similarity node, reported of each image
+    (their ``identity_similarity``)."""
     return [entry for output in result.outputs.values() for entry in output.get("identity_similarity", [])]
 
 

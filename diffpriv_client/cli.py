@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from typing import Iterator
 from diffpriv_core.key_format import KEY_SUFFIX
 from diffpriv_core.tasks import TASKS
 
-from . import graphs
-from .batch import Cleanup, Job, run_batch
+from . import demo, graphs
+from .batch import Cleanup, Job, run_batch, upload_photo
 from .comfy_http import ComfyClient
 from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
 from .preflight import PreflightError, check_models, photo_problem, refused_photos
@@ -37,12 +36,6 @@ from .servers import Server
 from .summary import Summary, write_contact_sheet
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
-DEMO_BANNER = """
-##############################################################################
-#  --demo-weights: RANDOM-WEIGHT test models. The pictures are MEANINGLESS   #
-#  and protect nothing. Use them only to see the pipeline run end to end.    #
-##############################################################################
-"""
 
 class UsageError(RuntimeError):
     pass
@@ -75,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--whole-image", dest="whole_image", action="store_true",
                       help="protect the whole picture as one face, for photos that are already one aligned face "
                            "(as in the paper's datasets); any size up to 2048 px (workflow: workflows/api/<task>.json)")
+    protect.add_argument("--target-similarity", action="store_true",
+                         help="guide every face to a target identity distance instead of the paper's fixed lambda: "
+                              "the guiding recogniser's cosine to the original ends below its threshold minus "
+                              "--margin (anonymize) or above threshold plus --margin (hide); summary.json says "
+                              "what each face reached")
+    protect.add_argument("--margin", type=float, metavar="COSINE",
+                         help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
+                              "(default: the workflow's, 0.05 in the shipped ones)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
     if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
         parser.error("--ray-actors N needs --ray and N >= 1")
+    if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
+        parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -209,6 +212,9 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphr
         preflight_models(conn, template, args)
         not_removed = run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
                                 cleanup_of(args, passphrase))
+        if args.demo_weights and args.command == "protect":
+            not_removed += demo.check_recovery(summary, template, passphrase, conn.servers,
+                                               cleanup_of(args, passphrase), _recover_graph)
     return report(summary, args, not_removed)
 
 
@@ -220,12 +226,6 @@ def refuse_servers_writing_metadata(conn: Connection) -> None:
             raise UsageError(f"{server.url} writes the prompt, passphrase included, into every PNG it saves: start "
                              "that ComfyUI with --disable-metadata before sending it a passphrase "
                              "(the command's own embedded ComfyUI does)")
-
-
-def upload_photo(client: ComfyClient, path: Path) -> str:
-    """Upload under a new random name, so two users' photos never replace each other."""
-    return client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
-                               name=f"{secrets.token_hex(12)}{path.suffix.lower()}")
 
 
 def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps,
@@ -252,11 +252,11 @@ def load_template(args) -> dict:
     if missing:
         raise UsageError(f"the workflow {path} lacks what `diffpriv {command}` fills in: {'; '.join(missing)} "
                          "(see 'Your own workflows' in docs/cli.md)")
+    if args.command == "protect" and args.target_similarity:
+        graphs.set_target_similarity(template, args.margin)
     if args.demo_weights:
-        from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION  # imports torch: only here
-
-        graphs.set_models(template, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
-        graphs.set_face_recognizer(template, ARCFACE_ONNX)
+        demo.use_demo_models(template)
+        demo.apply_settings(template)
     return template
 
 
@@ -331,7 +331,7 @@ def report(summary: Summary, args, not_removed: list[str]) -> int:
         print(f"diffpriv: {len(not_removed)} file(s) or records could not be removed from the server(s):\n  "
               + "\n  ".join(not_removed), file=sys.stderr)
     if args.demo_weights:
-        print(DEMO_BANNER, file=sys.stderr)
+        print(demo.BANNER, file=sys.stderr)
     return 1 if counts.get("failed") or not_removed else 0
 
 
@@ -349,8 +349,11 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
         return
     models = args.models
     if args.demo_weights:
-        print(DEMO_BANNER, file=sys.stderr)
-        models = demo_models_dir()
+        print(demo.BANNER, file=sys.stderr)
+        models = demo.models_dir(CACHE_DIR)
+        print(f"--demo-weights: {demo.MODELS_WORDS}", file=sys.stderr)
+        if args.command == "protect":
+            print(f"--demo-weights: {demo.SETTINGS.describe(args.steps)}", file=sys.stderr)
     base = args.base or CACHE_DIR / ("comfy-demo" if args.demo_weights else "comfy")
     prepare_base_directory(base, models)
     # --disable-metadata: the graph (and so any passphrase) never lands in PNG metadata.
@@ -362,17 +365,6 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
 
 def normalise_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
-
-
-def demo_models_dir() -> Path:
-    """The seeded random-weight models, generated once into the cache (in a child process,
-    since the generator imports ComfyUI)."""
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, GENERATOR_VERSION
-
-    folder = CACHE_DIR / "demo-models" / f"v{GENERATOR_VERSION}-seed1234"
-    if not all((folder / rel).is_file() for rel in (CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
-        subprocess.run([sys.executable, "-m", "diffpriv_testmodels.comfy_models", str(folder)], check=True, cwd=PACK_DIR)
-    return folder
 
 
 if __name__ == "__main__":

@@ -119,6 +119,20 @@ def set_face_recognizer(graph: dict, option: str) -> None:
         node["inputs"]["model_name"] = option
 
 
+def set_target_similarity(graph: dict, margin: float | None = None) -> None:
+    """Every Identity Energy Guidance guides to a target similarity (the recogniser's
+    threshold minus ``margin`` to anonymize, plus it to hide) instead of the paper's fixed
+    lambda_t; ``margin`` None keeps the workflow's."""
+    nodes = nodes_of(graph, "DiffPrivacyIdentityGuidance")
+    if not nodes:
+        raise ValueError("--target-similarity needs an Identity Energy Guidance (DiffPrivacyIdentityGuidance) node "
+                         "in the workflow; it has none")
+    values = {"lambda_mode": "target similarity", **({} if margin is None else {"margin": margin})}
+    for node in nodes:
+        inputs = node.setdefault("inputs", {})
+        inputs.update({name: value for name, value in values.items() if not _is_link(inputs.get(name))})
+
+
 # The nodes a workflow needs for what the command fills in (docs/cli.md, "Your own workflows").
 NODE_ROLES = {"LoadImage": "Load Image (LoadImage), which gets the photo",
               "DiffPrivacySaveKey": "Save Privacy Key (DiffPrivacySaveKey), which writes the key",
@@ -149,6 +163,38 @@ def required_models(graph: dict) -> dict[str, set[str]]:
         for node in nodes_of(graph, class_type):
             wanted.setdefault(folder, set()).add(node["inputs"][input_name])
     return wanted
+
+
+def ancestors(graph: dict, node_id: str) -> set[str]:
+    """The node and every node it depends on through links."""
+    seen, todo = set(), [str(node_id)]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in graph:
+            continue
+        seen.add(current)
+        todo += [str(v[0]) for v in graph[current].get("inputs", {}).values() if _is_link(v)]
+    return seen
+
+
+def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
+    """From an every-face protect template: each face's crop through the VAE and back (encode,
+    decode), pasted into the photo the way the protected faces are: what a perfect recovery
+    gives. Built from the template's own nodes, so the faces, crops and mask are the same."""
+    (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
+    (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
+    graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
+    vae = template[encode_id]["inputs"]["vae"]
+    graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
+    graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
+        paste["inputs"], faces=["reconstruction_decode", 0])}
+    graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
+        "images": ["reconstruction_paste", 0], "filename_prefix": label}}
+    missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]
+    if missing:
+        raise ValueError("the workflow's Face Paste takes inputs that do not lead to its VAE Encode: "
+                         "no reconstruction to compare with")
+    return graph
 
 
 def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = "",

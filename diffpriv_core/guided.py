@@ -122,14 +122,12 @@ class IdentityCorrection:
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The guiding recogniser's embeddings [B, D] of the face in each decoded latent."""
-        embedder = self.guidance.embedder
         latent_hw = tuple(z.shape[-2:])
         top, left, bottom, right = self.window(latent_hw)
         image = self.decoder(z[..., top:bottom, left:right])
         factor = round(image.shape[1] / (bottom - top))  # the decoder's own pixels per latent cell
         dx, dy = latent_offset(self.target.image_hw, latent_hw, factor)
-        matrix = shift_source(self.target.matrix, left * factor + dx, top * factor + dy)
-        return embedder(warp_faces(image, matrix, embedder.input_size))
+        return face_embeddings(self.guidance.embedder, self.target, image, left * factor + dx, top * factor + dy)
 
     def gradient_and_cosines(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dE/dz0hat' with z0hat' a detached leaf (no gradient flows back into the UNet), and
@@ -150,6 +148,28 @@ class IdentityCorrection:
         with torch.no_grad():
             samples = self.embed(z)
             return cosines_to(self.target.embedding.to(samples), samples)
+
+
+def face_embeddings(embedder: FaceEmbedder, target: FaceTarget, images: torch.Tensor,
+                    left: float = 0.0, top: float = 0.0) -> torch.Tensor:
+    """The recogniser's embeddings [B, D] of ``target``'s face in ``images`` [B, H, W, 3],
+    aligned like the original's; ``left``, ``top``: where the images' first pixel lies in
+    the original (a window of it, or a padded or cropped frame)."""
+    matrix = shift_source(target.matrix, left, top)
+    return embedder(warp_faces(images, matrix, embedder.input_size))
+
+
+def picture_similarity(embedder: FaceEmbedder, target: FaceTarget, pictures: torch.Tensor) -> torch.Tensor:
+    """Each picture's cosine to the original face under ``embedder``: [B] for pictures
+    [B, H, W, 3] of the original's size, the face read where the original's is (protection
+    keeps the layout; the sampler's own report reads it there too)."""
+    if tuple(pictures.shape[1:3]) != target.image_hw:
+        height, width = target.image_hw
+        raise ValueError(f"the pictures are {pictures.shape[2]} x {pictures.shape[1]} px, their original "
+                         f"{width} x {height}: compare pictures of the original's size")
+    with torch.no_grad():
+        samples = face_embeddings(embedder, target, pictures.float())
+        return cosines_to(target.embedding.to(samples), samples)
 
 
 def achieved_similarity(guidance: IdentityGuidance, decoder: Decoder, z: torch.Tensor,

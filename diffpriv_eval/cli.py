@@ -1,4 +1,4 @@
-"""Command line: evaluate protected/recovered sets, or a blur/mosaic baseline.
+"""Command line: evaluate protected/recovered sets, or a baseline (blur, mosaic, identity guidance).
 
     diffpriv eval --originals DIR_OR_FILES... --protected DIR [--recovered DIR] --out REPORT_DIR
     diffpriv eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR

@@ -31,6 +31,7 @@ from torch import nn
 
 GENERATOR_VERSION = "1"
 CHECKPOINT = "checkpoints/dp-test-sd15.safetensors"
+DEMO_CHECKPOINT = "checkpoints/dp-demo-sd15.safetensors"  # the checkpoint's name with --unet demo
 CLIP_VISION = "clip_vision/dp-test-vitl14.safetensors"
 ARCFACE_ONNX = "insightface/models/dp-test/dp-test-arcface.onnx"
 
@@ -47,7 +48,12 @@ SD15_UNET_CONFIG = dict(
     UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
     transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
 )
-UNETS = {"test": UNET_CONFIG, "sd15": SD15_UNET_CONFIG}
+UNETS = {"test": UNET_CONFIG, "sd15": SD15_UNET_CONFIG, "demo": UNET_CONFIG}
+# A random UNet's noise prediction swings far more with its input than a trained one's, so
+# key-I's fixed-point inversion only converges over many small steps (50 for the test UNet).
+# The demo's UNet has its output layer scaled down: its prediction is gentle, and a key-I of
+# a few steps gives the original back exactly, which the demo can then show in seconds.
+DEMO_OUTPUT_SCALE = 0.01
 VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3,
                 'ch': 128, 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 
@@ -108,6 +114,10 @@ def make_checkpoint(path: Path, seed: int, unet: str = "test") -> None:
     state = {}
     model = UNetModel(**UNETS[unet], dtype=torch.float32, device="cpu", operations=ops)
     init_weights(model, g)
+    if unet == "demo":
+        with torch.no_grad():
+            for p in model.out.parameters():
+                p.mul_(DEMO_OUTPUT_SCALE)
     state.update({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()})
     vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
     init_weights(vae, g)
@@ -207,10 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="a models/ folder to write into")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--unet", choices=list(UNETS), default="test",
-                        help="test: one-level UNet (fast); sd15: SD1.5's full UNet (real cost, 1.7 GB file)")
+                        help="test: one-level UNet (fast); sd15: SD1.5's full UNet (real cost, 1.7 GB file); "
+                             "demo: the test UNet with a gentle output (--demo-weights)")
     args = parser.parse_args(argv)
     _import_comfy()
-    for rel, make in ((CHECKPOINT, partial(make_checkpoint, unet=args.unet)), (CLIP_VISION, make_clip_vision),
+    checkpoint = DEMO_CHECKPOINT if args.unet == "demo" else CHECKPOINT
+    for rel, make in ((checkpoint, partial(make_checkpoint, unet=args.unet)), (CLIP_VISION, make_clip_vision),
                       (ARCFACE_ONNX, make_arcface_file)):
         target = args.out / rel
         if not target.exists():

@@ -7,6 +7,7 @@ from .msi import MSIInversion
 from .protect import GuidedDDIMSampler, GuidedDDIMSamplerSelect
 from .recovery import DDIMInversionKey, Recover
 from .scheduler import EmbeddingScheduler
+from .similarity import IdentitySimilarity
 
 NODES = [
     MSIInversion,
@@ -22,6 +23,7 @@ NODES = [
     FacePaste,
     FaceRecognizerLoader,
     IdentityGuidanceNode,
+    IdentitySimilarity,
     PadToVAESize,
     CropToOriginalSize,
 ]

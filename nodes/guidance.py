@@ -15,13 +15,13 @@ from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
 from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
                                              load_recognizer)
-from diffpriv_core.guided import IdentityGuidance, face_target
+from diffpriv_core.guided import FaceTarget, IdentityGuidance, face_target
 from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
 
 from .face_models import model_options, resolve_model
 from .faces import NO_FACE
-from .host import check_interrupt, gradients, grad_input
+from .host import Progress, gradients, grad_input
 from .inputs import image_side_at_least, rgb_images
 from .types import FaceModel, Guidance
 
@@ -152,22 +152,12 @@ class IdentityGuidanceNode(io.ComfyNode):
         target = None
         if lambda_mode == "target similarity":
             target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
-        targets, missing, passes = [], [], []
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
-            for i, img in enumerate(images):
-                check_interrupt()  # long batches: Cancel stops between images
-                faces = detect_faces(img, min_score=min_score)
-                counter = PassCounter()
-                if len(faces) <= face_index:
-                    if on_no_face == "error":
-                        raise NoFaceError(i, f" for identity guidance (face_index {face_index}, min_score {min_score})")
-                    missing.append(i)
-                    targets.append(None)
-                else:
-                    targets.append(face_target(counter.embedder(face_model), img, faces[face_index]))
-                passes += counter.report(NAME, first=i)
+            targets, passes = reference_faces(face_model, images, face_index, min_score, on_no_face,
+                                              "identity guidance", NAME)
             aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
+        missing = [i for i, target in enumerate(targets) if target is None]
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; they will run without identity guidance",
                         missing)
@@ -177,6 +167,28 @@ class IdentityGuidanceNode(io.ComfyNode):
             crop_margin=FACE_CROP_MARGIN if decode_region == "face crop" else None,
             checkpoint_decoder=gradient_checkpointing, target=target)
         return io.NodeOutput(guidance, aligned.detach(), ui={"passes": passes})
+
+
+def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score: float, on_no_face: str,
+                    purpose: str, stage: str) -> tuple[list[FaceTarget | None], list[dict]]:
+    """Each image's face ``face_index`` (0 = largest) as the recogniser sees it: its
+    alignment and identity (guided.face_target); None where there is none and
+    ``on_no_face`` is skip. Also the recogniser passes per image, for the history under
+    ``stage``."""
+    targets, passes = [], []
+    progress = Progress(images.shape[0])  # long batches: Cancel stops between images
+    for i, img in enumerate(images):
+        faces = detect_faces(img, min_score=min_score)
+        counter = PassCounter()
+        if len(faces) > face_index:
+            targets.append(face_target(counter.embedder(face_model), img, faces[face_index]))
+        elif on_no_face == "error":
+            raise NoFaceError(i, f" for {purpose} (face_index {face_index}, min_score {min_score})")
+        else:
+            targets.append(None)
+        passes += counter.report(stage, first=i)
+        progress.step()
+    return targets, passes
 
 
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:

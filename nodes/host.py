@@ -43,14 +43,21 @@ def grad_input(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Progress:
-    """ComfyUI progress bar plus an interrupt check at every step."""
+    """ComfyUI progress bar of one node's whole loop (0/total at once, so the total shows
+    while a long first step runs) plus an interrupt check at every step."""
 
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(0)
 
     def step(self, *_args, preview=None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update(1) if preview is None else self.bar.update_absolute(self.bar.current + 1, preview=preview)
+        self.bar.update_absolute(self.bar.current + 1, preview=preview)
+
+    def advance_to(self, value: int) -> None:
+        """Skip ahead (a loop that stopped early: the rest of its steps will not run)."""
+        if value > self.bar.current:
+            self.bar.update_absolute(value)
 
 
 def check_interrupt() -> None:

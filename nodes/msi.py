@@ -114,6 +114,7 @@ def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, lis
             progress.step(preview=preview)
 
         keys.append(train_msi(images[i:i + 1], counter.msi_host(host), config, callback=on_step).key)
+        progress.advance_to((i + 1) * config.steps)  # early stopping leaves steps out
         passes += counter.report(NAME, first=i)
     return keys, curves, passes
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import comfy.model_management
 import comfy.samplers
@@ -17,9 +18,12 @@ from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 from diffpriv_core.tasks import TASKS, preset_value
 
 from .adapters import ComfyDecoder
+from .host import Progress
 from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
+from .similarity import report_text, similarity_entry
 from .types import Guidance
 
+log = logging.getLogger("diffprivacy")
 NAME = "Guided DDIM Sampler"
 
 
@@ -92,6 +96,9 @@ class ProtectionCorrection:
         similarity = achieved_similarity(guidance, self.decoder(guidance.checkpoint_decoder), z, self.index)
         if similarity is not None:
             self.similarity = similarity.tolist()
+            # A SAMPLER returns latents only: the log is where SamplerCustom users read this.
+            text = report_text([similarity_report(guidance, self.index, self.similarity)])
+            log.info("Diff-Privacy %s: %s", self.node, text.replace("**", "").replace("\n", "; "))
 
     def decoder(self, checkpointed: bool):
         decoder = self.decoders.get(self.latent_format, checkpointed)
@@ -169,7 +176,10 @@ class GuidedDDIMSampler(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="latent"),
                      io.Float.Output(display_name="identity_similarity", is_output_list=True,
                                      tooltip="per sample, the guiding recogniser's cosine to the original "
-                                             "(none for images without guidance)")],
+                                             "(none for images without guidance)"),
+                     io.String.Output(display_name="identity_report",
+                                      tooltip="the similarities in words: threshold verdicts, and whether the "
+                                              "target similarity was reached (wire into Preview as Text)")],
         )
 
     @classmethod
@@ -200,6 +210,8 @@ class GuidedDDIMSampler(io.ComfyNode):
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
         decoders = DecoderCache(vae)
         report, passes = [], []
+        # One bar over the whole batch (the sampler runs image by image), with previews.
+        step_callback = preview_callback(model, Progress(batch * (sigmas.shape[-1] - 1)))
 
         def sample_image(i, z0_raw, noise):
             counter = PassCounter()
@@ -209,8 +221,7 @@ class GuidedDDIMSampler(io.ComfyNode):
             rows = conditioning_row(positive, i)
             guider.set_conds(rows, rows)
             guider.set_cfg(1.0)
-            callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=callback, seed=seed + i).cpu()
+            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback, seed=seed + i).cpu()
             if correction.similarity is not None:
                 report.append(similarity_report(protection.guidance, i, correction.similarity))
             passes.extend(dict(entry, candidates=samples, decode_region=decode_region(protection.guidance))
@@ -219,7 +230,18 @@ class GuidedDDIMSampler(io.ComfyNode):
 
         latents = protect_batch(sample_image, originals, samples, seed)
         similarities = [c for entry in report for c in entry["cosines"]]
-        return io.NodeOutput({"samples": latents}, similarities, ui={"identity_similarity": report, "passes": passes})
+        text = report_text(report)
+        return io.NodeOutput({"samples": latents}, similarities, text,
+                             ui={"identity_similarity": report, "text": [text], "passes": passes})
+
+
+def preview_callback(model, progress: Progress):
+    """A sampler callback, as latent_preview.prepare_callback's, that steps ``progress``."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(_step, x0, _x, _total_steps):
+        progress.step(preview=previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None)
+    return callback
 
 
 def decode_region(guidance) -> str | None:
@@ -231,12 +253,9 @@ def decode_region(guidance) -> str | None:
 
 def similarity_report(guidance, index: int, cosines: list[float]) -> dict:
     """One image's achieved similarity, as the history shows it (and summary.json keeps it)."""
-    embedder, target = guidance.embedder, guidance.target
-    threshold = embedder.threshold
-    return {"image": index, "recognizer": embedder.name, "cosines": [round(c, 4) for c in cosines],
-            "threshold": round(threshold, 4), "mode": guidance.mode,
-            "goal": None if target is None else round(target.goal(guidance.mode), 4),
-            "same_person": [c >= threshold for c in cosines]}
+    target = guidance.target
+    return similarity_entry(index, guidance.embedder, cosines, guidance.mode,
+                            None if target is None else target.goal(guidance.mode))
 
 
 class GuidedDDIMSamplerSelect(io.ComfyNode):

@@ -119,3 +119,26 @@ def test_steps_reach_a_sampler_that_is_on_a_preset():
     (sampler,) = nodes_of(graph, "DiffPrivacyGuidedDDIMSampler")
     # A set input wins over the node's preset (tasks.preset_value), so only steps changes.
     assert sampler["inputs"] == dict(before, steps=3)
+
+
+def test_the_demo_works_small_and_keeps_more_key_i_steps_than_sampling_steps():
+    from diffpriv_client import demo
+
+    graph = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
+    demo.use_demo_models(graph)
+    demo.apply_settings(graph)
+    inputs = {n["class_type"]: n["inputs"] for n in graph.values()}
+    settings = demo.SETTINGS
+    assert inputs["DiffPrivacyFaceCrop"]["size"] == settings.crop == 64
+    assert inputs["DiffPrivacyMSIInversion"]["steps"] == settings.msi_steps
+    assert inputs["DiffPrivacyGuidedDDIMSampler"]["steps"] == settings.sampling_steps
+    key_i = inputs["DiffPrivacyDDIMInversionKey"]
+    assert (key_i["steps"], key_i["mode"], key_i["refine_iterations"]) == (settings.key_i_steps, "fixed_point",
+                                                                          settings.key_i_refine)
+    assert settings.key_i_steps > settings.sampling_steps
+    assert inputs["DiffPrivacyIdentityGuidance"]["gradient_checkpointing"] is False
+    assert graphs.required_models(graph) == {"checkpoints": {"dp-demo-sd15.safetensors"},
+                                             "clip_vision": {"dp-test-vitl14.safetensors"}}
+    g = graphs.protect_graph(graph, "up.png", "astronaut", steps=3)  # --steps still sets every steps input
+    assert {n["inputs"]["steps"] for n in g.values() if "steps" in n["inputs"]} == {3}
+    assert "3 steps everywhere" in settings.describe(3) and "64 px" in settings.describe(None)

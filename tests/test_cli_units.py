@@ -224,3 +224,20 @@ def test_a_workflow_without_the_nodes_the_command_fills_in_is_named(tmp_path, ca
     assert main(["recover", "k.dpkey.safetensors", "--photo", str(EXAMPLE), "--out", str(tmp_path / "o"),
                  "--workflow", str(workflow)]) == 2
     assert "Load Privacy Key (DiffPrivacyLoadKey)" in capsys.readouterr().err
+
+
+def test_target_similarity_switches_the_workflows_guidance_and_needs_one(capsys):
+    args = build_parser().parse_args(["protect", "a.png", "--task", "hide", "--target-similarity", "--margin", "0.1",
+                                      "--out", "o"])
+    (guide,) = graphs.nodes_of(load_template(args), "DiffPrivacyIdentityGuidance")
+    assert guide["inputs"]["lambda_mode"] == "target similarity" and guide["inputs"]["margin"] == 0.1
+    assert guide["inputs"]["mode"] == "hide", "the rest of the node as the workflow has it"
+    linked = {"g": {"class_type": "DiffPrivacyIdentityGuidance", "inputs": {"margin": ["m", 0]}}}
+    graphs.set_target_similarity(linked, 0.2)
+    assert linked["g"]["inputs"] == {"margin": ["m", 0], "lambda_mode": "target similarity"}, "a link stays"
+    with pytest.raises(ValueError, match="--target-similarity needs an Identity Energy Guidance"):
+        graphs.set_target_similarity({"1": {"class_type": "LoadImage", "inputs": {}}})
+    for wrong in (["--margin", "0.1"], ["--target-similarity", "--margin", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(["protect", "a.png", "--task", "hide", "--out", "o", *wrong])
+    assert "--margin COSINE needs --target-similarity" in capsys.readouterr().err

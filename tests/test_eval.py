@@ -20,7 +20,7 @@ from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances, pca_2d
 from diffpriv_eval.identity import FaceImage, identification_accuracy, protection_success_rate
 from diffpriv_eval.images import group_by_stem, group_folder
-from diffpriv_eval.verifiers import DlibRecognizer, distances, load_pack_recognizer
+from diffpriv_eval.verifiers import DlibRecognizer, distances, installed_recognizers, load_pack_recognizer
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
 from diffpriv_eval.utility import compare_detections
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
@@ -87,6 +87,24 @@ def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface
     assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
     assert np.linalg.norm(embedded[0] - embedded[1]) < 1e-4  # the alignment follows the face
     assert np.linalg.norm(embedded[0] - embedded[2]) > 1e-3  # stale landmarks read other pixels
+
+
+def test_a_face_cut_by_the_photos_edge_reads_as_in_the_whole_photo(located, installed_models):
+    """The astronaut's photo cut 10% into her face box from the top and at its left edge:
+    MTCNN finds her landmarks where they are in the whole photo (facenet-pytorch alone puts
+    them about 20 px off, and dlib and SFace then read another person), and every verifier
+    reads her close to its reading of the whole photo."""
+    whole = located["astronaut"]
+    x1, y1, x2, y2 = whole.face.box
+    left, top = int(x1), int(y1 + 0.1 * (y2 - y1))
+    cut = np.ascontiguousarray(whole.image[top:, left:])
+    (face, *_) = MtcnnDetector().detect(cut)
+    assert face.box[1] < 0  # the box runs off the photo
+    expected = whole.face.moved(-left, -top).landmarks
+    assert np.abs(np.subtract(face.landmarks, expected)).max() < 4.0
+    for recognizer in (DlibRecognizer(), *installed_recognizers(installed_models)):
+        embedded = recognizer.embed([whole.image, cut], [whole.face, face])
+        assert np.linalg.norm(embedded[0] - embedded[1]) < recognizer.threshold / 2, recognizer.name
 
 
 @pytest.mark.parametrize("baseline, weak, strong", [(gaussian_blur, 0.5, 12.0), (mosaic, 2.0, 24.0)])

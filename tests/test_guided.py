@@ -209,3 +209,14 @@ def test_target_mode_ends_beyond_the_goal_where_a_tiny_fixed_lambda_does_not(toy
     achieved = guided.achieved_similarity(guidance, toy.decoder, out)
     assert torch.allclose(achieved, toy.embed(out) @ toy.target.embedding, atol=1e-5)
     assert ((achieved - goal) * goal_side >= 0).all(), (reference, goal, achieved)
+
+
+def test_picture_similarity_reads_the_face_where_the_sampler_does(toy):
+    """The Identity Similarity node's measure of decoded pictures is the sampler's own report."""
+    latents = toy.z0 + 0.5 * torch.randn(3, *toy.z0.shape[1:], generator=torch.Generator().manual_seed(1))
+    pictures = toy.decoder(latents)
+    reported = guided.achieved_similarity(toy.guidance("anonymize", 1.0), toy.decoder, latents)
+    assert torch.allclose(guided.picture_similarity(toy.net, toy.target, pictures), reported, atol=1e-6)
+    assert guided.picture_similarity(toy.net, toy.target, toy.decoder(toy.z0))[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="the pictures are 56 x 64 px, their original 64 x 64"):
+        guided.picture_similarity(toy.net, toy.target, pictures[:, :, :56])

@@ -48,6 +48,12 @@ class Face:
         x1, y1, x2, y2 = self.box
         return min(x2 - x1, y2 - y1)
 
+    def moved(self, dx: float, dy: float) -> "Face":
+        """The same face in a picture whose pixel (x, y) is this one's (x - dx, y - dy)."""
+        x1, y1, x2, y2 = self.box
+        return Face((x1 + dx, y1 + dy, x2 + dx, y2 + dy), tuple((x + dx, y + dy) for x, y in self.landmarks),
+                    self.score)
+
     def as_dict(self) -> dict:
         return {"box": list(self.box), "landmarks": [list(p) for p in self.landmarks], "score": self.score}
 
@@ -93,12 +99,42 @@ def find_detector(name: str, folders: list[str]) -> Path:
     return find_face_model(name, folders, KNOWN_DETECTORS, "face detector")
 
 
-def _mtcnn_faces(image: torch.Tensor, min_size: int) -> list[Face]:
-    boxes, probs, points = _mtcnn(max(int(min_size), 12)).detect(to_uint8(image), landmarks=True)
+def _mtcnn_detect(photo: np.ndarray, min_size: int) -> list[Face]:
+    boxes, probs, points = _mtcnn(max(int(min_size), 12)).detect(photo, landmarks=True)
     if boxes is None:
         return []
     return [Face(tuple(float(v) for v in b), tuple((float(x), float(y)) for x, y in p), float(s))
             for b, s, p in zip(boxes, probs, points)]
+
+
+def _border_needed(faces: list[Face], height: int, width: int) -> int:
+    """The black border that puts every face's refinement candidate (about its box, squared
+    and grown by a quarter) inside the photo; 0 when they all are."""
+    worst = 0.0
+    for face in faces:
+        x1, y1, x2, y2 = face.box
+        half = 0.625 * max(x2 - x1, y2 - y1)  # half the side of the grown square
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        worst = max(worst, half - cx, half - cy, cx + half - width, cy + half - height)
+    return int(np.ceil(worst))
+
+
+def _mtcnn_faces(image: torch.Tensor, min_size: int) -> list[Face]:
+    """MTCNN's faces, also right for a face cut by the photo's edge. facenet-pytorch clips a
+    candidate box to the photo and stretches what is left to its refinement networks' input,
+    yet applies their box and landmark regression to the unclipped box, so the landmarks of
+    such a face come out about 20 px off (and a recogniser reading there sees another
+    person). The original MTCNN pads with black instead; so does this, when a face needs it:
+    detect again on the photo in a black border, and move the faces back."""
+    photo = to_uint8(image)
+    faces = _mtcnn_detect(photo, min_size)
+    height, width = photo.shape[:2]
+    border = _border_needed(faces, height, width)
+    if not border:
+        return faces
+    framed = np.pad(photo, ((border, border), (border, border), (0, 0)))
+    faces = [f.moved(-border, -border) for f in _mtcnn_detect(framed, min_size)]
+    return [f for f in faces if 0 <= (f.box[0] + f.box[2]) / 2 < width and 0 <= (f.box[1] + f.box[3]) / 2 < height]
 
 
 def _scrfd_faces(image: torch.Tensor, path: Path, min_score: float) -> list[Face]:

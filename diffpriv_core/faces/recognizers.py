@@ -16,6 +16,7 @@ onnx, onnx2torch and facenet-pytorch are imported only when a file needs them.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,16 @@ class FaceRecognizer(nn.Module):
         # A frozen recogniser must never normalise with batch statistics.
         return super().train(False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: a sampler moves the recogniser to its model's device."""
+        weight = next(itertools.chain(self.net.parameters(), self.net.buffers()), None)
+        return torch.device("cpu") if weight is None else weight.device
+
     def forward(self, aligned: torch.Tensor) -> torch.Tensor:
+        # Faces may come from anywhere (a reference photo on the CPU, a decoded sample on
+        # the GPU): they follow the weights, and so do the embeddings.
+        aligned = aligned.to(self.device)
         size = (self.input_size, self.input_size)
         if tuple(aligned.shape[-2:]) != size:
             aligned = F.interpolate(aligned, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,79 @@
+"""The README's demo on the real server: the --demo-weights workflow and settings protect the
+astronaut's face, then the recovery check recovers it and compares it with the VAE's
+reconstruction. The session's server is reused (--demo-weights itself starts its own), with
+the demo's checkpoint linked into its models folder. The same run checks the progress each
+node reports over the websocket: 0/N at once, then every step to N, N the node's whole loop."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from diffpriv_client import batch, cli, demo, graphs
+from diffpriv_client.batch import Cleanup
+from diffpriv_client.progress import ProgressBoard
+from diffpriv_client.servers import Server
+from diffpriv_client.summary import Summary
+from diffpriv_testmodels import cache
+from diffpriv_testmodels.comfy_models import DEMO_CHECKPOINT
+
+pytestmark = pytest.mark.host
+ASTRONAUT = cli.PACK_DIR / "examples" / "astronaut.png"
+
+
+class RecordingBoard(ProgressBoard):
+    """The progress line's board, keeping every step reported, by job and stage."""
+
+    steps: dict[tuple[str, str], list[tuple[int, int]]] = {}
+
+    def stage(self, name, title):
+        super().stage(name, title)
+        self.steps[name, title] = []
+
+    def step(self, name, step, steps):
+        super().step(name, step, steps)
+        self.steps[name, self.running[name].stage].append((step, steps))
+
+
+def counted(total: int) -> list[tuple[int, int]]:
+    return [(k, total) for k in range(total + 1)]
+
+
+def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(comfy_host, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setattr(batch, "ProgressBoard", RecordingBoard)
+    link = comfy_host.base / "models" / DEMO_CHECKPOINT
+    if not link.exists():
+        link.symlink_to(cache.demo_models() / DEMO_CHECKPOINT)
+    template = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
+    demo.use_demo_models(template)
+    demo.apply_settings(template)
+    workflow = tmp_path / "demo.json"
+    workflow.write_text(json.dumps(template))
+    out, url = tmp_path / "demo", comfy_host.server.url
+    assert cli.main(["protect", str(ASTRONAUT), "--task", "anonymize", "--out", str(out), "--workflow", str(workflow),
+                     "--server", url]) == 0
+    capsys.readouterr()
+
+    summary = Summary(out, "protect")
+    assert demo.check_recovery(summary, template, "", [Server(url, 4)], Cleanup(), cli._recover_graph) == []
+    printed = capsys.readouterr().out
+    found = re.search(r"astronaut_face0_00001: recovered vs VAE reconstruction ([\d.]+) dB; protected candidates vs "
+                      r"VAE reconstruction ([\d., ]+) dB", printed)
+    assert found, printed
+    recovered, candidates = float(found[1]), [float(c) for c in found[2].split(", ")]
+    assert len(candidates) == 4, "the anonymize preset's four candidates"
+    assert recovered > 40 and recovered > max(candidates) + 20, printed
+    check = Summary(out / demo.CHECK_FOLDER, "recover")
+    assert {name: entry["status"] for name, entry in check.results.items()} == {
+        "astronaut_reconstruction": "ok", "astronaut_face0_00001": "ok"}
+
+    settings, sampled = demo.SETTINGS, round(demo.SETTINGS.sampling_steps * 0.6)  # anonymize's S_ns
+    steps = {(name, stage): got for (name, stage), got in RecordingBoard.steps.items() if got}
+    assert steps == {("astronaut", "Face Detect"): counted(1), ("astronaut", "Identity Guidance"): counted(1),
+                     ("astronaut", "MSI Inversion"): counted(settings.msi_steps),
+                     ("astronaut", "Guided DDIM Sampler"): counted(sampled),
+                     ("astronaut", "DDIM Inversion Key"): counted(settings.key_i_steps),
+                     ("astronaut_reconstruction", "Face Detect"): counted(1),
+                     ("astronaut_face0_00001", "Recover"): counted(settings.key_i_steps)}, steps
