@@ -46,8 +46,8 @@ class Summary:
         """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray);
         ``identity``: per guided image, the guiding recogniser's cosine of each sample to the
         original, its threshold and verdict (the Guided DDIM Sampler's or Identity Similarity's
-        report); ``passes``:
-        per face, the network passes of each stage and their total (batch.passes_of)."""
+        report); ``passes``: per face, the network passes of each stage and their total
+        (batch.passes_of)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
