@@ -109,7 +109,7 @@ def msi_encodings(s: Setup, args) -> tuple:
         lever_t, lever = timed(lambda: train_msi(s.photo, host, dataclasses.replace(config, reuse_encodings=True)))
     s.key_e = lever.key
     return (f"MSI faithful, {args.msi_steps} steps: photo encoded once per flip, not at every step", base_t, lever_t,
-            f"key-E max |diff| {max_diff(base.key.stages, lever.key.stages):.1e}")
+            f"key-E max abs diff {max_diff(base.key.stages, lever.key.stages):.1e}")
 
 
 def guidance(s: Setup, diversity: bool = False):
@@ -147,7 +147,7 @@ def candidates_batched(s: Setup, args) -> tuple:
         base_t, base = timed(lambda: torch.cat([run(start[i:i + 1]) for i in range(task.samples)]))
         lever_t, lever = timed(lambda: run(start))
     return (f"Stage II, {task.samples} candidates x {tail.steps} steps: one batch, not one at a time", base_t, lever_t,
-            f"latents max |diff| {max_diff(base, lever):.1e}")
+            f"latents max abs diff {max_diff(base, lever):.1e}")
 
 
 def guidance_step(s: Setup, args, label: str, autocast: bool = False, channels_last: bool = False) -> tuple:
@@ -202,7 +202,7 @@ def sdpa_attention(s: Setup, args) -> tuple:
         finally:
             attention.optimized_attention = default
     return (f"UNet, {args.steps} passes of 4 latents: torch SDPA, not ComfyUI's default ({default.__name__})", base_t,
-            lever_t, f"eps max |diff| {max_diff(base, lever):.1e}")
+            lever_t, f"eps max abs diff {max_diff(base, lever):.1e}")
 
 
 LEVERS = {"msi": msi_encodings, "batch": candidates_batched, "sdpa": sdpa_attention,

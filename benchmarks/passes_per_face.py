@@ -152,11 +152,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--msi-steps", type=int, default=None, help="cap MSI's steps (default: each preset's)")
+    parser.add_argument("--dry", action="store_true", help="MSI capped at 2 steps: checks, measures nothing")
     args = parser.parse_args()
+    if args.dry:
+        args.msi_steps = 2
     rows = count_all(args.msi_steps)
     capped = f", MSI capped at {args.msi_steps} steps" if args.msi_steps else ""
-    print(f"Network passes per protected face, for one face of a 512 px photo (a 128 px face), counted per image "
-          f"where the core calls each network{capped}. Paper: MSI's reference preset encoding the photo at every "
+    dry = "DRY RUN (nothing measured): " if args.dry else ""
+    print(f"{dry}Network passes per protected face, for one face of a 512 px photo (a 128 px face), counted per "
+          f"image where the core calls each network{capped}. Paper: MSI's reference preset encoding the photo at every "
           "step (as its code does), the whole frame decoded at every guided step, plain DDIM key-I. Ours: MSI's fast "
           "preset, the face crop decoded, fixed-point key-I (4 refinements). Both include the photo's VAE encode, the "
           "reference embedding and the candidates' decode.\n")
