@@ -9,7 +9,7 @@
 #   benchmarks/gpu.sh --dry    # the same four runs, tiny, on the CPU: checks the script, measures
 #                              # nothing; exits non-zero if a run fails. A face filling 64 px, a 2-step
 #                              # grid, 1 candidate, 1 MSI step, bf16 for the UNet only (bf16 convolutions
-#                              # are very slow on CPUs); about 2 minutes a run on a busy 2-core machine.
+#                              # are very slow on CPUs); 2 min 5 s for all four on the shared 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup
