@@ -169,12 +169,12 @@ def guidance_step(s: Setup, args, label: str, autocast: bool = False, channels_l
         lever = guided.IdentityCorrection(guide, target, s.decoder(network), None)
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
 
-        def lever_grad():
+        def lever_gradient():
             with context:
                 return lever.energy_gradient(x0)
 
         base_t, base_grad = timed(lambda: [base.energy_gradient(x0) for _ in range(args.repeats)][-1])
-        lever_t, lever_grad = timed(lambda: [lever_grad() for _ in range(args.repeats)][-1])
+        lever_t, lever_grad = timed(lambda: [lever_gradient() for _ in range(args.repeats)][-1])
     return (f"guidance step (4 candidates, face crop) x {args.repeats}: {label}", base_t, lever_t,
             f"gradient relative diff {relative(base_grad, lever_grad):.1e}")
 

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from diffpriv_core.tasks import TASKS
 from . import demo, graphs
 from .batch import Cleanup, Job, run_batch, upload_photo
 from .comfy_http import ComfyClient
-from .embedded import PACK_DIR, EmbeddedComfy, prepare_base_directory
+from .embedded import EmbeddedComfy, prepare_base_directory
 from .preflight import PreflightError, check_models, photo_problem, refused_photos
 from .servers import Server
 from .summary import Summary, write_contact_sheet

@@ -12,6 +12,7 @@ import pytest
 
 from diffpriv_client import batch, cli, demo, graphs
 from diffpriv_client.batch import Cleanup
+from diffpriv_client.embedded import PACK_DIR
 from diffpriv_client.progress import ProgressBoard
 from diffpriv_client.servers import Server
 from diffpriv_client.summary import Summary
@@ -19,7 +20,7 @@ from diffpriv_testmodels import cache
 from diffpriv_testmodels.comfy_models import DEMO_CHECKPOINT
 
 pytestmark = pytest.mark.host
-ASTRONAUT = cli.PACK_DIR / "examples" / "astronaut.png"
+ASTRONAUT = PACK_DIR / "examples" / "astronaut.png"
 
 
 class RecordingBoard(ProgressBoard):
