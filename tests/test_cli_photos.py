@@ -95,7 +95,8 @@ def test_every_face_by_default_any_size_untouched_outside_the_faces(comfy_host, 
     assert entry["status"] == "ok", entry
     original = picture(photos["group"])
     crops = [FaceCrop.from_json(load_key(out / key)[2]["face_crop"]) for key in sorted(entry["keys"])]
-    assert len(crops) == 2 and max(c.face_box[2] for c in crops) > original.shape[1], "a face is cut by the frame"
+    assert len(crops) == 2 and max(c.box[0] + c.box[2] for c in crops) > original.shape[1], \
+        "a face's square runs off the frame"
     _, masks = paste_faces(as_image(original)[None], torch.zeros(2, CROP, CROP, 3), crops)
     outside = masks[0].numpy() == 0
     protected = [picture(out / p) for p in entry["outputs"]]
