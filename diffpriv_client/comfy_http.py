@@ -87,6 +87,15 @@ class ComfyClient:
         for prompt_id in prompt_ids:
             self.post("/interrupt", {"prompt_id": prompt_id})
 
+    def queued_prompt_ids(self) -> set[str]:
+        """The ids of the prompts running or waiting in the server's queue (entries that are
+        not ComfyUI's ``[number, prompt_id, ...]`` are ignored)."""
+        queue = self.get("/queue")
+        if not isinstance(queue, dict):
+            return set()
+        return {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key) or []
+                if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)}
+
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 

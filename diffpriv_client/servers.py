@@ -100,11 +100,18 @@ class Server:
             events += self._note_unreachable()
         return events
 
-    def cancel_all(self) -> None:
-        """Withdraw everything we queued here (the user stopped the command)."""
+    def cancel_all(self, settle_s: float = 60.0) -> None:
+        """Withdraw everything we queued here (the user stopped the command), then wait (up
+        to ``settle_s``) until the server has let go of it: an interrupt only takes effect
+        at the prompt's next check, and a prompt cleaned up while it still runs would write
+        its outputs and history after the cleanup."""
         if self.in_flight and not self.dead:
+            ours = set(self.in_flight)
             try:
-                self.client.cancel(list(self.in_flight))
+                self.client.cancel(list(ours))
+                deadline = time.monotonic() + settle_s
+                while ours & self.client.queued_prompt_ids() and time.monotonic() < deadline:
+                    time.sleep(0.2)
             except requests.RequestException:
                 pass  # nothing left to cancel on a server that is gone
         self.in_flight = {}
