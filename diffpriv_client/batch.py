@@ -244,8 +244,9 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
 
 def identity_of(result: PromptResult) -> list[dict]:
     """What the Guided DDIM Sampler, or an Identity Similarity node, reported of each image
-    (their ``identity_similarity``)."""
-    return [entry for output in result.outputs.values() for entry in output.get("identity_similarity", [])]
+    (their ``identity_similarity``); a server's answer is checked, not trusted, as in passes_of."""
+    return [entry for output in result.outputs.values() if isinstance(output, dict)
+            for entry in output.get("identity_similarity") or [] if isinstance(entry, dict)]
 
 
 # Stock nodes in the pack's workflows and the pass each makes per latent or picture.
