@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = protect.add_mutually_exclusive_group()
     mode.add_argument("--every-face", dest="whole_image", action="store_false",
                       help="the default: protect every face of each photo, one key per face, the rest of the photo "
-                           "untouched (workflow: workflows/api/<task>_faces.json)")
+                           "untouched (workflow: example_workflows/api/<task>_faces.json)")
     mode.add_argument("--whole-image", dest="whole_image", action="store_true",
                       help="protect the whole picture as one face, for photos that are already one aligned face "
-                           "(as in the paper's datasets); any size up to 2048 px (workflow: workflows/api/<task>.json)")
+                           "(as in the paper's datasets); any size up to 2048 px (workflow: example_workflows/api/<task>.json)")
     protect.add_argument("--target-similarity", action="store_true",
                          help="guide every face to a target identity distance instead of the paper's fixed lambda: "
                               "the guiding recogniser's cosine to the original ends below its threshold minus "
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
     recover.add_argument("--photo", type=Path,
                          help="per-face keys (protect's default): the protected photo to put each recovered face "
-                              "back into (default workflow: workflows/api/recover_face.json); one output per key")
+                              "back into (default workflow: example_workflows/api/recover_face.json); one output per key")
     recover.set_defaults(func=recover_command)
 
     sub.add_parser("eval", add_help=False,
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a running ComfyUI with the pack; repeat to spread the batch over several")
         p.add_argument("--passphrase-env", metavar="VAR",
                        help="name of the environment variable holding the key passphrase (never on the command line)")
-        p.add_argument("--workflow", type=Path, help="API-format workflow (default: workflows/api/<task>.json)")
+        p.add_argument("--workflow", type=Path, help="API-format workflow (default: example_workflows/api/<task>.json)")
         p.add_argument("--base", type=Path,
                        help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
                             "or comfy-demo next to it with --demo-weights; with --ray: the folder, on each node, "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .embedded import PACK_DIR
 
-DEFAULT_WORKFLOWS = PACK_DIR / "workflows" / "api"
+DEFAULT_WORKFLOWS = PACK_DIR / "example_workflows" / "api"
 OUTPUT_PREFIX = "diffpriv"
 # Model loaders whose file choice must exist on the server before anything is queued:
 # class_type -> (input name, models sub-folder).

@@ -2,9 +2,10 @@
 
 ComfyUI's editor loads the UI format (nodes with positions, widget values by position,
 links); ``/prompt`` takes the API format (inputs by name). Only the frontend converts
-between them, so the pack ships both: the API files in ``workflows/api/`` are the source,
-and the UI files in ``workflows/`` are generated from them with the server's
-``/object_info`` (which says which inputs are widgets and in what order):
+between them, so the pack ships both: the API files in ``example_workflows/api/`` are the
+source, and the UI files in ``example_workflows/`` (the folder ComfyUI's template browser
+serves) are generated from them with the server's ``/object_info`` (which says which
+inputs are widgets and in what order):
 
     python -m diffpriv_client.workflows --regenerate      # starts the embedded ComfyUI
 """
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 LINK_TYPES_ARE_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_WIDTH, NODE_WIDTH, SLOT_HEIGHT, GAP = 380, 340, 24, 40
 
@@ -136,7 +137,7 @@ def workflow_names() -> list[str]:
 
 
 def regenerate(object_info: dict) -> list[Path]:
-    """Write workflows/<name>.json (UI format) and its thumbnail for every API workflow."""
+    """Write example_workflows/<name>.json (UI format) and its thumbnail for every API workflow."""
     from .thumbnails import draw_thumbnail
 
     written = []
@@ -151,7 +152,7 @@ def regenerate(object_info: dict) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regenerate", action="store_true", help="rewrite the UI workflows from workflows/api")
+    parser.add_argument("--regenerate", action="store_true", help="rewrite the UI workflows from example_workflows/api")
     args = parser.parse_args(argv)
     if not args.regenerate:
         parser.print_help()
