@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--margin", type=float, metavar="COSINE",
                          help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
                               "(default: the workflow's, 0.05 in the shipped ones)")
+    protect.add_argument("--min-face-size", type=int, metavar="PX",
+                         help="every-face workflows: find faces whose box's longer side is at least PX pixels, 12 "
+                              "or more (default: the workflow's, 12 in the shipped ones)")
+    protect.add_argument("--min-face-score", type=float, metavar="SCORE",
+                         help="every-face workflows: protect faces the detector scores at least SCORE, 0 to 1; "
+                              "lower-scored candidates are reported as possible faces (default: the workflow's, "
+                              "0.7 in the shipped ones; with --detector centerface, 0.3)")
+    protect.add_argument("--detector", choices=list(graphs.DETECTOR_MIN_SCORE),
+                         help="every-face workflows: the face detector (default: the workflow's, mtcnn in the "
+                              "shipped ones; BENCHMARKS.md compares them)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -132,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-actors N needs --ray and N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
+    if getattr(args, "min_face_size", None) is not None and not 12 <= args.min_face_size <= 4096:
+        parser.error("--min-face-size PX needs 12 <= PX <= 4096 (the detector's smallest window is 12 px)")
+    if getattr(args, "min_face_score", None) is not None and not 0 <= args.min_face_score <= 1:
+        parser.error("--min-face-score SCORE needs 0 <= SCORE <= 1")
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
@@ -253,6 +267,8 @@ def load_template(args) -> dict:
                          "(see 'Your own workflows' in docs/cli.md)")
     if args.command == "protect" and args.target_similarity:
         graphs.set_target_similarity(template, args.margin)
+    if args.command == "protect" and (args.min_face_size, args.min_face_score, args.detector) != (None,) * 3:
+        graphs.set_face_detection(template, args.min_face_size, args.min_face_score, args.detector)
     if args.demo_weights:
         demo.use_demo_models(template)
         demo.apply_settings(template)

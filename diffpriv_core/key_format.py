@@ -13,6 +13,7 @@ that a key file has one encoding and any changed byte is detected.
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ CHECKPOINT = "checkpoint"  # key-E and key-I: fingerprint of the UNet they were 
 GRID = "grid"  # key-I: the timestep grid it was inverted on
 PAIR = "pair"  # key-I: the id of the key-E it was inverted under (key_types.key_e_id)
 CROP_META = "face_crop"  # where the key's face sits in its photo (Face Crop), as JSON
+# How a face was protected (its crop's "protection"): MSI's key-E + guided DDIM, or the light
+# protection of small faces, key-E = the unconditional embedding (diffpriv_core/faces/crop.py).
+PROTECTIONS = ("msi", "unconditional")
 DIGEST = "digest"  # unencrypted files: SHA-256 over metadata and tensors
 ENCRYPTED_FIELDS = ("encryption", "kdf", "kdf.params", "kdf.salt", "nonce")
 # Tensor names: the keys, or the sealed payload of an encrypted file.
@@ -145,8 +149,9 @@ def read_public_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def face_crop_summary(meta: dict[str, str]) -> dict | None:
-    """{"face": index, "box": [x1, y1, x2, y2]} of a per-face key's metadata; None for a
-    whole-image key. Refuses geometry that is not the numbers Face Crop writes."""
+    """{"face": index, "box": [x1, y1, x2, y2], "protection": name, "landmarks": [[x, y] x 5]}
+    of a per-face key's metadata (no landmarks in keys made before they were recorded);
+    None for a whole-image key. Refuses geometry that is not the numbers Face Crop writes."""
     text = meta.get(CROP_META)
     if text is None:
         return None
@@ -156,9 +161,30 @@ def face_crop_summary(meta: dict[str, str]) -> dict | None:
         if not isinstance(face, int) or isinstance(face, bool) or len(box) != 4 or \
                 not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
             raise TypeError("face_index must be an integer and face_box four numbers")
-        return {"face": face, "box": [round(float(v), 1) for v in box]}
+        protection = crop.get("protection", PROTECTIONS[0])
+        if protection not in PROTECTIONS:
+            raise ValueError(f"unknown protection {protection!r}")
+        summary = {"face": face, "box": [round(float(v), 1) for v in box], "protection": protection}
+        if crop.get("landmarks"):
+            summary["landmarks"] = _landmarks(crop)
+        return summary
     except (ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"the key file's face crop metadata is damaged ({exc})") from None
+
+
+def _landmarks(crop: dict) -> list[list[float]]:
+    """The five landmarks of a face crop's metadata: finite numbers within the photo, or
+    beyond its edge by at most the crop square's side (a face cut by the frame)."""
+    height, width = (float(v) for v in crop["source_size"])
+    side = float(crop["box"][2])
+    points = crop["landmarks"]
+    if len(points) != 5 or not all(len(p) == 2 for p in points):
+        raise ValueError("landmarks must be five (x, y) points")
+    for x, y in points:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)) \
+                or not (-side <= x <= width + side and -side <= y <= height + side):
+            raise ValueError(f"landmark ({x}, {y}) lies outside the {width:g} x {height:g} photo")
+    return [[round(float(x), 1), round(float(y), 1)] for x, y in points]
 
 
 # --- internals -----------------------------------------------------------------------

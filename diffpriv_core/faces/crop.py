@@ -17,11 +17,23 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..key_format import PROTECTIONS
 from .detect import Face
 
 # The mask replaces an ellipse around the face box, a little wider than the box and taller
 # (MTCNN's box runs from the brows to the chin; the hairline and jaw belong to the identity).
 MASK_WIDTH, MASK_HEIGHT = 1.1, 1.25
+
+# How each face is protected (recorded per face in its crop, and so in its key):
+# "msi": the paper's protection, MSI's key-E + guided DDIM; "unconditional": the light
+# protection of small faces, the same guided DDIM and key-I with key-E = the unconditional
+# embedding (no MSI training), recoverable from the face's own key the same way.
+MSI, UNCONDITIONAL = PROTECTIONS
+# Faces smaller than this (the longer side of the box, photo pixels) get the light
+# protection: below it the 512 px crop's 64 x 64 latent is finer than the photo pixels the
+# face came from, and MSI's training (about 6 in 7 of a face's UNet passes) would learn
+# to reproduce an upscaled blur (BENCHMARKS.md, small_faces).
+MSI_MIN_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,13 @@ class FaceCrop:
     box: tuple[int, int, int]  # the square's top-left x, y and side, in photo pixels (may overhang the photo)
     size: int  # the crop's side after resizing: the working resolution
     face_box: tuple[float, float, float, float]  # the detected face, x1, y1, x2, y2 in photo pixels
+    protection: str = MSI  # how the face is protected (PROTECTIONS); keys made before it say "msi"
+    landmarks: tuple[tuple[float, float], ...] = ()  # the detector's five, in photo pixels; () in older keys
+    score: float = 1.0  # the detector's score
+
+    def __post_init__(self):
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"unknown face protection {self.protection!r} (known: {', '.join(PROTECTIONS)})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -43,25 +62,50 @@ class FaceCrop:
         try:
             d = json.loads(text)
             return cls(int(d["image_index"]), int(d["face_index"]), tuple(int(v) for v in d["source_size"]),
-                       tuple(int(v) for v in d["box"]), int(d["size"]), tuple(float(v) for v in d["face_box"]))
+                       tuple(int(v) for v in d["box"]), int(d["size"]), tuple(float(v) for v in d["face_box"]),
+                       str(d.get("protection", MSI)),
+                       tuple((float(x), float(y)) for x, y in d.get("landmarks", ())), float(d.get("score", 1.0)))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"unreadable face crop geometry {text!r}: {exc}") from None
 
+    @property
+    def scale(self) -> float:
+        """Crop pixels per photo pixel."""
+        return self.size / self.box[2]
+
+    def face_in_crop(self) -> Face:
+        """The detected face in the crop's pixels: its box (pixel edges) and landmarks (pixel
+        centres, as the alignments read them), mapped as crop_faces resizes the square."""
+        if len(self.landmarks) != 5:
+            raise ValueError("this face crop carries no landmarks (a key made before they were recorded)")
+        x0, y0, _side = self.box
+        s = self.scale
+        x1, y1, x2, y2 = self.face_box
+        return Face(((x1 - x0) * s, (y1 - y0) * s, (x2 - x0) * s, (y2 - y0) * s),
+                    tuple(((x - x0 + 0.5) * s - 0.5, (y - y0 + 0.5) * s - 0.5) for x, y in self.landmarks), self.score)
+
+
+def protection_for(face: Face, msi_min_size: float = MSI_MIN_SIZE) -> str:
+    """MSI for faces of ``msi_min_size`` px and more, the light protection below."""
+    return MSI if face.size >= msi_min_size else UNCONDITIONAL
+
 
 def plan_crop(face: Face, image_index: int, face_index: int, height: int, width: int, size: int,
-              margin: float) -> FaceCrop:
+              margin: float, msi_min_size: float = MSI_MIN_SIZE) -> FaceCrop:
     """The square around ``face``: the face box's longer side grown by ``margin`` of it on
-    each side, centred on the box."""
+    each side, centred on the box; with the face's landmarks and its protection."""
     if size % 8 or size < 8:
         raise ValueError(f"the crop size must be a multiple of 8 (the VAE's factor), got {size}")
     x1, y1, x2, y2 = face.box
     side = max(8, round(max(x2 - x1, y2 - y1) * (1 + 2 * margin)))
     x0, y0 = round((x1 + x2 - side) / 2), round((y1 + y2 - side) / 2)
-    return FaceCrop(image_index, face_index, (height, width), (x0, y0, side), size, tuple(face.box))
+    return FaceCrop(image_index, face_index, (height, width), (x0, y0, side), size, tuple(face.box),
+                    protection_for(face, msi_min_size), tuple(tuple(p) for p in face.landmarks), float(face.score))
 
 
-def plan_crops(faces_per_image: list[list[Face]], height: int, width: int, size: int, margin: float) -> list[FaceCrop]:
-    return [plan_crop(face, b, k, height, width, size, margin)
+def plan_crops(faces_per_image: list[list[Face]], height: int, width: int, size: int, margin: float,
+               msi_min_size: float = MSI_MIN_SIZE) -> list[FaceCrop]:
+    return [plan_crop(face, b, k, height, width, size, margin, msi_min_size)
             for b, faces in enumerate(faces_per_image) for k, face in enumerate(faces)]
 
 
