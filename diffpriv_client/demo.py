@@ -100,12 +100,13 @@ def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:
 CHECK_FOLDER = "recovery-check"
 
 
-def check_recovery(summary: Summary, template: dict, passphrase: str, servers: list[Server], cleanup: Cleanup,
+def check_recovery(summary: Summary, template: dict, secrets, servers: list[Server], cleanup: Cleanup,
                    recover_graph) -> list[str]:
     """Recover every face the run protected, back into its original photo, and print how
     close each comes to the VAE's reconstruction of the original (the best any recovery can
     do) next to how close the protected candidates come. ``recover_graph(template, key,
-    name, passphrase, photo, client)`` builds a recovery prompt, as `diffpriv recover` does.
+    name, secrets, photo, session)`` builds a recovery prompt, as `diffpriv recover` does
+    (``secrets``: cli.KeySecrets, which open the keys on this machine).
     Returns what could not be removed from the servers."""
     if not graphs.nodes_of(template, "DiffPrivacyFacePaste"):
         print("recovery check: only in the every-face mode (the default)")
@@ -123,7 +124,7 @@ def check_recovery(summary: Summary, template: dict, passphrase: str, servers: l
         jobs.append(Job(f"{name}_reconstruction", photo, partial(_reconstruction_prompt, reconstruction, photo,
                                                                   f"{name}_reconstruction")))
         jobs += [Job(_key_name(key), summary.out_dir / key,
-                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), passphrase, photo))
+                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), secrets, photo))
                  for key in entry["keys"]]
     print("recovery check: recovering each face into its original photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
@@ -137,12 +138,12 @@ def _key_name(key: str) -> str:
     return Path(key).name.removesuffix(KEY_SUFFIX)
 
 
-def _reconstruction_prompt(template: dict, photo: Path, name: str, client) -> tuple[dict, list[str]]:
-    uploaded = upload_photo(client, photo)
+def _reconstruction_prompt(template: dict, photo: Path, name: str, session) -> dict:
+    uploaded = upload_photo(session, photo)
     graph = copy.deepcopy(template)
     graphs.set_input_image(graph, uploaded)
-    graphs.set_image_prefixes(graph, name)
-    return graph, [uploaded]
+    graphs.set_image_prefixes(graph, name, session.folder)
+    return graph
 
 
 def _pixels(path: Path) -> np.ndarray:

@@ -12,6 +12,7 @@ that a key file has one encoding and any changed byte is detected.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import unicodedata
@@ -21,12 +22,15 @@ FORMAT = "diffprivacy-key"
 # 1: scrypt N = 2^15, the metadata authenticated as canonical JSON.
 # 2: scrypt N = 2^17, the exact header bytes authenticated, key-I bound to its key-E,
 #    passphrases normalised to Unicode NFC.
-VERSION = "2"
-VERSIONS = ("1", "2")
+# 3: keys sealed to age recipients (key_crypto.py), a face key bound to its protected
+#    photo (PROTECTED_META), every number of the face crop bounded.
+VERSION = "3"
+VERSIONS = ("1", "2", "3")
 # scrypt settings by the version that wrote the file. They are public metadata, which can
 # only be authenticated after the key is derived, so a file never chooses them.
 SCRYPT = {"1": {"n": 2**15, "r": 8, "p": 1},  # 32 MiB, about 0.1 s
-          "2": {"n": 2**17, "r": 8, "p": 1}}  # 128 MiB, about 0.5-1 s: as age does
+          "2": {"n": 2**17, "r": 8, "p": 1},  # 128 MiB, about 0.5-1 s: as age does
+          "3": {"n": 2**17, "r": 8, "p": 1}}
 ENCRYPTION = "aes-256-gcm"
 KDF = "scrypt"
 KEY_SUFFIX = ".dpkey.safetensors"
@@ -42,6 +46,9 @@ CHECKPOINT = "checkpoint"  # key-E and key-I: fingerprint of the UNet they were 
 GRID = "grid"  # key-I: the timestep grid it was inverted on
 PAIR = "pair"  # key-I: the id of the key-E it was inverted under (key_types.key_e_id)
 CROP_META = "face_crop"  # where the key's face sits in its photo (Face Crop), as JSON
+PROTECTED_META = "protected"  # per-face keys: digests of the face's region in each protected photo
+# Fields a version wrote first: an older version's file that holds one was not written by a pack.
+NEWER_FIELDS = {"2": ("key_i.pair",), "3": ("age.recipient", "age.wrapped", PROTECTED_META)}
 DIGEST = "digest"  # unencrypted files: SHA-256 over metadata and tensors
 ENCRYPTED_FIELDS = ("encryption", "kdf", "kdf.params", "kdf.salt", "nonce")
 # Tensor names: the keys, or the sealed payload of an encrypted file.
@@ -99,6 +106,33 @@ def encode_header(meta: dict[str, str] | None, tensors: list[tuple[str, str, tup
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+# How torch names each dtype: the digest of an unencrypted file hashes these names.
+TORCH_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+                "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+                "U8": "torch.uint8", "BOOL": "torch.bool"}
+
+
+def tensors_digest(meta: dict[str, str], tensors: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """The SHA-256 an unencrypted file carries: over the metadata (without the digest) and
+    each tensor's name, torch dtype name, shape and bytes, by name."""
+    h = hashlib.sha256(canonical_json(meta).encode())
+    for name, dtype, shape, data in sorted(tensors):
+        h.update(f"{name}|{dtype}|{tuple(shape)}".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def plain_file(meta: dict[str, str], payload: bytes, inner: Container) -> bytes:
+    """An unencrypted key file of ``meta`` and the tensors of a decrypted payload."""
+    records = inner.tensors
+    meta = {k: v for k, v in meta.items() if k != DIGEST}
+    meta[DIGEST] = tensors_digest(meta, [(n, TORCH_DTYPES.get(r.dtype, r.dtype), r.shape, payload[r.start:r.end])
+                                         for n, r in records.items()])
+    order = tensor_order({n: r.dtype for n, r in records.items()})
+    header = encode_header(meta, [(n, records[n].dtype, records[n].shape) for n in order])
+    return header + b"".join(payload[records[n].start:records[n].end] for n in order)
 
 
 def tensor_order(names_and_dtypes: dict[str, str]) -> list[str]:
@@ -204,6 +238,11 @@ def _diffprivacy_metadata(header: dict) -> dict[str, str]:
     if meta.get("version") not in VERSIONS:
         raise KeyFileError(f"key file version {meta.get('version')!r} is not supported (this pack reads versions "
                            f"{', '.join(VERSIONS)}): it was written by a newer pack, or damaged")
+    for version, fields in NEWER_FIELDS.items():
+        later = [f for f in fields if f in meta]
+        if meta["version"] < version and later:
+            raise KeyFileError(f"the key file was modified: a version {meta['version']} file has no {later[0]!r} "
+                               f"(version {version} added it)")
     return meta
 
 
