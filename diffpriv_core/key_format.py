@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -46,9 +47,16 @@ CHECKPOINT = "checkpoint"  # key-E and key-I: fingerprint of the UNet they were 
 GRID = "grid"  # key-I: the timestep grid it was inverted on
 PAIR = "pair"  # key-I: the id of the key-E it was inverted under (key_types.key_e_id)
 CROP_META = "face_crop"  # where the key's face sits in its photo (Face Crop), as JSON
-PROTECTED_META = "protected"  # per-face keys: digests of the face's region in each protected photo
 # Fields a version wrote first: an older version's file that holds one was not written by a pack.
-NEWER_FIELDS = {"2": ("key_i.pair",), "3": ("age.recipient", "age.wrapped", PROTECTED_META)}
+NEWER_FIELDS = {"2": ("key_i.pair",), "3": ("age.recipient", "age.wrapped")}
+# Bounds of a face crop's numbers (Face Crop never makes larger ones).
+MAX_PHOTO_SIDE = 16384
+MAX_CROP_SIZE = 2048  # the working resolution: what MSI trains on at most
+MAX_FACES = 4096  # photo and face indices
+MAX_MARGIN_GROWTH = 5  # the square is at most the face box grown by a margin of 2 on each side
+PROTECTIONS = ("msi", "unconditional")
+CROP_FIELDS = ("image_index", "face_index", "source_size", "box", "size", "face_box", "landmarks", "protection",
+               "region_digests")
 DIGEST = "digest"  # unencrypted files: SHA-256 over metadata and tensors
 ENCRYPTED_FIELDS = ("encryption", "kdf", "kdf.params", "kdf.salt", "nonce")
 # Tensor names: the keys, or the sealed payload of an encrypted file.
@@ -184,15 +192,76 @@ def face_crop_summary(meta: dict[str, str]) -> dict | None:
     text = meta.get(CROP_META)
     if text is None:
         return None
+    crop = checked_face_crop(text)
+    return {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]]}
+
+
+def checked_face_crop(text) -> dict:
+    """A face crop's geometry (Face Crop's JSON), every number checked: whole numbers where
+    Face Crop writes them, finite, the photo at most MAX_PHOTO_SIDE a side, the crop square
+    overlapping the photo and at most a few times the photo's side, the face box and its
+    landmarks inside the square, the working size a multiple of 8 up to MAX_CROP_SIZE.
+    KeyFileError (a ValueError) says what is wrong."""
     try:
-        crop = json.loads(text)
-        face, box = crop["face_index"], crop["face_box"]
-        if not isinstance(face, int) or isinstance(face, bool) or len(box) != 4 or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-            raise TypeError("face_index must be an integer and face_box four numbers")
-        return {"face": face, "box": [round(float(v), 1) for v in box]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KeyFileError(f"the key file's face crop metadata is damaged ({exc})") from None
+        crop = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        crop = None
+    if not isinstance(crop, dict):
+        raise KeyFileError("the key file's face crop metadata is damaged (not a JSON object)")
+    unknown = sorted(set(crop) - set(CROP_FIELDS))
+    missing = [f for f in CROP_FIELDS[:6] if f not in crop]
+    if unknown or missing:
+        raise KeyFileError(f"the key file's face crop metadata is damaged (field {(unknown or missing)[0]!r} "
+                           f"{'is not one Face Crop writes' if unknown else 'is missing'})")
+    _whole(crop["image_index"], "image_index", 0, MAX_FACES)
+    _whole(crop["face_index"], "face_index", 0, MAX_FACES)
+    h, w = _numbers(crop["source_size"], "source_size", 2, whole=True)
+    for side in (h, w):
+        _whole(side, "source_size", 1, MAX_PHOTO_SIDE)
+    size = _whole(crop["size"], "size", 8, MAX_CROP_SIZE)
+    if size % 8:
+        raise KeyFileError(f"the key file's face crop is damaged: its working size {size} is not a multiple of 8")
+    x0, y0, side = _numbers(crop["box"], "box", 3, whole=True)
+    _whole(side, "box side", 8, MAX_MARGIN_GROWTH * max(h, w) + 8)
+    if not (x0 < w and y0 < h and x0 + side > 0 and y0 + side > 0):
+        raise KeyFileError("the key file's face crop is damaged: its square lies outside the photo")
+    x1, y1, x2, y2 = _numbers(crop["face_box"], "face_box", 4)
+    if not (x0 - 1 <= x1 < x2 <= x0 + side + 1 and y0 - 1 <= y1 < y2 <= y0 + side + 1):
+        raise KeyFileError("the key file's face crop is damaged: its face box is empty or outside its square")
+    if crop.get("landmarks") is not None:
+        points = crop["landmarks"]
+        if not isinstance(points, list) or len(points) != 5:
+            raise KeyFileError("the key file's face crop is damaged: landmarks must be 5 points")
+        for point in points:
+            px, py = _numbers(point, "landmark", 2)
+            if not (x0 - 1 <= px <= x0 + side + 1 and y0 - 1 <= py <= y0 + side + 1):
+                raise KeyFileError("the key file's face crop is damaged: a landmark lies outside its square")
+    if crop.get("protection") is not None and crop["protection"] not in PROTECTIONS:
+        raise KeyFileError(f"the key file's face crop is damaged: protection {str(crop['protection'])[:20]!r} is "
+                           f"not one of {', '.join(PROTECTIONS)}")
+    digests = crop.get("region_digests", [])
+    if not isinstance(digests, list) or len(digests) > 64 or not all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
+        raise KeyFileError("the key file's face crop is damaged: its region digests are not SHA-256 digests")
+    return crop
+
+
+def _numbers(value, name: str, count: int, whole: bool = False) -> list:
+    if not isinstance(value, list) or len(value) != count:
+        raise KeyFileError(f"the key file's face crop is damaged: {name} must be {count} numbers")
+    for v in value:
+        if whole:
+            _whole(v, name, -2**31, 2**31)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 2**31:
+            raise KeyFileError(f"the key file's face crop is damaged: {name} holds {str(v)[:20]}, not a finite number")
+    return value
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise KeyFileError(f"the key file's face crop is damaged: {name} is {str(value)[:20]}, not a whole number "
+                           f"from {low} to {high}")
+    return value
 
 
 # --- internals -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .schedule import STAGES, T, ddim_grid
 FORMAT, VERSION = fmt.FORMAT, fmt.VERSION
 # key-I's latent is at most what the nodes make: MSI takes images up to MSI_MAX_SIDE pixels.
 MAX_LATENT_SIDE = MSI_MAX_SIDE // VAE_FACTOR
+MAX_REFINE = 1000  # fixed-point refinements per inversion step (the node allows 50)
 
 
 def check_metadata(key_e: KeyE, key_i: KeyI | None) -> None:
@@ -171,7 +172,8 @@ def _keys(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[KeyE,
     if meta["version"] == "1":
         key_i_meta[fmt.PAIR] = key_e_id(key_e)  # version 1 bound the pair by holding it in one verified file
     steps, inversion, refine = _number(meta, "steps"), meta.get("inversion"), _number(meta, "refine")
-    if steps is None or refine is None or not 1 <= steps <= T or refine < 0 or inversion not in ("ddim", "fixed_point"):
+    if steps is None or refine is None or not 1 <= steps <= T or not 0 <= refine <= MAX_REFINE \
+            or inversion not in ("ddim", "fixed_point"):
         raise KeyFileError("the key file is damaged: its key-I settings (steps, inversion, refine) are missing "
                            "or unreadable")
     if key_i_meta.get(fmt.GRID) not in (None, ddim_grid(steps).describe()):
@@ -200,7 +202,18 @@ def load_key_bytes(data: bytes, passphrase: str | None = None,
             raise KeyFileError("the key file was modified or damaged (integrity check failed)")
     key_e, key_i = _keys(meta, tensors)
     check_metadata(key_e, key_i)
+    if fmt.CROP_META in meta:
+        _check_crop(meta[fmt.CROP_META], key_i)
     return key_e, key_i, meta
+
+
+def _check_crop(text: str, key_i: KeyI | None) -> None:
+    """A face key's geometry is bounded, and its key-I is a latent of the crop's size."""
+    crop = fmt.checked_face_crop(text)
+    side = crop["size"] // VAE_FACTOR
+    if key_i is not None and tuple(key_i.latent.shape[-2:]) != (side, side):
+        raise KeyFileError(f"the key file is damaged: its key-I is {key_i.latent.shape[-1]} x "
+                           f"{key_i.latent.shape[-2]}, but its face crop works at {crop['size']} px ({side} x {side})")
 
 
 def load_key(path: str | os.PathLike, passphrase: str | None = None,

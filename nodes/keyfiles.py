@@ -6,6 +6,7 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io
 
+from diffpriv_core.faces.binding import bind
 from diffpriv_core.faces.crop import FaceCrop
 from diffpriv_core.key_crypto import check_recipient
 from diffpriv_core.key_format import CROP_META
@@ -51,6 +52,10 @@ class SavePrivacyKey(io.ComfyNode):
                                 tooltip="from Face Crop: each key records its face's place in the photo, so "
                                         "Recover + Face Paste can put that face back; files are named _face<N>"),
                 io.String.Input("recipient", default="", optional=True, tooltip=RECIPIENT_TIP),
+                io.Image.Input("protected", optional=True,
+                               tooltip="with crop_info: the protected pictures (Face Paste's image output); each "
+                                       "face's key records a digest of its face's region in them, so the face is "
+                                       "recovered only into these pictures"),
             ],
             outputs=[io.String.Output(display_name="paths")],
             is_output_node=True,
@@ -58,7 +63,7 @@ class SavePrivacyKey(io.ComfyNode):
 
     @classmethod
     def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None, crop_info=None,
-                recipient="") -> io.NodeOutput:
+                recipient="", protected=None) -> io.NodeOutput:
         count = len(key_i) if key_i else len(key_e)
         if passphrase and recipient:
             raise ValueError("Save Privacy Key: give a passphrase or a recipient, not both")
@@ -68,6 +73,8 @@ class SavePrivacyKey(io.ComfyNode):
         if crop_info is not None and len(crop_info) != count:
             raise ValueError(f"{len(crop_info)} face crops for {count} keys: connect the Face Crop whose crops "
                              "made these keys")
+        if crop_info is not None and protected is not None:
+            crop_info = bind(crop_info, protected)
         root = folder_paths.get_output_directory() if folder == "output" else keys_dir()
         written, records = [], []
         for b in range(count):
