@@ -135,6 +135,8 @@ def _checked(data: bytes, records: dict[str, fmt.TensorRecord], name: str, shape
         expected = f"float32 {shape}" if shape is not None else "float32 [4, height, width]"
         raise KeyFileError(f"the key file is damaged: its {name} is {record.dtype} {list(record.shape)}; "
                            f"a Diff-Privacy key has {expected}")
+    if record.start == record.end:
+        raise KeyFileError(f"the key file is damaged: its {name} is empty ({list(record.shape)})")
     t = _tensor(data, record)
     if not np.isfinite(t.numpy()).all():  # numpy: one thread, no pool to wake for a check
         raise KeyFileError(f"the key file is damaged: its {name} holds NaN or infinite values")
