@@ -402,7 +402,10 @@ def rewrite_named(folder: Path, name: str, data: bytes) -> Path:
 
 
 def write_numbered(folder: Path, stem: str, tail: str, data: bytes) -> Path:
-    """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced)."""
+    """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced),
+    in ``folder`` itself: a link planted at the folder's name is refused, never followed."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise UnsafeDownload(f"{folder} is a link or not a folder: nothing of this job was written there")
     number = 1
     while True:
         try:

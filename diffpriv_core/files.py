@@ -39,6 +39,28 @@ def write_new_file(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> P
     return path
 
 
+def replace_file(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Write ``data`` as the file at ``path``, replacing the one there (a file the command
+    rewrites each run, like a contact sheet): ``mode`` from the first byte, and a link at
+    the name is replaced itself, never followed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def remove_stale_partials(folder: Path) -> None:
     """Remove the partial files a crash left in this folder (never a finished file)."""
     now = time.time()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,11 @@ def next_key_path(folder: str | os.PathLike, prefix: str) -> Path:
     if not parts[-1] or parts[-1] in (".", "..") or parts[-1].startswith("."):
         raise ValueError(f"invalid key file prefix {prefix!r}: it must end in a file name (not '.', '..', a "
                          "hidden name or a folder), e.g. diffprivacy/key")
+    hidden = [c for c in prefix if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if hidden or any(part.startswith("~") for part in parts):
+        raise ValueError(f"invalid key file prefix {prefix!r}: " + (
+            f"it holds the invisible or control character U+{ord(hidden[0]):04X}, which would disguise the name"
+            if hidden else "a name starting with '~' reads as a home folder"))
     base = safe_join(folder, prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     start, end = f"{base.name}_", KEY_SUFFIX

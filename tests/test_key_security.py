@@ -163,3 +163,52 @@ def test_a_face_key_recovers_only_into_its_protected_pictures():
     outside = as_loaded[0].clone()
     outside[90, 120] = 0.0  # outside the crop square: still the protected picture for this face
     check_bound(outside, crop)
+
+
+# --- files the command writes and removes ------------------------------------------------
+def test_the_contact_sheet_is_private_and_a_planted_link_is_replaced_not_followed(tmp_path):
+    from PIL import Image
+
+    from diffpriv_client.summary import CONTACT_SHEET_NAME, Summary, write_contact_sheet
+
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(out / "a" / "a_00001_.png")
+    summary = Summary(out, "protect")
+    summary.record("a", out / "a" / "a_00001_.png", "ok", [out / "a" / "a_00001_.png"])
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(b"not yours")
+    (out / CONTACT_SHEET_NAME).symlink_to(target)
+    sheet = write_contact_sheet(summary)
+    assert not sheet.is_symlink() and stat.S_IMODE(sheet.stat().st_mode) == 0o600
+    assert target.read_bytes() == b"not yours"
+
+
+def test_a_link_planted_at_a_photos_folder_is_refused(tmp_path):
+    from diffpriv_client.batch import UnsafeDownload, write_numbered
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "photo").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafeDownload, match="link"):
+        write_numbered(tmp_path / "photo", "photo", "_.png", b"x")
+    assert not list(elsewhere.iterdir())
+
+
+def test_removing_a_job_folder_never_follows_a_link(tmp_path):
+    from diffpriv_core.files import remove_tree_no_follow
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.png").write_bytes(b"keep")
+    job = tmp_path / "job"
+    (job / "sub").mkdir(parents=True)
+    (job / "sub" / "out.png").write_bytes(b"x")
+    (job / "linked").symlink_to(outside, target_is_directory=True)
+    (job / "file-link").symlink_to(outside / "keep.png")
+    assert sorted(remove_tree_no_follow(job)) == ["file-link", "linked", "out.png"]
+    assert not job.exists() and (outside / "keep.png").read_bytes() == b"keep"
+    (tmp_path / "job-link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OSError, match="not a folder"):
+        remove_tree_no_follow(tmp_path / "job-link")
+    assert (outside / "keep.png").exists()
