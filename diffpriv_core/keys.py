@@ -200,6 +200,8 @@ def load_key_bytes(data: bytes, passphrase: str | None = None,
         if passphrase:
             raise KeyFileError("this key file is not encrypted, but a passphrase was given: leave the passphrase "
                                "empty for it (or it was tampered with to drop its encryption)")
+        if key_crypto.PUBLIC_ENCRYPTION_FIELDS & set(meta):
+            raise KeyFileError("the key file was modified: it holds encryption fields but is not encrypted")
         tensors = _key_tensors(data, container.tensors)
         if meta.get(fmt.DIGEST) != _digest({k: v for k, v in meta.items() if k != fmt.DIGEST}, tensors):
             raise KeyFileError("the key file was modified or damaged (integrity check failed)")
