@@ -111,7 +111,9 @@ def roots() -> dict[str, str]:
 
 
 def make_private_folder(path: Path) -> None:
-    """``path`` and the jobs folder above it, owner-only (0700), links refused."""
+    """``path`` and the jobs folder above it, owner-only (0700), links refused (the root they
+    lie in, e.g. a new server's models/diffprivacy_keys, is made as ComfyUI makes folders)."""
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
     for folder in (path.parent, path):
         try:
             folder.mkdir(mode=0o700)

@@ -200,3 +200,32 @@ def test_the_embedded_server_answers_only_its_own_command(tmp_path):
     assert stat.S_IMODE(base.stat().st_mode) == 0o700
     assert all(stat.S_IMODE((base / sub).stat().st_mode) == 0o700 for sub in ("input", "output", "temp"))
     assert not json.dumps(dict(os.environ)).count(server.token)
+
+
+def test_bad_bodies_get_400_and_a_job_holds_at_most_its_quota(comfy_host):
+    from diffpriv_core.job_protocol import JOB_HEADER
+
+    url, client = comfy_host.server.url, comfy_host.client
+    bad_json = {"data": b"{not json", "headers": {"Content-Type": "application/json"}, "timeout": 10}
+    for path in ("/diffprivacy/jobs", "/prompt"):
+        answer = requests.post(f"{url}{path}", **bad_json)
+        assert answer.status_code == 400 and "not JSON" in answer.json()["error"], path
+    assert requests.post(f"{url}/prompt", json=[1], timeout=10).status_code == 400
+    for body in (None, {"prompt_id": "anything", "inputs": [], "outputs": True}):
+        answer = requests.post(f"{url}/diffprivacy/cleanup", json=body, timeout=10)
+        assert answer.status_code == 403 and "job" in answer.json()["error"]
+    job = client.start_job()
+    garbage = requests.post(f"{url}/diffprivacy/jobs/upload", data=b"--x\r\ngarbage", timeout=10, headers={
+        JOB_HEADER: job.token, "Content-Type": "multipart/form-data; boundary=x"})
+    assert garbage.status_code == 400
+    with pytest.raises(ValueError, match="not a key file|damaged"):
+        client.upload_to_job(job, "key", b"not a key file")
+    names = [client.upload_to_job(job, "image", b"\x89PNG not really", ".png") for _ in range(16)]
+    assert len(set(names)) == 16 and all(n.startswith(job.folder + "/") for n in names)
+    with pytest.raises(ValueError, match="at most 16"):
+        client.upload_to_job(job, "image", b"one too many", ".png")
+    folder = comfy_host.base / "input" / job.folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
+    assert len(client.cleanup_job(job)["removed"]) == 16 and not folder.exists()
+    assert "unknown job" in client.cleanup_job(job)["failed"][0], "a job is cleaned once"
