@@ -202,8 +202,8 @@ def _recipient_key(meta: dict[str, str], identities: list | None) -> bytes:
         raise KeyFileError(f"the key file is damaged: version {meta['version']} files have no recipients")
     recipient = meta["age.recipient"]
     if not identities:
-        raise KeyFileError(f"this key file is encrypted to the recipient {recipient[:16]}...: open it with its "
-                           "identity file (--identity)")
+        raise KeyFileError(f"this key file is sealed to the recipient {recipient[:16]}...: only its identity file "
+                           "opens it, on your own machine (diffpriv recover --identity FILE)")
     text = meta["age.wrapped"]
     if len(text) > 2 * MAX_WRAPPED_BYTES:
         raise KeyFileError("the encrypted key file is damaged: its sealed key is far too long")

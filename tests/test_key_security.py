@@ -48,7 +48,7 @@ def test_a_key_sealed_to_a_recipient_opens_only_with_its_identity(identity):
     assert torch.equal(e2.stages, key_e.stages) and torch.equal(i2.latent, key_i.latent)
     with pytest.raises(KeyFileError, match="identity given does not open"):
         load_key_bytes(data, identities=[key_crypto.new_identity()])
-    with pytest.raises(KeyFileError, match="open it with its identity file"):
+    with pytest.raises(KeyFileError, match="only its identity file opens it"):
         load_key_bytes(data, PASSPHRASE)
     changed = data.replace(b'"steps\\":\\"10\\"', b'"steps\\":\\"11\\"', 1)
     assert changed != data
