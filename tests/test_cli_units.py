@@ -168,7 +168,8 @@ def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     from key_helpers import random_key_e
 
     landmarks = ((40.0, 55.0), (66.0, 55.0), (53.0, 66.0), (44.0, 78.0), (63.0, 78.0))
-    crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25), "unconditional", landmarks)
+    crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25), protection="unconditional",
+                    landmarks=landmarks)
     face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
     save_key(face_key, random_key_e(1, "abc"), passphrase="pw", extra={"face_crop": crop.to_json()})
     save_key(whole_key, random_key_e(1, "abc"))

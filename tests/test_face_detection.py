@@ -103,9 +103,9 @@ def test_crops_plan_the_light_protection_for_small_faces_and_carry_the_landmarks
     assert [c.protection for c in plan_crops(faces, image.shape[1], image.shape[2], 64, 0.5, 0)] == [MSI] * len(crops)
     assert [FaceCrop.from_json(c.to_json()) for c in crops] == crops
     old = json.loads(crops[0].to_json())
-    for name in ("protection", "landmarks", "score"):
+    for name in ("protection", "landmarks"):
         del old[name]  # a key written before these were recorded
-    assert FaceCrop.from_json(json.dumps(old)) == dataclasses.replace(crops[0], landmarks=(), score=1.0)
+    assert FaceCrop.from_json(json.dumps(old)) == dataclasses.replace(crops[0], landmarks=())
     with pytest.raises(ValueError, match="unknown face protection 'blur'"):
         dataclasses.replace(crops[0], protection="blur")
 
@@ -151,12 +151,12 @@ def test_the_guidance_takes_the_detectors_face_from_crop_info_without_detecting_
 
 
 def test_key_metadata_protection_and_landmarks_are_checked():
-    crop = FaceCrop(0, 2, (224, 320), (-30, 40, 150), 64, (-10.0, 60.0, 90.0, 180.0), UNCONDITIONAL,
-                    ((-4.0, 100.0), (30.0, 100.0), (10.0, 120.0), (0.0, 150.0), (28.0, 150.0)))
+    crop = FaceCrop(0, 2, (224, 320), (-30, 40, 150), 64, (-10.0, 60.0, 90.0, 180.0), protection=UNCONDITIONAL,
+                    landmarks=((-4.0, 100.0), (30.0, 100.0), (10.0, 120.0), (0.0, 150.0), (28.0, 150.0)))
     summary = fmt.face_crop_summary({fmt.CROP_META: crop.to_json()})
     assert summary["protection"] == UNCONDITIONAL and summary["landmarks"][0] == [-4.0, 100.0]
     for bad in ({"protection": "blur"}, {"landmarks": [[1.0, 2.0]] * 4}, {"landmarks": [[float("nan"), 1.0]] * 5},
                 {"landmarks": [[1e9, 1.0]] * 5}, {"landmarks": [[True, 1.0]] * 5}):
         damaged = json.dumps(dict(json.loads(crop.to_json()), **bad))
-        with pytest.raises(fmt.KeyFileError, match="face crop metadata is damaged"):
+        with pytest.raises(fmt.KeyFileError, match="face crop is damaged"):
             fmt.face_crop_summary({fmt.CROP_META: damaged})
