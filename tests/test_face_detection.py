@@ -17,17 +17,8 @@ from diffpriv_core.faces.detect import (CENTERFACE, DEFAULT_MIN_SCORE, DEFAULT_M
                                         detect_faces)
 from diffpriv_core.faces.wheel_models import CENTERFACE as CENTERFACE_MODEL
 from diffpriv_core.faces.wheel_models import AlteredModelError, check_installed, sha256
-from diffpriv_eval.crowd import crowd, match
-from photos import as_image
-
-SMALL = [16, 20, 24, 30, 36]  # faces under 40 px ...
-LARGE = 100  # ... and one large, cut by the picture's left edge
-
-
-def crowd_photo(seed: int = 0):
-    """320 x 224: five faces of 16-36 px (LFW faces and faces of full photos) and the
-    astronaut's face of 100 px cut by the left edge, on a real photo."""
-    return crowd(SMALL, seed=seed, width=320, height=224, edge_face=LARGE, distractors=0, rotate=0)
+from diffpriv_eval.crowd import match
+from photos import as_image, crowd_photo
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +151,32 @@ def test_key_metadata_protection_and_landmarks_are_checked():
         damaged = json.dumps(dict(json.loads(crop.to_json()), **bad))
         with pytest.raises(fmt.KeyFileError, match="face crop is damaged"):
             fmt.face_crop_summary({fmt.CROP_META: damaged})
+
+
+def test_the_command_sets_every_face_detect_of_a_workflow():
+    from diffpriv_client import graphs
+    from diffpriv_client.cli import build_parser, main
+
+    assert graphs.DETECTOR_MIN_SCORE == DEFAULT_MIN_SCORE, "the command's defaults are the node's"
+    shipped = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
+    (detect_node,) = graphs.nodes_of(shipped, "DiffPrivacyFaceDetect")
+    assert (detect_node["inputs"]["min_size"], detect_node["inputs"]["min_score"]) == (DEFAULT_MIN_SIZE,
+                                                                                        DEFAULT_MIN_SCORE[MTCNN])
+    graph = json.loads(json.dumps(shipped))
+    graphs.set_face_detection(graph, detector="centerface")
+    (node,) = graphs.nodes_of(graph, "DiffPrivacyFaceDetect")
+    assert (node["inputs"]["detector"], node["inputs"]["min_score"], node["inputs"]["min_size"]) == \
+        ("centerface", DEFAULT_MIN_SCORE[CENTERFACE], DEFAULT_MIN_SIZE)
+    graphs.set_face_detection(graph, min_size=40, min_score=0.95)
+    assert (node["inputs"]["min_size"], node["inputs"]["min_score"]) == (40, 0.95)
+    node["inputs"]["min_size"] = ["elsewhere", 0]
+    graphs.set_face_detection(graph, min_size=20)
+    assert node["inputs"]["min_size"] == ["elsewhere", 0], "a linked input stays linked"
+    with pytest.raises(ValueError, match="need a Face Detect"):
+        graphs.set_face_detection(graphs.load_workflow(graphs.default_workflow("anonymize")), min_size=20)
+    args = build_parser().parse_args(["protect", "a.png", "--task", "hide", "--out", "o", "--min-face-size", "16",
+                                      "--min-face-score", "0.8", "--detector", "centerface"])
+    assert (args.min_face_size, args.min_face_score, args.detector) == (16, 0.8, "centerface")
+    for bad in (["--min-face-size", "8"], ["--min-face-score", "1.5"], ["--detector", "haar"]):
+        with pytest.raises(SystemExit):
+            main(["protect", "a.png", "--task", "hide", "--out", "o", *bad])
