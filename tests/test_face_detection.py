@@ -180,3 +180,24 @@ def test_the_command_sets_every_face_detect_of_a_workflow():
     for bad in (["--min-face-size", "8"], ["--min-face-score", "1.5"], ["--detector", "haar"]):
         with pytest.raises(SystemExit):
             main(["protect", "a.png", "--task", "hide", "--out", "o", *bad])
+
+
+def test_face_detect_reports_faces_and_possible_faces_in_its_history(comfy_inproc, small_crowd, detected):
+    nodes = comfy_inproc.pack.nodes.faces
+    photo = as_image(small_crowd.picture)[None]
+    out = nodes.FaceDetect.execute(photo, "all", 0, DEFAULT_MIN_SIZE, 0.995, "error")
+    (faces,), _mask = out.args
+    (report,) = out.ui["diffprivacy_faces"]
+    assert report["image"] == 0 and report["detector"] == "mtcnn" and report["min_score"] == 0.995
+    assert [f["face"] for f in report["faces"]] == list(range(len(faces)))
+    assert [f["box"] for f in report["faces"]] == [[round(v, 1) for v in f.box] for f in faces]
+    assert [f["size"] for f in report["faces"]] == [round(f.size, 1) for f in faces]
+    low = [p for p in report["possible"] if p["score"] < 0.995]
+    assert low and all(SCORE_FLOOR[MTCNN] <= p["score"] for p in low), "the scores between floor and threshold"
+    recalled, _ = match([f["box"] for f in report["faces"] + report["possible"]],
+                        [f["score"] for f in report["faces"] + report["possible"]], small_crowd.faces)
+    assert all(recalled), "every face is either passed on or listed"
+    out = nodes.FaceDetect.execute(photo, "largest", 0, DEFAULT_MIN_SIZE, 0.7, "error")
+    ((largest,),), (chosen,) = out.args[0], out.ui["diffprivacy_faces"]
+    assert len(chosen["faces"]) == 1 and largest.box == detected.faces[0].box
+    assert len(chosen["possible"]) >= len(detected.faces) - 1, "faces left out by select are possible faces"
