@@ -32,6 +32,8 @@ class Attacker(threading.Thread):
         super().__init__(daemon=True)
         self.url = url
         self.http = requests.Session()
+        # The session server's earlier prompts are other tests': left alone.
+        self.earlier = set(self.http.get(f"{url}/history", timeout=10).json())
         self.stopped = threading.Event()
         self.polled: list[str] = []  # every /queue and /history answer, as text
         self.tried: dict[str, dict[str, int]] = {}  # prompt id -> attack -> HTTP status
@@ -48,12 +50,13 @@ class Attacker(threading.Thread):
             for item in queue.json()["queue_running"] + queue.json()["queue_pending"]:
                 self.attack(item[1], item[2])
             for prompt_id, entry in history.json().items():
-                self.attack(prompt_id, entry["prompt"][2])
-                self.read(entry)
+                if prompt_id not in self.earlier:
+                    self.attack(prompt_id, entry["prompt"][2])
+                    self.read(entry)
             time.sleep(0.05)
 
     def attack(self, prompt_id: str, graph: dict) -> None:
-        if prompt_id in self.tried:
+        if prompt_id in self.tried or prompt_id in self.earlier:
             return
         tried = self.tried[prompt_id] = {}
         post = lambda path, body: self.http.post(f"{self.url}{path}", json=body, timeout=60).status_code  # noqa: E731
@@ -92,6 +95,7 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     install_key_e(comfy_host.base)
     url = comfy_host.server.url
     before = server_state(comfy_host)
+    attacker = Attacker(url)
     # A UI user saves a key into models/diffprivacy_keys, as SECURITY.md recommends.
     ui_key = comfy_host.client.run({
         "load": {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": "cli-test-e.dpkey.safetensors",
@@ -101,7 +105,6 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     (record,) = ui_key.files("save", "diffprivacy_keys")
     ui_key_file = comfy_host.saved_file(record)
 
-    attacker = Attacker(url)
     attacker.start()
     try:
         out = tmp_path / "out"
