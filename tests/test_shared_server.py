@@ -49,6 +49,7 @@ class Attacker(threading.Thread):
             self.polled += [queue.text, history.text]
             for item in queue.json()["queue_running"] + queue.json()["queue_pending"]:
                 self.attack(item[1], item[2])
+                self.listen(item[1], item[3].get("client_id"))
             for prompt_id, entry in history.json().items():
                 if prompt_id not in self.earlier:
                     self.attack(prompt_id, entry["prompt"][2])
@@ -77,6 +78,18 @@ class Attacker(threading.Thread):
             tried["view upload"] = self.http.get(f"{self.url}/view", params={
                 "filename": os.path.basename(name), "subfolder": os.path.dirname(name), "type": "input"},
                 timeout=10).status_code
+
+    def listen(self, prompt_id: str, client_id) -> None:
+        """Take over the websocket session of the prompt's client (its progress, file names)."""
+        tried = self.tried.get(prompt_id, {})
+        if "websocket" in tried or not client_id or prompt_id in self.earlier:
+            return
+        try:
+            websocket.create_connection(f"{self.url.replace('http', 'ws', 1)}/ws?clientId={client_id}",
+                                        timeout=10).close()
+            tried["websocket"] = 101
+        except websocket.WebSocketBadStatusException as exc:
+            tried["websocket"] = exc.status_code
 
     def read(self, entry: dict) -> None:
         for output in entry.get("outputs", {}).values():
@@ -126,8 +139,9 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     for tried in commands.values():
         assert tried["delete history"] == 403 and tried.get("swap", 403) == 403, tried
         assert tried.get("same id", 400) in (400, 403), tried  # the command's id is taken
-        assert tried.get("view upload", 403) == 403, tried
+        assert tried.get("view upload", 403) == 403 and tried.get("websocket", 403) == 403, tried
     assert any("view upload" in t for t in commands.values()), "the original was tried"
+    assert any("websocket" in t for t in commands.values()), "the command's websocket session was tried"
     assert all(status == 403 for record, status in attacker.views if "diffpriv-jobs" in record["subfolder"])
     assert not any(PASSPHRASE in text for text in attacker.polled), "the passphrase never reached the server"
     assert ui_key_file.is_file(), "the UI user's key is still there"
