@@ -144,6 +144,7 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     assert any("websocket" in t for t in commands.values()), "the command's websocket session was tried"
     assert all(status == 403 for record, status in attacker.views if "diffpriv-jobs" in record["subfolder"])
     assert not any(PASSPHRASE in text for text in attacker.polled), "the passphrase never reached the server"
+    assert not any("diffprivacy_job" in text for text in attacker.polled), "job tokens never reach the queue"
     assert ui_key_file.is_file(), "the UI user's key is still there"
     files, history = server_state(comfy_host)
     # (ComfyUI lets any client delete a UI user's history entry; the key file is what matters.)
