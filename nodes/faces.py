@@ -69,7 +69,7 @@ class FaceDetect(io.ComfyNode):
                 io.Int.Input("index", default=0, min=0, max=64, tooltip="face to keep with select=by_index (0 = largest)"),
                 io.Int.Input("min_size", default=DEFAULT_MIN_SIZE, min=12, max=4096,
                              tooltip="faces whose box's longer side is smaller are left out (pixels; listed as "
-                                     "possible faces down to half this size)"),
+                                     "possible faces)"),
                 io.Float.Input("min_score", default=DEFAULT_MIN_SCORE[MTCNN], min=0.0, max=1.0, step=0.01,
                                tooltip="faces the detector scores lower are left out (listed as possible faces "
                                        f"from its floor: mtcnn {SCORE_FLOOR[MTCNN]}, centerface "

@@ -201,3 +201,15 @@ def test_face_detect_reports_faces_and_possible_faces_in_its_history(comfy_inpro
     ((largest,),), (chosen,) = out.args[0], out.ui["diffprivacy_faces"]
     assert len(chosen["faces"]) == 1 and largest.box == detected.faces[0].box
     assert len(chosen["possible"]) >= len(detected.faces) - 1, "faces left out by select are possible faces"
+
+
+def test_a_landmark_beyond_the_margin_grows_the_square_so_the_key_holds_it():
+    from diffpriv_core.faces.crop import plan_crop
+    from diffpriv_core.faces.detect import Face
+
+    face = Face((100.0, 100.0, 140.0, 150.0), ((95.0, 110.0), (130.0, 112.0), (118.0, 125.0), (105.0, 160.0),
+                                                (130.0, 140.0)), 0.9)
+    crop = plan_crop(face, 0, 0, 300, 300, 64, margin=0.0)
+    x0, y0, side = crop.box
+    assert side > 50 and all(x0 <= x <= x0 + side and y0 <= y <= y0 + side for x, y in face.landmarks)
+    assert FaceCrop.from_json(crop.to_json()) == crop, "the key's bounds accept it"

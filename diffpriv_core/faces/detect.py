@@ -7,8 +7,8 @@ insightface's SCRFD (the detector of its model packs, which users of
 IPAdapter/InstantID/ReActor already have) is used when its file is given; it needs the
 optional insightface and onnxruntime packages.
 
-Every detector reports candidates down to its own score floor and to half the smallest
-face size asked for; ``detect`` splits them into the faces to protect and the *possible*
+Every detector reports candidates down to its own score floor (MTCNN: and to half the
+smallest face size asked for); ``detect`` splits them into the faces to protect and the *possible*
 faces left out (a score between the floor and ``min_score``, or a size below ``min_size``),
 which a privacy tool must show rather than drop silently.
 """
@@ -36,7 +36,6 @@ MTCNN_THRESHOLDS = (0.6, 0.7, SCORE_FLOOR[MTCNN])  # its three networks' own thr
 # Face Detect's defaults, chosen by recall and false positives on crowded pictures of real
 # faces (benchmarks/face_recall.py, BENCHMARKS.md): MTCNN, every face down to its 12 px
 # window, scores from 0.7 (CenterFace's scale differs: 0.3).
-DEFAULT_DETECTOR = MTCNN
 DEFAULT_MIN_SIZE = 12
 DEFAULT_MIN_SCORE = {MTCNN: 0.7, CENTERFACE: 0.3}
 CENTERFACE_STRIDE = 4  # the heatmap's pixels per cell
@@ -211,14 +210,9 @@ def candidates(image: torch.Tensor, detector: str | Path = MTCNN, search_size: i
     photo in a black border, and move the faces back."""
     kind = detector_kind(detector)
     if kind == MTCNN:
-        def run(photo):
-            return _mtcnn_detect(photo, search_size)
-    elif kind == CENTERFACE:
-        def run(photo):
-            return _centerface_detect(photo, Path(detector))
+        run = functools.partial(_mtcnn_detect, search_size=search_size)
     else:
-        def run(photo):
-            return _scrfd_detect(photo, Path(detector))
+        run = functools.partial(_centerface_detect if kind == CENTERFACE else _scrfd_detect, path=Path(detector))
     photo = to_uint8(image)
     faces = run(photo)
     height, width = photo.shape[:2]
@@ -233,16 +227,16 @@ def candidates(image: torch.Tensor, detector: str | Path = MTCNN, search_size: i
 @dataclass(frozen=True)
 class Detection:
     """One image's detection: the faces that pass the thresholds (largest first), and the
-    possible faces left out: a score between the detector's floor and ``min_score``, or a
-    face smaller than ``min_size`` (down to half of it)."""
+    possible faces left out (highest score first): every other candidate the detector
+    reported, a score between its floor and ``min_score`` or a box smaller than ``min_size``."""
 
     faces: list[Face]
     possible: list[Face]
 
 
 def search_size(min_size: int) -> int:
-    """How small a face the detector looks for: half ``min_size``, so the faces just below
-    it are reported as possible faces."""
+    """How small a face MTCNN looks for: half ``min_size``, so the faces just below it are
+    reported as possible faces (and never under its 12 px window)."""
     return max(MIN_WINDOW, int(min_size) // 2)
 
 
@@ -251,7 +245,7 @@ def detect(image: torch.Tensor, min_score: float = 0.9, min_size: int = 20, dete
     path of a CenterFace or insightface SCRFD file."""
     found = candidates(image, detector, search_size(min_size))
     kept = [f for f in found if f.score >= min_score and f.size >= min_size]
-    possible = [f for f in found if f not in kept and f.size >= search_size(min_size)]
+    possible = [f for f in found if f not in kept]
     return Detection(sorted(kept, key=lambda f: -f.size), sorted(possible, key=lambda f: -f.score))
 
 
