@@ -301,7 +301,8 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, secrets
         from .cluster import run_on_ray  # imports ray: only here
 
         not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
-                                 seal_key=secrets.seal) if todo else []
+                                 seal_key=secrets.seal,
+                                 open_key=secrets.opened if args.command == "recover" else None) if todo else []
         return report(summary, args, not_removed)
     with connect(args, needed=bool(todo)) as conn:
         preflight_models(conn, template, args)
