@@ -4,6 +4,7 @@
     diffpriv eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
     diffpriv eval --originals DIR --baseline guidance [--guided-by SFace] --out REPORT_DIR
     diffpriv eval --originals DIR --protected DIR --gallery GALLERY_DIR --out REPORT_DIR
+    diffpriv eval --originals DIR --wrong-keys PROTECT_OUT_DIR [--server URL] --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
 protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png. The --out
@@ -18,6 +19,12 @@ with one subfolder of several photos per person (gallery/alice/*.jpg, gallery/bo
 and gallery/distractors/ with photos of people outside it. An original is probed as the
 person whose subfolder holds it or is named like its file stem (photos/alice.jpg); a copy
 of the original in the gallery is never its match.
+
+--wrong-keys runs the paper's Fig. 7 on key files (or a diffpriv protect --out folder): each
+photo recovered with its own key pair, another photo's key-I, another photo's key-E, the
+unconditional embedding as key-E, and both wrong, through ComfyUI (the embedded one, or
+--server URL) with the recover workflow's checkpoint; each picture measured as in Table 2.
+No key file is written, and `diffpriv recover` still refuses keys that do not belong together.
 """
 from __future__ import annotations
 
@@ -31,11 +38,12 @@ import numpy as np
 from diffpriv_eval.baselines import BASELINES, GUIDANCE, identity_guidance
 from diffpriv_eval.detectors import DlibDetector, MtcnnDetector
 from diffpriv_eval.dlib_models import DlibUnavailableError
-from diffpriv_eval.evaluate import evaluate
+from diffpriv_eval import wrong_keys
+from diffpriv_eval.evaluate import evaluate, evaluate_wrong_keys
 from diffpriv_eval.gallery import load_gallery
 from diffpriv_eval.images import Case, load_cases, save_rgb
 from diffpriv_eval.verifiers import DlibRecognizer, installed_recognizers, load_pack_recognizer
-from diffpriv_eval.report import write_report
+from diffpriv_eval.report import write_report, write_wrong_key_report
 
 if TYPE_CHECKING:
     from diffpriv_core.faces.detect import Face
@@ -68,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="baseline strength: blur sigma or mosaic block size in pixels (default 8); for "
                              "guidance, how far below the guiding recogniser's threshold its cosine is pushed "
                              "(default 0.05)")
+    experiment = parser.add_argument_group(
+        "the wrong-key experiment (Fig. 7)", "recovers each photo with its own keys and with keys that do not belong "
+        "together, through ComfyUI; the pictures and their summary.json go to OUT/wrong_keys/")
+    experiment.add_argument("--wrong-keys", type=Path, nargs="+", metavar="KEY_OR_DIR",
+                            help="key files, or folders holding them (a diffpriv protect --out folder); at least two "
+                                 "photos' keys, three for 'both wrong'")
+    experiment.add_argument("--server", action="append", default=[], metavar="URL",
+                            help="a running ComfyUI with the pack (repeatable); default: the embedded one")
+    experiment.add_argument("--workflow", type=Path,
+                            help="the recover workflow whose checkpoint and VAE recover (default: "
+                                 "example_workflows/api/recover.json)")
+    experiment.add_argument("--passphrase-env", metavar="VAR",
+                            help="name of the environment variable holding the keys' passphrase")
+    experiment.add_argument("--demo-weights", action="store_true",
+                            help="run with the random-weight demo models (the keys of diffpriv protect --demo-weights)")
     return parser
 
 
@@ -130,8 +153,13 @@ def guided_by(args: argparse.Namespace, recognizers: list) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if bool(args.baseline) == bool(args.protected):
-        parser.error(f"give exactly one of --protected DIR and --baseline {'|'.join([*BASELINES, GUIDANCE])}")
+    if sum(map(bool, (args.protected, args.baseline, args.wrong_keys))) != 1:
+        parser.error(f"give exactly one of --protected DIR, --baseline {'|'.join([*BASELINES, GUIDANCE])} and "
+                     "--wrong-keys KEYS")
+    if args.wrong_keys:
+        if args.recovered or args.gallery:
+            parser.error("--wrong-keys measures its own recoveries: leave out --recovered and --gallery")
+        return wrong_keys_main(args)
     try:
         cases = load_cases(args.originals, args.protected, args.recovered)
         if not cases:
@@ -157,3 +185,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(write_report(evaluation, cases, args.out, title))
     return 0
+
+
+def wrong_keys_main(args: argparse.Namespace) -> int:
+    """The wrong-key experiment: run every key's variants, measure them, write the report;
+    exit status 1 when a key's run failed."""
+    from diffpriv_client.cli import UsageError
+    from diffpriv_client.preflight import PreflightError
+
+    try:
+        originals = load_cases(args.originals, None, None)
+        cases, skipped = wrong_keys.key_cases(wrong_keys.key_files(args.wrong_keys), originals)
+        recognizers = _recognizers(args)
+        failed, not_removed = wrong_keys.run_experiment(args, cases, args.out / wrong_keys.OUTPUT_FOLDER)
+    except (FileNotFoundError, ValueError, RuntimeError, UsageError, PreflightError) as exc:
+        print(f"diffpriv eval: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffpriv eval: stopped; run the same command again to finish the rest", file=sys.stderr)
+        return 130
+    notes = [f"key left out {name}: {why}" for name, why in skipped.items()]
+    notes += [f"failed {name}: {why.splitlines()[0]}" for name, why in failed.items()]
+    if len(cases) < 3:
+        notes.append("'both wrong' needs the keys of three photos: not run")
+    try:
+        evaluation = evaluate_wrong_keys([c.case for c in cases], recognizers, wrong_keys.VARIANTS)
+    except DlibUnavailableError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(write_wrong_key_report(evaluation, [c.case for c in cases], args.out, "Wrong-key experiment", notes))
+    for problem in not_removed:
+        print(f"diffpriv eval: could not remove from the server: {problem}", file=sys.stderr)
+    return 1 if failed or not_removed else 0

@@ -167,24 +167,31 @@ def _no_output(cases: Sequence[Case]) -> set[str]:
     return {c.stem for c in cases if not c.protected and c.recovered is None}
 
 
+def _locate(cases: Sequence[Case], without_output: set[str], why: str) -> tuple[list[Case], list[Face], dict]:
+    """The cases measured, each one's primary MTCNN face, and the results' common part: the
+    cases left out (``without_output``, for ``why``, and those without a face), resized files
+    and faces."""
+    reference = MtcnnDetector()
+    located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
+    usable = [(c, found[0]) for c, found in located if found]
+    skipped = {stem: why for stem in sorted(without_output)}
+    skipped.update({c.stem: "no face found by MTCNN in the original" for c, found in located if not found})
+    kept = [c for c, _ in usable]
+    return kept, [f for _, f in usable], {
+        "cases": [c.stem for c in kept], "skipped": skipped,
+        "resized": {c.stem: c.resized for c in cases if c.resized}, "faces": {c.stem: f.as_dict() for c, f in usable}}
+
+
 def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector],
              guided_by: str | None = None, gallery: Gallery | None = None) -> Evaluation:
     """Protection, recovery, utility and diversity for `cases` (see the module doc), and
     identification against `gallery` when one is given; `guided_by` names the recogniser
     that guided the protection, if any."""
-    reference = MtcnnDetector()
-    without_output = _no_output(cases)
-    located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
-    usable = [(c, found[0]) for c, found in located if found]
-    kept, faces = [c for c, _ in usable], [f for _, f in usable]
-    skipped = {stem: "no protected or recovered image (failed or not run)" for stem in sorted(without_output)}
-    skipped.update({c.stem: "no face found by MTCNN in the original" for c, found in located if not found})
+    kept, faces, common = _locate(cases, _no_output(cases), "no protected or recovered image (failed or not run)")
     evaluation = Evaluation({
-        "cases": [c.stem for c in kept],
+        **common,
         "guided_by": guided_by,
-        "skipped": skipped,
-        "resized": {c.stem: c.resized for c in cases if c.resized},
-        "faces": {c.stem: f.as_dict() for c, f in usable},
+        "ablations": {c.stem: c.ablations for c in kept if c.ablations},
         "protection": {}, "recovery": {"images": 0}, "utility": {}, "identification": None,
     })
     if not kept:
@@ -200,4 +207,19 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
         evaluation.results["identification"] = _identification(recognizers, kept, faces, gallery, guided_by)
     for detector in detectors:
         evaluation.results["utility"][detector.name] = _utility(detector, kept)
+    return evaluation
+
+
+def evaluate_wrong_keys(cases: Sequence[Case], recognizers: Sequence[Recognizer], variants: Sequence) -> Evaluation:
+    """The wrong-key experiment (paper Fig. 7): Table 2's measures of each variant's picture
+    (``variants``: wrong_keys.Variant) against the original, Cos-IE included. Cases whose run
+    produced no picture are left out."""
+    kept, faces, common = _locate(cases, {c.stem for c in cases if not c.variants}, "no picture (the run failed)")
+    evaluation = Evaluation({**common, "variants": {}})
+    if not kept:
+        return evaluation
+    originals = {r.name: r.embed([c.original for c in kept], faces) for r in recognizers}
+    for variant in variants:
+        measured = _recovery(recognizers, originals, kept, faces, lambda c, name=variant.name: c.variants.get(name))
+        evaluation.results["variants"][variant.name] = {"title": variant.title, "keys": variant.keys(), **measured}
     return evaluation

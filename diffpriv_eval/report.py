@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffpriv_client.graphs import ABLATIONS
 from diffpriv_eval.diversity import pca_2d, scatter_png
 from diffpriv_eval.evaluate import EmbeddingSet, Evaluation
 from diffpriv_eval.images import Case
@@ -34,6 +35,11 @@ def grid_png(case: Case, path: Path) -> None:
     tiles = [("original", case.original)] + [(f"protected {i + 1}", p) for i, p in enumerate(case.protected)]
     if case.recovered is not None:
         tiles.append(("recovered", case.recovered))
+    tiles_png(tiles, path)
+
+
+def tiles_png(tiles: Sequence[tuple[str, np.ndarray]], path: Path) -> None:
+    """Pictures side by side, each scaled to THUMB_HEIGHT with its caption above."""
     thumbs = [(label, Image.fromarray(img).resize(
         (max(1, round(img.shape[1] * THUMB_HEIGHT / img.shape[0])), THUMB_HEIGHT), Image.Resampling.LANCZOS))
         for label, img in tiles]
@@ -84,6 +90,15 @@ def _protection_section(results: dict) -> list[str]:
 
 
 PIXEL_METRICS = {"mse": "MSE", "psnr": "PSNR dB", "ssim": "SSIM", "lpips": "LPIPS"}
+# dlib's descriptors all point much the same way: measured on the six sample photos
+# (diffpriv_eval.sample_photos, six people), their cosines are 0.81-0.90.
+DLIB_COSINE_NOTE = ("dlib's descriptors are not centred: six different people of the sample photos have cosines "
+                    "of 0.81-0.90 under it, so read dlib by its same-person verdict (distance at most 0.6), not its "
+                    "Cos-IE.")
+
+
+def _cosine_notes(identity: dict) -> list[str]:
+    return [DLIB_COSINE_NOTE, ""] if "dlib" in identity else []
 
 
 def recovery_rows(recovery: dict) -> list[tuple[str, float | None]]:
@@ -101,7 +116,7 @@ def _recovery_section(recovery: dict) -> list[str]:
         return lines + ["No recovered images were given.", ""]
     lines += ["Pixels in [0, 1]; Cos-IE is the cosine between the identity embeddings of the original and the "
               "recovered face, per recogniser (1: the same embedding).", ""]
-    lines += _table(["metric", "mean"], recovery_rows(recovery))
+    lines += _table(["metric", "mean"], recovery_rows(recovery)) + _cosine_notes(recovery["identity"])
     lines += ["Identity of the recovered face against the original: the same person when the distance is at most "
               "the recogniser's threshold.", ""]
     lines += _table(["recogniser", "threshold (distance)", "Cos-IE", "mean distance", "recovered as the same person"],
@@ -158,6 +173,19 @@ def _diversity_section(results: dict, plots: dict[str, str]) -> list[str]:
     return lines + [f"![{name} embeddings]({quote(file)})" for name, file in plots.items()] + [""]
 
 
+def method_lines(results: dict) -> list[str]:
+    """What the protection ran, when it was one of the paper's ablations (summary.json says)."""
+    runs: dict[tuple[str, ...], list[str]] = {}
+    for stem, names in results.get("ablations", {}).items():
+        runs.setdefault(tuple(names), []).append(stem)
+    evaluated = len(results["cases"])
+    lines = []
+    for names, stems in runs.items():
+        which = "every photo" if len(stems) == evaluated else ", ".join(stems)
+        lines.append(f"- **ablation** {' + '.join(ABLATIONS.get(n, n) for n in names)}: {which}")
+    return lines + [""] if lines else []
+
+
 def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title: str) -> Path:
     """Writes report.md, results.json, grids/<stem>.png and diversity_<recogniser>.png."""
     out.mkdir(parents=True, exist_ok=True)
@@ -173,12 +201,60 @@ def write_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title
             plots[name] = f"diversity_{name}.png"
             diversity_png(embeddings, [c.stem for c in kept], out / plots[name], name)
     lines = [f"# {title}", "", f"{len(kept)} original(s) evaluated; every number is in results.json.", ""]
+    lines += method_lines(results)
     lines += [f"- skipped {stem}: {why}" for stem, why in results["skipped"].items()]
-    lines += [f"- resized to the original's size: {', '.join(names)}" for names in results["resized"].values()]
+    lines += [f"- {stem}: resized to the original's size: {', '.join(names)}"
+              for stem, names in results["resized"].items()]
     lines += [""] + _protection_section(results) + _recovery_section(results["recovery"])
     lines += _identification_section(results["identification"])
     lines += _utility_section(results["utility"]) + _diversity_section(results, plots)
     lines += ["## Images", "", "original | protected candidates | recovered", ""]
+    lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _wrong_key_section(results: dict) -> list[str]:
+    measured = {name: v for name, v in results["variants"].items() if v["images"]}
+    lines = ["## Recovery with each pair of keys (Fig. 7)", ""]
+    if not measured:
+        return lines + ["No picture came back.", ""]
+    lines += ["Each photo recovered with its own key pair and with pairs that do not belong together, measured "
+              "against the original as in Table 2 (pixels in [0, 1]; Cos-IE: the cosine between the identity "
+              "embeddings of the original and the picture, at the original's face). Only the right pair should "
+              "bring the face back: high PSNR and SSIM, Cos-IE near 1, the same person for every recogniser.", ""]
+    first = next(iter(measured.values()))
+    metrics = [label for label, _ in recovery_rows(first)]
+    header = ["variant", "keys", "pictures", *metrics, *(f"same person {n}" for n in first["identity"])]
+    rows = [(v["title"], v["keys"], v["images"], *(value for _, value in recovery_rows(v)),
+             *(r["same_person_rate"] for r in v["identity"].values())) for v in measured.values()]
+    lines += _table(header, rows) + _cosine_notes(first["identity"])
+    if first["lpips_not_computed"]:
+        lines += [f"LPIPS was not computed: {first['lpips_not_computed']}", ""]
+    return lines
+
+
+def write_wrong_key_report(evaluation: Evaluation, cases: Sequence[Case], out: Path, title: str,
+                           notes: Sequence[str] = ()) -> Path:
+    """The wrong-key experiment's report.md, results.json and grids/<key>.png (the original,
+    then each variant's picture)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluation.results
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
+    (out / "grids").mkdir(exist_ok=True)
+    kept = [c for c in cases if c.stem in set(results["cases"])]
+    titles = {name: v["title"] for name, v in results["variants"].items()}
+    for case in kept:
+        tiles_png([("original", case.original)] + [(titles[name], case.variants[name]) for name in titles
+                                                   if name in case.variants], out / "grids" / f"{case.stem}.png")
+    lines = [f"# {title}", "", f"{len(kept)} key(s) evaluated; every number is in results.json.", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += [f"- skipped {stem}: {why}" for stem, why in results["skipped"].items()]
+    lines += [f"- {stem}: pictures resized to the original's size: {', '.join(names)}"
+              for stem, names in results["resized"].items()]
+    lines += [""] + _wrong_key_section(results)
+    lines += ["## Pictures", "", "original | " + " | ".join(titles.values()), ""]
     lines += [f"![{c.stem}](grids/{quote(c.stem)}.png)" for c in kept] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

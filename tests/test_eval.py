@@ -383,3 +383,78 @@ def test_importing_the_toolkit_does_not_load_dlib():
     code = ("import sys, diffpriv_eval.cli; "
             "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def _save_keys(folder: Path, names, face_crop: str | None = None) -> list[Path]:
+    """Key files of random keys (no checkpoint needed to pair or plan them), named as
+    `diffpriv protect` names them."""
+    from diffpriv_core.key_format import CROP_META
+    from diffpriv_core.keys import save_key
+    from key_helpers import key_i_for, random_key_e
+
+    paths = []
+    for seed, name in enumerate(names, start=1):
+        key_e = random_key_e(seed, checkpoint="0123456789abcdef")
+        path = folder / f"{name}.dpkey.safetensors"
+        save_key(path, key_e, key_i_for(key_e, 3), extra={CROP_META: face_crop} if face_crop else None)
+        paths.append(path)
+    return paths
+
+
+def test_the_wrong_key_experiment_pairs_each_key_with_its_photo_and_the_next_photos_keys(photos, tmp_path):
+    from diffpriv_eval import wrong_keys
+    from diffpriv_eval.images import load_cases
+
+    originals = tmp_path / "photos"
+    originals.mkdir()
+    for name in ("astronaut", "hanks"):
+        Image.fromarray(photos[name]).save(originals / f"{name}.png")
+    keys = tmp_path / "out"
+    (keys / "deep").mkdir(parents=True)
+    files = _save_keys(keys, ["astronaut_00001", "hanks_00001"]) + _save_keys(keys / "deep", ["stranger_00001"])
+    cases, skipped = wrong_keys.key_cases(wrong_keys.key_files([keys]), load_cases([originals], None, None))
+    assert [c.case.stem for c in cases] == ["astronaut_00001", "hanks_00001"]
+    assert skipped == {"stranger_00001.dpkey.safetensors": "no original named like it"}
+    assert cases[0].others == (files[1], files[0]) and cases[1].others == (files[0], files[1])
+    assert np.array_equal(cases[0].case.original, photos["astronaut"])  # a whole-image key: the whole photo
+    # Two photos: "both wrong" would be the other photo's key-I with this photo's key-E, the wrong key-I.
+    assert [v.name for v in cases[0].variants()] == ["right_pair", "wrong_key_i", "wrong_key_e", "uc_as_key_e"]
+    template = json.loads((Path(__file__).parent / "workflows" / "recover.json").read_text())
+    graph = wrong_keys.experiment_graph(template, ("own", "next", "own"), "pw", cases[0].variants())
+    assert {n["inputs"]["key_name"]: n["inputs"]["passphrase"] for n in graph.values()
+            if n["class_type"] == "DiffPrivacyLoadKey"} == {"own": "pw", "next": "pw"}
+    loaded = {i: n["inputs"]["key_name"] for i, n in graph.items() if n["class_type"] == "DiffPrivacyLoadKey"}
+    runs = {n["inputs"]["key_i"][0]: n for n in graph.values() if n["class_type"] == wrong_keys.EXPERIMENT_NODE}
+    uses = sorted((loaded[n["inputs"]["key_i"][0]], loaded[n["inputs"]["key_e"][0]], n["inputs"]["unconditional"])
+                  for n in graph.values() if n["class_type"] == wrong_keys.EXPERIMENT_NODE)
+    assert uses == [("next", "own", False), ("own", "next", False), ("own", "own", False), ("own", "own", True)]
+    assert runs and all(n["inputs"]["model"] == ["ckpt", 0] for n in runs.values())
+    assert sorted(n["inputs"]["filename_prefix"] for n in graph.values() if n["class_type"] == "SaveImage") == [
+        "right_pair", "uc_as_key_e", "wrong_key_e", "wrong_key_i"]
+    assert not [n for n in graph.values() if n["class_type"] in ("DiffPrivacyRecover", "DiffPrivacySaveKey")]
+
+
+def test_the_wrong_key_experiment_measures_a_face_key_on_its_crop_and_needs_two_photos(photos, tmp_path, capsys):
+    from diffpriv_core.faces.crop import FaceCrop
+    from diffpriv_eval import wrong_keys
+    from diffpriv_eval.images import Case
+
+    photo = photos["astronaut"]
+    crop = FaceCrop(0, 0, photo.shape[:2], (40, 20, 128), 64, (60.0, 40.0, 150.0, 130.0))
+    (key,) = _save_keys(tmp_path, ["astronaut_face0_00001"], crop.to_json())
+    cropped = wrong_keys.original_for(key, photo)
+    expected = np.asarray(Image.fromarray(photo[20:148, 40:168]).resize((64, 64), Image.Resampling.BILINEAR))
+    assert cropped.shape == (64, 64, 3) and np.abs(cropped.astype(int) - expected).mean() < 3
+    with pytest.raises(ValueError, match="needs the keys of at least 2 photos"):
+        wrong_keys.key_cases([key], [Case("astronaut", photo)])
+    others = _save_keys(tmp_path, ["hanks_00001", "t1_0_00001"])
+    originals = [Case("astronaut", photo[:100]), Case("hanks", photos["hanks"]), Case("t1_0", photos["t1_0"])]
+    cases, skipped = wrong_keys.key_cases([key, *others], originals)
+    assert [c.case.stem for c in cases] == ["hanks_00001", "t1_0_00001"]
+    assert skipped == {key.name: f"its face was cut from a {photo.shape[1]} x {photo.shape[0]} photo, the original "
+                                 f"is {photo.shape[1]} x 100"}
+    originals = tmp_path / "photos"
+    originals.mkdir()
+    Image.fromarray(photo).save(originals / "astronaut.png")
+    assert eval_main(["--originals", str(originals), "--wrong-keys", str(key), "--out", str(tmp_path / "r")]) == 2
+    assert "needs the keys of at least 2 photos" in capsys.readouterr().err
