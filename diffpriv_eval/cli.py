@@ -14,11 +14,20 @@ folders of `diffpriv protect` and `diffpriv recover` pair as they are, by their 
 identity guidance without diffusion (the method's identity energy alone, applied to the
 photo by the --guided-by recogniser until it reads another person).
 
-Identification accuracy (AVIH's protocol, the paper's Table 3) needs --gallery: a folder
-with one subfolder of several photos per person (gallery/alice/*.jpg, gallery/bob/*.jpg)
-and gallery/distractors/ with photos of people outside it. An original is probed as the
-person whose subfolder holds it or is named like its file stem (photos/alice.jpg); a copy
-of the original in the gallery is never its match.
+Identification accuracy (AVIH's protocol, the paper's Table 3) needs --gallery, laid out as
+LFW: one subfolder of several photos per person (gallery/alice/alice_0001.jpg, ...) and
+gallery/distractors/ with photos of people outside it, and --protected holding the protected
+versions of the gallery's photos:
+
+    diffpriv protect gallery/*/*.jpg --task hide --whole-image --out protected/
+    diffpriv eval --gallery gallery/ --protected protected/ --out report/
+
+Each original photo is then a probe against the protected versions of its person's other
+photos (Set_s) and everyone else's photos (Set_d); the reference row runs it with Set_s
+unprotected. The report adds re-identification, the other direction: the protected photos as
+probes against the gallery's originals. Without --originals the gallery's people's photos
+are the originals; an original outside the gallery is its person's when named like their
+folder (photos/alice.jpg). A copy of a probe's own photo is never its match.
 
 --wrong-keys runs the paper's Fig. 7 on key files (or a diffpriv protect --out folder): each
 photo recovered with its own key pair, another photo's key-I, another photo's key-E, the
@@ -52,7 +61,8 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpriv eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--originals", type=Path, nargs="+", required=True, help="image files and/or folders")
+    parser.add_argument("--originals", type=Path, nargs="+",
+                        help="image files and/or folders (default with --gallery: the photos of its people)")
     parser.add_argument("--protected", type=Path, help="folder of protected candidates (or a diffpriv protect --out folder)")
     parser.add_argument("--recovered", type=Path, help="folder of recovered images (or a diffpriv recover --out folder)")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
@@ -67,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--facenet", type=Path, metavar="FILE",
                         help="also measure with this FaceNet InceptionResnetV1 file (the paper's L2 threshold 1.1)")
     parser.add_argument("--gallery", type=Path, metavar="DIR",
-                        help="identification gallery: DIR/<person>/ with several photos each, DIR/distractors/ "
-                             "with other people (adds AVIH's identification accuracy, Table 3)")
+                        help="identification gallery, laid out as LFW: DIR/<person>/ with several photos each "
+                             "(names unique across the gallery, e.g. alice_0001.jpg), DIR/distractors/ with other "
+                             "people; with --protected holding protected versions of its photos, adds AVIH's "
+                             "identification accuracy (Table 3) and re-identification of the protected photos"),
     parser.add_argument("--baseline", choices=[*sorted(BASELINES), GUIDANCE],
                         help="make the protected set from the originals: blur, mosaic, or identity guidance "
                              "without diffusion")
@@ -156,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     if sum(map(bool, (args.protected, args.baseline, args.wrong_keys))) != 1:
         parser.error(f"give exactly one of --protected DIR, --baseline {'|'.join([*BASELINES, GUIDANCE])} and "
                      "--wrong-keys KEYS")
+    if not args.originals and not args.gallery:
+        parser.error("give --originals (or --gallery, whose people's photos are then the originals)")
     if args.wrong_keys:
         if args.recovered or args.gallery:
             parser.error("--wrong-keys measures its own recoveries: leave out --recovered and --gallery")
         return wrong_keys_main(args)
     try:
-        cases = load_cases(args.originals, args.protected, args.recovered)
+        gallery = load_gallery(args.gallery, MtcnnDetector()) if args.gallery else None
+        cases = load_cases(args.originals or gallery.identity_folders(), args.protected, args.recovered)
         if not cases:
             raise FileNotFoundError("no original images found")
         recognizers = _recognizers(args)  # after the cheap checks: loading them takes seconds
@@ -169,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             strength = DEFAULT_STRENGTH[args.baseline] if args.strength is None else args.strength
             protect, title = baseline(args.baseline, strength, recognizers, white_box)
-        gallery = load_gallery(args.gallery, MtcnnDetector()) if args.gallery else None
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # missing or unreadable inputs
         print(exc, file=sys.stderr)
         return 2

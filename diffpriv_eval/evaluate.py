@@ -4,12 +4,15 @@ Identity is measured at the primary (largest) MTCNN face of each original; origi
 without a face, and originals that produced neither a protected nor a recovered image
 (when such images were given), are listed under "skipped" and left out of every table.
 Each recogniser is reported at its own threshold, as white-box (it guided the protection)
-or transfer (it did not). With a gallery, identification (AVIH's protocol) probes the
-originals, their candidates and their recoveries, read at the original's face too.
+or transfer (it did not). With a gallery, identification by AVIH's protocol probes with the
+originals against their person's protected photos and everyone else's, and re-identification
+probes with the candidates and recoveries against the gallery's originals; both read each
+picture at its original's face.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,7 +21,8 @@ from diffpriv_eval import metrics
 from diffpriv_eval.detectors import Detector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances
 from diffpriv_eval.gallery import Gallery
-from diffpriv_eval.identity import FaceImage, Probe, identify, photo_digest, protection_success_rate
+from diffpriv_eval.identity import (FaceImage, Member, Probe, avih_verdicts, identify, photo_digest,
+                                   protection_success_rate)
 from diffpriv_eval.images import Case
 from diffpriv_eval.verifiers import Recognizer, cosines, distances
 from diffpriv_eval.utility import compare_detections
@@ -131,14 +135,15 @@ def _probed(gallery: Gallery, cases: Sequence[Case]) -> tuple[dict[str, str], di
     return probed, not_probed
 
 
-def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
-                    gallery: Gallery, guided_by: str | None) -> dict:
-    """AVIH's identification accuracy (paper Table 3) per recogniser, for the originals (the
-    reference row), the protected candidates and the recovered images as probes."""
+def _reidentification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
+                      gallery: Gallery, guided_by: str | None) -> dict:
+    """Re-identification against the gallery of originals, per recogniser: the originals
+    (the reference row), the protected candidates and the recovered images as probes, each
+    identified when a photo of its own person is closer than anyone else's. The other
+    direction from AVIH's protocol (``_avih``): what an attacker holding unprotected photos
+    learns from a protected one."""
     probed, not_probed = _probed(gallery, cases)
-    result = {"gallery": {"folder": str(gallery.folder), "identities": {k: len(v) for k, v in gallery.identities.items()},
-                          "distractors": len(gallery.distractors), "skipped": gallery.skipped},
-              "probes": probed, "not_probed": not_probed, "recognizers": {}}
+    result = {"probes": probed, "not_probed": not_probed, "recognizers": {}}
     rows = [(row, c, image, face) for row, images_of in _PROBE_ROWS.items()
             for c, face in zip(cases, faces) if c.stem in probed for image in images_of(c)]
     if not rows:
@@ -158,6 +163,62 @@ def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], fa
         role = "white-box" if recognizer.name == guided_by else "transfer"
         result["recognizers"][recognizer.name] = {"role": role, **table}
     return result
+
+
+def _people(gallery: Gallery, cases: Sequence[Case], faces: Sequence[Face]) -> dict[str, list[Member]]:
+    """Every gallery person's photos: the evaluated originals that show them, with their
+    protected candidates (read at the original's face), and the gallery's other photos of
+    them, unprotected (named by their file's stem, or person/file where stems repeat)."""
+    people: dict[str, list[Member]] = {who: [] for who in gallery.identities}
+    seen = set()
+    for case, face in zip(cases, faces):
+        who = gallery.identity_of(case)
+        if who is not None:
+            original = FaceImage(case.original, face)
+            people[who].append(Member(case.stem, original, [FaceImage(p, face) for p in case.protected]))
+            seen.add(photo_digest(case.original))
+    names = {m.name for ms in people.values() for m in ms}
+    for who, photos in gallery.identities.items():
+        for file, photo in zip(gallery.names[who], photos):
+            if photo_digest(photo.image) not in seen:
+                name = Path(file).stem if Path(file).stem not in names else f"{who}/{file}"
+                names.add(name)
+                people[who].append(Member(name, photo, []))
+    return people
+
+
+def _avih(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face], gallery: Gallery,
+          guided_by: str | None) -> dict:
+    """AVIH's identification accuracy (paper Table 3) per recogniser: original probes against
+    the protected photos of their person (Set_s) and everyone else's photos (Set_d), and the
+    reference row with Set_s unprotected (identity.avih_verdicts)."""
+    people = _people(gallery, cases, faces)
+    not_probed = {m.name: "no other photo of this person has a protected version" for who, ms in people.items()
+                  for m in ms if not any(o.protected for o in ms if o is not m)}
+    result = {"people": {who: len(ms) for who, ms in people.items()},
+              "protected_photos": {who: sum(bool(m.protected) for m in ms) for who, ms in people.items()},
+              "different_identity_photos": "every photo of the other people and the distractors, unprotected",
+              "not_probed": not_probed, "recognizers": {}}
+    if not any(m.protected for ms in people.values() for m in ms):
+        return result
+    for recognizer in recognizers:
+        verdicts = avih_verdicts(recognizer, people, gallery.distractors)
+        hidden = [v for per_probe in verdicts.protected.values() for v in per_probe]
+        result["recognizers"][recognizer.name] = {
+            "role": "white-box" if recognizer.name == guided_by else "transfer",
+            "originals": {"queries": len(verdicts.reference), "accuracy": _mean(list(verdicts.reference.values())),
+                          "right": verdicts.reference},
+            "protected": {"queries": len(hidden), "accuracy": _mean(hidden), "right": verdicts.protected}}
+    return result
+
+
+def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
+                    gallery: Gallery, guided_by: str | None) -> dict:
+    """Table 3 by AVIH's protocol, and re-identification of protected photos, on one gallery."""
+    return {"gallery": {"folder": str(gallery.folder), "identities": {k: len(v) for k, v in gallery.identities.items()},
+                        "distractors": len(gallery.distractors), "skipped": gallery.skipped},
+            "avih": _avih(recognizers, cases, faces, gallery, guided_by),
+            "reidentification": _reidentification(recognizers, cases, faces, gallery, guided_by)}
 
 
 def _no_output(cases: Sequence[Case]) -> set[str]:

@@ -100,7 +100,8 @@ def load_cases(originals: list[Path], protected_dir: Path | None, recovered_dir:
     files = image_files(originals)
     cases = {p.stem: Case(p.stem, load_rgb(p), source=p) for p in files}
     if len(cases) != len(files):
-        raise ValueError("two originals share a name stem; rename one")
+        raise ValueError("two originals share a name stem (outputs pair with their original by name): rename one; "
+                         "in a gallery, name each photo after its person as LFW does (alice/alice_0001.jpg)")
     stems = set(cases)
     if protected_dir is not None:
         for stem, paths in group_folder(protected_dir, stems).items():

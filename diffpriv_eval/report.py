@@ -128,25 +128,44 @@ def _recovery_section(recovery: dict) -> list[str]:
 
 
 _ROW_NAMES = {"originals": "originals (reference)", "protected": "protected", "recovered": "recovered"}
+_SET_S = {"originals": "unprotected (reference)", "protected": "protected"}
 
 
 def _identification_section(identification: dict | None) -> list[str]:
-    lines = ["## Identification accuracy (Table 3)", ""]
+    lines = ["## Identification accuracy (Table 3, AVIH's protocol)", ""]
     if identification is None:
         return lines + ["Not measured: give `--gallery DIR` (one folder of several photos per person, plus "
-                        "`distractors/`) for AVIH's identification protocol.", ""]
-    gallery = identification["gallery"]
+                        "`distractors/`) and the protected versions of the gallery's photos.", ""]
+    gallery, avih = identification["gallery"], identification["avih"]
     photos = sum(gallery["identities"].values())
-    lines += [f"AVIH's protocol against the gallery {gallery['folder']}: {len(gallery['identities'])} identities "
-              f"({photos} photos) and {gallery['distractors']} distractors. A probe is identified when a gallery "
-              "photo of its own person is closer than every photo of anyone else and every distractor (a copy of "
-              "the probe's own original never counts). Identity hiding keeps the protected row close to the "
-              "originals'; anonymization brings it down.", ""]
-    lines += [f"- not probed {stem}: {why}" for stem, why in identification["not_probed"].items()]
+    lines += [f"Gallery {gallery['folder']}: {len(gallery['identities'])} people ({photos} photos) and "
+              f"{gallery['distractors']} distractors; {sum(avih['protected_photos'].values())} photos have protected "
+              "versions. Each original photo is a probe in turn. Its verification set is Set_s, the protected "
+              "versions of its person's other photos, and Set_d, every photo of everyone else (the other people "
+              "and the distractors, unprotected). A query is wrong when an image of Set_d is at least as close "
+              "to the probe as every image of Set_s. The reference row runs the same queries with Set_s "
+              "unprotected; identity hiding keeps the protected row close to it.", ""]
     lines += [f"- gallery photo left out {name}: {why}" for name, why in gallery["skipped"].items()]
-    lines += [""] if identification["not_probed"] or gallery["skipped"] else []
+    lines += [f"- not a probe {name}: {why}" for name, why in avih["not_probed"].items()]
+    lines += [""] if avih["not_probed"] or gallery["skipped"] else []
+    rows = [(name, r["role"], _SET_S[row], r[row]["queries"], r[row]["accuracy"])
+            for name, r in avih["recognizers"].items() for row in _SET_S]
+    lines += _table(["recogniser", "role", "Set_s", "queries", "accuracy"], rows) if rows else [
+        "No photo has a protected version of another photo of the same person: nothing was queried.", ""]
+    return lines + _reidentification_section(identification["reidentification"])
+
+
+def _reidentification_section(result: dict) -> list[str]:
+    lines = ["## Re-identification of protected photos (not AVIH's protocol)", "",
+             "The other direction: each protected candidate (and the original, for reference, and the recovered "
+             "picture) is a probe against the gallery's unprotected photos and the distractors, identified when "
+             "a photo of its own person is closer than every photo of anyone else (a copy of the probe's own "
+             "original never counts). What an attacker holding unprotected photos of the person learns from a "
+             "protected one: anonymization brings the protected row down.", ""]
+    lines += [f"- not probed {stem}: {why}" for stem, why in result["not_probed"].items()]
+    lines += [""] if result["not_probed"] else []
     rows = [(name, r["role"], _ROW_NAMES[row], r[row]["probes"], r[row]["accuracy"])
-            for name, r in identification["recognizers"].items() for row in _ROW_NAMES if row in r]
+            for name, r in result["recognizers"].items() for row in _ROW_NAMES if row in r]
     if not rows:
         return lines + ["No original is a person of the gallery: nothing was probed.", ""]
     return lines + _table(["recogniser", "role", "probes", "count", "identified"], rows)

@@ -100,3 +100,22 @@ def test_the_wrong_key_experiment_recovers_with_each_pair_and_writes_no_key(comf
     report = (out / "report.md").read_text()
     assert "| wrong key-E | the photo's key-I, another photo's key-E | 3 |" in report
     assert "grids/hanks_00001.png" in report and picture(out / "grids" / "hanks_00001.png").shape[1] > 5 * 100
+
+
+def test_protect_runs_the_papers_ablations_and_records_them(comfy_host, photos, tmp_path):
+    """--no-guidance and --one-embedding reach the real nodes: the key-E holds one
+    conditioning repeated for every stage, the sampler reports no guided similarity, and
+    summary.json records both ablations."""
+    from diffpriv_core.keys import load_key
+
+    out = tmp_path / "out"
+    assert cli.main(["protect", str(photos / "hanks.png"), "--task", "anonymize", "--out", str(out),
+                     "--workflow", str(WORKFLOWS / "anonymize_small.json"), "--seed", "3", "--no-guidance",
+                     "--one-embedding", "--server", comfy_host.server.url]) == 0
+    entry = json.loads((out / "summary.json").read_text())["results"]["hanks"]
+    assert entry["status"] == "ok" and entry["ablations"] == ["no-guidance", "one-embedding"]
+    assert entry["identity"] == [] and len(entry["outputs"]) == 2  # nothing guided; the workflow's 2 samples
+    (key,) = entry["keys"]
+    key_e, _, _ = load_key(out / key)
+    assert key_e.meta["msi_variant"] == "one_embedding"
+    assert torch.equal(key_e.stages, key_e.stages[:1].expand_as(key_e.stages))
