@@ -4,7 +4,7 @@
     diffpriv eval --originals DIR --baseline blur --strength 8 --out REPORT_DIR
     diffpriv eval --originals DIR --baseline guidance [--guided-by SFace] --out REPORT_DIR
     diffpriv eval --originals DIR --protected DIR --gallery GALLERY_DIR --out REPORT_DIR
-    diffpriv eval --originals DIR --wrong-keys PROTECT_OUT_DIR [--server URL] --out REPORT_DIR
+    diffpriv eval --originals DIR --wrong-keys PROTECT_OUT_DIR [--trust-server URL] --out REPORT_DIR
 
 Files pair by name stem: originals/<stem>.png with protected/<stem>.png or
 protected/<stem>_00001.png, <stem>_00002.png, ... and recovered/<stem>.png. The --out
@@ -32,7 +32,8 @@ folder (photos/alice.jpg). A copy of a probe's own photo is never its match.
 --wrong-keys runs the paper's Fig. 7 on key files (or a diffpriv protect --out folder): each
 photo recovered with its own key pair, another photo's key-I, another photo's key-E, the
 unconditional embedding as key-E, and both wrong, through ComfyUI (the embedded one, or
---server URL) with the recover workflow's checkpoint; each picture measured as in Table 2.
+--trust-server URL: the keys are opened here, as diffpriv recover opens them) with the
+recover workflow's checkpoint; each picture measured as in Table 2.
 No key file is written, and `diffpriv recover` still refuses keys that do not belong together.
 """
 from __future__ import annotations
@@ -94,13 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     experiment.add_argument("--wrong-keys", type=Path, nargs="+", metavar="KEY_OR_DIR",
                             help="key files, or folders holding them (a diffpriv protect --out folder); at least two "
                                  "photos' keys, three for 'both wrong'")
-    experiment.add_argument("--server", action="append", default=[], metavar="URL",
-                            help="a running ComfyUI with the pack (repeatable); default: the embedded one")
+    experiment.add_argument("--trust-server", action="append", default=[], metavar="URL",
+                            help="a running ComfyUI with the pack that you trust with opened keys, as for diffpriv "
+                                 "recover (repeatable); default: the embedded one")
     experiment.add_argument("--workflow", type=Path,
                             help="the recover workflow whose checkpoint and VAE recover (default: "
                                  "example_workflows/api/recover.json)")
     experiment.add_argument("--passphrase-env", metavar="VAR",
-                            help="name of the environment variable holding the keys' passphrase")
+                            help="name of the environment variable holding the keys' passphrase (or the identity "
+                                 "file's); the keys are opened here")
+    experiment.add_argument("--identity", type=Path, metavar="FILE",
+                            help="the identity file (diffpriv keygen) that opens keys sealed to its recipient")
     experiment.add_argument("--demo-weights", action="store_true",
                             help="run with the random-weight demo models (the keys of diffpriv protect --demo-weights)")
     return parser

@@ -11,10 +11,11 @@ a circle), the variants are:
     UC as key-E   X's key-I with the unconditional embedding (the empty prompt) at every stage
     both wrong    O's key-I with O2's key-E (needs the keys of three photos)
 
-They run on ComfyUI through its HTTP API, as `diffpriv recover` does (the embedded server or
---server), with the recover workflow's checkpoint and VAE and the pack's Wrong-Key Experiment
-node, which runs recovery's DDIM without the pair check. Only the pictures come back: no key
-file is written, and Recover still refuses keys that do not belong together.
+They run on ComfyUI through its HTTP API, as `diffpriv recover` does (each key opened here and
+sent opened only to the embedded server or one named with --trust-server), with the recover
+workflow's checkpoint and VAE and the pack's Wrong-Key Experiment node, which runs recovery's
+DDIM without the pair check. Only the pictures come back: no key file is written, and
+Recover still refuses keys that do not belong together.
 """
 from __future__ import annotations
 
@@ -132,11 +133,12 @@ def original_for(key: Path, photo: np.ndarray) -> np.ndarray:
     return crop_faces(pixels, [crop])[0].mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def experiment_graph(template: dict, key_names: tuple[str, str, str], passphrase: str,
-                     variants: list[Variant]) -> dict:
-    """From a recover workflow (its checkpoint and VAE): the three keys loaded, and per variant
-    the Wrong-Key Experiment, VAE Decode, Crop to Original Size (the size of the photo whose
-    key-I it is) and Save Image labelled with the variant's name."""
+def experiment_graph(template: dict, key_names: tuple[str, str, str], variants: list[Variant],
+                     folder: str = graphs.OUTPUT_PREFIX) -> dict:
+    """From a recover workflow (its checkpoint and VAE): the three keys loaded (opened keys:
+    no passphrase), and per variant the Wrong-Key Experiment, VAE Decode, Crop to Original
+    Size (the size of the photo whose key-I it is) and Save Image, in ``folder`` (the job's),
+    labelled with the variant's name."""
     (recover,) = [node for node in template.values() if node.get("class_type") == "DiffPrivacyRecover"] or [None]
     decodes = graphs.nodes_of(template, "VAEDecode")
     loaders = graphs.nodes_of(template, "DiffPrivacyLoadKey")
@@ -148,7 +150,7 @@ def experiment_graph(template: dict, key_names: tuple[str, str, str], passphrase
         template, vae[0])}
     for index, name in enumerate(key_names):
         graph[f"key{index}"] = {"class_type": "DiffPrivacyLoadKey", "inputs": dict(
-            loaders[0]["inputs"], key_name=name, passphrase=passphrase)}
+            loaders[0]["inputs"], key_name=name, passphrase="")}
     for v in variants:
         key_e = 0 if v.key_e is None else v.key_e
         graph[f"{v.name}_keys"] = {"class_type": EXPERIMENT_NODE, "inputs": {
@@ -159,38 +161,50 @@ def experiment_graph(template: dict, key_names: tuple[str, str, str], passphrase
         graph[f"{v.name}_crop"] = {"class_type": "DiffPrivacyCropToOriginalSize", "inputs": {
             "image": [f"{v.name}_decode", 0], "key_e": [f"key{v.key_i}", 0]}}
         graph[f"{v.name}_save"] = {"class_type": "SaveImage", "inputs": {"images": [f"{v.name}_crop", 0],
-                                                                         "filename_prefix": v.name}}
+                                                                         "filename_prefix": f"{folder}/{v.name}"}}
     return graph
 
 
 def run_experiment(args: argparse.Namespace, cases: list[KeyCase], out: Path) -> tuple[dict[str, str], list[str]]:
     """Every key's variants through ComfyUI (``args``: the eval command's server options),
     their pictures in ``out``/<key>/ and its summary.json; a rerun does only what is missing.
-    Returns the keys whose run failed, with why, and what could not be removed from the
-    servers afterwards."""
+    As `diffpriv recover` does, each key is opened here and only the opened key goes to the
+    server: the embedded ComfyUI, or one named with --trust-server. Returns the keys whose
+    run failed, with why, and what could not be removed from the servers afterwards."""
     from diffpriv_client import cli
     from diffpriv_client.batch import Job, run_batch
+    from diffpriv_client.servers import PROMPT_TIMEOUT_S
     from diffpriv_client.summary import Summary
+    from diffpriv_core import key_crypto
+    from diffpriv_core.key_format import KeyFileError
 
-    command = argparse.Namespace(command="recover", photo=None, workflow=args.workflow, server=args.server,
-                                 demo_weights=args.demo_weights, models=args.models, base=None, steps=None,
-                                 max_in_flight=8, keep_on_server=False)
+    command = argparse.Namespace(command="recover", photo=None, workflow=args.workflow, server=[],
+                                 trust_server=args.trust_server, demo_weights=args.demo_weights, models=args.models,
+                                 base=None, steps=None, max_in_flight=8, keep_on_server=False,
+                                 prompt_timeout=PROMPT_TIMEOUT_S)
     template = cli.load_template(command)
     passphrase = cli.read_passphrase(args.passphrase_env)
+    identity = ""
+    if args.identity is not None:
+        identity, passphrase = str(key_crypto.read_identity_file(args.identity, passphrase)), ""
+    secrets = cli.KeySecrets(passphrase, identity)
     summary = Summary(out, "eval --wrong-keys")
     todo = [c for c in cases if not summary.is_done(c.case.stem)]
 
-    def build(case: KeyCase, client):
-        uploaded = {path: client.upload_key(path) for path in dict.fromkeys(case.files())}
+    def build(case: KeyCase, session) -> dict:
+        uploaded = {}
+        for path in dict.fromkeys(case.files()):
+            try:
+                uploaded[path] = session.upload_key(secrets.opened(path.read_bytes()))
+            except KeyFileError as exc:
+                raise KeyFileError(f"{path.name}: {exc}") from None
         names = tuple(uploaded[path] for path in case.files())
-        return experiment_graph(template, names, passphrase, case.variants()), list(uploaded.values())
+        return experiment_graph(template, names, case.variants(), session.folder)
 
-    jobs = [Job(c.case.stem, c.key, lambda client, c=c: build(c, client)) for c in todo]
+    jobs = [Job(c.case.stem, c.key, lambda session, c=c: build(c, session)) for c in todo]
     with cli.connect(command, needed=bool(jobs)) as conn:
-        if passphrase:
-            cli.refuse_servers_writing_metadata(conn)
         cli.preflight_models(conn, template, command)
-        not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(command, passphrase))
+        not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(command))
     failed = {name: entry.get("error") or "failed" for name, entry in summary.results.items()
               if entry["status"] == "failed"}
     load_variants(cases, summary)

@@ -502,9 +502,9 @@ def test_the_wrong_key_experiment_pairs_each_key_with_its_photo_and_the_next_pho
     # Two photos: "both wrong" would be the other photo's key-I with this photo's key-E, the wrong key-I.
     assert [v.name for v in cases[0].variants()] == ["right_pair", "wrong_key_i", "wrong_key_e", "uc_as_key_e"]
     template = json.loads((Path(__file__).parent / "workflows" / "recover.json").read_text())
-    graph = wrong_keys.experiment_graph(template, ("own", "next", "own"), "pw", cases[0].variants())
+    graph = wrong_keys.experiment_graph(template, ("own", "next", "own"), cases[0].variants(), "diffpriv-jobs/j")
     assert {n["inputs"]["key_name"]: n["inputs"]["passphrase"] for n in graph.values()
-            if n["class_type"] == "DiffPrivacyLoadKey"} == {"own": "pw", "next": "pw"}
+            if n["class_type"] == "DiffPrivacyLoadKey"} == {"own": "", "next": ""}  # opened keys: no passphrase
     loaded = {i: n["inputs"]["key_name"] for i, n in graph.items() if n["class_type"] == "DiffPrivacyLoadKey"}
     runs = {n["inputs"]["key_i"][0]: n for n in graph.values() if n["class_type"] == wrong_keys.EXPERIMENT_NODE}
     uses = sorted((loaded[n["inputs"]["key_i"][0]], loaded[n["inputs"]["key_e"][0]], n["inputs"]["unconditional"])
@@ -512,7 +512,7 @@ def test_the_wrong_key_experiment_pairs_each_key_with_its_photo_and_the_next_pho
     assert uses == [("next", "own", False), ("own", "next", False), ("own", "own", False), ("own", "own", True)]
     assert runs and all(n["inputs"]["model"] == ["ckpt", 0] for n in runs.values())
     assert sorted(n["inputs"]["filename_prefix"] for n in graph.values() if n["class_type"] == "SaveImage") == [
-        "right_pair", "uc_as_key_e", "wrong_key_e", "wrong_key_i"]
+        f"diffpriv-jobs/j/{v}" for v in ("right_pair", "uc_as_key_e", "wrong_key_e", "wrong_key_i")]
     assert not [n for n in graph.values() if n["class_type"] in ("DiffPrivacyRecover", "DiffPrivacySaveKey")]
 
 

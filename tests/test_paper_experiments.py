@@ -69,7 +69,7 @@ def test_the_wrong_key_experiment_recovers_with_each_pair_and_writes_no_key(comf
         save_key(keys / name / f"{name}_00001.dpkey.safetensors", key_e, key_i_for(key_e, KEY_I_STEPS, latent))
     out, url = tmp_path / "report", comfy_host.server.url
     assert cli.main(["eval", "--originals", str(photos), "--wrong-keys", str(keys), "--out", str(out),
-                     "--server", url, "--workflow", str(WORKFLOWS / "recover.json"),
+                     "--trust-server", url, "--workflow", str(WORKFLOWS / "recover.json"),
                      "--models", str(installed_models)]) == 0
     results = json.loads((out / "results.json").read_text())
     stems = [f"{name}_00001" for name in PEOPLE]
@@ -93,7 +93,7 @@ def test_the_wrong_key_experiment_recovers_with_each_pair_and_writes_no_key(comf
         assert min(change.values()) > 0 and min(change["wrong_key_i"], change["both_wrong"]) > 5, (stem, change)
     recovered = tmp_path / "recovered"
     assert cli.main(["recover", str(keys / "hanks" / "hanks_00001.dpkey.safetensors"), "--out", str(recovered),
-                     "--workflow", str(WORKFLOWS / "recover.json"), "--server", url]) == 0
+                     "--workflow", str(WORKFLOWS / "recover.json"), "--trust-server", url]) == 0
     (made,) = json.loads((recovered / "summary.json").read_text())["results"]["hanks_00001"]["outputs"]
     assert np.array_equal(picture(recovered / made), variant("hanks_00001", "right_pair"))
     assert not list(out.rglob("*.dpkey.safetensors"))  # no key file anywhere in the report
