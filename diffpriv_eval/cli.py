@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="identification gallery, laid out as LFW: DIR/<person>/ with several photos each "
                              "(names unique across the gallery, e.g. alice_0001.jpg), DIR/distractors/ with other "
                              "people; with --protected holding protected versions of its photos, adds AVIH's "
-                             "identification accuracy (Table 3) and re-identification of the protected photos"),
+                             "identification accuracy (Table 3) and re-identification of the protected photos")
     parser.add_argument("--baseline", choices=[*sorted(BASELINES), GUIDANCE],
                         help="make the protected set from the originals: blur, mosaic, or identity guidance "
                              "without diffusion")
