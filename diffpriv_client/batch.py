@@ -221,7 +221,8 @@ class _Batch:
         else:
             self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
                                 seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
+                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]),
+                                ablations=graphs.ablations(self.submitted[job][0]))
             self.bar.update(1)
         self._clean(server, job)
 

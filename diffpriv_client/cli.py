@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--margin", type=float, metavar="COSINE",
                          help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
                               "(default: the workflow's, 0.05 in the shipped ones)")
+    protect.add_argument("--no-guidance", action="store_true",
+                         help="the paper's ablation without energy guidance (Table 5): DDIM with the scheduled key-E "
+                              "only, so faces are not steered away from (or kept at) their identity; for measuring, "
+                              "not for publishing. summary.json records it and `diffpriv eval` labels it")
+    protect.add_argument("--one-embedding", action="store_true",
+                         help="the paper's ablation Ours-OE (Table 6): MSI learns one conditioning, from the last CLIP "
+                              "layer without time modulation, for every stage; recorded and labelled as --no-guidance")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # the evaluation toolkit has its own parser and needs no server
         from diffpriv_eval.cli import main as eval_main
 
-        return eval_main(argv[1:])
+        with _sigterm_as_interrupt():  # --wrong-keys may start the embedded ComfyUI
+            return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "keygen":
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-actors N needs --ray and N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
+    if getattr(args, "no_guidance", False) and args.target_similarity:
+        parser.error("--no-guidance runs without the energy guidance that --target-similarity steers: choose one")
     return _run(args)
 
 
@@ -342,6 +352,13 @@ def load_template(args) -> dict:
                          "(see 'Your own workflows' in docs/cli.md)")
     if args.command == "protect" and args.target_similarity:
         graphs.set_target_similarity(template, args.margin)
+    if args.command == "protect" and args.no_guidance:
+        graphs.set_no_guidance(template)
+    if args.command == "protect" and args.one_embedding:
+        graphs.set_one_embedding(template)
+    for name in graphs.ablations(template) if args.command == "protect" else []:
+        print(f"diffpriv: running the paper's ablation {graphs.ABLATIONS[name]}: for measuring, not for publishing",
+              file=sys.stderr)
     if args.demo_weights:
         demo.use_demo_models(template)
         demo.apply_settings(template)
