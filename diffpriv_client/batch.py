@@ -140,6 +140,7 @@ class _Batch:
                 self._requeue(server, server.give_up().jobs)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                 self._fail(job, server, f"{type(exc).__name__}: {exc}")
+                self._clean(server, job, None)  # what it uploaded before failing
 
     def _handle(self, server: Server, event) -> None:
         if isinstance(event, Executing):
@@ -175,10 +176,14 @@ class _Batch:
         except (UnsafeDownload, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
-            self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                                seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
-            self.bar.update(1)
+            try:
+                self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
+                                    seconds=prompt_seconds(event.entry), server=server.url,
+                                    identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
+                self.bar.update(1)
+            finally:  # even when recording fails (a full disk): nothing of the job stays on the server
+                self._clean(server, job, event.prompt_id)
+            return
         self._clean(server, job, event.prompt_id)
 
     def _clean(self, server: Server, job: Job, prompt_id: str | None) -> None:

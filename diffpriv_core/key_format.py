@@ -132,6 +132,53 @@ def read_container(data: bytes, with_metadata: bool = True) -> Container:
     return Container(meta, tensors, bytes(data[:body_start]))
 
 
+def derive_key(passphrase: str, salt: bytes, version: str) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    # Version 1 derived from the passphrase's UTF-8 as typed; later versions normalise it.
+    secret = passphrase.encode("utf-8") if version == "1" else normalise_passphrase(passphrase)
+    return Scrypt(salt=salt, length=32, **SCRYPT[version]).derive(secret)
+
+
+def open_encrypted(data: bytes, container: Container, passphrase: str | None) -> tuple[bytes, Container]:
+    """The decrypted payload of an encrypted key file and its (checked) container: the
+    passphrase is right and the file unmodified, or KeyFileError. Torch-free, so the command
+    checks a passphrase before it starts any server."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    meta, version = container.meta, container.meta["version"]
+    if not all(field in meta for field in ENCRYPTED_FIELDS) or meta["encryption"] != ENCRYPTION \
+            or meta["kdf"] != KDF:
+        raise KeyFileError(f"the key file is damaged: its encryption fields are not {ENCRYPTION} with {KDF}")
+    if not passphrase:
+        raise KeyFileError("this key file is encrypted: a passphrase is required")
+    sealed = container.tensors.get(CIPHERTEXT)
+    if set(container.tensors) != {CIPHERTEXT} or sealed.dtype != "U8" or len(sealed.shape) != 1:
+        raise KeyFileError("the encrypted key file is damaged: it has no ciphertext, or more than one")
+    # The file's scrypt settings must be its version's: a file never chooses how costly a
+    # derivation is (they are checked before deriving, authenticated after).
+    if meta["kdf.params"] != json.dumps(SCRYPT[version]):
+        raise KeyFileError(f"the encrypted key file is damaged: its scrypt settings {meta['kdf.params']} are not "
+                           f"the ones version {version} writes ({json.dumps(SCRYPT[version])})")
+    try:
+        salt, nonce = bytes.fromhex(meta["kdf.salt"]), bytes.fromhex(meta["nonce"])
+    except ValueError:
+        raise KeyFileError("the encrypted key file is damaged: its salt or nonce is not hexadecimal") from None
+    if len(salt) != 16 or len(nonce) != 12:
+        raise KeyFileError("the encrypted key file is damaged: its salt or nonce has the wrong length")
+    associated = container.header if version != "1" else canonical_json(meta).encode()
+    try:
+        plain = AESGCM(derive_key(passphrase, salt, version)).decrypt(nonce, data[sealed.start:sealed.end], associated)
+    except InvalidTag:
+        raise KeyFileError("wrong passphrase, or the key file was modified") from None
+    try:
+        inner = read_container(plain, with_metadata=False)
+    except KeyFileError as exc:
+        raise KeyFileError(f"the encrypted part of the key file is damaged: {exc}") from None
+    return plain, inner
+
+
 def read_public_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The public metadata of a key file (task, steps, face crop, ...), reading only its
     header: no tensors are loaded and nothing is verified beyond the header's form (an

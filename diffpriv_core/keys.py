@@ -87,14 +87,6 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _derive(passphrase: str, salt: bytes, version: str) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    # Version 1 derived from the passphrase's UTF-8 as typed; later versions normalise it.
-    secret = passphrase.encode("utf-8") if version == "1" else fmt.normalise_passphrase(passphrase)
-    return Scrypt(salt=salt, length=32, **fmt.SCRYPT[version]).derive(secret)
-
-
 def key_bytes(key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
               extra: dict[str, str] | None = None) -> bytes:
     """Serialise keys to the file format (deterministic when unencrypted)."""
@@ -113,7 +105,7 @@ def key_bytes(key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = N
     # The header depends only on the ciphertext's length (the payload plus the 16-byte tag),
     # so it is written first and authenticated byte for byte.
     header = fmt.encode_header(meta, [(fmt.CIPHERTEXT, "U8", (len(plain) + 16,))])
-    return header + AESGCM(_derive(passphrase, salt, fmt.VERSION)).encrypt(nonce, plain, header)
+    return header + AESGCM(fmt.derive_key(passphrase, salt, fmt.VERSION)).encrypt(nonce, plain, header)
 
 
 def save_key(path: str | os.PathLike, key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
@@ -167,38 +159,7 @@ def _key_tensors(data: bytes, records: dict[str, fmt.TensorRecord]) -> dict[str,
 
 def _open(data: bytes, container: fmt.Container, passphrase: str | None) -> dict[str, torch.Tensor]:
     """The key tensors of an encrypted file, decrypted and checked."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    meta, version = container.meta, container.meta["version"]
-    if not all(field in meta for field in fmt.ENCRYPTED_FIELDS) or meta["encryption"] != fmt.ENCRYPTION \
-            or meta["kdf"] != fmt.KDF:
-        raise KeyFileError(f"the key file is damaged: its encryption fields are not {fmt.ENCRYPTION} with {fmt.KDF}")
-    if not passphrase:
-        raise KeyFileError("this key file is encrypted: a passphrase is required")
-    sealed = container.tensors.get(fmt.CIPHERTEXT)
-    if set(container.tensors) != {fmt.CIPHERTEXT} or sealed.dtype != "U8" or len(sealed.shape) != 1:
-        raise KeyFileError("the encrypted key file is damaged: it has no ciphertext, or more than one")
-    # The file's scrypt settings must be its version's: a file never chooses how costly a
-    # derivation is (they are checked before deriving, authenticated after).
-    if meta["kdf.params"] != json.dumps(fmt.SCRYPT[version]):
-        raise KeyFileError(f"the encrypted key file is damaged: its scrypt settings {meta['kdf.params']} are not "
-                           f"the ones version {version} writes ({json.dumps(fmt.SCRYPT[version])})")
-    try:
-        salt, nonce = bytes.fromhex(meta["kdf.salt"]), bytes.fromhex(meta["nonce"])
-    except ValueError:
-        raise KeyFileError("the encrypted key file is damaged: its salt or nonce is not hexadecimal") from None
-    if len(salt) != 16 or len(nonce) != 12:
-        raise KeyFileError("the encrypted key file is damaged: its salt or nonce has the wrong length")
-    associated = container.header if version != "1" else fmt.canonical_json(meta).encode()
-    try:
-        plain = AESGCM(_derive(passphrase, salt, version)).decrypt(nonce, data[sealed.start:sealed.end], associated)
-    except InvalidTag:
-        raise KeyFileError("wrong passphrase, or the key file was modified") from None
-    try:
-        inner = fmt.read_container(plain, with_metadata=False)
-    except KeyFileError as exc:
-        raise KeyFileError(f"the encrypted part of the key file is damaged: {exc}") from None
+    plain, inner = fmt.open_encrypted(data, container, passphrase)
     return _key_tensors(plain, inner.tensors)
 
 

@@ -44,8 +44,8 @@ def files():
 
 @pytest.fixture
 def memoised_scrypt(monkeypatch):
-    derive = functools.lru_cache(maxsize=None)(keys._derive)
-    monkeypatch.setattr(keys, "_derive", derive)
+    derive = functools.lru_cache(maxsize=None)(fmt.derive_key)
+    monkeypatch.setattr(fmt, "derive_key", derive)
     return derive
 
 
