@@ -59,12 +59,37 @@ class Connection:
 
 
 # --- command line --------------------------------------------------------------------
+PROTECT_EXAMPLES = """examples:
+  diffpriv protect group.jpg --task anonymize --out out/
+      every face of the photo: out/group/group_anonymize_faces_00001_.png ..., one key per face
+  diffpriv protect photos/ --task hide --out out/ --passphrase-env DP_PASS
+      every picture in photos/ (sub-folders too), keys encrypted with the passphrase in $DP_PASS
+  diffpriv protect face.png --task anonymize --whole-image --out out/
+  diffpriv protect photo.jpg --task anonymize --out demo/ --demo-weights
+      random-weight models: checks the installation (meaningless pictures)
+  diffpriv protect photos/ --task anonymize --out out/ --ray auto --ray-gpus-per-actor 1
+
+Rerun the same command to finish an interrupted batch: a photo made earlier from the same
+bytes with the same settings is skipped; out/summary.json and out/record.sqlite say what
+each run did (diffpriv report --out out/).
+"""
+RECOVER_EXAMPLES = """examples:
+  diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png \\
+      --out recovered/ --passphrase-env DP_PASS          face 2 back into the protected photo
+  diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/     a --whole-image key
+  diffpriv recover out/ --out recovered/                every key file under out/
+
+An encrypted key's passphrase is checked here before any server starts.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpriv", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys")
+    protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PROTECT_EXAMPLES)
     protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                          help="photos to protect, or folders: every picture inside (.png, .jpg, .jpeg, .webp, .bmp, "
                               ".tif, .tiff; sub-folders too); photos may also follow the options")
@@ -90,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the workflow's, 0.05 in the shipped ones)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
-    recover = sub.add_parser("recover", help="recover the original pictures from key files")
+    recover = sub.add_parser("recover", help="recover the original pictures from key files",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RECOVER_EXAMPLES)
     recover.add_argument("keys", nargs="+", type=Path, metavar="KEY",
                          help="key files (*.dpkey.safetensors) that protect wrote, or folders: every key file inside "
                               "(sub-folders too, so protect's --out folder recovers all of its faces)")
@@ -153,13 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # Photos (or keys) after the options: `diffpriv protect --task hide --out o/ a.jpg b.jpg`.
-    inputs = "images" if hasattr(args, "images") else "keys" if hasattr(args, "keys") else None
-    if extra and (inputs is None or any(e.startswith("-") for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        getattr(args, inputs).extend(map(Path, extra))
+    args = parse_args(parser, argv)
     if args.command == "report":
         return _report_main(args)
     if args.demo_weights and args.server:
@@ -185,6 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
             return 130
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments, photos (or keys) after the options included:
+    `diffpriv protect --task hide --out o/ a.jpg b.jpg`."""
+    args, extra = parser.parse_known_args(argv)
+    inputs = "images" if hasattr(args, "images") else "keys" if hasattr(args, "keys") else None
+    if extra and (inputs is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, inputs).extend(map(Path, extra))
+    return args
 
 
 @contextlib.contextmanager

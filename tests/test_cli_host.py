@@ -480,3 +480,24 @@ def test_a_rerun_skips_only_what_was_made_from_the_same_bytes_and_settings(comfy
     assert kept == {rel: (out / rel).stat().st_mtime_ns for rel in kept}, "nothing of the first run replaced"
     assert cli.main(runs["astronaut-2"]) == 0 and list(results(out)) == ["astronaut-2"], "seed 7 is done too"
     assert results(out)["astronaut-2"]["status"] == "skipped"
+
+
+def test_a_traceback_mid_batch_still_cleans_the_server(comfy_host, photos, tmp_path, passphrase_env, monkeypatch):
+    """A bug (here: recording a result fails) stops the command with its traceback, and
+    nothing of the run stays on the server: not the upload, the outputs, the key or the
+    history that holds the passphrase."""
+    install_key_e(comfy_host.base)
+    before = server_state(comfy_host)
+    real_record = cli.Summary.record
+
+    def failing_record(self, name, source, status, *args, **kwargs):
+        if status == "ok":
+            raise RuntimeError("the disk is full")
+        return real_record(self, name, source, status, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Summary, "record", failing_record)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        cli.main(protect_args([photos["hanks"]], tmp_path / "out", comfy_host.server.url)
+                 + ["--passphrase-env", passphrase_env])
+    assert server_state(comfy_host) == before
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["results"] == {}, "written all the same"

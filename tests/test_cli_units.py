@@ -10,7 +10,7 @@ import requests
 from diffpriv_client.batch import identity_of, passes_of, prompt_seconds
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client import graphs
-from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, read_passphrase,
+from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, parse_args, read_passphrase,
                                  workflow_name)
 from diffpriv_client.preflight import refused_photos
 from diffpriv_client.graphs import default_workflow
@@ -275,3 +275,26 @@ def test_target_similarity_switches_the_workflows_guidance_and_needs_one(capsys)
         with pytest.raises(SystemExit):
             main(["protect", "a.png", "--task", "hide", "--out", "o", *wrong])
     assert "--margin COSINE needs --target-similarity" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["protect", str(EXAMPLE), "--task", "anonymize", "--out", str(taken)]) == 2
+    assert f"--out {taken} is a file, not a folder" in capsys.readouterr().err
+    assert main(["protect", str(EXAMPLE), "--task", "anonymize", "--out", str(taken / "sub")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+
+
+def test_photos_may_follow_the_options_and_help_names_the_defaults(capsys):
+    args = parse_args(build_parser(), ["protect", "a.png", "--task", "hide", "--out", "o", "b.png", "c/"])
+    assert args.images == [Path("a.png"), Path("b.png"), Path("c/")]
+    with pytest.raises(SystemExit):
+        main(["protect", "--task", "hide", "--out", "o", "a.png", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "<task>_faces.json, <task>.json with --whole-image" in shown and "(default: 8)" in shown
+    assert "folders: every picture inside" in shown and "examples:" in shown
