@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "yet, so an autoscaler adds one")
         p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
                        help="with --ray: CPUs each actor asks for (default: 1)")
+        p.add_argument("--ray-shared", action="store_true",
+                       help="with --ray: the inputs and --out are on storage every node sees at the same path (a "
+                            "shared volume): each actor reads its photo and writes its results there, so the "
+                            "photos never pass through this machine (it keeps the run record in --out)")
     return parser
 
 
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-gpus-per-actor G needs --ray and G >= 0")
     if args.ray_cpus_per_actor != 1.0 and (args.ray is None or args.ray_cpus_per_actor <= 0):
         parser.error("--ray-cpus-per-actor C needs --ray and C > 0")
+    if args.ray_shared and args.ray is None:
+        parser.error("--ray-shared needs --ray")
     if args.max_in_flight < 1:
         parser.error("--max-in-flight N needs N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
@@ -430,8 +436,8 @@ def local_models_folder(args) -> Path | None:
     """The models folder the servers will load from, where this machine can read it."""
     if args.server:
         return None  # another machine's, or at least not ours to read
-    if args.demo_weights:
-        return demo.models_dir(CACHE_DIR)
+    if args.demo_weights:  # on a cluster, each node generates its own
+        return demo.models_dir(CACHE_DIR) if args.ray is None else None
     folder = args.models or (None if args.ray is not None else (args.base or CACHE_DIR / "comfy") / "models")
     return folder if folder is not None and folder.is_dir() else None
 
