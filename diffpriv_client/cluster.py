@@ -36,8 +36,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
+from diffpriv_core.job_protocol import JOBS_FOLDER
+from diffpriv_core.key_format import KEY_SUFFIX
 
-from . import cli, demo, graphs
+from . import cli, demo
 from .batch import rewrite_named, run_batch
 from .preflight import PreflightError
 from .summary import Summary
@@ -104,13 +106,13 @@ def cluster_address(given: str) -> str | None:
 class ComfyActor:
     """One embedded ComfyUI on one node, run by a Ray actor (see _Slot)."""
 
-    def __init__(self, args, template: dict, passphrase: str, make_jobs, photo: tuple[str, bytes] | None,
+    def __init__(self, args, template: dict, secrets, make_jobs, photo: tuple[str, bytes] | None,
                  folder_prefix: str):
         import ray
 
         self.args = args  # the actor's own copy: start() points its paths at this node
         self.template = template
-        self.passphrase = passphrase
+        self.secrets = secrets  # cli.KeySecrets: for protect, the recipient only
         self.make_jobs = make_jobs
         self.photo = photo
         self.folder_prefix = folder_prefix
@@ -153,34 +155,38 @@ class ComfyActor:
             source = Path(filename) if data is None else write_new_file(work / Path(filename).name, data)
             summary = Summary(work / "out", self.args.command)
             conn = self.keeper.conn
-            jobs = self.make_jobs(self.args, self.template, self.passphrase, conn, {name: source})
-            not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args, self.passphrase))
+            jobs = self.make_jobs(self.args, self.template, self.secrets, conn, {name: source})
+            not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args))
             check = self._recovery_check(summary) if self.args.demo_weights and self.args.command == "protect" else {}
             if conn.servers[0].dead or not conn.servers[0].client.is_up():
                 raise ServerLost(f"the ComfyUI of the actor on {self.node} stopped answering")
             entry = summary.results[name]
             files = {rel: (summary.out_dir / rel).read_bytes() for rel in entry["outputs"] + entry["keys"]}
             summary.close()
-            if shared_out is not None:
+            if shared_out is not None:  # the pictures into the shared --out; keys go to the driver, which seals them
                 folder = Path(shared_out) / name
                 folder.mkdir(parents=True, exist_ok=True)
-                files = {rel: str(rewrite_named(folder, Path(rel).name, data).relative_to(shared_out))
+                files = {rel: data if rel.endswith(KEY_SUFFIX) else
+                         str(rewrite_named(folder, Path(rel).name, data).relative_to(shared_out))
                          for rel, data in files.items()}
             return {"entry": entry, "files": files, "not_removed": not_removed + check.get("not_removed", []),
                     "check": check}
         finally:
             # Nothing of the photo stays on the node once it is sent back: not the photo, not
             # its key (an actor killed outright leaves its folder to the others: remove_folders).
-            for folder in (work, *(self.args.base / sub / graphs.OUTPUT_PREFIX for sub in ("input", "output"))):
+            for folder in (work, *(self.args.base / sub / JOBS_FOLDER for sub in ("input", "output"))):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _recovery_check(self, summary: Summary) -> dict:
         """--demo-weights: the demo's recovery check, on this actor's server (demo.check_recovery)."""
+        if self.secrets.recipient:  # sealed to a recipient whose identity stays with the driver
+            return {"lines": ["recovery check: not on a cluster with --passphrase-env or --recipient (the actors "
+                              "cannot open the keys)"]}
         printed = io.StringIO()
         conn = self.keeper.conn
         with contextlib.redirect_stdout(printed):
-            not_removed = demo.check_recovery(summary, self.template, self.passphrase, conn.servers,
-                                              cli.cleanup_of(self.args, self.passphrase), cli._recover_graph)
+            not_removed = demo.check_recovery(summary, self.template, self.secrets, conn.servers,
+                                              cli.cleanup_of(self.args), cli._recover_graph)
         folder = summary.out_dir / demo.CHECK_FOLDER
         files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
                  if p.is_file() and p.parent != folder}
@@ -251,10 +257,11 @@ def remove_folders(base, prefix: str) -> list[str]:
 
 
 # --- the driver ----------------------------------------------------------------------
-def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str, Path],
-               summary: Summary) -> list[str]:
-    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``.
-    Returns what the actors could not remove from their servers."""
+def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
+               summary: Summary, seal_key=None) -> list[str]:
+    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``;
+    ``secrets`` (cli.KeySecrets) go to the actors, ``seal_key`` is applied here to each key
+    file an actor sends back. Returns what the actors could not remove from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -269,7 +276,7 @@ def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str,
         print(f"--demo-weights: {demo.MODELS_WORDS}, generated on each node", file=sys.stderr)
         if args.command == "protect":
             print(f"--demo-weights: {demo.SETTINGS.describe(args.steps)}", file=sys.stderr)
-    batch = _ClusterBatch(ray, args, template, passphrase, make_jobs, todo, summary)
+    batch = _ClusterBatch(ray, args, template, secrets, make_jobs, todo, summary, seal_key)
     try:
         return batch.run()
     finally:
@@ -324,9 +331,10 @@ class _ClusterBatch:
     """One photo at a time per started actor, the next to whichever is free (ray.wait over
     the actors' starts and runs together)."""
 
-    def __init__(self, ray, args, template: dict, passphrase: str, make_jobs, todo: dict[str, Path],
-                 summary: Summary):
+    def __init__(self, ray, args, template: dict, secrets, make_jobs, todo: dict[str, Path],
+                 summary: Summary, seal_key=None):
         self.ray = ray
+        self.seal_key = seal_key
         self.args = args
         self.todo = todo
         self.summary = summary
@@ -337,7 +345,7 @@ class _ClusterBatch:
         # stop() runs in its own group, next to the photo the actor may be running.
         self.remote = ray.remote(num_cpus=self.each.cpus, num_gpus=self.each.gpus, max_restarts=0,
                                  concurrency_groups={"control": 1})(ComfyActor)
-        self.actor_args = (args, template, passphrase, make_jobs, photo)
+        self.actor_args = (args, template, secrets, make_jobs, photo)
         self.pending = deque(todo)
         self.running: dict = {}  # object ref -> (name, slot)
         self.starting: dict = {}  # object ref -> slot
@@ -499,11 +507,12 @@ class _ClusterBatch:
 
     def _record(self, name: str, info: dict, entry: dict, files: dict) -> None:
         folder = self.summary.out_dir / name
-        if self.shared_out is not None:  # written by the actor, into the shared --out
-            written = {rel: self.summary.out_dir / path for rel, path in files.items()}
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            written = {rel: rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.seal_key is not None:
+            files = {rel: self.seal_key(data) if rel.endswith(KEY_SUFFIX) else data for rel, data in files.items()}
+        # With --ray-shared the actor wrote the pictures into --out (their paths come back).
+        written = {rel: self.summary.out_dir / data if isinstance(data, str) else
+                   rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
         extra = {k: v for k, v in entry.items() if k not in ACTOR_ENTRY_FIELDS}
         self.summary.record(name, self.todo[name], entry["status"],
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],

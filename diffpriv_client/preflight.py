@@ -20,7 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from diffpriv_core.frame import msi_size_problem
-from diffpriv_core.key_format import KeyFileError, open_encrypted, read_container, read_public_metadata
+from diffpriv_core import key_crypto
+from diffpriv_core.key_format import KeyFileError, read_container, read_public_metadata
 
 from .comfy_http import ComfyClient
 from .graphs import MODEL_INPUTS
@@ -98,43 +99,43 @@ def refused_photos(photos: list[Path], whole_image: bool) -> dict[Path, str]:
     return {path: problem for path in photos if (problem := photo_problem(path, whole_image))}
 
 
-def key_problem(path: Path, passphrase: str) -> str | None:
-    """Why a key file cannot be recovered with this passphrase, read from its header alone:
-    not a key file, encrypted without a passphrase, or plain with one."""
+def key_problem(path: Path, passphrase: bool, identity: bool) -> str | None:
+    """Why a key file cannot be recovered with what was given, read from its header alone:
+    not a key file, encrypted without its passphrase or identity, or plain with a passphrase."""
     try:
-        encrypted = "encryption" in read_public_metadata(path)
+        meta = read_public_metadata(path)
     except (KeyFileError, OSError) as exc:
         return f"not a key file ({exc})"
-    if encrypted and not passphrase:
-        return "the key file is encrypted: give its passphrase with --passphrase-env VAR"
-    if not encrypted and passphrase:
-        return ("the key file is not encrypted, but a passphrase was given: recover it without "
-                "--passphrase-env")
-    return None
+    if not key_crypto.is_encrypted(meta):
+        return ("the key file is not encrypted, but a passphrase was given: recover it without --passphrase-env"
+                if passphrase else None)
+    if meta.get("kdf") == key_crypto.AGE_KDF:
+        return None if identity else ("the key file is sealed to a recipient: give its identity file with "
+                                      "--identity FILE")
+    return None if passphrase else "the key file is encrypted: give its passphrase with --passphrase-env VAR"
 
 
-def refused_keys(keys: list[Path], passphrase: str) -> dict[Path, str]:
-    return {path: problem for path in keys if (problem := key_problem(path, passphrase))}
+def refused_keys(keys: list[Path], passphrase: bool, identity: bool) -> dict[Path, str]:
+    return {path: problem for path in keys if (problem := key_problem(path, passphrase, identity))}
 
 
-def check_passphrase(keys: list[Path], passphrase: str) -> None:
-    """Open the first encrypted key with the passphrase, here, before any server starts: a
-    wrong passphrase stops the command at once (each further key costs a second of scrypt,
-    so the others are opened by the server, and one that does not open fails alone)."""
-    if not passphrase:
-        return
+def check_passphrase(keys: list[Path], open_key, passphrase: bool, identity: bool) -> None:
+    """Open the first encrypted key that what was given should open (``open_key(data)``, as the
+    command will), here, before any server starts: a wrong passphrase or identity stops the
+    command at once (each further key costs a second of scrypt, so the others are opened as
+    their turn comes, and one that does not open fails alone)."""
     for path in keys:
+        if key_problem(path, passphrase, identity) is not None:
+            continue  # refused alone, with its reason (refused_keys)
         try:
             data = path.read_bytes()
-            container = read_container(data)
-        except (KeyFileError, OSError):
-            continue  # refused alone, with its reason (refused_keys)
-        if "encryption" not in container.meta:
-            continue
-        try:
-            open_encrypted(data, container, passphrase)
+            if not key_crypto.is_encrypted(read_container(data).meta):
+                continue
+            open_key(data)
         except KeyFileError as exc:
             raise PreflightError(f"{path}: {exc} (checked here, before starting any server)") from None
+        except OSError:
+            continue
         return
 
 

@@ -17,6 +17,7 @@ name is taken by other bytes or other settings is done again under a new name (`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from diffpriv_core.files import replace_file
 from diffpriv_core.key_format import face_crop_summary, read_public_metadata
 
 SUMMARY_NAME = "summary.json"
@@ -279,7 +281,7 @@ class Summary:
                            "settings": self.fingerprint},
                    "results": results, "earlier": earlier,
                    "settings": {fp: json.loads(value) for fp, value in settings.items()}}
-        write_replacing(self.path, json.dumps(payload, indent=1).encode())
+        replace_file(self.path, json.dumps(payload, indent=1).encode())
         return self.path
 
     def finish(self) -> None:
@@ -335,13 +337,6 @@ def latest_run(out_dir: Path) -> Summary:
     return summary
 
 
-def write_replacing(path: Path, data: bytes) -> None:
-    """Replace a file the command owns (summary.json, a contact sheet page) whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
     """The pictures of a `diffpriv protect` / `recover` --out folder that finished, each
     with the name of the summary entry that made it (the photo's stem, or the key's
@@ -373,11 +368,11 @@ def write_contact_sheet(summary: Summary, show_source: bool = True) -> list[Path
         page = _page([_row(summary.out_dir, entry, show_source) for entry in rows[start:start + PAGE_PHOTOS]])
         if page is None:
             continue
-        path = summary.out_dir / f"{CONTACT_SHEET_PREFIX}{len(pages) + 1:04d}.png"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        page.save(tmp)
-        os.replace(tmp, path)
-        pages.append(path)
+        buffer = io.BytesIO()
+        page.save(buffer, format="PNG")
+        # owner-only, a link at the name replaced, not followed
+        pages.append(replace_file(summary.out_dir / f"{CONTACT_SHEET_PREFIX}{len(pages) + 1:04d}.png",
+                                  buffer.getvalue()))
     for stale in summary.out_dir.glob(f"{CONTACT_SHEET_PREFIX}[0-9][0-9][0-9][0-9].png"):
         if stale not in pages:
             stale.unlink(missing_ok=True)
