@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
 from diffpriv_core.job_protocol import JOBS_FOLDER
-from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 
 from . import cli, demo
 from .batch import rewrite_named, run_batch
@@ -258,10 +258,12 @@ def remove_folders(base, prefix: str) -> list[str]:
 
 # --- the driver ----------------------------------------------------------------------
 def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
-               summary: Summary, seal_key=None) -> list[str]:
+               summary: Summary, seal_key=None, open_key=None) -> list[str]:
     """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``;
     ``secrets`` (cli.KeySecrets) go to the actors, ``seal_key`` is applied here to each key
-    file an actor sends back. Returns what the actors could not remove from their servers."""
+    file an actor sends back, ``open_key`` here to each key file sent to an actor (recover:
+    the passphrase or identity stays on this machine). Returns what the actors could not
+    remove from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -276,7 +278,7 @@ def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
         print(f"--demo-weights: {demo.MODELS_WORDS}, generated on each node", file=sys.stderr)
         if args.command == "protect":
             print(f"--demo-weights: {demo.SETTINGS.describe(args.steps)}", file=sys.stderr)
-    batch = _ClusterBatch(ray, args, template, secrets, make_jobs, todo, summary, seal_key)
+    batch = _ClusterBatch(ray, args, template, secrets, make_jobs, todo, summary, seal_key, open_key)
     try:
         return batch.run()
     finally:
@@ -332,9 +334,10 @@ class _ClusterBatch:
     the actors' starts and runs together)."""
 
     def __init__(self, ray, args, template: dict, secrets, make_jobs, todo: dict[str, Path],
-                 summary: Summary, seal_key=None):
+                 summary: Summary, seal_key=None, open_key=None):
         self.ray = ray
         self.seal_key = seal_key
+        self.open_key = open_key
         self.args = args
         self.todo = todo
         self.summary = summary
@@ -482,7 +485,14 @@ class _ClusterBatch:
                 continue
             name = self.pending.popleft()
             path = self.todo[name]
-            if self.shared_out is not None:
+            if self.open_key is not None:  # a key, opened here
+                try:
+                    data = self.open_key(path.read_bytes())
+                except (KeyFileError, OSError) as exc:
+                    self._record_failure(name, None, f"{path.name}: {exc}")
+                    continue
+                ref = slot.actor.run.remote(name, path.name, data)
+            elif self.shared_out is not None:
                 ref = slot.actor.run.remote(name, str(path.resolve()), None, self.shared_out)
             else:
                 ref = slot.actor.run.remote(name, path.name, path.read_bytes())

@@ -246,6 +246,13 @@ def test_every_unusable_photo_is_refused_at_once_before_any_server_starts(tmp_pa
     assert {n: e["error"].split(":")[0] for n, e in saved.items()} == dict.fromkeys(
         ["missing", "nothing", "big", "small", "broken", "empty"], "refused before queueing")
 
+    # diffpriv report: summary.json and the report again, from the record alone.
+    (out / "summary.json").unlink()
+    assert main(["report", "--out", str(out)]) == 1
+    assert "summary.json: 6 failed" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["results"] == saved
+    assert main(["report", "--out", str(tmp_path)]) == 2 and "has no run record" in capsys.readouterr().err
+
 
 def test_a_workflow_without_the_nodes_the_command_fills_in_is_named(tmp_path, capsys):
     workflow = tmp_path / "mine.json"
