@@ -301,7 +301,7 @@ def test_missing_models_are_named_with_their_folders_and_sources(comfy_host, pho
     err = capsys.readouterr().err
     assert "checkpoints/v1-5-pruned-emaonly.safetensors" in err and "SD 1.5 model card" in err
     assert "--demo-weights" in err
-    assert not (tmp_path / "out" / "summary.json").exists(), "nothing was queued"
+    assert results(tmp_path / "out") == {}, "nothing was queued"
 
 
 def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
