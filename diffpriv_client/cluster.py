@@ -52,8 +52,8 @@ MAX_DEATHS_IN_A_ROW = 3
 # How long the batch waits for a first actor to be up (placed on the cluster, perhaps on a
 # node an autoscaler adds, and its ComfyUI started) before it gives up.
 START_TIMEOUT_S = 900.0
-# After this long, the command says how many actors are up and what the others wait for.
-WAITING_NOTICE_S = 5.0
+# After this long without an actor up, the command says what the actors wait for.
+WAITING_NOTICE_S = 60.0
 # How long stopping actors (and their ComfyUI servers) may take before they are killed.
 STOP_TIMEOUT_S = 60.0
 # A cluster address that does not answer in this time is refused with one message.
@@ -383,9 +383,8 @@ class _ClusterBatch:
             else:
                 self._died(slot, _error_text(exc))
             return
-        up = len(self._up())
-        if self.bar is not None and self.bar.n + len(self.running) > 0:
-            self._write(f"an actor is up on {slot.info['node']} ({up} of {len(self.slots)} up)")
+        waiting = f"; {len(self.starting)} starting or waiting for room on the cluster" if self.starting else ""
+        self._write(f"an actor is up on {slot.info['node']} ({len(self._up())} of {len(self.slots)} up{waiting})")
 
     def _died(self, slot: _Slot, reason: str) -> None:
         """The slot's actor died: remove its folder on its node, and start another (unless
@@ -470,11 +469,11 @@ class _ClusterBatch:
             raise PreflightError(f"no actor could start on the Ray cluster within {START_TIMEOUT_S:.0f} s: each asks "
                                  f"for {self.each.words()} (--ray-cpus-per-actor, --ray-gpus-per-actor); does a "
                                  "node have that much free, or can the autoscaler add one?")
-        if not self.noticed and waited > WAITING_NOTICE_S and self.starting:
+        if not self.noticed and waited > WAITING_NOTICE_S and not self._up():
             self.noticed = True
-            self._write(f"{len(self._up())} of {len(self.slots)} actors up; {len(self.starting)} waiting for room "
-                        f"on the cluster or starting their ComfyUI ({self.each.words()} each; an autoscaler adds "
-                        "nodes for them); the batch goes on with those up")
+            self._write(f"no actor up yet after {WAITING_NOTICE_S:.0f} s: {len(self.starting)} starting their ComfyUI "
+                        f"or waiting for room on the cluster ({self.each.words()} each; an autoscaler adds nodes "
+                        "for them); the batch starts with the first one up")
 
     def _dispatch(self) -> None:
         busy = {slot for _, slot in self.running.values()}
