@@ -629,4 +629,8 @@ def normalise_url(url: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the package's module, not __main__: the modules it imports (cluster.py) raise its
+    # UsageError, which main() must catch as its own.
+    from diffpriv_client.cli import main as package_main
+
+    sys.exit(package_main())
