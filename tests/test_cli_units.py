@@ -305,3 +305,28 @@ def test_photos_may_follow_the_options_and_help_names_the_defaults(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "<task>_faces.json, <task>.json with --whole-image" in shown and "(default: 8)" in shown
     assert "folders: every picture inside" in shown and "examples:" in shown
+
+
+def test_ray_actors_ask_for_what_is_given_and_default_to_the_room_there_is():
+    from types import SimpleNamespace
+
+    from diffpriv_client.cluster import Resources, actor_resources, actors_wanted
+
+    def cluster(**total):
+        return SimpleNamespace(cluster_resources=lambda: total)
+
+    def args(*argv):
+        return build_parser().parse_args(["protect", "a.png", "--task", "hide", "--out", "o", "--ray", *argv])
+
+    gpus = cluster(CPU=32.0, GPU=4.0)
+    assert actor_resources(gpus, args()) == Resources(1.0, 1.0), "a cluster with GPUs: one each"
+    assert actor_resources(cluster(CPU=8.0), args()) == Resources(1.0, 0.0), "none up: CPU actors"
+    assert actor_resources(cluster(CPU=8.0), args("--ray-gpus-per-actor", "1")) == Resources(1.0, 1.0), \
+        "asked for even when no GPU is up, so that an autoscaler adds one"
+    half = actor_resources(gpus, args("--ray-gpus-per-actor", "0.5", "--ray-cpus-per-actor", "2"))
+    assert half == Resources(2.0, 0.5) and half.words() == "2 CPU, 0.5 GPU"
+    assert actors_wanted(gpus, args(), half, photos=100) == 8, "two actors on each of the four GPUs"
+    assert actors_wanted(gpus, args(), half, photos=3) == 3, "never more actors than photos"
+    assert actors_wanted(cluster(CPU=8.0), args(), Resources(1.0, 1.0), photos=100) == 1, "no room now: one"
+    assert actors_wanted(cluster(CPU=2.0), args("--ray-actors", "3"), Resources(1.0, 0.0), photos=100) == 3, \
+        "more than fit may be asked for: the others wait for room"
