@@ -79,7 +79,7 @@ def run(photos: list[Path], out: Path, record_results: bool) -> dict:
 
 
 def first_last(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values[:HUNDRED])), float(np.mean(values[-HUNDRED:]))
+    return float(np.median(values[:HUNDRED])), float(np.median(values[-HUNDRED:]))
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
         again = run(photos, root / "out", record_results=False)
     print(f"{count} photos of 64 x 48 px, no model and no server: the record's work per photo "
           f"(hash, plan, record), then summary.json and contact sheets of {PAGE_PHOTOS} photos a page.\n")
-    print("| run | first 100: ms / photo | last 100: ms / photo | last / first | SQL statements / photo, "
+    print("| run | first 100: median ms / photo | last 100: median ms / photo | last / first | SQL statements / photo, "
           "first 100 -> last 100 |")
     print("|---|---|---|---|---|")
     for label, result in (("first run (every photo done)", first), ("rerun (every photo skipped)", again)):
