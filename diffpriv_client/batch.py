@@ -219,11 +219,15 @@ class _Batch:
         except (UnsafeDownload, UntrustedResult, KeyFileError, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
-            self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                                seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]),
-                                ablations=graphs.ablations(self.submitted[job][0]))
-            self.bar.update(1)
+            try:
+                self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
+                                    seconds=prompt_seconds(event.entry), server=server.url,
+                                    identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]),
+                                    ablations=graphs.ablations(self.submitted[job][0]))
+                self.bar.update(1)
+            finally:  # even when recording fails (a full disk): nothing of the job stays on the server
+                self._clean(server, job)
+            return
         self._clean(server, job)
 
     def _clean(self, server: Server, job: Job) -> None:

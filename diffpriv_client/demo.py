@@ -133,6 +133,9 @@ def check_recovery(summary: Summary, template: dict, secrets, servers: list[Serv
     for name, entry in done.items():
         for line in _report(name, entry, summary.out_dir, check):
             print(line)
+    check.finish()
+    check.write_json()
+    check.close()
     return not_removed
 
 

@@ -15,7 +15,7 @@ from diffpriv_client.batch import Cleanup
 from diffpriv_client.embedded import PACK_DIR
 from diffpriv_client.progress import ProgressBoard
 from diffpriv_client.servers import Server
-from diffpriv_client.summary import Summary
+from diffpriv_client.summary import latest_run
 from diffpriv_testmodels import cache
 from diffpriv_testmodels.comfy_models import DEMO_CHECKPOINT
 
@@ -57,7 +57,7 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
                      "--server", url]) == 0
     capsys.readouterr()
 
-    summary = Summary(out, "protect")
+    summary = latest_run(out)
     assert demo.check_recovery(summary, template, cli.KeySecrets(), [Server(url, 4)], Cleanup(),
                                cli._recover_graph) == []
     printed = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
     recovered, candidates = float(found[1]), [float(c) for c in found[2].split(", ")]
     assert len(candidates) == 4, "the anonymize preset's four candidates"
     assert recovered > 40 and recovered > max(candidates) + 20, printed
-    check = Summary(out / demo.CHECK_FOLDER, "recover")
+    check = latest_run(out / demo.CHECK_FOLDER)
     assert {name: entry["status"] for name, entry in check.results.items()} == {
         "astronaut_reconstruction": "ok", "astronaut_face0_00001": "ok"}
 
