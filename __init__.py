@@ -22,9 +22,11 @@ if ComfyExtension is not None:
     except ImportError:  # imported by tests without a server
         PromptServer = None
     if getattr(PromptServer, "instance", None) is not None:
+        from .nodes.example_photo import provide_example_photo
         from .nodes.routes import register
 
         register(PromptServer.instance)
+        provide_example_photo()
 
     class DiffPrivacyExtension(ComfyExtension):
         async def get_node_list(self):
