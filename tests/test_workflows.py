@@ -48,3 +48,21 @@ def test_workflows_guide_with_the_installed_sface_recogniser(name):
     for node in load_api(name).values():
         if node["class_type"] == "DiffPrivacyFaceRecognizerLoader":
             assert node["inputs"]["model_name"] == DEFAULT_RECOGNIZER, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_has_a_title_api_clients_address_it_by(name):
+    titles = [(node.get("_meta") or {}).get("title") for node in load_api(name).values()]
+    assert all(isinstance(title, str) and title.strip() for title in titles), name
+    assert len(set(titles)) == len(titles), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_photo_a_workflow_opens_is_the_example_photo_or_a_protect_workflows_output(object_info, name):
+    photos = object_info["LoadImage"]["input"]["required"]["image"][0]
+    assert "diffprivacy_astronaut.png" in photos, "the pack puts its example photo in the input folder"
+    saved = {f"{node['inputs']['filename_prefix']}_00001_.png [output]" for other in NAMES
+             for node in load_api(other).values() if node["class_type"] == "SaveImage"}
+    for node in load_api(name).values():
+        if node["class_type"] == "LoadImage":
+            assert node["inputs"]["image"] in {"diffprivacy_astronaut.png"} | saved, name
