@@ -53,7 +53,7 @@ class Setup:
 
         from diffpriv_core.faces.detect import detect_faces
         from diffpriv_core.faces.recognizers import load_recognizer
-        from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
+        from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, TEST_THRESHOLD, CHECKPOINT, CLIP_VISION
         from diffpriv_testmodels.inprocess import load_host_in_process, pack_module
 
         models = benchmark_models("test")
@@ -69,7 +69,7 @@ class Setup:
             raw = self.vae.encode(photo)
         with self.gradients():
             self.photo = photo.clone()
-            self.face_model = load_recognizer(models / ARCFACE_ONNX)
+            self.face_model = load_recognizer(models / ARCFACE_ONNX, TEST_THRESHOLD)
             self.face = detect_faces(self.photo[0])[0]
             self.eps = self.adapters.ComfyEpsModel(self.model)
             self.z0 = self.eps.to_z(raw.clone())

@@ -13,8 +13,8 @@ from diffpriv_core.energy import SimilarityTarget
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
-from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
-                                             load_recognizer)
+from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, UnknownRecognizerError, find_recognizer,
+                                             is_recognizer_file, load_recognizer)
 from diffpriv_core.guided import FaceTarget, IdentityGuidance, face_target
 from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
@@ -55,29 +55,36 @@ class FaceRecognizerLoader(io.ComfyNode):
                         "Each brings its own face alignment. Nothing is downloaded.",
             inputs=[io.Combo.Input("model_name", options=recognizer_options(), default=DEFAULT_RECOGNIZER,
                                    tooltip="SFace: Apache-2.0; FaceNet-CASIA: trained on a research dataset; "
-                                           "insightface packs: non-commercial research only")],
+                                           "insightface packs: non-commercial research only"),
+                    io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                                   tooltip="the cosine similarity from which the recogniser takes two faces for "
+                                           "one person; 0 = the published one of a file known by its content "
+                                           "(sha256: SFace, FaceNet-CASIA, buffalo_l's ArcFace), which any "
+                                           "other file needs stated here")],
             outputs=[FaceModel.Output(display_name="face_model")],
         )
 
     @classmethod
-    def execute(cls, model_name) -> io.NodeOutput:
+    def execute(cls, model_name, threshold=0.0) -> io.NodeOutput:
         path = resolve_recognizer(model_name)
         with gradients():  # normal tensors: the sampler differentiates through this network
-            model = load_checked(path)
+            model = load_checked(path, threshold or None)
         log.info("Diff-Privacy: face recogniser %s (%d px input, %s alignment, same-person cosine >= %.3f) loaded "
                  "on the CPU; the sampler moves it to the model's device", path, model.input_size,
                  model.alignment.kind, model.threshold)
         return io.NodeOutput(model)
 
 
-def load_checked(path: Path):
+def load_checked(path: Path, threshold: float | None = None):
     """load_recognizer, with files that are damaged or hold more than weights refused in
     words that say so (never with advice to unpickle them)."""
     from google.protobuf.message import DecodeError
     from safetensors import SafetensorError
 
     try:
-        return load_recognizer(path)
+        return load_recognizer(path, threshold)
+    except UnknownRecognizerError as exc:
+        raise ValueError(f"Face Recognizer Loader: {exc}. Set this node's 'threshold' input.") from None
     except AlteredModelError as exc:
         raise ValueError(f"Face Recognizer Loader: {exc}") from None
     except pickle.UnpicklingError:

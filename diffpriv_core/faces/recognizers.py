@@ -10,7 +10,9 @@ These formats are accepted, all read without pickle and without any download:
   the setup converts, or facenet-pytorch's VGGFace2 file, as .pt/.pth or .safetensors.
 
 Each recogniser carries its own alignment (five-point template or MTCNN box crop) and its
-published same-person threshold, as a cosine similarity of its unit embeddings.
+same-person threshold, as a cosine similarity of its unit embeddings. The threshold of a
+file is known by its content (its sha256, whatever its name: a renamed SFace is still
+SFace); any other file needs its threshold stated by the caller.
 
 onnx, onnx2torch and facenet-pytorch are imported only when a file needs them.
 """
@@ -27,7 +29,7 @@ from torch import nn
 from .align import FACENET_BOX, FIVE_POINT, Alignment
 from .detect import SCRFD_FILES
 from .model_files import KnownModel, find_face_model
-from .wheel_models import SFACE, WHEEL_MODELS, check_installed
+from .wheel_models import FACENET_CASIA, SFACE, WHEEL_MODELS, check_installed, sha256
 
 ONNX_SUFFIXES = (".onnx",)
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -239,17 +241,55 @@ def onnx_recognizer(path: Path) -> FaceRecognizer:
     model = onnx.load(str(path))
     bypass_identity_nodes(model.graph)
     input_range = PIXEL_RANGE if standardises_inside(model.graph) else ARCFACE_RANGE
-    threshold = SFACE_THRESHOLD if path.name == SFACE.file else ARCFACE_THRESHOLD
-    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name,
-                          FIVE_POINT, threshold)
+    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name, FIVE_POINT)
 
 
 # --- files ------------------------------------------------------------------------------
 
-def load_recognizer(path: str | Path) -> FaceRecognizer:
-    """The recogniser in ``path``, its format told by suffix and by the state dict's keys."""
+@dataclass(frozen=True)
+class KnownFile:
+    what: str
+    threshold: float  # same person at this cosine or above
+
+
+# Recogniser files known by the sha256 of their bytes, with their published thresholds.
+KNOWN_FILES = {
+    SFACE.file_sha256: KnownFile(SFACE.what, SFACE_THRESHOLD),
+    FACENET_CASIA.file_sha256: KnownFile(FACENET_CASIA.what, FACENET_THRESHOLD),
+    "4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43":
+        KnownFile("ArcFace R50 of insightface's buffalo_l pack (w600k_r50.onnx)", ARCFACE_THRESHOLD),
+}
+
+
+class UnknownRecognizerError(ValueError):
+    """A recogniser file not known by its content, loaded without a stated threshold."""
+
+    def __init__(self, path: Path, digest: str, family: FaceRecognizer):
+        super().__init__(
+            f"{path.name} (sha256 {digest}) is not a face recogniser this pack knows by its content, so its "
+            f"same-person threshold is unknown and must be stated: the cosine similarity of two embeddings "
+            f"from which it takes them for one person (the paper counts this kind of network, "
+            f"{family.alignment.kind} alignment and {family.input_size} px input, as the same person from "
+            f"{family.threshold:.3f})")
+        self.path, self.digest = path, digest
+
+
+def load_recognizer(path: str | Path, threshold: float | None = None) -> FaceRecognizer:
+    """The recogniser in ``path``, its format told by suffix and by the state dict's keys,
+    and its same-person ``threshold``: the one stated, else the one its content is known by
+    (UnknownRecognizerError when neither)."""
     path = Path(path)
-    check_installed(path)
+    digest = sha256(path)
+    check_installed(path, digest)
+    model = _read_recognizer(path)
+    known = KNOWN_FILES.get(digest)
+    if threshold is None and known is None:
+        raise UnknownRecognizerError(path, digest, model)
+    model.threshold = threshold if threshold is not None else known.threshold
+    return model
+
+
+def _read_recognizer(path: Path) -> FaceRecognizer:
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return onnx_recognizer(path)
