@@ -101,12 +101,14 @@ def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:
 CHECK_FOLDER = "recovery-check"
 
 
-def check_recovery(summary: Summary, template: dict, passphrase: str, servers: list[Server], cleanup: Cleanup,
+def check_recovery(summary: Summary, template: dict, secrets, servers: list[Server], cleanup: Cleanup,
                    recover_graph) -> list[str]:
-    """Recover every face the run protected, back into its original photo, and print how
+    """Recover every face the run protected, back into its protected photo (the only one its
+    key accepts), and print how
     close each comes to the VAE's reconstruction of the original (the best any recovery can
     do) next to how close the protected candidates come. ``recover_graph(template, key,
-    name, passphrase, photo, client)`` builds a recovery prompt, as `diffpriv recover` does.
+    name, secrets, photo, session)`` builds a recovery prompt, as `diffpriv recover` does
+    (``secrets``: cli.KeySecrets, which open the keys on this machine).
     Returns what could not be removed from the servers."""
     if not graphs.nodes_of(template, "DiffPrivacyFacePaste"):
         print("recovery check: only in the every-face mode (the default)")
@@ -120,13 +122,14 @@ def check_recovery(summary: Summary, template: dict, passphrase: str, servers: l
     check = Summary(summary.out_dir / CHECK_FOLDER, "recover")
     jobs = []
     for name, entry in done.items():
-        photo = Path(entry["source"])
+        photo, protected = Path(entry["source"]), summary.out_dir / entry["outputs"][0]
         jobs.append(Job(f"{name}_reconstruction", photo, partial(_reconstruction_prompt, reconstruction, photo,
                                                                   f"{name}_reconstruction")))
         jobs += [Job(_key_name(key), summary.out_dir / key,
-                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), passphrase, photo))
+                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), secrets,
+                             protected))
                  for key in entry["keys"]]
-    print("recovery check: recovering each face into its original photo ...", file=sys.stderr)
+    print("recovery check: recovering each face into its protected photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
     for name, entry in done.items():
         for line in _report(name, entry, summary.out_dir, check):
@@ -138,12 +141,12 @@ def _key_name(key: str) -> str:
     return Path(key).name.removesuffix(KEY_SUFFIX)
 
 
-def _reconstruction_prompt(template: dict, photo: Path, name: str, client) -> tuple[dict, list[str]]:
-    uploaded = upload_photo(client, photo)
+def _reconstruction_prompt(template: dict, photo: Path, name: str, session) -> dict:
+    uploaded = upload_photo(session, photo)
     graph = copy.deepcopy(template)
     graphs.set_input_image(graph, uploaded)
-    graphs.set_image_prefixes(graph, name)
-    return graph, [uploaded]
+    graphs.set_image_prefixes(graph, name, session.folder)
+    return graph
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -156,7 +159,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
-    """Per face: PSNR over the pixels its recovery changed in the original photo."""
+    """Per face: PSNR over the pixels its recovery changed in the protected photo."""
     results = check.results
     recon_entry = results.get(f"{name}_reconstruction", {})
     if recon_entry.get("status") != "ok":
@@ -171,7 +174,7 @@ def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
             lines.append(f"recovery check: {_key_name(key)}: recovery failed: {got.get('error')}")
             continue
         recovered = _pixels(check.out_dir / got["outputs"][0])
-        face = np.any(recovered != original, axis=-1)  # this face's pasted pixels (other faces stay original)
+        face = np.any(recovered != protected[0], axis=-1)  # this face's pasted pixels (other faces stay protected)
         candidates = ", ".join(f"{psnr(p[face], reconstruction[face]):.1f}" for p in protected)
         lines.append(f"recovery check: {_key_name(key)}: recovered vs VAE reconstruction "
                      f"{psnr(recovered[face], reconstruction[face]):.1f} dB; protected candidates vs VAE "
