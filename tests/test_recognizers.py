@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+# torch's own layers, not comfy.ops: a stand-in network for the test.
+from torch.nn import Conv2d
 
 from diffpriv_core.faces import recognizers
 from diffpriv_core.faces.model_files import MissingFaceModelError
@@ -94,8 +96,8 @@ def test_identity_routed_weights_convert(tmp_path):
     class TwinConvs(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = torch.nn.Conv2d(3, 3, 3, padding=1)
-            self.b = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.a = Conv2d(3, 3, 3, padding=1)
+            self.b = Conv2d(3, 3, 3, padding=1)
             self.b.load_state_dict(self.a.state_dict())
 
         def forward(self, x):

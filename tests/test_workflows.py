@@ -66,3 +66,20 @@ def test_the_photo_a_workflow_opens_is_the_example_photo_or_a_protect_workflows_
     for node in load_api(name).values():
         if node["class_type"] == "LoadImage":
             assert node["inputs"]["image"] in {"diffprivacy_astronaut.png"} | saved, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_model_files_a_workflow_names_say_their_folder_and_where_to_get_them(name):
+    """The editor's missing-models panel reads a node's properties.models."""
+    from diffpriv_client.workflows import MODEL_FILES
+
+    ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        named = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        if node["type"] in ("CheckpointLoaderSimple", "CLIPVisionLoader"):
+            assert named and named[0] in MODEL_FILES, (name, node["type"])
+        for file in named:
+            if file in MODEL_FILES:
+                folder, url = MODEL_FILES[file]
+                assert {"name": file, "url": url, "directory": folder} in node["properties"]["models"], (name, file)
+                assert url.startswith("https://") and url.endswith(".safetensors")

