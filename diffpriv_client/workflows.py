@@ -171,14 +171,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args.regenerate:
         parser.print_help()
         return
+    for path in regenerate(embedded_object_info()):
+        print(f"wrote {path}")
+
+
+def embedded_object_info() -> dict:
+    """What the embedded ComfyUI, with this pack, declares of every node (/object_info)."""
     import tempfile
 
     from .comfy_http import ComfyClient
     from .embedded import EmbeddedComfy, prepare_base_directory
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedComfy(prepare_base_directory(Path(tmp))) as server:
-        for path in regenerate(ComfyClient(server.url).object_info()):
-            print(f"wrote {path}")
+        return server.client().object_info()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ class FaceRecognizerLoader(io.ComfyNode):
                                            "one person; 0 = the published one of a file known by its content "
                                            "(sha256: SFace, FaceNet-CASIA, buffalo_l's ArcFace), which any "
                                            "other file needs stated here")],
-            outputs=[FaceModel.Output(display_name="face_model")],
+            outputs=[FaceModel.Output(display_name="face_model",
+                                       tooltip="the frozen recogniser, with its alignment and threshold")],
         )
 
     @classmethod
@@ -107,9 +108,10 @@ class IdentityGuidanceNode(io.ComfyNode):
                          "and different from each other across the batch) or hide (looks different to people, "
                          "the recogniser still matches).",
             inputs=[
-                FaceModel.Input("face_model"),
+                FaceModel.Input("face_model", tooltip="from Face Recognizer Loader: the recogniser that guides"),
                 io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
-                io.Combo.Input("mode", options=list(TASKS), default="anonymize"),
+                io.Combo.Input("mode", options=list(TASKS), default="anonymize",
+                               tooltip="anonymize: away from the original identity; hide: keep it for the recogniser"),
                 io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="multiplies the task's lambda_t, the reference code's (anonymize 1; hide "
                                        "1.5 for t > 600, 2.5 below; the paper gives none); 0 = no guidance"),
@@ -120,7 +122,8 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Combo.Input("decode_region", options=list(DECODE_REGIONS), default=DECODE_REGIONS[0],
                                tooltip="face crop: decode only the latent around the face (less memory on big images)"),
                 io.Int.Input("face_index", default=0, min=0, max=64, tooltip="which face to protect (0 = largest)"),
-                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="the detector's confidence the reference face needs"),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip leaves that image unguided and logs its index"),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
@@ -146,7 +149,7 @@ class IdentityGuidanceNode(io.ComfyNode):
                              tooltip="the timestep where lambda_t switches from early to late (the reference "
                                      "code's: 600)"),
             ],
-            outputs=[Guidance.Output(display_name="guidance"),
+            outputs=[Guidance.Output(display_name="guidance", tooltip="for the Guided DDIM Sampler (or the Guided DDIM SAMPLER)"),
                      io.Image.Output(display_name="aligned_faces",
                                      tooltip="what the recogniser sees of each reference face (black: no face)")],
         )

@@ -35,14 +35,14 @@ class MSIInversion(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyMSIInversion",
             display_name="MSI Inversion (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/protect",
             description="Stage I: learns, per image, the ten stage conditionings C^0..C^9 (key-E) that let the "
                         "diffusion model reproduce that image. Needs an SD 1.x checkpoint and the OpenAI CLIP "
                         "ViT-L/14 image encoder.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="an SD 1.x checkpoint (eps-prediction), only read"),
+                io.Clip.Input("clip", tooltip="its text encoder, which turns each learned pseudo-word into a conditioning"),
+                io.Vae.Input("vae", tooltip="its VAE: the image is encoded once to train against"),
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default="fast",
@@ -53,12 +53,16 @@ class MSIInversion(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
                 io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
                                tooltip="0 = the preset's"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="the same inputs and seed give the same key-E"),
                 io.Boolean.Input("one_embedding", default=False, optional=True,
                                  tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
                                          "modulation, one conditioning for every stage"),
             ],
-            outputs=[KeyE.Output(display_name="key_e"), io.Image.Output(display_name="loss_curve")],
+            outputs=[KeyE.Output(display_name="key_e", tooltip="one key-E per image: its ten stage conditionings and the "
+                                                                 "unconditional one"),
+                     io.Image.Output(display_name="loss_curve",
+                                     tooltip="the smoothed training loss of each image (also shown on the node)")],
         )
 
     @classmethod
