@@ -10,7 +10,9 @@ import pytest
 from diffpriv_core.faces.recognizers import (ARCFACE_THRESHOLD, KNOWN_FILES, SFACE_THRESHOLD, UnknownRecognizerError,
                                              load_recognizer)
 from diffpriv_core.faces.wheel_models import FACENET_CASIA, SFACE, sha256
+from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from test_host_guidance import guidance_graph
 
 
 def test_a_renamed_sface_is_judged_with_sfaces_threshold(installed_models, tmp_path):
@@ -36,9 +38,6 @@ def test_an_unknown_file_under_a_known_name_needs_its_threshold_stated(face_mode
 
 @pytest.mark.host
 def test_the_loader_names_the_input_to_set_for_an_unknown_file(comfy_host, astronaut):
-    from diffpriv_client.comfy_http import PromptFailed
-    from test_host_guidance import guidance_graph
-
     graph = guidance_graph([comfy_host.upload(astronaut, "identity.png")])
     graph["1"]["inputs"]["threshold"] = 0.0  # the random test recogniser is known to nobody
     with pytest.raises(PromptFailed) as err:
