@@ -69,6 +69,7 @@ class ComfyClient:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http.headers.update(self.auth_headers)
+        self.live_jobs: list[ServerJob] = []  # started, not yet cleaned: the websocket shows one
 
     # --- plain endpoints -------------------------------------------------------------
     def get(self, path: str, **params) -> Any:
@@ -141,7 +142,8 @@ class ComfyClient:
                                    "on that server")
         r.raise_for_status()
         body = r.json()
-        return ServerJob(body["job"], body["folder"])
+        self.live_jobs.append(ServerJob(body["job"], body["folder"]))
+        return self.live_jobs[-1]
 
     def upload_to_job(self, job: ServerJob, kind: str, data: bytes, suffix: str = "") -> str:
         """Store a picture (``kind`` "image") or a key file ("key") in the job's folder on the
@@ -159,6 +161,8 @@ class ComfyClient:
         previews and history (the pack's route). Returns {"removed": [...], "failed": [...]}."""
         r = self.http.post(f"{self.base_url}/diffprivacy/cleanup", headers={JOB_HEADER: job.token},
                            timeout=self.timeout + 60)
+        if job in self.live_jobs:
+            self.live_jobs.remove(job)
         if r.status_code == 403:
             return {"removed": [], "failed": [_error_of(r)]}
         r.raise_for_status()
@@ -205,8 +209,11 @@ class ComfyClient:
         return f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}"
 
     def connect_websocket(self, timeout: float) -> websocket.WebSocket:
+        """Our client id's websocket; while we have jobs on the server, it shows one's token
+        (the pack gives a job's client id's session only to its holder)."""
+        headers = dict(self.auth_headers, **({JOB_HEADER: self.live_jobs[-1].token} if self.live_jobs else {}))
         return websocket.create_connection(self.websocket_url(), timeout=timeout,
-                                           header=[f"{k}: {v}" for k, v in self.auth_headers.items()])
+                                           header=[f"{k}: {v}" for k, v in headers.items()])
 
     def wait(
         self,

@@ -124,7 +124,7 @@ def check_recovery(summary: Summary, template: dict, secrets, servers: list[Serv
     for name, entry in done.items():
         photo, protected = Path(entry["source"]), summary.out_dir / entry["outputs"][0]
         jobs.append(Job(f"{name}_reconstruction", photo, partial(_reconstruction_prompt, reconstruction, photo,
-                                                                  f"{name}_reconstruction")))
+                                                                  f"{name}_reconstruction", protected)))
         jobs += [Job(_key_name(key), summary.out_dir / key,
                      partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), secrets,
                              protected))
@@ -141,10 +141,11 @@ def _key_name(key: str) -> str:
     return Path(key).name.removesuffix(KEY_SUFFIX)
 
 
-def _reconstruction_prompt(template: dict, photo: Path, name: str, session) -> dict:
+def _reconstruction_prompt(template: dict, photo: Path, name: str, protected: Path, session) -> dict:
     uploaded = upload_photo(session, photo)
     graph = copy.deepcopy(template)
     graphs.set_input_image(graph, uploaded)
+    graph["reconstruction_photo"]["inputs"]["image"] = upload_photo(session, protected)
     graphs.set_image_prefixes(graph, name, session.folder)
     return graph
 

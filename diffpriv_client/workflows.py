@@ -179,7 +179,6 @@ def embedded_object_info() -> dict:
     """What the embedded ComfyUI, with this pack, declares of every node (/object_info)."""
     import tempfile
 
-    from .comfy_http import ComfyClient
     from .embedded import EmbeddedComfy, prepare_base_directory
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedComfy(prepare_base_directory(Path(tmp))) as server:

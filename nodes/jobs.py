@@ -77,6 +77,11 @@ class Jobs:
         with self._lock:
             return next((job for job in self._by_token.values() if prompt_id in job.prompts), None)
 
+    def client_is_a_jobs(self, client_id: str) -> bool:
+        """Whether a live job belongs to this websocket client id."""
+        with self._lock:
+            return any(job.client_id == client_id for job in self._by_token.values())
+
     def folder_of(self, token) -> str | None:
         job = self.get(token)
         return job.folder if job is not None else None

@@ -16,7 +16,8 @@ What the `diffpriv` command needs and ComfyUI's API lacks (diffpriv_core/job_pro
 
 The guard (an aiohttp middleware) makes every request that names a job's folder (a
 ``/view`` of its files, an upload into it, a prompt reading from or writing into it)
-carry that job's token; refuses a prompt id that is already queued or in the history (a
+carry that job's token, and so must a websocket that takes the session of a job's client
+id (its progress and file names); refuses a prompt id that is already queued or in the history (a
 client cannot queue another graph under the command's id); records which prompts a job
 queued, and strips the token from the prompt before ComfyUI stores it. When the server
 was started with DIFFPRIV_SERVER_TOKEN (the command's embedded ComfyUI is), every request
@@ -124,6 +125,10 @@ def guard_middleware(server, server_token: str | None):
         token = request.headers.get(JOB_HEADER)
         if path == "/prompt" and request.method == "POST":
             return await _guard_prompt(server, request, handler)
+        if path == "/ws" and JOBS.client_is_a_jobs(request.query.get("clientId", "")):
+            job = JOBS.get(token)
+            if job is None or job.client_id != request.query.get("clientId"):
+                return _error(403, "that websocket session belongs to the diffpriv command's jobs")
         named = job_folders_named(unquote(request.path)) | job_folders_named(list(request.query.values()))
         if request.method == "POST" and path in ("/upload/image", "/upload/mask"):
             try:

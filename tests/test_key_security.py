@@ -212,3 +212,17 @@ def test_removing_a_job_folder_never_follows_a_link(tmp_path):
     with pytest.raises(OSError, match="not a folder"):
         remove_tree_no_follow(tmp_path / "job-link")
     assert (outside / "keep.png").exists()
+
+
+def test_a_history_entry_that_is_not_the_prompt_queued_is_not_trusted():
+    from diffpriv_client.batch import UntrustedResult, check_entry
+
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "diffpriv-jobs/a/x.png"}}}
+    entry = {"prompt": [0, "p1", json.loads(json.dumps(graph)), {"client_id": "me"}, ["1"]]}
+    check_entry(entry, "p1", graph, "me")
+    swapped = {"1": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}
+    for forged in ({"prompt": [0, "p1", swapped, {"client_id": "me"}, ["1"]]},
+                   {"prompt": [0, "p1", graph, {"client_id": "someone else"}, ["1"]]},
+                   {"prompt": [0, "p2", graph, {"client_id": "me"}, ["1"]]}, {"prompt": None}, {}):
+        with pytest.raises(UntrustedResult, match="not the prompt this command queued"):
+            check_entry(forged, "p1", graph, "me")

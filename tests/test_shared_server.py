@@ -32,6 +32,8 @@ class Attacker(threading.Thread):
         super().__init__(daemon=True)
         self.url = url
         self.http = requests.Session()
+        # The session server's earlier prompts are other tests': left alone.
+        self.earlier = set(self.http.get(f"{url}/history", timeout=10).json())
         self.stopped = threading.Event()
         self.polled: list[str] = []  # every /queue and /history answer, as text
         self.tried: dict[str, dict[str, int]] = {}  # prompt id -> attack -> HTTP status
@@ -47,13 +49,15 @@ class Attacker(threading.Thread):
             self.polled += [queue.text, history.text]
             for item in queue.json()["queue_running"] + queue.json()["queue_pending"]:
                 self.attack(item[1], item[2])
+                self.listen(item[1], item[3].get("client_id"))
             for prompt_id, entry in history.json().items():
-                self.attack(prompt_id, entry["prompt"][2])
-                self.read(entry)
+                if prompt_id not in self.earlier:
+                    self.attack(prompt_id, entry["prompt"][2])
+                    self.read(entry)
             time.sleep(0.05)
 
     def attack(self, prompt_id: str, graph: dict) -> None:
-        if prompt_id in self.tried:
+        if prompt_id in self.tried or prompt_id in self.earlier:
             return
         tried = self.tried[prompt_id] = {}
         post = lambda path, body: self.http.post(f"{self.url}{path}", json=body, timeout=60).status_code  # noqa: E731
@@ -75,6 +79,18 @@ class Attacker(threading.Thread):
                 "filename": os.path.basename(name), "subfolder": os.path.dirname(name), "type": "input"},
                 timeout=10).status_code
 
+    def listen(self, prompt_id: str, client_id) -> None:
+        """Take over the websocket session of the prompt's client (its progress, file names)."""
+        tried = self.tried.get(prompt_id, {})
+        if "websocket" in tried or not client_id or prompt_id in self.earlier:
+            return
+        try:
+            websocket.create_connection(f"{self.url.replace('http', 'ws', 1)}/ws?clientId={client_id}",
+                                        timeout=10).close()
+            tried["websocket"] = 101
+        except websocket.WebSocketBadStatusException as exc:
+            tried["websocket"] = exc.status_code
+
     def read(self, entry: dict) -> None:
         for output in entry.get("outputs", {}).values():
             for records in output.values():
@@ -92,6 +108,7 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     install_key_e(comfy_host.base)
     url = comfy_host.server.url
     before = server_state(comfy_host)
+    attacker = Attacker(url)
     # A UI user saves a key into models/diffprivacy_keys, as SECURITY.md recommends.
     ui_key = comfy_host.client.run({
         "load": {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": "cli-test-e.dpkey.safetensors",
@@ -101,7 +118,6 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     (record,) = ui_key.files("save", "diffprivacy_keys")
     ui_key_file = comfy_host.saved_file(record)
 
-    attacker = Attacker(url)
     attacker.start()
     try:
         out = tmp_path / "out"
@@ -123,10 +139,12 @@ def test_another_client_can_neither_delete_swap_nor_read_a_run(comfy_host, photo
     for tried in commands.values():
         assert tried["delete history"] == 403 and tried.get("swap", 403) == 403, tried
         assert tried.get("same id", 400) in (400, 403), tried  # the command's id is taken
-        assert tried.get("view upload", 403) == 403, tried
+        assert tried.get("view upload", 403) == 403 and tried.get("websocket", 403) == 403, tried
     assert any("view upload" in t for t in commands.values()), "the original was tried"
+    assert any("websocket" in t for t in commands.values()), "the command's websocket session was tried"
     assert all(status == 403 for record, status in attacker.views if "diffpriv-jobs" in record["subfolder"])
     assert not any(PASSPHRASE in text for text in attacker.polled), "the passphrase never reached the server"
+    assert not any("diffprivacy_job" in text for text in attacker.polled), "job tokens never reach the queue"
     assert ui_key_file.is_file(), "the UI user's key is still there"
     files, history = server_state(comfy_host)
     # (ComfyUI lets any client delete a UI user's history entry; the key file is what matters.)
