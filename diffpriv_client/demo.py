@@ -75,10 +75,11 @@ def models_dir(cache_dir: Path) -> Path:
 
 
 def use_demo_models(graph: dict) -> None:
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT  # imports torch: only here
+    from diffpriv_testmodels.comfy_models import (ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT,  # imports torch: only here
+                                                  TEST_THRESHOLD)
 
     graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (DEMO_CHECKPOINT, CLIP_VISION)})
-    graphs.set_face_recognizer(graph, ARCFACE_ONNX)
+    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
 
 
 def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:

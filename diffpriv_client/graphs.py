@@ -115,10 +115,12 @@ def set_models(graph: dict, files: dict[str, str]) -> None:
                 node["inputs"][input_name] = files[folder]
 
 
-def set_face_recognizer(graph: dict, option: str) -> None:
-    """Point every face recogniser loader at another file ("<folder>/<file>", used by --demo-weights)."""
+def set_face_recognizer(graph: dict, option: str, threshold: float = 0.0) -> None:
+    """Point every face recogniser loader at another file ("<folder>/<file>", used by
+    --demo-weights), with its same-person ``threshold`` (0: the file is known by its content)."""
     for node in nodes_of(graph, "DiffPrivacyFaceRecognizerLoader"):
         node["inputs"]["model_name"] = option
+        node["inputs"]["threshold"] = threshold
 
 
 def set_target_similarity(graph: dict, margin: float | None = None) -> None:

@@ -153,8 +153,12 @@ def _recognizers(args: argparse.Namespace) -> list:
         from diffpriv_client.embedded import find_comfyui
 
         models = find_comfyui() / "models"
-    given = [(name, path) for name, path in (("ArcFace", args.arcface), ("FaceNet", args.facenet)) if path]
-    extra = [load_pack_recognizer(path, name) for name, path in given]  # a wrong path fails before the rest
+    from diffpriv_core.faces.recognizers import ARCFACE_THRESHOLD, FACENET_THRESHOLD
+
+    given = [(name, path, threshold) for name, path, threshold in (("ArcFace", args.arcface, ARCFACE_THRESHOLD),
+                                                                   ("FaceNet", args.facenet, FACENET_THRESHOLD)) if path]
+    # At the paper's thresholds, as the options say; a wrong path fails before the rest.
+    extra = [load_pack_recognizer(path, name, threshold) for name, path, threshold in given]
     return [DlibRecognizer(), *installed_recognizers(models), *extra]
 
 

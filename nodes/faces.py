@@ -41,18 +41,21 @@ class FaceDetect(io.ComfyNode):
             description="Finds faces and their 5 landmarks with MTCNN (weights ship with facenet-pytorch), or "
                         "with insightface's SCRFD detector from models/insightface when you have it.",
             inputs=[
-                io.Image.Input("image"),
-                io.Combo.Input("select", options=list(SELECT), default="all"),
+                io.Image.Input("image", tooltip="the photo(s) to find faces in"),
+                io.Combo.Input("select", options=list(SELECT), default="all",
+                               tooltip="all: every face found; index: only face `index` (0 = largest)"),
                 io.Int.Input("index", default=0, min=0, max=64, tooltip="face to keep with select=by_index (0 = largest)"),
                 io.Int.Input("min_size", default=20, min=12, max=4096, tooltip="smaller faces are ignored (pixels)"),
-                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="the detector's confidence a face needs; lower it for small or turned faces"),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip reports the image and goes on"),
                 io.Combo.Input("detector", options=detector_options(), default=MTCNN, optional=True,
                                tooltip="mtcnn: ships with facenet-pytorch; insightface SCRFD files need the "
                                        "optional insightface package (non-commercial research licence)"),
             ],
-            outputs=[Faces.Output(display_name="faces"), io.Mask.Output(display_name="face_mask")],
+            outputs=[Faces.Output(display_name="faces", tooltip="per image, its faces: box, five landmarks, score"),
+                     io.Mask.Output(display_name="face_mask", tooltip="the faces' boxes, 1 inside")],
         )
 
     @classmethod
@@ -90,14 +93,16 @@ class FaceCrop(io.ComfyNode):
             description="Cuts a square around every detected face, resized to the working resolution, as one "
                         "batch (photo by photo, largest face first). Each crop is then protected with its own key.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="the photo(s) Face Detect ran on"),
                 Faces.Input("faces", tooltip="from Face Detect on the same image"),
                 io.Int.Input("size", default=512, min=64, max=2048, step=8,
                              tooltip="the crops' side: the resolution the model works at (512 for SD 1.5)"),
                 io.Float.Input("margin", default=0.5, min=0.0, max=2.0, step=0.05,
                                tooltip="context around the face, as a fraction of the face's size on each side"),
             ],
-            outputs=[io.Image.Output(display_name="crops"), FaceCrops.Output(display_name="crop_info")],
+            outputs=[io.Image.Output(display_name="crops", tooltip="one square crop per face, at `size` px"),
+                     FaceCrops.Output(display_name="crop_info",
+                                      tooltip="where each crop sits in its photo: for Face Paste and Save Privacy Key")],
         )
 
     @classmethod
@@ -133,7 +138,8 @@ class FacePaste(io.ComfyNode):
                 io.Float.Input("feather", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="width of the soft edge, as a fraction of the face ellipse's size"),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the photo(s) with the faces pasted back: one per candidate"),
+                     io.Mask.Output(display_name="mask", tooltip="the feathered face masks that were pasted")],
         )
 
     @classmethod

@@ -24,20 +24,22 @@ class DDIMInversionKey(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyDDIMInversionKey",
             display_name="DDIM Inversion Key (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/keys",
             description="key-I: inverts the ORIGINAL image's latent under key-E. Keep it with key-E; "
                         "together they recover the original.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="the SD 1.x checkpoint key-E was made with"),
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
-                KeyE.Input("key_e"),
-                io.Int.Input("steps", default=KEY_I.steps, min=1, max=500),
+                KeyE.Input("key_e", tooltip="the image's key-E (from MSI Inversion)"),
+                io.Int.Input("steps", default=KEY_I.steps, min=1, max=500,
+                             tooltip="DDIM inversion steps; recovery runs the same count"),
                 io.Combo.Input("mode", options=list(MODES), default=KEY_I.mode,
                                tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
             ],
-            outputs=[KeyI.Output(display_name="key_i")],
+            outputs=[KeyI.Output(display_name="key_i", tooltip="one key-I per image: the original latent inverted under "
+                                                                   "its key-E")],
         )
 
     @classmethod
@@ -62,11 +64,13 @@ class Recover(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyRecover",
             display_name="Recover (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/keys",
             description="Stage III: deterministic DDIM from key-I with key-E gives the original latent back. "
                         "A key-E that key-I was not made from is refused.",
-            inputs=[io.Model.Input("model"), KeyI.Input("key_i"), KeyE.Input("key_e")],
-            outputs=[io.Latent.Output(display_name="latent")],
+            inputs=[io.Model.Input("model", tooltip="the SD 1.x checkpoint the keys were made with"),
+                    KeyI.Input("key_i", tooltip="from Load Privacy Key (or DDIM Inversion Key)"),
+                    KeyE.Input("key_e", tooltip="the key-E of the same key file")],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="the original latent, recovered: VAE Decode it")],
         )
 
     @classmethod

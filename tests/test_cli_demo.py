@@ -20,7 +20,7 @@ from diffpriv_testmodels import cache
 from diffpriv_testmodels.comfy_models import DEMO_CHECKPOINT
 
 pytestmark = pytest.mark.host
-ASTRONAUT = PACK_DIR / "examples" / "astronaut.png"
+ASTRONAUT = PACK_DIR / "example_workflows" / "input" / "astronaut.png"
 
 
 class RecordingBoard(ProgressBoard):
@@ -73,7 +73,7 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
 
     settings, sampled = demo.SETTINGS, round(demo.SETTINGS.sampling_steps * 0.6)  # anonymize's S_ns
     steps = {(name, stage): got for (name, stage), got in RecordingBoard.steps.items() if got}
-    assert steps == {("astronaut", "Face Detect"): counted(1), ("astronaut", "Identity Guidance"): counted(1),
+    assert steps == {("astronaut", "Face Detect"): counted(1), ("astronaut", "Identity Energy Guidance"): counted(1),
                      ("astronaut", "MSI Inversion"): counted(settings.msi_steps),
                      ("astronaut", "Guided DDIM Sampler"): counted(sampled),
                      ("astronaut", "DDIM Inversion Key"): counted(settings.key_i_steps),

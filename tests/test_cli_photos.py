@@ -22,7 +22,7 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_core.faces.crop import FaceCrop, paste_faces
 from diffpriv_core.keys import load_key, save_key
-from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
+from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, TEST_THRESHOLD
 from conftest import keys_folder
 from photos import as_image, insightface_photo
 from test_host_faces import KEY_E_FILE, install_key_e
@@ -60,7 +60,7 @@ def shipped_workflow(name: str, into: Path, key_e_file: str) -> Path:
         elif node["class_type"] == "PreviewImage":
             del graph[node_id]
     graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
-    graphs.set_face_recognizer(graph, ARCFACE_ONNX)
+    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
     for node in graphs.nodes_of(graph, "DiffPrivacyFaceCrop"):
         node["inputs"]["size"] = CROP
     for node in graphs.nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):

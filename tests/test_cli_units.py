@@ -19,7 +19,7 @@ from diffpriv_client.summary import Plan, Summary, key_face
 
 from conftest import ROOT
 
-EXAMPLE = ROOT / "examples" / "astronaut.png"
+EXAMPLE = ROOT / "example_workflows" / "input" / "astronaut.png"
 
 
 class FakeServer(Server):

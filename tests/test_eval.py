@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from diffpriv_core.faces.detect import Face
+from diffpriv_core.faces.recognizers import ARCFACE_THRESHOLD
 from diffpriv_eval import metrics
 from diffpriv_eval.baselines import gaussian_blur, mosaic
 from diffpriv_eval.cli import main as eval_main
@@ -78,7 +79,7 @@ def test_dlib_distance_is_zero_to_itself_and_above_threshold_between_people(loca
 
 
 def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface_file):
-    recognizer = load_pack_recognizer(arcface_file, "ArcFace")
+    recognizer = load_pack_recognizer(arcface_file, "ArcFace", ARCFACE_THRESHOLD)
     assert recognizer.threshold == pytest.approx(0.8)  # the paper's ArcFace distance
     item = located["astronaut"]
     shifted = np.roll(item.image, shift=(5, 7), axis=(0, 1))  # 5 px down, 7 px right

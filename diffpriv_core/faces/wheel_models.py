@@ -211,10 +211,10 @@ FACENET_CASIA = WheelModel(
 WHEEL_MODELS = (SFACE, FACENET_CASIA)
 
 
-def check_installed(path: Path) -> None:
-    """Refuse a file that carries one of these recognisers' names but not its bytes."""
+def check_installed(path: Path, digest: str) -> None:
+    """Refuse a file (of sha256 ``digest``) that carries one of these recognisers' names but not its bytes."""
     for model in WHEEL_MODELS:
-        if path.name == model.file and sha256(path) != model.file_sha256:
+        if path.name == model.file and digest != model.file_sha256:
             raise AlteredModelError(
                 f"{path.name} in {path.parent} is not the file the setup installs (sha256 differs: damaged or "
                 f"replaced). Delete it and run {SETUP_COMMAND} to install {model.what} again.")
