@@ -13,7 +13,7 @@ from diffpriv_client import nodedocs
 from diffpriv_client.embedded import PACK_LINK_NAME
 
 pytestmark = pytest.mark.host
-GROUPS = ("protect", "keys", "faces", "image")
+GROUPS = ("protect", "keys", "faces", "image", "evaluation")
 
 
 @pytest.fixture(scope="module")
