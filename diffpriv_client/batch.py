@@ -16,7 +16,8 @@ import re
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +29,11 @@ from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary
 
 from . import graphs
 from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult
+from .pictures import PhotoError, read_photo
 from .progress import ProgressBoard, stage_title
 from .servers import Executing, Finished, Lost, Progress, Server, choose_server
 from .summary import Summary
+from .verify import NotProtected, describe
 
 POLL_S = 0.2
 REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so its clocks move
@@ -43,12 +46,16 @@ class Job:
     # Uploads what the job needs to this server; returns the filled-in graph and the names
     # of the uploads (removed from the server afterwards).
     build: Callable[[ComfyClient], tuple[dict, list[str]]]
+    # Protect jobs: check(graph, result, pictures, keys) checks what came back before any of
+    # it is written and returns the summary's report of it (verify.check_protected).
+    check: Callable[..., dict] | None = None
 
 
 @dataclass
 class Downloaded:
     outputs: list[Path]
     keys: list[Path]
+    report: dict = field(default_factory=dict)  # what the job's check found (summary fields)
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,11 @@ class UnsafeDownload(RuntimeError):
 
 
 def upload_photo(client: ComfyClient, path: Path) -> str:
-    """Upload under a new random name, so two users' photos never replace each other."""
-    return client.upload_image(path, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
-                               name=f"{secrets.token_hex(12)}{path.suffix.lower()}")
+    """Upload the photo as the command sends every photo (pictures.read_photo: upright, 8-bit
+    sRGB, none of the file's metadata), under a new random name, so two users' photos never
+    replace each other."""
+    return client.upload_image(None, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
+                               name=f"{secrets.token_hex(12)}.png", data=read_photo(path).png())
 
 
 def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup()) -> list[str]:
@@ -163,21 +172,27 @@ class _Batch:
 
     def _finish(self, server: Server, event: Finished) -> None:
         job = event.job
+        graph = self.submitted[job][0]
         try:
             result = ComfyClient.result_of(event.prompt_id, event.entry)
-            files = download(server.client, result, self.summary.out_dir / job.name,
-                             graphs.output_labels(self.submitted[job][0]))
+            files = download(server.client, result, self.summary.out_dir / job.name, graphs.output_labels(graph),
+                             partial(job.check, graph) if job.check else None)
         except requests.ConnectionError:
             self.pending.appendleft(job)  # finished, but the server died before we had the files
             return
         except PromptFailed as exc:
             self._fail(job, server, exc.message or "the prompt failed")
-        except (UnsafeDownload, OSError) as exc:
+        except NotProtected as exc:
+            self._fail(job, server, str(exc), **exc.report)
+            self.bar.write(describe(job.name, self.summary.results[job.name]))
+        except (UnsafeDownload, PhotoError, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
             self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
                                 seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
+                                identity=identity_of(result), passes=passes_of(result, graph), **files.report)
+            if job.check:
+                self.bar.write(describe(job.name, self.summary.results[job.name]))
             self.bar.update(1)
         self._clean(server, job, event.prompt_id)
 
@@ -209,8 +224,10 @@ class _Batch:
         while self.pending:
             self._fail(self.pending.popleft(), None, message)
 
-    def _fail(self, job: Job, server: Server | None, message: str) -> None:
-        self.summary.record(job.name, job.source, "failed", server=server.url if server else None, error=message)
+    def _fail(self, job: Job, server: Server | None, message: str, **report) -> None:
+        """``report``: what the job's check found of the photo (summary fields)."""
+        self.summary.record(job.name, job.source, "failed", server=server.url if server else None, error=message,
+                            **report)
         self.bar.write(f"{job.name}: failed: {message}")
         self.bar.update(1)
 
@@ -218,25 +235,31 @@ class _Batch:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def download(client: ComfyClient, result: PromptResult, folder: Path, labels: dict[str, str]) -> Downloaded:
+def download(client: ComfyClient, result: PromptResult, folder: Path, labels: dict[str, str],
+             check: Callable[..., dict] | None = None) -> Downloaded:
     """The saved pictures ('images') and key files ('diffprivacy_keys') of the nodes in
     ``labels``, written as new owner-only files named ``<label>_00001_.png`` and
     ``<label>[_face<N>]_00001.dpkey.safetensors`` in ``folder``.
 
     Every record is checked and every file fetched before anything is written: an unsafe
-    record or a damaged key raises UnsafeDownload and writes nothing. Previews (type
-    'temp') are skipped.
+    record or a damaged key raises UnsafeDownload and writes nothing, and so does whatever
+    ``check(result, pictures, keys)`` raises (pictures: (node id, bytes)); what it returns
+    is the download's report. Previews (type 'temp') are skipped.
     """
-    fetched = []
+    fetched, pictures = [], []
     for node_id, label in labels.items():
         for kind in ("images", "diffprivacy_keys"):
             for record in result.files(node_id, kind):
                 check_record(record)
                 if record.get("type") == "output":
                     fetched.append((kind, safe_label(label), record, client.view(record)))
+                    if kind == "images":
+                        pictures.append((node_id, fetched[-1][-1]))
     named = [(kind, *file_name(kind, label, record, data), data) for kind, label, record, data in fetched]
+    report = check(result, pictures, [data for kind, *_, data in fetched if kind == "diffprivacy_keys"]) \
+        if check else {}
     folder.mkdir(parents=True, exist_ok=True)
-    got = Downloaded([], [])
+    got = Downloaded([], [], report)
     for kind, stem, tail, data in named:
         (got.keys if kind == "diffprivacy_keys" else got.outputs).append(write_numbered(folder, stem, tail, data))
     return got

@@ -33,6 +33,7 @@ from .embedded import EmbeddedComfy, prepare_base_directory
 from .preflight import PreflightError, check_models, photo_problem, refused_photos
 from .servers import Server
 from .summary import Summary, write_contact_sheet
+from .verify import check_protected
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--margin", type=float, metavar="COSINE",
                          help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
                               "(default: the workflow's, 0.05 in the shipped ones)")
+    protect.add_argument("--strict", action="store_true",
+                         help="fail a photo in which Face Detect reports any possible face it did not protect (a "
+                              "candidate scoring under its threshold, or one its size or selection settings left out)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -180,8 +184,8 @@ def recover_command(args) -> int:
 # A command's jobs: make_jobs(args, template, passphrase, conn, todo) -> list[Job]. Module
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps))
-            for name, path in todo.items()]
+    return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps),
+                check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:

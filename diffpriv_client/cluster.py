@@ -296,7 +296,8 @@ class _ClusterBatch:
         self.summary.record(name, self.todo[name], entry["status"],
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
                             seconds=entry["seconds"], server=info["server"], node=info["node"],
-                            error=entry["error"], identity=entry["identity"], passes=entry["passes"])
+                            error=entry["error"], identity=entry["identity"], passes=entry["passes"],
+                            photo=entry.get("photo"), detection=entry.get("detection"))
         if entry["status"] == "ok":
             self.done_on[info["node"]] += 1
         else:

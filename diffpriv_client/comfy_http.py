@@ -6,6 +6,7 @@ on ``/ws``, read the result from ``/history`` and download files from ``/view``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -99,15 +100,15 @@ class ComfyClient:
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 
-    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True,
-                     name: str | None = None) -> str:
-        """Upload a picture to the server's input folder (as ``name``, default its own);
-        returns the name nodes refer to."""
-        path = Path(path)
-        with path.open("rb") as fh:
+    def upload_image(self, path: str | Path | None, subfolder: str = "", overwrite: bool = True,
+                     name: str | None = None, data: bytes | None = None) -> str:
+        """Upload a picture to the server's input folder (as ``name``, default its own): the
+        file at ``path``, or the bytes ``data`` (then ``name`` is needed); returns the name
+        nodes refer to."""
+        with (Path(path).open("rb") if data is None else contextlib.nullcontext(data)) as content:
             r = self.http.post(
                 f"{self.base_url}/upload/image",
-                files={"image": (name or path.name, fh)},
+                files={"image": (name or Path(path).name, content)},
                 data={"subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
                 timeout=self.timeout,
             )

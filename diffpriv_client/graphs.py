@@ -156,6 +156,14 @@ def msi_sees_the_photo(graph: dict) -> bool:
     return False
 
 
+def pasted_saves(graph: dict) -> set[str]:
+    """The SaveImage nodes that save a Face Paste's photos (the protected photos of the
+    every-face workflows)."""
+    return {node_id for node_id, node in graph.items() if node.get("class_type") == "SaveImage"
+            and _is_link(source := node.get("inputs", {}).get("images"))
+            and graph.get(str(source[0]), {}).get("class_type") == "DiffPrivacyFacePaste" and source[1] == 0}
+
+
 def required_models(graph: dict) -> dict[str, set[str]]:
     """The model files the graph loads: {models sub-folder: {file names}}."""
     wanted: dict[str, set[str]] = {}

@@ -11,15 +11,13 @@ seconds of its turn.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-
-from PIL import Image
 
 from diffpriv_core.frame import msi_size_problem
 
 from .comfy_http import ComfyClient
 from .graphs import MODEL_INPUTS
+from .pictures import PhotoError, read_photo
 
 WHERE_TO_GET = {
     "checkpoints": "a Stable Diffusion 1.5 checkpoint, from the SD 1.5 model card: "
@@ -35,19 +33,14 @@ class PreflightError(RuntimeError):
 
 
 def photo_problem(path: Path, whole_image: bool) -> str | None:
-    """Why the server could not protect this photo, or None: unreadable, or (when MSI trains
+    """Why the server could not protect this photo, or None: not a picture the command can
+    send (pictures.read_photo: unreadable, cut off, several frames, ...), or (when MSI trains
     on the whole photo) a size MSI cannot take. The limits hold for either orientation, so
     an EXIF rotation changes nothing."""
-    with warnings.catch_warnings():
-        # Photos over PIL's bomb limit (179 MP) are refused, as the server's Load Image would
-        # refuse them; its warning at half that size is no news to the user.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as image:
-                image.load()
-                width, height = image.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return f"not a readable image ({exc})"
+    try:
+        width, height = read_photo(path).size
+    except PhotoError as exc:
+        return str(exc)
     return msi_size_problem(height, width) if whole_image else None
 
 

@@ -42,12 +42,15 @@ class Summary:
 
     def record(self, name: str, source: Path, status: str, outputs: list[Path] = (), keys: list[Path] = (),
                seconds: float | None = None, server: str | None = None, error: str | None = None,
-               node: str | None = None, identity: list[dict] = (), passes: list[dict] = ()) -> None:
+               node: str | None = None, identity: list[dict] = (), passes: list[dict] = (),
+               photo: dict | None = None, detection: dict | None = None) -> None:
         """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray);
         ``identity``: per guided image, the guiding recogniser's cosine of each sample to the
         original, its threshold and verdict (the Guided DDIM Sampler's or Identity Similarity's
         report); ``passes``: per face, the network passes of each stage and their total
-        (batch.passes_of)."""
+        (batch.passes_of); ``photo``: the size and conversions of the picture the command sent;
+        ``detection``: what Face Detect found, possible faces not protected included
+        (verify.detection_report)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
@@ -61,6 +64,8 @@ class Summary:
             "node": node,
             "error": error,
         }
+        # Protect's fields, present once known (a photo refused before queueing has neither).
+        self.results[name].update({k: v for k, v in (("photo", photo), ("detection", detection)) if v is not None})
         self.save()
 
     def save(self) -> None:

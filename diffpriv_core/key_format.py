@@ -145,18 +145,22 @@ def read_public_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def face_crop_summary(meta: dict[str, str]) -> dict | None:
-    """{"face": index, "box": [x1, y1, x2, y2]} of a per-face key's metadata; None for a
+    """{"face": index, "box": [x1, y1, x2, y2], "crop": [x, y, side]} of a per-face key's
+    metadata (the face, and the square cut around it, in photo pixels); None for a
     whole-image key. Refuses geometry that is not the numbers Face Crop writes."""
     text = meta.get(CROP_META)
     if text is None:
         return None
     try:
         crop = json.loads(text)
-        face, box = crop["face_index"], crop["face_box"]
+        face, box, square = crop["face_index"], crop["face_box"], crop["box"]
         if not isinstance(face, int) or isinstance(face, bool) or len(box) != 4 or \
                 not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
             raise TypeError("face_index must be an integer and face_box four numbers")
-        return {"face": face, "box": [round(float(v), 1) for v in box]}
+        if len(square) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in square) \
+                or square[2] < 1:
+            raise TypeError("box must be three integers, the square's x, y and side")
+        return {"face": face, "box": [round(float(v), 1) for v in box], "crop": list(square)}
     except (ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"the key file's face crop metadata is damaged ({exc})") from None
 
