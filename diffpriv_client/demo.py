@@ -23,6 +23,7 @@ from diffpriv_core.key_format import KEY_SUFFIX
 from . import graphs
 from .batch import Cleanup, Job, run_batch, upload_photo
 from .embedded import PACK_DIR
+from .pictures import read_photo
 from .servers import Server
 from .summary import Summary
 
@@ -102,15 +103,18 @@ CHECK_FOLDER = "recovery-check"
 
 def check_recovery(summary: Summary, template: dict, passphrase: str, servers: list[Server], cleanup: Cleanup,
                    recover_graph) -> list[str]:
-    """Recover every face the run protected, back into its original photo, and print how
-    close each comes to the VAE's reconstruction of the original (the best any recovery can
-    do) next to how close the protected candidates come. ``recover_graph(template, key,
-    name, passphrase, photo, client)`` builds a recovery prompt, as `diffpriv recover` does.
-    Returns what could not be removed from the servers."""
+    """Recover every face the run protected as a user does, into its protected photo (the
+    first candidate), and print, over the pixels the protection changed around that face,
+    how close the recovery comes to the VAE's reconstruction of the original (the best any
+    recovery can do) and to the original, next to how close the protected candidates come.
+    ``recover_graph(template, key, name, passphrase, photo, client)`` builds a recovery
+    prompt, as `diffpriv recover --photo` does. Returns what could not be removed from the
+    servers."""
     if not graphs.nodes_of(template, "DiffPrivacyFacePaste"):
         print("recovery check: only in the every-face mode (the default)")
         return []
-    done = {name: entry for name, entry in summary.results.items() if entry["status"] == "ok" and entry["keys"]}
+    done = {name: entry for name, entry in summary.results.items()
+            if entry["status"] == "ok" and entry["keys"] and entry["outputs"]}
     if not done:
         return []
     recover_template = graphs.load_workflow(graphs.default_workflow("recover_face"))
@@ -119,13 +123,14 @@ def check_recovery(summary: Summary, template: dict, passphrase: str, servers: l
     check = Summary(summary.out_dir / CHECK_FOLDER, "recover")
     jobs = []
     for name, entry in done.items():
-        photo = Path(entry["source"])
+        photo, protected = Path(entry["source"]), summary.out_dir / entry["outputs"][0]
         jobs.append(Job(f"{name}_reconstruction", photo, partial(_reconstruction_prompt, reconstruction, photo,
                                                                   f"{name}_reconstruction")))
-        jobs += [Job(_key_name(key), summary.out_dir / key,
-                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), passphrase, photo))
+        jobs += [Job(_key_name(key), summary.out_dir / key, partial(recover_graph, recover_template,
+                                                                     summary.out_dir / key, _key_name(key),
+                                                                     passphrase, protected))
                  for key in entry["keys"]]
-    print("recovery check: recovering each face into its original photo ...", file=sys.stderr)
+    print("recovery check: recovering each face into its protected photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
     for name, entry in done.items():
         for line in _report(name, entry, summary.out_dir, check):
@@ -154,15 +159,28 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+# A recovered pixel this far from the VAE's reconstruction, in any channel, is "off".
+OFF_LEVEL = 20 / 255
+
+
+def changed_region(protected: np.ndarray, original: np.ndarray, square) -> np.ndarray:
+    """[H, W] bool: the pixels the protection changed inside one face's crop square."""
+    x, y, side = square
+    inside = np.zeros(original.shape[:2], dtype=bool)
+    inside[max(0, y):max(0, y + side), max(0, x):max(0, x + side)] = True
+    return inside & np.any(protected != original, axis=-1)
+
+
 def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
-    """Per face: PSNR over the pixels its recovery changed in the original photo."""
+    """Per face: its recovery into the protected photo, over the pixels the protection changed."""
     results = check.results
     recon_entry = results.get(f"{name}_reconstruction", {})
     if recon_entry.get("status") != "ok":
         return [f"recovery check: {name}: the reconstruction failed: {recon_entry.get('error')}"]
-    original = _pixels(Path(entry["source"]))
+    original = read_photo(entry["source"]).pixels / 255.0  # the photo as the command sent it
     reconstruction = _pixels(check.out_dir / recon_entry["outputs"][0])
     protected = [p for p in (_pixels(out_dir / rel) for rel in entry["outputs"]) if p.shape == original.shape]
+    squares = {face["key"]: face["crop"] for face in entry["faces"]}
     lines = []
     for key in entry["keys"]:
         got = results.get(_key_name(key), {})
@@ -170,9 +188,13 @@ def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
             lines.append(f"recovery check: {_key_name(key)}: recovery failed: {got.get('error')}")
             continue
         recovered = _pixels(check.out_dir / got["outputs"][0])
-        face = np.any(recovered != original, axis=-1)  # this face's pasted pixels (other faces stay original)
-        candidates = ", ".join(f"{psnr(p[face], reconstruction[face]):.1f}" for p in protected)
-        lines.append(f"recovery check: {_key_name(key)}: recovered vs VAE reconstruction "
-                     f"{psnr(recovered[face], reconstruction[face]):.1f} dB; protected candidates vs VAE "
-                     f"reconstruction {candidates} dB (over the face's {int(face.sum())} pixels; higher is closer)")
+        changed = changed_region(_pixels(out_dir / entry["outputs"][0]), original, squares[key])  # recovered into
+        off = int(np.sum(np.abs(recovered[changed] - reconstruction[changed]).max(axis=-1) > OFF_LEVEL))
+        candidates = ", ".join(f"{psnr(p[changed], reconstruction[changed]):.1f}" for p in protected)
+        lines.append(f"recovery check: {_key_name(key)}: recovered into the protected photo vs VAE reconstruction "
+                     f"{psnr(recovered[changed], reconstruction[changed]):.1f} dB ({off} pixels off by more than "
+                     f"20/255); protected candidates vs VAE reconstruction {candidates} dB; recovered vs original "
+                     f"{psnr(recovered[changed], original[changed]):.1f} dB, VAE reconstruction vs original "
+                     f"{psnr(reconstruction[changed], original[changed]):.1f} dB (over the {int(changed.sum())} "
+                     "pixels the protection changed; higher is closer)")
     return lines

@@ -187,15 +187,15 @@ def ancestors(graph: dict, node_id: str) -> set[str]:
 
 def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     """From an every-face protect template: each face's crop through the VAE and back (encode,
-    decode), pasted into the photo the way the protected faces are: what a perfect recovery
-    gives. Built from the template's own nodes, so the faces, crops and mask are the same."""
+    decode), pasted into the photo the way a recovered face is (Face Paste's ``restore``): what
+    a perfect recovery gives. Built from the template's own nodes, so the faces, crops and mask are the same."""
     (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
     (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
     graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
     vae = template[encode_id]["inputs"]["vae"]
     graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
     graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
-        paste["inputs"], faces=["reconstruction_decode", 0])}
+        paste["inputs"], faces=["reconstruction_decode", 0], restore=True)}
     graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
         "images": ["reconstruction_paste", 0], "filename_prefix": label}}
     missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]

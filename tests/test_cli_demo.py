@@ -60,12 +60,14 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
     summary = Summary(out, "protect")
     assert demo.check_recovery(summary, template, "", [Server(url, 4)], Cleanup(), cli._recover_graph) == []
     printed = capsys.readouterr().out
-    found = re.search(r"astronaut_face0_00001: recovered vs VAE reconstruction ([\d.]+) dB; protected candidates vs "
-                      r"VAE reconstruction ([\d., ]+) dB", printed)
+    found = re.search(r"astronaut_face0_00001: recovered into the protected photo vs VAE reconstruction ([\d.]+) dB "
+                      r"\((\d+) pixels off by more than 20/255\); protected candidates vs VAE reconstruction "
+                      r"([\d., ]+) dB; .* \(over the (\d+) pixels the protection changed", printed)
     assert found, printed
-    recovered, candidates = float(found[1]), [float(c) for c in found[2].split(", ")]
+    recovered, off, changed = float(found[1]), int(found[2]), int(found[4])
+    candidates = [float(c) for c in found[3].split(", ")]
     assert len(candidates) == 4, "the anonymize preset's four candidates"
-    assert recovered > 40 and recovered > max(candidates) + 20, printed
+    assert recovered > 40 and recovered > max(candidates) + 20 and off == 0 and changed > 10_000, printed
     check = Summary(out / demo.CHECK_FOLDER, "recover")
     assert {name: entry["status"] for name, entry in check.results.items()} == {
         "astronaut_reconstruction": "ok", "astronaut_face0_00001": "ok"}

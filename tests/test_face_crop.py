@@ -118,3 +118,26 @@ def test_no_face_anywhere_blocks_everything_downstream(comfy_inproc):
     faces, _ = nodes.FaceDetect.execute(blank, "all", 0, 20, 0.9, "skip").args
     out = nodes.FaceCrop.execute(blank, faces, SIZE, 0.5).args
     assert faces == [[]] and all(isinstance(o, ExecutionBlocker) and o.message is None for o in out)
+
+
+
+def test_a_recovered_face_replaces_every_pixel_its_protection_changed(group):
+    """Protect (paste noise), then put the original crop back as a recovery does: with
+    ``restore`` every pixel the protection changed is the recovered crop's, whatever the
+    protected photo held there; the protection's own mask would leave a ring of protected
+    pixels at its feathered edge."""
+    photo, faces = group
+    crops = plan_crops(faces, photo.shape[1], photo.shape[2], SIZE, margin=0.5)[:1]
+    recovered = crop_faces(photo, crops)
+    noise = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(1))
+    protected, _ = paste_faces(photo, noise, crops)
+    changed = (protected[0] != photo[0]).any(-1)
+    restored, masks = paste_faces(protected, recovered, crops, restore=True)
+    assert torch.equal(masks[0][changed], torch.ones(int(changed.sum()))), "full weight wherever it changed"
+    into_original, _ = paste_faces(photo, recovered, crops, restore=True)
+    assert torch.equal(restored[0][changed], into_original[0][changed]), "nothing of the protected face is left"
+    beyond = masks[0] == 0
+    assert torch.equal(restored[0][beyond], protected[0][beyond]), "untouched beyond its mask"
+    assert ((masks[0] > 0) & ~changed).any(), "it fades out over pixels the protection left alone"
+    ring, _ = paste_faces(protected, recovered, crops)
+    assert (ring[0][changed] - into_original[0][changed]).abs().max() > 0.1, "the protection's mask leaves a ring"
