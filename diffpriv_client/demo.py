@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffpriv_core.faces.mask import protected_pixels
 from diffpriv_core.key_format import KEY_SUFFIX
 
 from . import graphs
@@ -132,8 +133,9 @@ def check_recovery(summary: Summary, template: dict, passphrase: str, servers: l
                  for key in entry["keys"]]
     print("recovery check: recovering each face into its protected photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
+    (paste,) = graphs.nodes_of(template, "DiffPrivacyFacePaste")
     for name, entry in done.items():
-        for line in _report(name, entry, summary.out_dir, check):
+        for line in _report(name, entry, summary.out_dir, check, paste["inputs"]["feather"]):
             print(line)
     return not_removed
 
@@ -163,15 +165,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 OFF_LEVEL = 20 / 255
 
 
-def changed_region(protected: np.ndarray, original: np.ndarray, square) -> np.ndarray:
-    """[H, W] bool: the pixels the protection changed inside one face's crop square."""
-    x, y, side = square
-    inside = np.zeros(original.shape[:2], dtype=bool)
-    inside[max(0, y):max(0, y + side), max(0, x):max(0, x + side)] = True
-    return inside & np.any(protected != original, axis=-1)
+def changed_region(protected: np.ndarray, original: np.ndarray, face: dict, feather: float) -> np.ndarray:
+    """[H, W] bool: the pixels the protection of one face (a summary's face entry) changed:
+    those that differ from the original under its paste's mask (with this ``feather``)."""
+    under = protected_pixels(face["crop"], face["box"], feather, *original.shape[:2])
+    return under & np.any(protected != original, axis=-1)
 
 
-def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
+def _report(name: str, entry: dict, out_dir: Path, check: Summary, feather: float) -> list[str]:
     """Per face: its recovery into the protected photo, over the pixels the protection changed."""
     results = check.results
     recon_entry = results.get(f"{name}_reconstruction", {})
@@ -180,7 +181,7 @@ def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
     original = read_photo(entry["source"]).pixels / 255.0  # the photo as the command sent it
     reconstruction = _pixels(check.out_dir / recon_entry["outputs"][0])
     protected = [p for p in (_pixels(out_dir / rel) for rel in entry["outputs"]) if p.shape == original.shape]
-    squares = {face["key"]: face["crop"] for face in entry["faces"]}
+    faces = {face["key"]: face for face in entry["faces"]}
     lines = []
     for key in entry["keys"]:
         got = results.get(_key_name(key), {})
@@ -188,7 +189,7 @@ def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
             lines.append(f"recovery check: {_key_name(key)}: recovery failed: {got.get('error')}")
             continue
         recovered = _pixels(check.out_dir / got["outputs"][0])
-        changed = changed_region(_pixels(out_dir / entry["outputs"][0]), original, squares[key])  # recovered into
+        changed = changed_region(_pixels(out_dir / entry["outputs"][0]), original, faces[key], feather)
         off = int(np.sum(np.abs(recovered[changed] - reconstruction[changed]).max(axis=-1) > OFF_LEVEL))
         candidates = ", ".join(f"{psnr(p[changed], reconstruction[changed]):.1f}" for p in protected)
         lines.append(f"recovery check: {_key_name(key)}: recovered into the protected photo vs VAE reconstruction "

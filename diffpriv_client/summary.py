@@ -14,11 +14,14 @@ from PIL import Image, ImageDraw
 
 from diffpriv_core.key_format import face_crop_summary, read_public_metadata
 
+from .pictures import PhotoError, read_photo
+
 SUMMARY_NAME = "summary.json"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 # "skipped": done by an earlier run, files kept; a later run skips it again.
 DONE_STATUSES = ("ok", "skipped")
-THUMB_PX = 128
+THUMB_PX = 256  # high enough to read the face labels on the source photo
+PROTECTED_COLOUR, UNPROTECTED_COLOUR = "#00e040", "#ff2020"
 
 
 class Summary:
@@ -106,15 +109,17 @@ def key_face(path: Path) -> dict | None:
 
 
 def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | None:
-    """One PNG for the run: a row per finished item, its source picture (when it is one)
-    then its outputs, each scaled to THUMB_PX high. None when nothing finished."""
+    """One PNG for the run: a row per finished item, its source picture (when it is one,
+    upright as the command sent it, every protected face's box marked with its index and
+    protection, every possible face not protected in another colour) then its outputs, each
+    scaled to THUMB_PX high. None when nothing finished."""
     rows = []
     for entry in summary.results.values():
         if entry["status"] not in DONE_STATUSES:
             continue
-        pictures = [Path(entry["source"])] if show_source else []
-        pictures += [summary.out_dir / rel for rel in entry["outputs"]]
-        rows.append([_thumbnail(p) for p in pictures if p.is_file()])
+        row = [_source_thumbnail(entry)] if show_source and Path(entry["source"]).is_file() else []
+        row += [_thumbnail(p) for p in (summary.out_dir / rel for rel in entry["outputs"]) if p.is_file()]
+        rows.append(row)
     rows = [row for row in rows if row]
     if not rows:
         return None
@@ -132,8 +137,40 @@ def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | No
 
 def _thumbnail(path: Path) -> Image.Image:
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        width = max(1, round(img.width * THUMB_PX / img.height))
-        thumb = img.resize((width, THUMB_PX))
+        return _framed(img.convert("RGB"))
+
+
+def _framed(img: Image.Image) -> Image.Image:
+    width = max(1, round(img.width * THUMB_PX / img.height))
+    thumb = img.resize((width, THUMB_PX))
     ImageDraw.Draw(thumb).rectangle([0, 0, width - 1, THUMB_PX - 1], outline="white")
     return thumb
+
+
+def _source_thumbnail(entry: dict) -> Image.Image:
+    """The photo as the command sent it, with the boxes of its faces: protected ones in
+    PROTECTED_COLOUR, labelled "<index> <protection>"; possible faces not protected, and
+    faces found without a key, in UNPROTECTED_COLOUR."""
+    try:
+        pixels = read_photo(entry["source"]).pixels
+    except PhotoError:
+        return _thumbnail(Path(entry["source"]))  # a picture the command did not send: shown as it is
+    thumb, scale = _framed(Image.fromarray(pixels)), THUMB_PX / pixels.shape[0]
+    draw = ImageDraw.Draw(thumb)
+    keyed = set()
+    for face in entry.get("faces", []):
+        keyed.add(face["face"])
+        _mark(draw, face["box"], scale, PROTECTED_COLOUR, f"{face['face']} {face.get('protection') or 'protected'}")
+    detection = entry.get("detection") or {}
+    for face in detection.get("faces", []):
+        if face["face"] not in keyed:
+            _mark(draw, face["box"], scale, UNPROTECTED_COLOUR, f"{face['face']} NO KEY")
+    for possible in detection.get("possible", []):
+        _mark(draw, possible["box"], scale, UNPROTECTED_COLOUR, f"? {possible['score']:.2f}")
+    return thumb
+
+
+def _mark(draw: ImageDraw.ImageDraw, box, scale: float, colour: str, label: str) -> None:
+    x1, y1, x2, y2 = (v * scale for v in box)
+    draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+    draw.text((x1 + 2, max(0.0, y1 - 11)), label, fill=colour)

@@ -6,6 +6,7 @@ import torch
 
 from diffpriv_core.faces.crop import FaceCrop, crop_faces, face_mask, paste_faces, plan_crops
 from diffpriv_core.faces.detect import detect_faces
+from diffpriv_core.faces.mask import protected_pixels
 from photos import as_image, insightface_photo
 
 SIZE = 128
@@ -141,3 +142,14 @@ def test_a_recovered_face_replaces_every_pixel_its_protection_changed(group):
     assert ((masks[0] > 0) & ~changed).any(), "it fades out over pixels the protection left alone"
     ring, _ = paste_faces(protected, recovered, crops)
     assert (ring[0][changed] - into_original[0][changed]).abs().max() > 0.1, "the protection's mask leaves a ring"
+
+
+def test_the_command_knows_the_pixels_a_paste_may_change(group):
+    """mask.protected_pixels (torch-free, for the command) is where Face Paste's mask is above 0."""
+    photo, faces = group
+    crops = plan_crops(faces, photo.shape[1], photo.shape[2], SIZE, margin=0.5)
+    height, width = photo.shape[1:3]
+    for feather in (0.0, 0.2, 0.6):
+        _, masks = paste_faces(photo, torch.zeros(1, SIZE, SIZE, 3), crops[-1:], feather=feather)
+        assert (protected_pixels(crops[-1].box, crops[-1].face_box, feather, height, width)
+                == (masks[0] > 0).numpy()).all()

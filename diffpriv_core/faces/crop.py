@@ -18,10 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .detect import Face
-
-# The mask replaces an ellipse around the face box, a little wider than the box and taller
-# (MTCNN's box runs from the brows to the chin; the hairline and jaw belong to the identity).
-MASK_WIDTH, MASK_HEIGHT = 1.1, 1.25
+from .mask import ellipse_radius
 
 
 @dataclass(frozen=True)
@@ -90,17 +87,12 @@ def crop_faces(images: torch.Tensor, crops: list[FaceCrop]) -> torch.Tensor:
 
 
 def face_mask(crop: FaceCrop, feather: float, restore: bool = False) -> torch.Tensor:
-    """[side, side] in [0, 1]: 1 on an ellipse around the face, falling smoothly to 0 over
+    """[side, side] in [0, 1]: 1 on an ellipse around the face (mask.py), falling smoothly to 0 over
     ``feather`` (a fraction of the ellipse's radii) and exactly 0 beyond. ``restore``: the
     mask that puts a recovered face back, 1 wherever the protection's mask (the same
     ``feather``) is above 0, so every pixel the protection changed is replaced, then falling
     to 0 over the pixels beyond, which the protection left as they were."""
-    x0, y0, side = crop.box
-    x1, y1, x2, y2 = crop.face_box
-    cx, cy = (x1 + x2) / 2 - x0, (y1 + y2) / 2 - y0
-    rx, ry = (x2 - x1) / 2 * MASK_WIDTH, (y2 - y1) / 2 * MASK_HEIGHT
-    coords = torch.arange(side, dtype=torch.float32)
-    r = torch.sqrt(((coords[None, :] - cx) / rx) ** 2 + ((coords[:, None] - cy) / ry) ** 2)
+    r = torch.from_numpy(ellipse_radius(crop.box, crop.face_box))
     inner = 1 + feather if restore else 1  # the protection's mask is above 0 for r < 1 + feather
     if feather <= 0:
         return (r <= inner).float()
