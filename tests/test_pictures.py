@@ -150,7 +150,7 @@ def test_nothing_of_the_file_but_its_pixels_is_sent(face, tmp_path):
     assert Image.open(path).getexif().get_ifd(0x8825), "and its GPS position"
     photo = read_photo(path)
     sent = photo.png()
-    assert png_chunks(sent) == [b"IHDR", b"IDAT", b"IEND"], "pixels only: no eXIf, iTXt, tEXt, iCCP, pHYs"
+    assert set(png_chunks(sent)) == {b"IHDR", b"IDAT", b"IEND"}, "pixels only: no eXIf, iTXt, tEXt, iCCP, pHYs"
     assert not any(s.encode() in sent for s in (SERIAL, OWNER, PLACE, "ExampleCam"))
     assert np.array_equal(decode_picture(sent), photo.pixels) and photo.size == (60, 80), "upright"
     assert not Image.open(io.BytesIO(sent)).getexif()
