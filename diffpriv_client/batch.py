@@ -4,16 +4,19 @@ All jobs are queued up front, at most ``max_in_flight`` per server at a time, ea
 one to the server with the shortest queue. A failing prompt is recorded and the rest go
 on; the jobs of a server that dies are queued again on the others.
 
-The command names every file it writes itself, inside the job's folder: a server's file
-names only say which files to fetch, and a name that could point anywhere else fails the
-job before anything is written. After each prompt (finished, failed or cancelled) what
-the command uploaded and what the prompt wrote is removed from the server, with the
-prompt's history, unless asked to keep it; a removal that fails is reported.
+Each job runs in a job of the pack's routes on its server (diffpriv_core/job_protocol.py):
+its uploads and outputs in a folder only its token opens, its prompt queued under an id
+the command chose. A result is checked before it is trusted: the history entry must hold
+the very graph the command queued, from its own client. The command names every file it
+writes itself, inside the job's folder: a server's file names only say which files to
+fetch, and a name that could point anywhere else fails the job before anything is
+written. After each prompt (finished, failed, withdrawn or given up) the job's cleanup
+removes what it uploaded and what its prompt wrote, with the prompt's history, unless
+asked to keep it; a removal that fails is reported.
 """
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,13 +28,14 @@ import requests
 from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
+from diffpriv_core.job_protocol import prompt_digest
 from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary, read_container
 
 from . import graphs
-from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult
+from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult, ServerJob
 from .pictures import PhotoError, read_photo
 from .progress import ProgressBoard, stage_title
-from .servers import Executing, Finished, Lost, Progress, Server, choose_server
+from .servers import Executing, Finished, GaveUp, Lost, Progress, Server, choose_server
 from .summary import Summary
 from .verify import NotProtected, describe
 
@@ -39,13 +43,32 @@ POLL_S = 0.2
 REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so its clocks move
 
 
+@dataclass
+class JobSession:
+    """One job on one server: where its uploads go and what its graph may name."""
+
+    client: ComfyClient
+    job: ServerJob
+
+    @property
+    def folder(self) -> str:
+        """The job's folder (``diffpriv-jobs/<name>``): its outputs' filename prefixes."""
+        return self.job.folder
+
+    def upload_image(self, data: bytes, suffix: str = ".png") -> str:
+        return self.client.upload_to_job(self.job, "image", data, suffix)
+
+    def upload_key(self, data: bytes) -> str:
+        return self.client.upload_to_job(self.job, "key", data)
+
+
 @dataclass(eq=False)
 class Job:
     name: str  # the output folder DIR/<name>/ and the summary entry
     source: Path
-    # Uploads what the job needs to this server; returns the filled-in graph and the names
-    # of the uploads (removed from the server afterwards).
-    build: Callable[[ComfyClient], tuple[dict, list[str]]]
+    # Uploads what the job needs into its session's job on the server; returns the
+    # filled-in graph (removed from the server afterwards, with the uploads).
+    build: Callable[[JobSession], dict]
     # Protect jobs: check(graph, result, pictures, keys) checks what came back before any of
     # it is written and returns the summary's report of it (verify.check_protected).
     check: Callable[..., dict] | None = None
@@ -62,8 +85,7 @@ class Downloaded:
 class Cleanup:
     """What is removed from a server after each prompt."""
 
-    keep_files: bool = False  # --keep-on-server: keep uploads and outputs (and history)
-    has_passphrase: bool = False  # the history holds the passphrase: deleted even when keeping files
+    keep_files: bool = False  # --keep-on-server: keep uploads, outputs and history
 
 
 class UnsafeDownload(RuntimeError):
@@ -71,28 +93,36 @@ class UnsafeDownload(RuntimeError):
     output folder, a key file that is not one)."""
 
 
-def upload_photo(client: ComfyClient, path: Path) -> str:
+class UntrustedResult(RuntimeError):
+    """The server's history entry is not the prompt the command queued."""
+
+
+def upload_photo(session: JobSession, path: Path) -> str:
     """Upload the photo as the command sends every photo (pictures.read_photo: upright, 8-bit
-    sRGB, none of the file's metadata), under a new random name, so two users' photos never
-    replace each other."""
-    return client.upload_image(None, subfolder=graphs.OUTPUT_PREFIX, overwrite=False,
-                               name=f"{secrets.token_hex(12)}.png", data=read_photo(path).png())
+    sRGB, none of the file's metadata) into the job's folder, under a new random name the
+    server chooses."""
+    return session.upload_image(read_photo(path).png(), ".png")
 
 
-def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup()) -> list[str]:
-    """Run every job; each result lands in ``summary`` as soon as it is known. Returns
-    what could not be removed from the servers afterwards (empty when all went)."""
-    return _Batch(jobs, servers, summary, cleanup).run()
+def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup(),
+              seal_key: Callable[[bytes], bytes] | None = None) -> list[str]:
+    """Run every job; each result lands in ``summary`` as soon as it is known. ``seal_key``
+    is applied to each key file downloaded before it is written (sealing it under the
+    passphrase, here). Returns what could not be removed from the servers afterwards
+    (empty when all went)."""
+    return _Batch(jobs, servers, summary, cleanup, seal_key).run()
 
 
 class _Batch:
-    def __init__(self, jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup):
+    def __init__(self, jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup,
+                 seal_key: Callable[[bytes], bytes] | None = None):
+        self.seal_key = seal_key
         self.pending = deque(jobs)
         self.servers = servers
         self.summary = summary
         self.cleanup = cleanup
         self.cleanup_failures: list[str] = []
-        self.submitted: dict[Job, tuple[dict, list[str]]] = {}  # graph and uploads, per job on a server
+        self.submitted: dict[Job, tuple[dict, JobSession]] = {}  # graph and server job, per job on a server
         self.running: dict[Job, Server] = {}
         self.graphs: dict[Job, dict] = {}  # what each running job's server runs: names its stages
         self.board = ProgressBoard()
@@ -120,8 +150,8 @@ class _Batch:
             for server in self.servers:
                 in_flight = dict(server.in_flight)
                 server.cancel_all()
-                for prompt_id, job in in_flight.items():
-                    self._clean(server, job, prompt_id)
+                for job in in_flight.values():
+                    self._clean(server, job)
             raise
         finally:
             self.bar.set_postfix_str("", refresh=True)  # no finished photo's step left on screen
@@ -136,19 +166,23 @@ class _Batch:
                 return
             job = self.pending.popleft()
             try:
-                self.submitted[job] = job.build(server.client)
-                graph = self.submitted[job][0]
-                server.submit(job, graph)
+                session = JobSession(server.client, server.client.start_job())
+                self.submitted[job] = ({}, session)
+                graph = job.build(session)
+                self.submitted[job] = (graph, session)
+                server.submit(job, graph, session.job)
                 self.running[job] = server
                 self.graphs[job] = graph
             except PromptRejected as exc:
                 self._fail(job, server, f"the server refused the workflow: {exc}")
-                self._clean(server, job, None)
+                self._clean(server, job)
             except requests.ConnectionError:
+                self.submitted.pop(job, None)
                 self.pending.appendleft(job)
                 self._requeue(server, server.give_up().jobs)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                 self._fail(job, server, f"{type(exc).__name__}: {exc}")
+                self._clean(server, job)
 
     def _handle(self, server: Server, event) -> None:
         if isinstance(event, Executing):
@@ -163,6 +197,12 @@ class _Batch:
             self.graphs.pop(event.job, None)
             self._finish(server, event)
             self._draw()
+        elif isinstance(event, GaveUp):
+            self.board.finished(event.job.name)
+            self.running.pop(event.job, None)
+            self.graphs.pop(event.job, None)
+            self._fail(event.job, server, event.reason)
+            self._clean(server, event.job)
         elif isinstance(event, Lost):
             self._requeue(server, event.jobs)
 
@@ -172,12 +212,16 @@ class _Batch:
 
     def _finish(self, server: Server, event: Finished) -> None:
         job = event.job
-        graph = self.submitted[job][0]
+        graph, session = self.submitted[job]
         try:
+            check_entry(event.entry, event.prompt_id, graph, server.client.client_id)
             result = ComfyClient.result_of(event.prompt_id, event.entry)
             files = download(server.client, result, self.summary.out_dir / job.name, graphs.output_labels(graph),
-                             partial(job.check, graph) if job.check else None)
+                             session.job, self.seal_key,
+                             expect_keys=bool(graphs.nodes_of(graph, "DiffPrivacySaveKey")),
+                             check=partial(job.check, graph) if job.check else None)
         except requests.ConnectionError:
+            self.submitted.pop(job, None)
             self.pending.appendleft(job)  # finished, but the server died before we had the files
             return
         except PromptFailed as exc:
@@ -185,7 +229,7 @@ class _Batch:
         except NotProtected as exc:
             self._fail(job, server, str(exc), **exc.report)
             self.bar.write(describe(job.name, self.summary.results[job.name]))
-        except (UnsafeDownload, PhotoError, OSError) as exc:
+        except (UnsafeDownload, UntrustedResult, KeyFileError, PhotoError, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
             self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
@@ -194,17 +238,16 @@ class _Batch:
             if job.check:
                 self.bar.write(describe(job.name, self.summary.results[job.name]))
             self.bar.update(1)
-        self._clean(server, job, event.prompt_id)
+        self._clean(server, job)
 
-    def _clean(self, server: Server, job: Job, prompt_id: str | None) -> None:
-        """Remove the job's uploads, its prompt's outputs and history from the server, as
-        ``cleanup`` says; a removal that fails is reported."""
-        _graph, uploads = self.submitted.pop(job, ({}, []))
-        keep = self.cleanup.keep_files
-        if keep and not (self.cleanup.has_passphrase and prompt_id):
+    def _clean(self, server: Server, job: Job) -> None:
+        """Remove what the job made on the server (its uploads, its prompt's outputs and
+        history) unless ``cleanup`` keeps it; a removal that fails is reported."""
+        _graph, session = self.submitted.pop(job, ({}, None))
+        if session is None or self.cleanup.keep_files:
             return
         try:
-            problems = server.client.cleanup(prompt_id, [] if keep else uploads, outputs=not keep)["failed"]
+            problems = server.client.cleanup_job(session.job)["failed"]
         except (requests.RequestException, PackRouteMissing, ValueError, KeyError) as exc:
             problems = [str(exc)]
         for problem in problems:
@@ -235,29 +278,50 @@ class _Batch:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+def check_entry(entry: dict, prompt_id: str, graph: dict, client_id: str) -> None:
+    """Refuse a history entry that is not the prompt the command queued: another id, graph
+    or client (another client may queue any graph under an id it saw)."""
+    prompt = entry.get("prompt")
+    ours = (isinstance(prompt, list) and len(prompt) > 3 and prompt[1] == prompt_id and isinstance(prompt[2], dict)
+            and prompt_digest(prompt[2]) == prompt_digest(graph) and isinstance(prompt[3], dict)
+            and prompt[3].get("client_id") == client_id)
+    if not ours:
+        raise UntrustedResult(f"the server's history entry for prompt {prompt_id} is not the prompt this command "
+                              "queued (another graph, or another client's, under its id): its result is not used and "
+                              "nothing of this job was written")
+
+
 def download(client: ComfyClient, result: PromptResult, folder: Path, labels: dict[str, str],
-             check: Callable[..., dict] | None = None) -> Downloaded:
+             job: ServerJob | None = None, seal_key: Callable[[bytes], bytes] | None = None,
+             expect_keys: bool = False, check: Callable[..., dict] | None = None) -> Downloaded:
     """The saved pictures ('images') and key files ('diffprivacy_keys') of the nodes in
     ``labels``, written as new owner-only files named ``<label>_00001_.png`` and
-    ``<label>[_face<N>]_00001.dpkey.safetensors`` in ``folder``.
+    ``<label>[_face<N>]_00001.dpkey.safetensors`` in ``folder``; ``job``: the server job
+    whose files they are; ``seal_key``: applied to each key file before it is written;
+    ``expect_keys``: the workflow saves keys, so a result without one is refused.
 
     Every record is checked and every file fetched before anything is written: an unsafe
-    record or a damaged key raises UnsafeDownload and writes nothing, and so does whatever
-    ``check(result, pictures, keys)`` raises (pictures: (node id, bytes)); what it returns
-    is the download's report. Previews (type 'temp') are skipped.
+    record or a damaged key raises UnsafeDownload and writes nothing, and so does a result
+    with no key from a workflow that saves keys, and whatever ``check(result, pictures,
+    keys)`` raises (pictures: (node id, bytes); keys: as the server sent them); what it
+    returns is the download's report. Previews (type 'temp') are skipped.
     """
-    fetched, pictures = [], []
+    fetched, pictures, sent_keys = [], [], []
     for node_id, label in labels.items():
         for kind in ("images", "diffprivacy_keys"):
             for record in result.files(node_id, kind):
                 check_record(record)
                 if record.get("type") == "output":
-                    fetched.append((kind, safe_label(label), record, client.view(record)))
-                    if kind == "images":
-                        pictures.append((node_id, fetched[-1][-1]))
+                    data = client.view(record, job)
+                    (pictures if kind == "images" else sent_keys).append((node_id, data))
+                    if kind == "diffprivacy_keys" and seal_key is not None:
+                        data = seal_key(data)
+                    fetched.append((kind, safe_label(label), record, data))
+    if expect_keys and not any(kind == "diffprivacy_keys" for kind, *_ in fetched):
+        raise UnsafeDownload("the server's result holds no key file, though the workflow saves keys: without one "
+                             "the protected picture could never be undone, so nothing of this job was written")
     named = [(kind, *file_name(kind, label, record, data), data) for kind, label, record, data in fetched]
-    report = check(result, pictures, [data for kind, *_, data in fetched if kind == "diffprivacy_keys"]) \
-        if check else {}
+    report = check(result, pictures, [data for _, data in sent_keys]) if check else {}
     folder.mkdir(parents=True, exist_ok=True)
     got = Downloaded([], [], report)
     for kind, stem, tail, data in named:
@@ -359,7 +423,10 @@ def rewrite_named(folder: Path, name: str, data: bytes) -> Path:
 
 
 def write_numbered(folder: Path, stem: str, tail: str, data: bytes) -> Path:
-    """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced)."""
+    """A new owner-only file ``stem_00001<tail>`` (the next free number; nothing replaced),
+    in ``folder`` itself: a link planted at the folder's name is refused, never followed."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise UnsafeDownload(f"{folder} is a link or not a folder: nothing of this job was written there")
     number = 1
     while True:
         try:

@@ -4,6 +4,7 @@
     diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
     diffpriv protect face.png --task anonymize --whole-image --out out/
     diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/
+    diffpriv keygen me.identity --passphrase-env ID_PASS    (prints a recipient for --recipient)
 
 With ``--server URL`` (repeatable) it uses running ComfyUI servers; with ``--ray`` it
 spreads the batch over a Ray cluster, one embedded ComfyUI per actor (cluster.py);
@@ -14,24 +15,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core import key_crypto
+from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 from diffpriv_core.tasks import TASKS
 
 from . import demo, graphs
-from .batch import Cleanup, Job, run_batch, upload_photo
-from .comfy_http import ComfyClient
+from .batch import Cleanup, Job, JobSession, run_batch, upload_photo
 from .embedded import EmbeddedComfy, prepare_base_directory
 from .preflight import PreflightError, check_models, photo_problem, refused_photos
-from .servers import Server
+from .servers import PROMPT_TIMEOUT_S, Server
 from .summary import Summary, write_contact_sheet
 from .verify import check_protected
 
@@ -39,6 +41,38 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "di
 
 class UsageError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class KeySecrets:
+    """What seals and opens the keys, on this machine: never sent to a ComfyUI server.
+
+    protect: the server seals each key to ``recipient`` (--recipient, or with a passphrase
+    this run's own ``identity``, whose keys the command seals anew under ``passphrase``);
+    recover: each key is opened here with ``passphrase`` or ``identity``."""
+
+    passphrase: str = ""
+    identity: str = ""  # an age identity, AGE-SECRET-KEY-1...
+    recipient: str = ""
+
+    def identities(self) -> list | None:
+        from pyrage import x25519
+
+        return [x25519.Identity.from_str(self.identity)] if self.identity else None
+
+    def for_servers(self) -> "KeySecrets":
+        """What a machine running the servers may hold (a Ray actor): the recipient only."""
+        return replace(self, passphrase="", identity="")
+
+    def seal(self, data: bytes) -> bytes:
+        """A key the server sealed to this run's recipient, sealed under the passphrase."""
+        if not self.passphrase:
+            return data
+        return key_crypto.resealed_with_passphrase(data, self.identities(), self.passphrase)
+
+    def opened(self, data: bytes) -> bytes:
+        """A key file as the unencrypted key it holds, opened here."""
+        return key_crypto.decrypted_file(data, self.passphrase or None, self.identities())
 
 
 @dataclass
@@ -86,7 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--photo", type=Path,
                          help="per-face keys (protect's default): the protected photo to put each recovered face "
                               "back into (default workflow: example_workflows/api/recover_face.json); one output per key")
+    recover.add_argument("--identity", type=Path, metavar="FILE",
+                         help="the identity file (diffpriv keygen) that opens keys sealed to its recipient; "
+                              "--passphrase-env then names the identity file's passphrase")
     recover.set_defaults(func=recover_command)
+    protect.add_argument("--recipient", metavar="AGE1...",
+                         help="seal every key file to this age recipient (diffpriv keygen prints one): the server "
+                              "writes keys it cannot open, and only the identity file opens them")
+
+    keygen = sub.add_parser("keygen", help="make an identity file and print its recipient, for --recipient")
+    keygen.add_argument("identity", type=Path, metavar="FILE", help="the new identity file (never replaced)")
+    keygen.add_argument("--passphrase-env", metavar="VAR",
+                        help="name of the environment variable holding the identity file's passphrase (default: "
+                             "asked on the terminal)")
+    keygen.set_defaults(func=keygen_command)
 
     sub.add_parser("eval", add_help=False,
                    help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
@@ -95,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="output folder (DIR/<name>/, DIR/summary.json)")
         p.add_argument("--server", action="append", default=[], metavar="URL",
                        help="a running ComfyUI with the pack; repeat to spread the batch over several")
+        p.add_argument("--trust-server", action="append", default=[], metavar="URL",
+                       help="like --server, for a server you trust with opened keys: recover sends each key, "
+                            "opened on this machine, only to the embedded ComfyUI or to such a server")
+        p.add_argument("--prompt-timeout", type=float, default=PROMPT_TIMEOUT_S, metavar="SECONDS",
+                       help=f"give up on a photo whose prompt has not finished this long after it was queued "
+                            f"(default {PROMPT_TIMEOUT_S:.0f})")
         p.add_argument("--passphrase-env", metavar="VAR",
                        help="name of the environment variable holding the key passphrase (never on the command line)")
         p.add_argument("--workflow", type=Path, help="API-format workflow (default: example_workflows/api/<task>.json)")
@@ -128,18 +181,24 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo_weights and args.server:
+    if args.command == "keygen":
+        return _run(args)
+    if args.demo_weights and (args.server or args.trust_server):
         parser.error("--demo-weights runs the embedded ComfyUI: leave out --server")
-    if args.ray is not None and args.server:
+    if args.ray is not None and (args.server or args.trust_server):
         parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
     if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
         parser.error("--ray-actors N needs --ray and N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
+    return _run(args)
+
+
+def _run(args) -> int:
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
-        except (UsageError, PreflightError, FileNotFoundError, ValueError) as exc:
+        except (UsageError, PreflightError, FileNotFoundError, FileExistsError, ValueError) as exc:
             print(f"diffpriv: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -169,35 +228,73 @@ def _raise_keyboard_interrupt(signum, frame):
 def protect_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
+    if args.recipient and passphrase:
+        raise UsageError("--recipient and --passphrase-env: choose one (a key file is sealed one way)")
+    if args.recipient:
+        key_crypto.check_recipient(args.recipient)
+        secrets = KeySecrets(recipient=args.recipient)
+    elif passphrase:  # the server seals to this run's own recipient; the passphrase stays here
+        identity = key_crypto.new_identity()
+        secrets = KeySecrets(passphrase, str(identity), str(identity.to_public()))
+    else:
+        secrets = KeySecrets()
     refuse = partial(refused_photos, whole_image=graphs.msi_sees_the_photo(template))
-    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, passphrase, refuse)
+    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, secrets, refuse)
 
 
 def recover_command(args) -> int:
     template = load_template(args)
     passphrase = read_passphrase(args.passphrase_env)
+    untrusted = [url for url in args.server if url not in args.trust_server]
+    if untrusted:
+        raise UsageError(f"recover sends each key, opened on this machine, to the server that runs the recovery, "
+                         f"and the server writes the original: name {untrusted[0]} with --trust-server instead of "
+                         "--server if you trust it with that (or leave both out: the embedded ComfyUI)")
     if args.photo is not None and (problem := photo_problem(args.photo, whole_image=False)):
         raise UsageError(f"--photo {args.photo}: {problem}")
-    return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs, passphrase)
+    identity = ""
+    if args.identity is not None:
+        identity = str(key_crypto.read_identity_file(args.identity, passphrase))
+        passphrase = ""
+    return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs,
+                       KeySecrets(passphrase, identity))
 
 
-# A command's jobs: make_jobs(args, template, passphrase, conn, todo) -> list[Job]. Module
+def keygen_command(args) -> int:
+    if args.passphrase_env is not None:
+        passphrase = read_passphrase(args.passphrase_env)
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass("passphrase for the identity file: ")
+        if getpass.getpass("the same again: ") != passphrase:
+            raise UsageError("the two passphrases differ")
+    else:
+        raise UsageError("keygen needs a passphrase for the identity file: --passphrase-env VAR, or a terminal")
+    if not passphrase:
+        raise UsageError("the identity file's passphrase is empty")
+    recipient = key_crypto.write_identity_file(args.identity, passphrase)
+    print(f"identity written to {args.identity} (keep it, and its passphrase, safe: it opens every key sealed to it)",
+          file=sys.stderr)
+    print(recipient)
+    return 0
+
+
+# A command's jobs: make_jobs(args, template, secrets, conn, todo) -> list[Job]. Module
 # functions, so a Ray actor can make the same jobs on its own server.
-def protect_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    return [Job(name, path, partial(_protect_graph, template, path, name, passphrase, args.seed, args.steps),
+def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
                 check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
 
 
-def recover_jobs(args, template: dict, passphrase: str, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    return [Job(name, path, partial(_recover_graph, template, path, name, passphrase, args.photo))
+def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
+    return [Job(name, path, partial(_recover_graph, template, path, name, secrets, args.photo))
             for name, path in todo.items()]
 
 
-def cleanup_of(args, passphrase: str) -> Cleanup:
-    return Cleanup(keep_files=args.keep_on_server, has_passphrase=bool(passphrase))
+def cleanup_of(args) -> Cleanup:
+    return Cleanup(keep_files=args.keep_on_server)
 
 
-def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphrase: str, refuse=None) -> int:
+def run_command(args, names: dict[str, Path], template: dict, make_jobs, secrets: KeySecrets, refuse=None) -> int:
     """Skip what an earlier run finished, refuse (all at once) what the server could not do,
     run the rest, report; exit status 1 if any failed."""
     summary = Summary(args.out, args.command)
@@ -207,43 +304,34 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, passphr
     if args.ray is not None:
         from .cluster import run_on_ray  # imports ray: only here
 
-        not_removed = run_on_ray(args, template, passphrase, make_jobs, todo, summary) if todo else []
+        not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
+                                 seal_key=secrets.seal) if todo else []
         return report(summary, args, not_removed)
     with connect(args, needed=bool(todo)) as conn:
-        if passphrase:
-            refuse_servers_writing_metadata(conn)
         preflight_models(conn, template, args)
-        not_removed = run_batch(make_jobs(args, template, passphrase, conn, todo), conn.servers, summary,
-                                cleanup_of(args, passphrase))
+        not_removed = run_batch(make_jobs(args, template, secrets, conn, todo), conn.servers, summary,
+                                cleanup_of(args), seal_key=secrets.seal)
         if args.demo_weights and args.command == "protect":
-            not_removed += demo.check_recovery(summary, template, passphrase, conn.servers,
-                                               cleanup_of(args, passphrase), _recover_graph)
+            not_removed += demo.check_recovery(summary, template, secrets, conn.servers, cleanup_of(args),
+                                               _recover_graph)
     return report(summary, args, not_removed)
 
 
-def refuse_servers_writing_metadata(conn: Connection) -> None:
-    """A passphrase goes into the graph, and ComfyUI's SaveImage writes the graph into every
-    PNG unless started with --disable-metadata: refuse such a server before sending anything."""
-    for server in conn.servers:
-        if server.client.writes_metadata():
-            raise UsageError(f"{server.url} writes the prompt, passphrase included, into every PNG it saves: start "
-                             "that ComfyUI with --disable-metadata before sending it a passphrase "
-                             "(the command's own embedded ComfyUI does)")
+def _protect_graph(template, path: Path, name: str, recipient: str, seed, steps, session: JobSession) -> dict:
+    uploaded = upload_photo(session, path)
+    return graphs.protect_graph(template, uploaded, name, seed=seed, steps=steps, folder=session.folder,
+                                recipient=recipient)
 
 
-def _protect_graph(template, path: Path, name: str, passphrase: str, seed, steps,
-                   client: ComfyClient) -> tuple[dict, list[str]]:
-    uploaded = upload_photo(client, path)
-    return graphs.protect_graph(template, uploaded, name, passphrase, seed=seed, steps=steps), [uploaded]
-
-
-def _recover_graph(template, key_file: Path, name: str, passphrase: str, photo: Path | None,
-                   client: ComfyClient) -> tuple[dict, list[str]]:
-    uploads = [client.upload_key(key_file)]
-    if photo is not None:
-        uploads.append(upload_photo(client, photo))
-    graph = graphs.recover_graph(template, uploads[0], name, passphrase, uploads[1] if photo is not None else None)
-    return graph, uploads
+def _recover_graph(template, key_file: Path, name: str, secrets: KeySecrets, photo: Path | None,
+                   session: JobSession) -> dict:
+    """The key is opened here: only the opened key goes to the (embedded or trusted) server."""
+    try:
+        key = session.upload_key(secrets.opened(key_file.read_bytes()))
+    except KeyFileError as exc:
+        raise KeyFileError(f"{key_file.name}: {exc}") from None
+    image = upload_photo(session, photo) if photo is not None else None
+    return graphs.recover_graph(template, key, name, image_name=image, folder=session.folder)
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -347,8 +435,9 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
     if not needed:
         yield Connection([])
         return
-    if args.server:
-        yield Connection([Server(normalise_url(u), args.max_in_flight) for u in args.server])
+    urls = list(dict.fromkeys(normalise_url(u) for u in args.server + args.trust_server))
+    if urls:
+        yield Connection([Server(u, args.max_in_flight, prompt_timeout_s=args.prompt_timeout) for u in urls])
         return
     models = args.models
     if args.demo_weights:
@@ -363,7 +452,8 @@ def connect(args, needed: bool = True, **embedded_options) -> Iterator[Connectio
     comfy = EmbeddedComfy(base, extra_args=["--disable-metadata"], **embedded_options)
     print(f"starting ComfyUI in {base} (log: {comfy.log_path}) ...", file=sys.stderr)
     with comfy:
-        yield Connection([Server(comfy.url, args.max_in_flight)], embedded_models=base / "models")
+        yield Connection([Server(comfy.url, args.max_in_flight, token=comfy.token,
+                                 prompt_timeout_s=args.prompt_timeout)], embedded_models=base / "models")
 
 
 def normalise_url(url: str) -> str:

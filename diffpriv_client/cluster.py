@@ -24,8 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
+from diffpriv_core.job_protocol import JOBS_FOLDER
+from diffpriv_core.key_format import KEY_SUFFIX
 
-from . import cli, graphs
+from . import cli
 from .batch import rewrite_named, run_batch
 from .preflight import PreflightError
 from .summary import Summary
@@ -56,12 +58,12 @@ def import_ray():
 class ComfyActor:
     """One embedded ComfyUI on one node, run by a Ray actor (see start_actors)."""
 
-    def __init__(self, args, template: dict, passphrase: str, make_jobs, photo: tuple[str, bytes] | None):
+    def __init__(self, args, template: dict, secrets, make_jobs, photo: tuple[str, bytes] | None):
         import ray
 
         self.args = args  # the actor's own copy: start() points its paths at this node
         self.template = template
-        self.passphrase = passphrase
+        self.secrets = secrets  # cli.KeySecrets: for protect, the recipient only
         self.make_jobs = make_jobs
         self.photo = photo
         self.node = ray.util.get_node_ip_address()
@@ -99,8 +101,8 @@ class ComfyActor:
             source = write_new_file(work / Path(filename).name, data)
             summary = Summary(work / "out", self.args.command)
             conn = self.keeper.conn
-            jobs = self.make_jobs(self.args, self.template, self.passphrase, conn, {name: source})
-            not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args, self.passphrase))
+            jobs = self.make_jobs(self.args, self.template, self.secrets, conn, {name: source})
+            not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args))
             if conn.servers[0].dead or not conn.servers[0].client.is_up():
                 raise ServerLost(f"the ComfyUI of the actor on {self.node} stopped answering")
             entry = summary.results[name]
@@ -109,7 +111,7 @@ class ComfyActor:
         finally:
             # Nothing of the photo stays on the node once it is sent back: not the photo, not
             # its key (an actor killed outright leaves at most the photo it was running).
-            for folder in (work, *(self.args.base / sub / graphs.OUTPUT_PREFIX for sub in ("input", "output"))):
+            for folder in (work, *(self.args.base / sub / JOBS_FOLDER for sub in ("input", "output"))):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def stop(self) -> None:
@@ -161,10 +163,11 @@ class _ServerKeeper(threading.Thread):
 
 
 # --- the driver ----------------------------------------------------------------------
-def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str, Path],
-               summary: Summary) -> list[str]:
-    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``.
-    Returns what the actors could not remove from their servers."""
+def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
+               summary: Summary, seal_key=None) -> list[str]:
+    """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``;
+    ``secrets`` (cli.KeySecrets) go to the actors, ``seal_key`` is applied here to each key
+    file an actor sends back. Returns what the actors could not remove from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -175,15 +178,15 @@ def run_on_ray(args, template: dict, passphrase: str, make_jobs, todo: dict[str,
             signal.signal(signal.SIGTERM, cli._raise_keyboard_interrupt)
     actors: dict = {}
     try:
-        actors = start_actors(ray, args, template, passphrase, make_jobs, most=len(todo))
-        return _ClusterBatch(ray, actors, todo, summary).run()
+        actors = start_actors(ray, args, template, secrets, make_jobs, most=len(todo))
+        return _ClusterBatch(ray, actors, todo, summary, seal_key).run()
     finally:
         stop_actors(ray, list(actors))
         if started_here:
             ray.shutdown()
 
 
-def start_actors(ray, args, template: dict, passphrase: str, make_jobs, most: int) -> dict:
+def start_actors(ray, args, template: dict, secrets, make_jobs, most: int) -> dict:
     """{actor: {"node", "server"}} for every actor started (``most`` at most: no more than
     photos); PreflightError with every node's problem when one did not start (the models
     must be on every node)."""
@@ -194,7 +197,7 @@ def start_actors(ray, args, template: dict, passphrase: str, make_jobs, most: in
     remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0,
                         concurrency_groups={"control": 1})(ComfyActor)
     run_id = uuid.uuid4().hex[:8]
-    actors = [remote.options(name=f"diffpriv-{run_id}-{i}").remote(args, template, passphrase, make_jobs, photo)
+    actors = [remote.options(name=f"diffpriv-{run_id}-{i}").remote(args, template, secrets, make_jobs, photo)
               for i in range(count)]
     print(f"starting {count} ComfyUI actor(s) on the Ray cluster "
           f"({'1 GPU' if gpus else 'CPU'} each) ...", file=sys.stderr)
@@ -237,8 +240,9 @@ def _error_text(exc) -> str:
 class _ClusterBatch:
     """One photo at a time per actor, the next to whichever actor is free (ray.wait)."""
 
-    def __init__(self, ray, actors: dict, todo: dict[str, Path], summary: Summary):
+    def __init__(self, ray, actors: dict, todo: dict[str, Path], summary: Summary, seal_key=None):
         self.ray = ray
+        self.seal_key = seal_key
         self.actors = dict(actors)  # live actor -> {"node", "server"}
         self.todo = todo
         self.summary = summary
@@ -292,6 +296,8 @@ class _ClusterBatch:
     def _record(self, name: str, info: dict, entry: dict, files: dict[str, bytes]) -> None:
         folder = self.summary.out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
+        if self.seal_key is not None:
+            files = {rel: self.seal_key(data) if rel.endswith(KEY_SUFFIX) else data for rel, data in files.items()}
         written = {rel: rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
         self.summary.record(name, self.todo[name], entry["status"],
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],

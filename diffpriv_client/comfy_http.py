@@ -6,8 +6,8 @@ on ``/ws``, read the result from ``/history`` and download files from ``/view``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import requests
 import websocket
+
+from diffpriv_core.job_protocol import JOB_EXTRA, JOB_HEADER, TOKEN_ENV
 
 
 class PackRouteMissing(RuntimeError):
@@ -36,6 +38,15 @@ class PromptFailed(RuntimeError):
         self.details = details or {}
 
 
+@dataclass(frozen=True)
+class ServerJob:
+    """A job on a server (the pack's routes): ``token`` is its capability, never shown;
+    ``folder`` where its uploads and outputs live (``diffpriv-jobs/<name>``)."""
+
+    token: str = field(repr=False)
+    folder: str
+
+
 @dataclass
 class PromptResult:
     prompt_id: str
@@ -48,11 +59,17 @@ class PromptResult:
 
 
 class ComfyClient:
-    def __init__(self, base_url: str, timeout: float = 30.0):
+    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None):
+        """``token``: the server's own token (DIFFPRIV_SERVER_TOKEN; default: that variable
+        of this process, if set), sent with every request."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
         self.http = requests.Session()
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http.headers.update(self.auth_headers)
+        self.live_jobs: list[ServerJob] = []  # started, not yet cleaned: the websocket shows one
 
     # --- plain endpoints -------------------------------------------------------------
     def get(self, path: str, **params) -> Any:
@@ -100,15 +117,15 @@ class ComfyClient:
     def free(self, unload_models: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": True})
 
-    def upload_image(self, path: str | Path | None, subfolder: str = "", overwrite: bool = True,
-                     name: str | None = None, data: bytes | None = None) -> str:
-        """Upload a picture to the server's input folder (as ``name``, default its own): the
-        file at ``path``, or the bytes ``data`` (then ``name`` is needed); returns the name
-        nodes refer to."""
-        with (Path(path).open("rb") if data is None else contextlib.nullcontext(data)) as content:
+    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True,
+                     name: str | None = None) -> str:
+        """Upload a picture to the server's input folder (as ``name``, default its own);
+        returns the name nodes refer to."""
+        path = Path(path)
+        with path.open("rb") as fh:
             r = self.http.post(
                 f"{self.base_url}/upload/image",
-                files={"image": (name or Path(path).name, content)},
+                files={"image": (name or path.name, fh)},
                 data={"subfolder": subfolder, "overwrite": "true" if overwrite else "false"},
                 timeout=self.timeout,
             )
@@ -116,58 +133,71 @@ class ComfyClient:
         info = r.json()
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
-    def upload_key(self, path: str | Path) -> str:
-        """Store a key file in the server's key folder under a new name (the pack's route);
-        returns the name Load Privacy Key knows it by."""
-        with Path(path).open("rb") as fh:
-            r = self.http.post(f"{self.base_url}/diffprivacy/keys", files={"key": ("key", fh)}, timeout=self.timeout)
+    def start_job(self) -> ServerJob:
+        """A new job on the server (the pack's route): its uploads, prompts and cleanup."""
+        r = self.http.post(f"{self.base_url}/diffprivacy/jobs", json={"client_id": self.client_id},
+                           timeout=self.timeout)
         if r.status_code == 404:
-            raise PackRouteMissing(f"{self.base_url} has no /diffprivacy/keys route: update the Diff-Privacy pack "
+            raise PackRouteMissing(f"{self.base_url} has no /diffprivacy/jobs route: update the Diff-Privacy pack "
                                    "on that server")
-        if r.status_code == 400:
-            raise ValueError(f"the server refused the key file {Path(path).name}: {r.json().get('error')}")
         r.raise_for_status()
-        return r.json()["key_name"]
+        body = r.json()
+        self.live_jobs.append(ServerJob(body["job"], body["folder"]))
+        return self.live_jobs[-1]
 
-    def cleanup(self, prompt_id: str | None, inputs: list[str], outputs: bool = True) -> dict:
-        """Remove our uploads, the prompt's output files (``outputs``) and its history entry
-        from the server (the pack's route). Returns {"removed": [...], "failed": [...]}."""
-        r = self.http.post(f"{self.base_url}/diffprivacy/cleanup",
-                           json={"prompt_id": prompt_id, "inputs": inputs, "outputs": outputs}, timeout=self.timeout)
-        if r.status_code == 404:
-            raise PackRouteMissing(f"{self.base_url} has no /diffprivacy/cleanup route: update the Diff-Privacy pack "
-                                   "on that server")
+    def upload_to_job(self, job: ServerJob, kind: str, data: bytes, suffix: str = "") -> str:
+        """Store a picture (``kind`` "image") or a key file ("key") in the job's folder on the
+        server, under a new name it chooses; returns the name Load Image or Load Privacy Key
+        knows it by."""
+        r = self.http.post(f"{self.base_url}/diffprivacy/jobs/upload", files={kind: (f"upload{suffix}", data)},
+                           headers={JOB_HEADER: job.token}, timeout=self.timeout)
+        if r.status_code in (400, 403, 413, 507):
+            raise ValueError(f"the server refused the upload: {_error_of(r)}")
+        r.raise_for_status()
+        return r.json()["name"]
+
+    def cleanup_job(self, job: ServerJob) -> dict:
+        """Remove what the job made from the server: its uploads and outputs, its prompts'
+        previews and history (the pack's route). Returns {"removed": [...], "failed": [...]}."""
+        r = self.http.post(f"{self.base_url}/diffprivacy/cleanup", headers={JOB_HEADER: job.token},
+                           timeout=self.timeout + 60)
+        if job in self.live_jobs:
+            self.live_jobs.remove(job)
+        if r.status_code == 403:
+            return {"removed": [], "failed": [_error_of(r)]}
         r.raise_for_status()
         return r.json()
 
-    def writes_metadata(self) -> bool:
-        """Whether the server's SaveImage writes the prompt into PNGs (no --disable-metadata)."""
-        argv = self.get("/system_stats").get("system", {}).get("argv", [])
-        return "--disable-metadata" not in argv
-
-    def view(self, file_record: dict) -> bytes:
+    def view(self, file_record: dict, job: ServerJob | None = None) -> bytes:
         r = self.http.get(
             f"{self.base_url}/view",
             params={k: file_record.get(k, "") for k in ("filename", "subfolder", "type")},
+            headers={JOB_HEADER: job.token} if job is not None else None,
             timeout=self.timeout,
         )
         r.raise_for_status()
         return r.content
 
     # --- prompts ---------------------------------------------------------------------
-    def queue(self, graph: dict) -> str:
-        r = self.http.post(
-            f"{self.base_url}/prompt",
-            json={"prompt": graph, "client_id": self.client_id},
-            timeout=self.timeout,
-        )
+    def queue(self, graph: dict, prompt_id: str | None = None, job: ServerJob | None = None) -> str:
+        """Queue ``graph`` under ``prompt_id`` (default: a new random one, so that the id is
+        ours before the server sees it); ``job``: the job whose files it uses."""
+        prompt_id = prompt_id or uuid.uuid4().hex
+        payload = {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id}
+        if job is not None:
+            payload["extra_data"] = {JOB_EXTRA: job.token}
+        r = self.http.post(f"{self.base_url}/prompt", json=payload, timeout=self.timeout)
         if r.status_code == 400:
             raise PromptRejected(json.dumps(r.json(), indent=1))
+        if r.status_code == 403:
+            raise PromptRejected(_error_of(r))
         r.raise_for_status()
         body = r.json()
         if body.get("node_errors"):
             raise PromptRejected(json.dumps(body["node_errors"], indent=1))
-        return body["prompt_id"]
+        if body.get("prompt_id") != prompt_id:
+            raise PromptRejected(f"the server queued the prompt under another id ({body.get('prompt_id')!r})")
+        return prompt_id
 
     def history(self, prompt_id: str) -> dict | None:
         return self.get(f"/history/{prompt_id}").get(prompt_id)
@@ -177,6 +207,13 @@ class ComfyClient:
 
     def websocket_url(self) -> str:
         return f"{self.base_url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}"
+
+    def connect_websocket(self, timeout: float) -> websocket.WebSocket:
+        """Our client id's websocket; while we have jobs on the server, it shows one's token
+        (the pack gives a job's client id's session only to its holder)."""
+        headers = dict(self.auth_headers, **({JOB_HEADER: self.live_jobs[-1].token} if self.live_jobs else {}))
+        return websocket.create_connection(self.websocket_url(), timeout=timeout,
+                                           header=[f"{k}: {v}" for k, v in headers.items()])
 
     def wait(
         self,
@@ -192,7 +229,7 @@ class ComfyClient:
         deadline = time.monotonic() + timeout
         ws = None
         try:
-            ws = websocket.create_connection(self.websocket_url(), timeout=2.0)
+            ws = self.connect_websocket(timeout=2.0)
         except (OSError, websocket.WebSocketException):
             ws = None  # fall back to polling /history only
         try:
@@ -237,3 +274,11 @@ class ComfyClient:
                     raise PromptFailed("interrupted", data.get("node_type"), data)
             raise PromptFailed("the prompt failed without an error message", None, status)
         return PromptResult(prompt_id, entry.get("outputs", {}), status)
+
+
+def _error_of(response: requests.Response) -> str:
+    """The pack's error message of a refused request, or its status."""
+    try:
+        return str(response.json().get("error") or response.status_code)
+    except ValueError:
+        return f"HTTP {response.status_code}"

@@ -102,15 +102,16 @@ def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:
 CHECK_FOLDER = "recovery-check"
 
 
-def check_recovery(summary: Summary, template: dict, passphrase: str, servers: list[Server], cleanup: Cleanup,
+def check_recovery(summary: Summary, template: dict, secrets, servers: list[Server], cleanup: Cleanup,
                    recover_graph) -> list[str]:
     """Recover every face the run protected as a user does, into its protected photo (the
-    first candidate), and print, over the pixels the protection changed around that face,
-    how close the recovery comes to the VAE's reconstruction of the original (the best any
-    recovery can do) and to the original, next to how close the protected candidates come.
-    ``recover_graph(template, key, name, passphrase, photo, client)`` builds a recovery
-    prompt, as `diffpriv recover --photo` does. Returns what could not be removed from the
-    servers."""
+    first candidate: the only pictures its key accepts), and print, over the pixels the
+    protection changed around that face, how close the recovery comes to the VAE's
+    reconstruction of the original (the best any recovery can do) and to the original, next
+    to how close the protected candidates come. ``recover_graph(template, key, name,
+    secrets, photo, session)`` builds a recovery prompt, as `diffpriv recover --photo` does
+    (``secrets``: cli.KeySecrets, which open the keys on this machine). Returns what could
+    not be removed from the servers."""
     if not graphs.nodes_of(template, "DiffPrivacyFacePaste"):
         print("recovery check: only in the every-face mode (the default)")
         return []
@@ -126,10 +127,10 @@ def check_recovery(summary: Summary, template: dict, passphrase: str, servers: l
     for name, entry in done.items():
         photo, protected = Path(entry["source"]), summary.out_dir / entry["outputs"][0]
         jobs.append(Job(f"{name}_reconstruction", photo, partial(_reconstruction_prompt, reconstruction, photo,
-                                                                  f"{name}_reconstruction")))
-        jobs += [Job(_key_name(key), summary.out_dir / key, partial(recover_graph, recover_template,
-                                                                     summary.out_dir / key, _key_name(key),
-                                                                     passphrase, protected))
+                                                                  f"{name}_reconstruction", protected)))
+        jobs += [Job(_key_name(key), summary.out_dir / key,
+                     partial(recover_graph, recover_template, summary.out_dir / key, _key_name(key), secrets,
+                             protected))
                  for key in entry["keys"]]
     print("recovery check: recovering each face into its protected photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
@@ -144,12 +145,13 @@ def _key_name(key: str) -> str:
     return Path(key).name.removesuffix(KEY_SUFFIX)
 
 
-def _reconstruction_prompt(template: dict, photo: Path, name: str, client) -> tuple[dict, list[str]]:
-    uploaded = upload_photo(client, photo)
+def _reconstruction_prompt(template: dict, photo: Path, name: str, protected: Path, session) -> dict:
+    uploaded = upload_photo(session, photo)
     graph = copy.deepcopy(template)
     graphs.set_input_image(graph, uploaded)
-    graphs.set_image_prefixes(graph, name)
-    return graph, [uploaded]
+    graph["reconstruction_photo"]["inputs"]["image"] = upload_photo(session, protected)
+    graphs.set_image_prefixes(graph, name, session.folder)
+    return graph
 
 
 def _pixels(path: Path) -> np.ndarray:

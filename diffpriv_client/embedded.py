@@ -1,18 +1,24 @@
 """Start and stop a headless ComfyUI server (the one the setup command installed).
 
 The `diffpriv` command uses this when no ``--server`` is given; the tests use it to run
-the real host on CPU.
+the real host on CPU. The server answers only its own clients: it is started with a
+random token (DIFFPRIV_SERVER_TOKEN, which the pack checks on every HTTP and websocket
+request), which its ComfyClient sends; everything it writes is owner-only (umask 077) in
+an owner-only base folder.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from diffpriv_core.job_protocol import TOKEN_ENV
 
 from .comfy_http import ComfyClient
 
@@ -47,18 +53,22 @@ def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
     """A ComfyUI base directory whose custom_nodes holds (a link to) this pack.
 
     ``models`` may point at an existing models folder, which is linked in unchanged;
-    without it ComfyUI makes its own models folder there.
+    without it ComfyUI makes its own models folder there. The base folder and the folders
+    made in it are owner-only (0700).
     """
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(base, 0o700)
     nodes = base / "custom_nodes"
-    nodes.mkdir(exist_ok=True)
+    nodes.mkdir(mode=0o700, exist_ok=True)
     link = nodes / PACK_LINK_NAME
     if not link.exists():
         link.symlink_to(PACK_DIR, target_is_directory=True)
     if models is not None:
         _link_models(base / "models", Path(models).resolve())
     for sub in ("input", "output", "temp", "user"):
-        (base / sub).mkdir(exist_ok=True)
+        (base / sub).mkdir(mode=0o700, exist_ok=True)
+        if not (base / sub).is_symlink():
+            os.chmod(base / sub, 0o700)
     return base
 
 
@@ -90,10 +100,13 @@ class EmbeddedComfy:
 
     def __init__(self, base_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
                  log_path: Path | None = None, startup_timeout: float = 180.0, cpu: bool = True,
-                 die_with_parent: bool = False):
+                 die_with_parent: bool = False, token: str | None = "new"):
         """``cpu=False`` lets ComfyUI use the GPUs it sees (CUDA_VISIBLE_DEVICES);
         ``die_with_parent`` kills the server when the thread that started it ends, even by
-        SIGKILL (Linux): a Ray actor can be killed without a chance to stop it."""
+        SIGKILL (Linux): a Ray actor can be killed without a chance to stop it; ``token``:
+        the token every request must carry ("new": a random one; None: none, a server any
+        local client may use, as a shared one)."""
+        self.token = secrets.token_urlsafe(32) if token == "new" else token
         self.cpu = cpu
         self.die_with_parent = die_with_parent
         self.base_dir = Path(base_dir)
@@ -120,9 +133,12 @@ class EmbeddedComfy:
         # where another checkout is pip-installed (ComfyUI's folder still comes before it).
         pythonpath = os.pathsep.join(p for p in (str(PACK_DIR), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+        env.pop(TOKEN_ENV, None)
+        if self.token is not None:
+            env[TOKEN_ENV] = self.token
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-            cwd=self.base_dir, start_new_session=True,
+            cwd=self.base_dir, start_new_session=True, umask=0o077,
             preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
         )
         try:
@@ -134,7 +150,7 @@ class EmbeddedComfy:
         return self
 
     def _wait_until_up(self) -> None:
-        client = ComfyClient(self.url, timeout=5)
+        client = self.client(timeout=5)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -143,6 +159,10 @@ class EmbeddedComfy:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()}")
+
+    def client(self, timeout: float = 30.0) -> ComfyClient:
+        """A client of this server, carrying its token."""
+        return ComfyClient(self.url, timeout=timeout, token=self.token or "")
 
     def log(self, tail_chars: int = 20000) -> str:
         try:

@@ -81,9 +81,10 @@ def set_input_image(graph: dict, image_name: str) -> None:
     _set_on(graph, "LoadImage", image=image_name)
 
 
-def set_key_output(graph: dict, stem: str, passphrase: str) -> None:
-    """Key files go to the output folder (the only one /view serves), named after the image."""
-    _set_on(graph, "DiffPrivacySaveKey", folder="output", filename_prefix=f"{OUTPUT_PREFIX}/{stem}",
+def set_key_output(graph: dict, stem: str, passphrase: str, folder: str = OUTPUT_PREFIX) -> None:
+    """Key files go to the output folder (the only one /view serves), named after the image,
+    in ``folder`` (the job's)."""
+    _set_on(graph, "DiffPrivacySaveKey", folder="output", filename_prefix=f"{folder}/{stem}",
             passphrase=passphrase)
 
 
@@ -91,11 +92,12 @@ def set_key_input(graph: dict, key_name: str, passphrase: str) -> None:
     _set_on(graph, "DiffPrivacyLoadKey", key_name=key_name, passphrase=passphrase)
 
 
-def set_image_prefixes(graph: dict, stem: str) -> None:
-    """Name saved pictures after the input, keeping what the template called each one."""
+def set_image_prefixes(graph: dict, stem: str, folder: str = OUTPUT_PREFIX) -> None:
+    """Name saved pictures after the input, keeping what the template called each one, in
+    ``folder`` (the job's)."""
     for node in nodes_of(graph, "SaveImage"):
         label = Path(str(node["inputs"].get("filename_prefix", "image"))).name
-        node["inputs"]["filename_prefix"] = f"{OUTPUT_PREFIX}/{stem}_{label}"
+        node["inputs"]["filename_prefix"] = f"{folder}/{stem}_{label}"
 
 
 def output_labels(graph: dict) -> dict[str, str]:
@@ -187,15 +189,18 @@ def ancestors(graph: dict, node_id: str) -> set[str]:
 
 def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     """From an every-face protect template: each face's crop through the VAE and back (encode,
-    decode), pasted into the photo the way a recovered face is (Face Paste's ``restore``): what
-    a perfect recovery gives. Built from the template's own nodes, so the faces, crops and mask are the same."""
+    decode), pasted the way a recovered face is (Face Paste's ``restore``) into the picture of
+    the Load Image ``reconstruction_photo`` (the protected photo, which a recovery goes back
+    into): what a perfect recovery gives. Built from the template's own nodes, so the faces,
+    crops and mask are the same."""
     (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
     (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
     graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
     vae = template[encode_id]["inputs"]["vae"]
     graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
+    graph["reconstruction_photo"] = {"class_type": "LoadImage", "inputs": {"image": ""}}
     graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
-        paste["inputs"], faces=["reconstruction_decode", 0], restore=True)}
+        paste["inputs"], faces=["reconstruction_decode", 0], image=["reconstruction_photo", 0], restore=True)}
     graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
         "images": ["reconstruction_paste", 0], "filename_prefix": label}}
     missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]
@@ -206,12 +211,16 @@ def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
 
 
 def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = "",
-                  seed: int | None = None, steps: int | None = None) -> dict:
-    """The template, filled in for one uploaded picture."""
+                  seed: int | None = None, steps: int | None = None, folder: str = OUTPUT_PREFIX,
+                  recipient: str = "") -> dict:
+    """The template, filled in for one uploaded picture; outputs go to ``folder``, keys
+    encrypted to ``recipient`` when one is given."""
     graph = copy.deepcopy(template)
     set_input_image(graph, image_name)
-    set_key_output(graph, stem, passphrase)
-    set_image_prefixes(graph, stem)
+    set_key_output(graph, stem, passphrase, folder)
+    if recipient:
+        _set_on(graph, "DiffPrivacySaveKey", recipient=recipient)
+    set_image_prefixes(graph, stem, folder)
     if seed is not None:
         set_seed(graph, seed)
     if steps is not None:
@@ -219,11 +228,13 @@ def protect_graph(template: dict, image_name: str, stem: str, passphrase: str = 
     return graph
 
 
-def recover_graph(template: dict, key_name: str, stem: str, passphrase: str = "", image_name: str | None = None) -> dict:
-    """The template for one key; ``image_name``: the uploaded photo a recovered face goes back into."""
+def recover_graph(template: dict, key_name: str, stem: str, passphrase: str = "", image_name: str | None = None,
+                  folder: str = OUTPUT_PREFIX) -> dict:
+    """The template for one key; ``image_name``: the uploaded photo a recovered face goes back
+    into; outputs go to ``folder``."""
     graph = copy.deepcopy(template)
     set_key_input(graph, key_name, passphrase)
     if image_name is not None:
         set_input_image(graph, image_name)
-    set_image_prefixes(graph, stem)
+    set_image_prefixes(graph, stem, folder)
     return graph

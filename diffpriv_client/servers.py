@@ -23,6 +23,11 @@ DONE_MESSAGES = ("execution_success", "execution_error", "execution_interrupted"
 HISTORY_CHECK_S = 2.0
 # A server that refuses connections this long is given up, and its jobs go elsewhere.
 DEAD_AFTER_S = 10.0
+# A prompt neither queued nor in the history this long is gone (deleted by another client,
+# or the server restarted): the job fails instead of waiting for ever.
+VANISHED_AFTER_S = 10.0
+# The longest a prompt may take from being queued to its end, by default (--prompt-timeout).
+PROMPT_TIMEOUT_S = 6 * 3600.0
 
 
 @dataclass
@@ -47,14 +52,26 @@ class Finished:
 
 
 @dataclass
+class GaveUp:
+    """The command stopped waiting for this prompt (gone from the server, or too long)."""
+    job: Any
+    prompt_id: str
+    reason: str
+
+
+@dataclass
 class Lost:
     """The server stopped answering; these jobs never finished there."""
     jobs: list
 
 
 class Server:
-    def __init__(self, url: str, max_in_flight: int = 8, dead_after_s: float = DEAD_AFTER_S):
-        self.client = ComfyClient(url)
+    def __init__(self, url: str, max_in_flight: int = 8, dead_after_s: float = DEAD_AFTER_S,
+                 token: str | None = None, prompt_timeout_s: float = PROMPT_TIMEOUT_S):
+        self.client = ComfyClient(url, token=token)
+        self.prompt_timeout_s = prompt_timeout_s
+        self._queued_at: dict[str, float] = {}  # prompt id -> when we queued it
+        self._missing_since: dict[str, float] = {}  # prompt id -> first seen neither queued nor done
         self.url = self.client.base_url
         self.max_in_flight = max_in_flight
         self.dead_after_s = dead_after_s
@@ -74,10 +91,13 @@ class Server:
         """The server's queue (all clients) plus the prompts we have in flight there."""
         return self.client.queue_remaining() + len(self.in_flight)
 
-    def submit(self, job, graph: dict) -> str:
+    def submit(self, job, graph: dict, server_job=None) -> str:
+        """Queue ``graph`` under a new prompt id of ours (``server_job``: the job whose
+        files it uses)."""
         self._connect()  # before queueing, so no progress message is missed
-        prompt_id = self.client.queue(graph)
+        prompt_id = self.client.queue(graph, job=server_job)
         self.in_flight[prompt_id] = job
+        self._queued_at[prompt_id] = time.monotonic()
         return prompt_id
 
     def poll(self, timeout: float) -> list:
@@ -125,7 +145,7 @@ class Server:
     def _connect(self) -> None:
         if self._ws is None:
             try:
-                self._ws = websocket.create_connection(self.client.websocket_url(), timeout=5.0)
+                self._ws = self.client.connect_websocket(timeout=5.0)
             except (OSError, websocket.WebSocketException):
                 self._ws = None
 
@@ -158,12 +178,35 @@ class Server:
 
     def _collect(self, prompt_ids: list[str]) -> list:
         self._last_history_check = time.monotonic()
-        events = []
+        events, unfinished = [], []
         for prompt_id in prompt_ids:
             entry = self.client.history(prompt_id)
             if entry is not None and entry.get("status", {}).get("completed") is not None:
-                events.append(Finished(self.in_flight.pop(prompt_id), prompt_id, entry))
+                events.append(Finished(self._drop(prompt_id), prompt_id, entry))
+            else:
+                unfinished.append(prompt_id)
+        return events + self._given_up(unfinished)
+
+    def _given_up(self, prompt_ids: list[str]) -> list:
+        """GaveUp for the prompts that took too long (withdrawn) or are gone from the server."""
+        now, events = time.monotonic(), []
+        for prompt_id in [p for p in prompt_ids if now - self._queued_at.get(p, now) > self.prompt_timeout_s]:
+            self.client.cancel([prompt_id])
+            events.append(GaveUp(self._drop(prompt_id), prompt_id, f"the prompt did not finish within "
+                                 f"{self.prompt_timeout_s:.0f} s (--prompt-timeout): withdrawn"))
+        queued = self.client.queued_prompt_ids() if any(p in self.in_flight for p in prompt_ids) else set()
+        for prompt_id in [p for p in prompt_ids if p in self.in_flight]:
+            if prompt_id in queued:
+                self._missing_since.pop(prompt_id, None)
+            elif now - self._missing_since.setdefault(prompt_id, now) > VANISHED_AFTER_S:
+                events.append(GaveUp(self._drop(prompt_id), prompt_id, "the prompt is gone from the server (neither "
+                                     "queued nor in its history: another client deleted it, or the server restarted)"))
         return events
+
+    def _drop(self, prompt_id: str):
+        self._queued_at.pop(prompt_id, None)
+        self._missing_since.pop(prompt_id, None)
+        return self.in_flight.pop(prompt_id)
 
     def _note_unreachable(self) -> list:
         now = time.monotonic()

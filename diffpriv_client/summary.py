@@ -5,6 +5,7 @@ never loses what was already done, and a rerun knows what it may skip.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from diffpriv_core.files import replace_file
 from diffpriv_core.key_format import face_crop_summary, read_public_metadata
 
 from .pictures import PhotoError, read_photo
@@ -130,9 +132,9 @@ def write_contact_sheet(summary: Summary, show_source: bool = True) -> Path | No
         for thumb in row:
             sheet.paste(thumb, (x, y * THUMB_PX))
             x += thumb.width
-    path = summary.out_dir / CONTACT_SHEET_NAME
-    sheet.save(path)
-    return path
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return replace_file(summary.out_dir / CONTACT_SHEET_NAME, buffer.getvalue())  # owner-only, links not followed
 
 
 def _thumbnail(path: Path) -> Image.Image:

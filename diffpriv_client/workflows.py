@@ -159,11 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     import tempfile
 
-    from .comfy_http import ComfyClient
     from .embedded import EmbeddedComfy, prepare_base_directory
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedComfy(prepare_base_directory(Path(tmp))) as server:
-        for path in regenerate(ComfyClient(server.url).object_info()):
+        for path in regenerate(server.client().object_info()):
             print(f"wrote {path}")
 
 

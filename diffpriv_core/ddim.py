@@ -44,7 +44,9 @@ def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor
 
 
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_next: float) -> torch.Tensor:
-    """Eq. 2 with eta = 0: move the (x0, eps) pair to level alpha_next."""
+    """Eq. 2 with eta = 0: move the (x0, eps) pair to level alpha_next,
+    z_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1}) eps. The paper prints Eq. 2 without the
+    sqrt(a_{t-1}) on x0; DDIM's step (Song et al. 2021, Eq. 12) has it, and so does this one."""
     return math.sqrt(alpha_next) * x0 + math.sqrt(1.0 - alpha_next) * eps
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -38,6 +39,28 @@ def write_new_file(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> P
     return path
 
 
+def replace_file(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Write ``data`` as the file at ``path``, replacing the one there (a file the command
+    rewrites each run, like a contact sheet): ``mode`` from the first byte, and a link at
+    the name is replaced itself, never followed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def remove_stale_partials(folder: Path) -> None:
     """Remove the partial files a crash left in this folder (never a finished file)."""
     now = time.time()
@@ -57,3 +80,50 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_file_no_follow(path: str | os.PathLike) -> bool:
+    """Remove the file (or link: the link itself, never what it points to) at ``path``;
+    False when there is none. A folder is never removed."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_tree_no_follow(folder: str | os.PathLike) -> list[str]:
+    """Remove ``folder`` and everything in it, never following a link (a link inside is
+    removed as a link; ``folder`` itself being a link is an error). Returns the names of
+    the files removed; nothing when there is no folder."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(folder, flags)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # ELOOP / ENOTDIR: a link or a file where the folder should be
+        raise OSError(exc.errno, f"{os.fspath(folder)} is not a folder (a link?): left alone") from None
+    try:
+        removed = _empty_folder(fd, flags)
+    finally:
+        os.close(fd)
+    os.rmdir(folder)
+    return removed
+
+
+def _empty_folder(fd: int, flags: int) -> list[str]:
+    removed = []
+    for entry in list(os.scandir(fd)):
+        if entry.is_dir(follow_symlinks=False):
+            sub = os.open(entry.name, flags, dir_fd=fd)
+            try:
+                removed += _empty_folder(sub, flags)
+            finally:
+                os.close(sub)
+            os.rmdir(entry.name, dir_fd=fd)
+        else:
+            os.unlink(entry.name, dir_fd=fd)
+            removed.append(entry.name)
+    return removed

@@ -12,7 +12,9 @@ that a key file has one encoding and any changed byte is detected.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -21,12 +23,15 @@ FORMAT = "diffprivacy-key"
 # 1: scrypt N = 2^15, the metadata authenticated as canonical JSON.
 # 2: scrypt N = 2^17, the exact header bytes authenticated, key-I bound to its key-E,
 #    passphrases normalised to Unicode NFC.
-VERSION = "2"
-VERSIONS = ("1", "2")
+# 3: keys sealed to age recipients (key_crypto.py), a face key bound to its protected
+#    photo (PROTECTED_META), every number of the face crop bounded.
+VERSION = "3"
+VERSIONS = ("1", "2", "3")
 # scrypt settings by the version that wrote the file. They are public metadata, which can
 # only be authenticated after the key is derived, so a file never chooses them.
 SCRYPT = {"1": {"n": 2**15, "r": 8, "p": 1},  # 32 MiB, about 0.1 s
-          "2": {"n": 2**17, "r": 8, "p": 1}}  # 128 MiB, about 0.5-1 s: as age does
+          "2": {"n": 2**17, "r": 8, "p": 1},  # 128 MiB, about 0.5-1 s: as age does
+          "3": {"n": 2**17, "r": 8, "p": 1}}
 ENCRYPTION = "aes-256-gcm"
 KDF = "scrypt"
 KEY_SUFFIX = ".dpkey.safetensors"
@@ -42,6 +47,16 @@ CHECKPOINT = "checkpoint"  # key-E and key-I: fingerprint of the UNet they were 
 GRID = "grid"  # key-I: the timestep grid it was inverted on
 PAIR = "pair"  # key-I: the id of the key-E it was inverted under (key_types.key_e_id)
 CROP_META = "face_crop"  # where the key's face sits in its photo (Face Crop), as JSON
+# Fields a version wrote first: an older version's file that holds one was not written by a pack.
+NEWER_FIELDS = {"2": ("key_i.pair",), "3": ("age.recipient", "age.wrapped")}
+# Bounds of a face crop's numbers (Face Crop never makes larger ones).
+MAX_PHOTO_SIDE = 16384
+MAX_CROP_SIZE = 2048  # the working resolution: what MSI trains on at most
+MAX_FACES = 4096  # photo and face indices
+MAX_MARGIN_GROWTH = 5  # the square is at most the face box grown by a margin of 2 on each side
+PROTECTIONS = ("msi", "unconditional")
+CROP_FIELDS = ("image_index", "face_index", "source_size", "box", "size", "face_box", "landmarks", "protection",
+               "region_digests")
 DIGEST = "digest"  # unencrypted files: SHA-256 over metadata and tensors
 ENCRYPTED_FIELDS = ("encryption", "kdf", "kdf.params", "kdf.salt", "nonce")
 # Tensor names: the keys, or the sealed payload of an encrypted file.
@@ -101,6 +116,33 @@ def encode_header(meta: dict[str, str] | None, tensors: list[tuple[str, str, tup
     return len(raw).to_bytes(8, "little") + raw
 
 
+# How torch names each dtype: the digest of an unencrypted file hashes these names.
+TORCH_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+                "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+                "U8": "torch.uint8", "BOOL": "torch.bool"}
+
+
+def tensors_digest(meta: dict[str, str], tensors: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """The SHA-256 an unencrypted file carries: over the metadata (without the digest) and
+    each tensor's name, torch dtype name, shape and bytes, by name."""
+    h = hashlib.sha256(canonical_json(meta).encode())
+    for name, dtype, shape, data in sorted(tensors):
+        h.update(f"{name}|{dtype}|{tuple(shape)}".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def plain_file(meta: dict[str, str], payload: bytes, inner: Container) -> bytes:
+    """An unencrypted key file of ``meta`` and the tensors of a decrypted payload."""
+    records = inner.tensors
+    meta = {k: v for k, v in meta.items() if k != DIGEST}
+    meta[DIGEST] = tensors_digest(meta, [(n, TORCH_DTYPES.get(r.dtype, r.dtype), r.shape, payload[r.start:r.end])
+                                         for n, r in records.items()])
+    order = tensor_order({n: r.dtype for n, r in records.items()})
+    header = encode_header(meta, [(n, records[n].dtype, records[n].shape) for n in order])
+    return header + b"".join(payload[records[n].start:records[n].end] for n in order)
+
+
 def tensor_order(names_and_dtypes: dict[str, str]) -> list[str]:
     """The order safetensors lays tensors out in: wider dtypes first, then by name."""
     return sorted(names_and_dtypes, key=lambda n: (-ITEMSIZE[names_and_dtypes[n]], n))
@@ -151,18 +193,76 @@ def face_crop_summary(meta: dict[str, str]) -> dict | None:
     text = meta.get(CROP_META)
     if text is None:
         return None
+    crop = checked_face_crop(text)
+    return {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]], "crop": crop["box"]}
+
+
+def checked_face_crop(text) -> dict:
+    """A face crop's geometry (Face Crop's JSON), every number checked: whole numbers where
+    Face Crop writes them, finite, the photo at most MAX_PHOTO_SIDE a side, the crop square
+    overlapping the photo and at most a few times the photo's side, the face box and its
+    landmarks inside the square, the working size a multiple of 8 up to MAX_CROP_SIZE.
+    KeyFileError (a ValueError) says what is wrong."""
     try:
-        crop = json.loads(text)
-        face, box, square = crop["face_index"], crop["face_box"], crop["box"]
-        if not isinstance(face, int) or isinstance(face, bool) or len(box) != 4 or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-            raise TypeError("face_index must be an integer and face_box four numbers")
-        if len(square) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in square) \
-                or square[2] < 1:
-            raise TypeError("box must be three integers, the square's x, y and side")
-        return {"face": face, "box": [round(float(v), 1) for v in box], "crop": list(square)}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KeyFileError(f"the key file's face crop metadata is damaged ({exc})") from None
+        crop = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        crop = None
+    if not isinstance(crop, dict):
+        raise KeyFileError("the key file's face crop metadata is damaged (not a JSON object)")
+    unknown = sorted(set(crop) - set(CROP_FIELDS))
+    missing = [f for f in CROP_FIELDS[:6] if f not in crop]
+    if unknown or missing:
+        raise KeyFileError(f"the key file's face crop metadata is damaged (field {(unknown or missing)[0]!r} "
+                           f"{'is not one Face Crop writes' if unknown else 'is missing'})")
+    _whole(crop["image_index"], "image_index", 0, MAX_FACES)
+    _whole(crop["face_index"], "face_index", 0, MAX_FACES)
+    h, w = _numbers(crop["source_size"], "source_size", 2, whole=True)
+    for side in (h, w):
+        _whole(side, "source_size", 1, MAX_PHOTO_SIDE)
+    size = _whole(crop["size"], "size", 8, MAX_CROP_SIZE)
+    if size % 8:
+        raise KeyFileError(f"the key file's face crop is damaged: its working size {size} is not a multiple of 8")
+    x0, y0, side = _numbers(crop["box"], "box", 3, whole=True)
+    _whole(side, "box side", 8, MAX_MARGIN_GROWTH * max(h, w) + 8)
+    if not (x0 < w and y0 < h and x0 + side > 0 and y0 + side > 0):
+        raise KeyFileError("the key file's face crop is damaged: its square lies outside the photo")
+    x1, y1, x2, y2 = _numbers(crop["face_box"], "face_box", 4)
+    if not (x0 - 1 <= x1 < x2 <= x0 + side + 1 and y0 - 1 <= y1 < y2 <= y0 + side + 1):
+        raise KeyFileError("the key file's face crop is damaged: its face box is empty or outside its square")
+    if crop.get("landmarks") is not None:
+        points = crop["landmarks"]
+        if not isinstance(points, list) or len(points) != 5:
+            raise KeyFileError("the key file's face crop is damaged: landmarks must be 5 points")
+        for point in points:
+            px, py = _numbers(point, "landmark", 2)
+            if not (x0 - 1 <= px <= x0 + side + 1 and y0 - 1 <= py <= y0 + side + 1):
+                raise KeyFileError("the key file's face crop is damaged: a landmark lies outside its square")
+    if crop.get("protection") is not None and crop["protection"] not in PROTECTIONS:
+        raise KeyFileError(f"the key file's face crop is damaged: protection {str(crop['protection'])[:20]!r} is "
+                           f"not one of {', '.join(PROTECTIONS)}")
+    digests = crop.get("region_digests", [])
+    if not isinstance(digests, list) or len(digests) > 64 or not all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
+        raise KeyFileError("the key file's face crop is damaged: its region digests are not SHA-256 digests")
+    return crop
+
+
+def _numbers(value, name: str, count: int, whole: bool = False) -> list:
+    if not isinstance(value, list) or len(value) != count:
+        raise KeyFileError(f"the key file's face crop is damaged: {name} must be {count} numbers")
+    for v in value:
+        if whole:
+            _whole(v, name, -2**31, 2**31)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 2**31:
+            raise KeyFileError(f"the key file's face crop is damaged: {name} holds {str(v)[:20]}, not a finite number")
+    return value
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise KeyFileError(f"the key file's face crop is damaged: {name} is {str(value)[:20]}, not a whole number "
+                           f"from {low} to {high}")
+    return value
 
 
 # --- internals -----------------------------------------------------------------------
@@ -208,6 +308,11 @@ def _diffprivacy_metadata(header: dict) -> dict[str, str]:
     if meta.get("version") not in VERSIONS:
         raise KeyFileError(f"key file version {meta.get('version')!r} is not supported (this pack reads versions "
                            f"{', '.join(VERSIONS)}): it was written by a newer pack, or damaged")
+    for version, fields in NEWER_FIELDS.items():
+        later = [f for f in fields if f in meta]
+        if meta["version"] < version and later:
+            raise KeyFileError(f"the key file was modified: a version {meta['version']} file has no {later[0]!r} "
+                               f"(version {version} added it)")
     return meta
 
 

@@ -2,9 +2,9 @@
 
 No pickle anywhere. A key file has one encoding, and the loader accepts only that
 encoding, so any changed byte is detected. Unencrypted files carry a SHA-256 digest over
-metadata and tensors (damage, not forgery); with a passphrase the tensors are serialised,
-then encrypted with AES-256-GCM under a key derived by scrypt (memory-hard), with the
-exact header bytes as the AEAD's associated data, so the public metadata cannot be
+metadata and tensors (damage, not forgery); encrypted files (key_crypto.py: under a
+passphrase, or sealed to an age recipient) hold the serialised tensors under AES-256-GCM
+with the exact header bytes as the associated data, so the public metadata cannot be
 altered either. A stolen encrypted key file reveals only its metadata (task, step count,
 image size).
 
@@ -14,13 +14,14 @@ so keys of two photos never run together silently.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import key_crypto
 from . import key_format as fmt
 from .key_format import KEY_SUFFIX, KeyFileError  # noqa: F401  (public names of this module)
 from .files import PARTIAL_SUFFIX, write_new_file
@@ -31,6 +32,7 @@ from .schedule import STAGES, T, ddim_grid
 FORMAT, VERSION = fmt.FORMAT, fmt.VERSION
 # key-I's latent is at most what the nodes make: MSI takes images up to MSI_MAX_SIDE pixels.
 MAX_LATENT_SIDE = MSI_MAX_SIDE // VAE_FACTOR
+MAX_REFINE = 1000  # fixed-point refinements per inversion step (the node allows 50)
 
 
 def check_metadata(key_e: KeyE, key_i: KeyI | None) -> None:
@@ -79,57 +81,44 @@ def _encode(meta: dict[str, str] | None, tensors: dict[str, torch.Tensor]) -> by
 
 
 def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(fmt.canonical_json(meta).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _derive(passphrase: str, salt: bytes, version: str) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-    # Version 1 derived from the passphrase's UTF-8 as typed; later versions normalise it.
-    secret = passphrase.encode("utf-8") if version == "1" else fmt.normalise_passphrase(passphrase)
-    return Scrypt(salt=salt, length=32, **fmt.SCRYPT[version]).derive(secret)
+    return fmt.tensors_digest(meta, [(name, str(t.dtype), tuple(t.shape),
+                                      t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                                     for name, t in tensors.items()])
 
 
 def key_bytes(key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
-              extra: dict[str, str] | None = None) -> bytes:
-    """Serialise keys to the file format (deterministic when unencrypted)."""
+              extra: dict[str, str] | None = None, recipient: str | None = None) -> bytes:
+    """Serialise keys to the file format (deterministic when unencrypted): encrypted under
+    ``passphrase``, or sealed to the age ``recipient`` (key_crypto.py), or neither."""
+    if passphrase and recipient:
+        raise ValueError("give a passphrase or a recipient, not both: a key file is encrypted one way")
     check_metadata(key_e, key_i)
     tensors = _tensors(key_e, key_i)
     meta = _metadata(key_e, key_i, extra or {})
-    if not passphrase:
-        meta[fmt.DIGEST] = _digest(meta, tensors)
-        return _encode(meta, tensors)
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    salt, nonce = os.urandom(16), os.urandom(12)
-    meta.update({"encryption": fmt.ENCRYPTION, "kdf": fmt.KDF, "kdf.params": json.dumps(fmt.SCRYPT[fmt.VERSION]),
-                 "kdf.salt": salt.hex(), "nonce": nonce.hex()})
-    plain = _encode(None, tensors)
-    # The header depends only on the ciphertext's length (the payload plus the 16-byte tag),
-    # so it is written first and authenticated byte for byte.
-    header = fmt.encode_header(meta, [(fmt.CIPHERTEXT, "U8", (len(plain) + 16,))])
-    return header + AESGCM(_derive(passphrase, salt, fmt.VERSION)).encrypt(nonce, plain, header)
+    if passphrase:
+        return key_crypto.seal_with_passphrase(meta, _encode(None, tensors), passphrase)
+    if recipient:
+        return key_crypto.seal_for_recipient(meta, _encode(None, tensors), recipient)
+    meta[fmt.DIGEST] = _digest(meta, tensors)
+    return _encode(meta, tensors)
 
 
 def save_key(path: str | os.PathLike, key_e: KeyE, key_i: KeyI | None = None, passphrase: str | None = None,
-             extra: dict[str, str] | None = None) -> Path:
+             extra: dict[str, str] | None = None, recipient: str | None = None) -> Path:
     """Write a new key file, readable by its owner only, never replacing an existing file
     (FileExistsError); it appears complete or not at all (files.write_new_file)."""
-    return write_new_file(path, key_bytes(key_e, key_i, passphrase, extra))
+    return write_new_file(path, key_bytes(key_e, key_i, passphrase, extra, recipient))
 
 
 def save_next_key(folder: str | os.PathLike, prefix: str, key_e: KeyE, key_i: KeyI | None = None,
-                  passphrase: str | None = None, extra: dict[str, str] | None = None) -> Path:
+                  passphrase: str | None = None, extra: dict[str, str] | None = None,
+                  recipient: str | None = None) -> Path:
     """Save under the next free ``prefix_NNNNN`` name; a name taken meanwhile (another
     process saving into the same folder) moves on to the next number."""
+    data = key_bytes(key_e, key_i, passphrase, extra, recipient)
     while True:
         try:
-            return save_key(next_key_path(folder, prefix), key_e, key_i, passphrase, extra)
+            return write_new_file(next_key_path(folder, prefix), data)
         except FileExistsError:
             continue
 
@@ -147,6 +136,8 @@ def _checked(data: bytes, records: dict[str, fmt.TensorRecord], name: str, shape
         expected = f"float32 {shape}" if shape is not None else "float32 [4, height, width]"
         raise KeyFileError(f"the key file is damaged: its {name} is {record.dtype} {list(record.shape)}; "
                            f"a Diff-Privacy key has {expected}")
+    if record.start == record.end:
+        raise KeyFileError(f"the key file is damaged: its {name} is empty ({list(record.shape)})")
     t = _tensor(data, record)
     if not np.isfinite(t.numpy()).all():  # numpy: one thread, no pool to wake for a check
         raise KeyFileError(f"the key file is damaged: its {name} holds NaN or infinite values")
@@ -163,43 +154,6 @@ def _key_tensors(data: bytes, records: dict[str, fmt.TensorRecord]) -> dict[str,
     if fmt.KEY_I_LATENT in records:
         tensors[fmt.KEY_I_LATENT] = _checked(data, records, fmt.KEY_I_LATENT, None)
     return tensors
-
-
-def _open(data: bytes, container: fmt.Container, passphrase: str | None) -> dict[str, torch.Tensor]:
-    """The key tensors of an encrypted file, decrypted and checked."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    meta, version = container.meta, container.meta["version"]
-    if not all(field in meta for field in fmt.ENCRYPTED_FIELDS) or meta["encryption"] != fmt.ENCRYPTION \
-            or meta["kdf"] != fmt.KDF:
-        raise KeyFileError(f"the key file is damaged: its encryption fields are not {fmt.ENCRYPTION} with {fmt.KDF}")
-    if not passphrase:
-        raise KeyFileError("this key file is encrypted: a passphrase is required")
-    sealed = container.tensors.get(fmt.CIPHERTEXT)
-    if set(container.tensors) != {fmt.CIPHERTEXT} or sealed.dtype != "U8" or len(sealed.shape) != 1:
-        raise KeyFileError("the encrypted key file is damaged: it has no ciphertext, or more than one")
-    # The file's scrypt settings must be its version's: a file never chooses how costly a
-    # derivation is (they are checked before deriving, authenticated after).
-    if meta["kdf.params"] != json.dumps(fmt.SCRYPT[version]):
-        raise KeyFileError(f"the encrypted key file is damaged: its scrypt settings {meta['kdf.params']} are not "
-                           f"the ones version {version} writes ({json.dumps(fmt.SCRYPT[version])})")
-    try:
-        salt, nonce = bytes.fromhex(meta["kdf.salt"]), bytes.fromhex(meta["nonce"])
-    except ValueError:
-        raise KeyFileError("the encrypted key file is damaged: its salt or nonce is not hexadecimal") from None
-    if len(salt) != 16 or len(nonce) != 12:
-        raise KeyFileError("the encrypted key file is damaged: its salt or nonce has the wrong length")
-    associated = container.header if version != "1" else fmt.canonical_json(meta).encode()
-    try:
-        plain = AESGCM(_derive(passphrase, salt, version)).decrypt(nonce, data[sealed.start:sealed.end], associated)
-    except InvalidTag:
-        raise KeyFileError("wrong passphrase, or the key file was modified") from None
-    try:
-        inner = fmt.read_container(plain, with_metadata=False)
-    except KeyFileError as exc:
-        raise KeyFileError(f"the encrypted part of the key file is damaged: {exc}") from None
-    return _key_tensors(plain, inner.tensors)
 
 
 def _sub(meta: dict[str, str], prefix: str) -> dict[str, str]:
@@ -221,7 +175,8 @@ def _keys(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[KeyE,
     if meta["version"] == "1":
         key_i_meta[fmt.PAIR] = key_e_id(key_e)  # version 1 bound the pair by holding it in one verified file
     steps, inversion, refine = _number(meta, "steps"), meta.get("inversion"), _number(meta, "refine")
-    if steps is None or refine is None or not 1 <= steps <= T or refine < 0 or inversion not in ("ddim", "fixed_point"):
+    if steps is None or refine is None or not 1 <= steps <= T or not 0 <= refine <= MAX_REFINE \
+            or inversion not in ("ddim", "fixed_point"):
         raise KeyFileError("the key file is damaged: its key-I settings (steps, inversion, refine) are missing "
                            "or unreadable")
     if key_i_meta.get(fmt.GRID) not in (None, ddim_grid(steps).describe()):
@@ -231,32 +186,49 @@ def _keys(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[KeyE,
     return key_e, key_i
 
 
-def load_key_bytes(data: bytes, passphrase: str | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
-    """Parse and verify a key file: (key-E, key-I or None, metadata). Every failure is a
-    KeyFileError whose message says what is wrong."""
+def load_key_bytes(data: bytes, passphrase: str | None = None,
+                   identities: list | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
+    """Parse and verify a key file: (key-E, key-I or None, metadata), opened with the
+    passphrase or an age identity when it is encrypted. Every failure is a KeyFileError
+    whose message says what is wrong."""
     container = fmt.read_container(data)
     meta = container.meta
-    if "encryption" in meta:
-        tensors = _open(data, container, passphrase)
+    if key_crypto.is_encrypted(meta):
+        plain, inner = key_crypto.decrypt_payload(data, container, passphrase, identities)
+        tensors = _key_tensors(plain, inner.tensors)
     else:
         if passphrase:
             raise KeyFileError("this key file is not encrypted, but a passphrase was given: leave the passphrase "
                                "empty for it (or it was tampered with to drop its encryption)")
+        if key_crypto.PUBLIC_ENCRYPTION_FIELDS & set(meta):
+            raise KeyFileError("the key file was modified: it holds encryption fields but is not encrypted")
         tensors = _key_tensors(data, container.tensors)
         if meta.get(fmt.DIGEST) != _digest({k: v for k, v in meta.items() if k != fmt.DIGEST}, tensors):
             raise KeyFileError("the key file was modified or damaged (integrity check failed)")
     key_e, key_i = _keys(meta, tensors)
     check_metadata(key_e, key_i)
+    if fmt.CROP_META in meta:
+        _check_crop(meta[fmt.CROP_META], key_i)
     return key_e, key_i, meta
 
 
-def load_key(path: str | os.PathLike, passphrase: str | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
+def _check_crop(text: str, key_i: KeyI | None) -> None:
+    """A face key's geometry is bounded, and its key-I is a latent of the crop's size."""
+    crop = fmt.checked_face_crop(text)
+    side = crop["size"] // VAE_FACTOR
+    if key_i is not None and tuple(key_i.latent.shape[-2:]) != (side, side):
+        raise KeyFileError(f"the key file is damaged: its key-I is {key_i.latent.shape[-1]} x "
+                           f"{key_i.latent.shape[-2]}, but its face crop works at {crop['size']} px ({side} x {side})")
+
+
+def load_key(path: str | os.PathLike, passphrase: str | None = None,
+             identities: list | None = None) -> tuple[KeyE, KeyI | None, dict[str, str]]:
     path = Path(path)
     if path.name.endswith(PARTIAL_SUFFIX):
         raise KeyFileError(f"{path.name} is a partial file left by an interrupted save, not a key file")
     if path.stat().st_size > fmt.MAX_FILE_BYTES:
         raise KeyFileError(f"{path.name} is not a key file: far larger than any key")
-    return load_key_bytes(path.read_bytes(), passphrase)
+    return load_key_bytes(path.read_bytes(), passphrase, identities)
 
 
 def model_fingerprint(named_tensors, samples_per_tensor: int = 64) -> str:
@@ -300,6 +272,11 @@ def next_key_path(folder: str | os.PathLike, prefix: str) -> Path:
     if not parts[-1] or parts[-1] in (".", "..") or parts[-1].startswith("."):
         raise ValueError(f"invalid key file prefix {prefix!r}: it must end in a file name (not '.', '..', a "
                          "hidden name or a folder), e.g. diffprivacy/key")
+    hidden = [c for c in prefix if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if hidden or any(part.startswith("~") for part in parts):
+        raise ValueError(f"invalid key file prefix {prefix!r}: " + (
+            f"it holds the invisible or control character U+{ord(hidden[0]):04X}, which would disguise the name"
+            if hidden else "a name starting with '~' reads as a home folder"))
     base = safe_join(folder, prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     start, end = f"{base.name}_", KEY_SUFFIX

@@ -6,6 +6,13 @@ layer i // 2; per layer mean over tokens -> Linear(1024, 768) -> Linear(768, 768
 biases) -> L2-normalise = v; u = E[i] * v with a learned Embedding(10, 768); self-attention
 then cross-attention (8 heads x 64, q/k/v without bias, dropout 0.05); Dropout + Linear(768,
 768) -> the pseudo-token that replaces the placeholder "*" in the text encoder's input.
+
+Each stage reads one vector, so both attentions act on a sequence of length 1, as in the
+reference code (its ``Attentions`` block): the softmax over a single key is 1, so the
+attention mixes nothing. The self-attention's output only feeds the cross-attention's query,
+which no longer matters, so it gets no gradient; the cross-attention reduces to its value and
+output projections. We keep the structure (and its ~10.6 M parameters) because it is the
+module the paper describes and its code trains.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from .schedule import STAGES
 
 @dataclass(frozen=True)
 class MSIShape:
-    """Widths of the module; the defaults are the paper's (CLIP ViT-L/14 in, SD1.x text out).
+    """Widths of the module; the defaults are the reference code's (CLIP ViT-L/14 in, SD1.x text
+    out, 8 heads of 64).
     Tests shrink them to run tiny host models."""
 
     feature_dim: int = 1024

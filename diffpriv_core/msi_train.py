@@ -30,6 +30,8 @@ Probe = Callable[[int, MSI], None]
 
 @dataclass(frozen=True)
 class MSITrainConfig:
+    # The defaults are the reference code's configuration (the paper's text gives lr 1e-3 and
+    # no step count; we follow the code, whose numbers the paper reports).
     steps: int = 6100
     lr: float = 1e-4
     weight_decay: float = 1e-2  # AdamW's default, as in the reference
@@ -63,7 +65,8 @@ class MSITrainConfig:
 
 
 PRESETS = {
-    # The reference configuration: lr 1e-4, 6100 steps, batch 1, fp32: 6100 UNet passes
+    # The reference code's configuration (not the paper's text, which gives lr 1e-3 and no step
+    # count): lr 1e-4, 6100 steps, batch 1, fp32: 6100 UNet passes
     # (forward and backward). The reference code encodes the image again at every step; the
     # encoders are deterministic, so encoding it once per flip gives the same key-E.
     "faithful": MSITrainConfig(reuse_encodings=True),

@@ -1,5 +1,14 @@
 """The paper's two tasks and every setting that differs between them, in one table.
 
+Where each value comes from: S_ns, tau, the DDIM steps, the anonymization's 4 samples and
+lambda_t (1; hide 1.5 above t = 600, 2.5 below) are the reference code's (its notebooks
+Anonymization.ipynb and "Visual identity information hiding.ipynb"); the paper gives no
+lambda. key-I inverts on the task's grid, as the reference code does, but its fixed-point
+refinement (4 per step) is ours: plain DDIM inversion recovers less exactly (BENCHMARKS.md). Protection re-runs the
+last S_ns x steps of the grid, so the noise starts at that part's first timestep: t = 581 for
+anonymization (30 of 50 steps) and t = 791 for hiding (80 of 100), not at S_ns * T = 600 and
+800 (schedule.Grid.tail).
+
 Anonymization makes each face a different person (and the batch's faces different from
 each other); identity hiding makes it look like someone else to people while recognisers
 still match it. The Embedding Scheduler (tau), the Identity Energy Guidance (energy and

@@ -10,7 +10,7 @@ originals, their candidates and their recoveries, read at the original's face to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from diffpriv_eval.diversity import pairwise_distances
 from diffpriv_eval.gallery import Gallery
 from diffpriv_eval.identity import FaceImage, Probe, identify, photo_digest, protection_success_rate
 from diffpriv_eval.images import Case
-from diffpriv_eval.verifiers import Recognizer, distances
+from diffpriv_eval.verifiers import Recognizer, cosines, distances
 from diffpriv_eval.utility import compare_detections
 from diffpriv_core.faces.detect import Face
 
@@ -75,22 +75,27 @@ def _pixel_metrics(original: np.ndarray, recovered: np.ndarray, with_lpips: bool
 
 
 def _recovery(recognizers: Sequence[Recognizer], originals: dict[str, np.ndarray], cases: Sequence[Case],
-              faces: Sequence[Face]) -> dict:
-    """Pixel metrics and, per recogniser, the identity distance of recovered vs original,
-    its threshold and whether the recogniser takes them for the same person."""
-    recovered = [(k, c) for k, c in enumerate(cases) if c.recovered is not None]
+              faces: Sequence[Face], recovered_of: Callable[[Case], np.ndarray | None] = lambda c: c.recovered) -> dict:
+    """Pixel metrics and, per recogniser, the identity of recovered vs original: Cos-IE (the
+    cosine of the two embeddings, the paper's Table 2), the distance, the recogniser's
+    threshold and whether it takes them for the same person. ``recovered_of`` picks each
+    case's recovered picture (None: none)."""
+    recovered = [(k, c, image) for k, c in enumerate(cases) if (image := recovered_of(c)) is not None]
     if not recovered:
         return {"images": 0}
     lpips_reason = metrics.lpips_unavailable_reason()
-    per_image = {c.stem: _pixel_metrics(c.original, c.recovered, lpips_reason is None) for _, c in recovered}
-    index = [k for k, _ in recovered]
+    per_image = {c.stem: _pixel_metrics(c.original, image, lpips_reason is None) for _, c, image in recovered}
+    index = [k for k, _, _ in recovered]
     identity = {}
     for recognizer in recognizers:
-        embedded = recognizer.embed([c.recovered for _, c in recovered], [faces[k] for k in index])
-        apart = distances(originals[recognizer.name][index], embedded)
-        for (_, c), value in zip(recovered, apart):
+        embedded = recognizer.embed([image for _, _, image in recovered], [faces[k] for k in index])
+        reference = originals[recognizer.name][index]
+        apart, cosine = distances(reference, embedded), cosines(reference, embedded)
+        for (_, c, _), value, cos in zip(recovered, apart, cosine):
             per_image[c.stem][f"identity_distance_{recognizer.name}"] = float(value)
-        identity[recognizer.name] = {"threshold": recognizer.threshold, "mean_distance": _mean(apart),
+            per_image[c.stem][f"cos_ie_{recognizer.name}"] = float(cos)
+        identity[recognizer.name] = {"threshold": recognizer.threshold, "cos_ie": _mean(cosine),
+                                     "mean_distance": _mean(apart),
                                      "same_person_rate": float(np.mean(apart <= recognizer.threshold))}
     names = next(iter(per_image.values())).keys()
     return {"images": len(recovered), "lpips_not_computed": lpips_reason, "identity": identity,

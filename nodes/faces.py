@@ -7,6 +7,7 @@ import torch
 from comfy_api.v0_0_2 import io
 from comfy_execution.graph_utils import ExecutionBlocker
 
+from diffpriv_core.faces.binding import check_bound
 from diffpriv_core.faces.crop import crop_faces, paste_faces, plan_crops
 from diffpriv_core.faces.detect import (KNOWN_DETECTORS, MTCNN, NoFaceError, box_mask, detect_faces, find_detector,
                                         is_detector_file)
@@ -146,5 +147,9 @@ class FacePaste(io.ComfyNode):
             raise ValueError("Face Paste got no crop geometry: the key was made from a whole image, not from a "
                              "Face Crop, so there is nothing to paste into")
         image = rgb_images(image, "Face Paste")
+        for crop in crop_info:  # a key's face goes back only into the pictures it protected
+            b = 0 if image.shape[0] == 1 else crop.image_index
+            if b < image.shape[0]:
+                check_bound(image[b], crop)
         return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather,
                                           restore))

@@ -104,8 +104,8 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
                 io.Combo.Input("mode", options=list(TASKS), default="anonymize"),
                 io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="multiplies the paper's lambda_t (anonymize 1; hide 1.5 for t > 600, "
-                                       "2.5 below); 0 = no guidance"),
+                               tooltip="multiplies the task's lambda_t, the reference code's (anonymize 1; hide "
+                                       "1.5 for t > 600, 2.5 below; the paper gives none); 0 = no guidance"),
                 io.Boolean.Input("normalize_gradient", default=False,
                                  tooltip="FreeDoM-style: the guidance step gets lambda x the size of the DDIM step"),
                 io.Boolean.Input("diversity", default=True,
@@ -120,7 +120,8 @@ class IdentityGuidanceNode(io.ComfyNode):
                                  tooltip="recompute the VAE decoder's activations in the backward pass: much less "
                                          "memory on large images, somewhat slower"),
                 io.Combo.Input("lambda_mode", options=list(LAMBDA_MODES), default=LAMBDA_MODES[0], optional=True,
-                               tooltip="paper schedule: the fixed lambda_t; target similarity: each sample gets "
+                               tooltip="paper schedule: the fixed lambda_t (the reference code's values); target "
+                                       "similarity: each sample gets "
                                        "the step that brings the recogniser's cosine to the original below its "
                                        "threshold - margin (anonymize) or above threshold + margin (hide), and "
                                        "none once there"),
@@ -129,12 +130,14 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Float.Input("lambda_cap", default=1000.0, min=0.0, max=1e6, step=1.0, optional=True,
                                tooltip="target similarity: the largest lambda any step may use"),
                 io.Float.Input("lambda_early", default=-1.0, min=-1.0, max=1e6, step=0.05, optional=True,
-                               tooltip="lambda_t above the switch point, before lambda_scale; negative = the paper's"),
+                               tooltip="lambda_t above the switch point, before lambda_scale; negative = the "
+                                       "reference code's"),
                 io.Float.Input("lambda_late", default=-1.0, min=-1.0, max=1e6, step=0.05, optional=True,
                                tooltip="lambda_t at and below the switch point, before lambda_scale; negative = "
-                                       "the paper's"),
+                                       "the reference code's"),
                 io.Int.Input("switch_t", default=600, min=0, max=1000, optional=True,
-                             tooltip="the timestep where lambda_t switches from early to late (the paper: 600)"),
+                             tooltip="the timestep where lambda_t switches from early to late (the reference "
+                                     "code's: 600)"),
             ],
             outputs=[Guidance.Output(display_name="guidance"),
                      io.Image.Output(display_name="aligned_faces",
@@ -192,11 +195,11 @@ def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score
 
 
 def lambda_schedule(mode: str, scale: float, early: float, late: float, switch_t: int) -> LambdaSchedule:
-    """lambda_t from the node's inputs: the paper's values where a value is negative, all
-    times ``scale``."""
-    paper = TASKS[mode].lambdas
-    early = paper.early if early < 0 else early
-    late = paper.late if late < 0 else late
+    """lambda_t from the node's inputs: the task's (the reference code's) where a value is
+    negative, all times ``scale``."""
+    preset = TASKS[mode].lambdas
+    early = preset.early if early < 0 else early
+    late = preset.late if late < 0 else late
     return LambdaSchedule(early, late, switch_t).scaled(scale)
 
 

@@ -6,7 +6,9 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io
 
+from diffpriv_core.faces.binding import bind
 from diffpriv_core.faces.crop import FaceCrop
+from diffpriv_core.key_crypto import check_recipient
 from diffpriv_core.key_format import CROP_META
 from diffpriv_core.keys import load_key, safe_join, save_next_key
 
@@ -20,7 +22,10 @@ folder_paths.add_model_folder_path(KEYS_FOLDER, os.path.join(folder_paths.models
 folder_paths.folder_names_and_paths[KEYS_FOLDER][1].add(".safetensors")
 
 PASSPHRASE_TIP = ("optional; encrypts the key (AES-256-GCM, scrypt). Note: ComfyUI stores node inputs in "
-                  "saved workflows and PNG metadata; run ComfyUI with --disable-metadata when you use one")
+                  "saved workflows, PNG metadata and its history, which every client of the server can read: on a "
+                  "shared server use a recipient instead")
+RECIPIENT_TIP = ("optional; an age recipient (age1..., printed by `diffpriv keygen`): the key is sealed to it, and "
+                 "only its identity file opens it, so the server never holds anything that opens the key")
 
 
 def keys_dir() -> str:
@@ -46,27 +51,41 @@ class SavePrivacyKey(io.ComfyNode):
                 FaceCrops.Input("crop_info", optional=True,
                                 tooltip="from Face Crop: each key records its face's place in the photo, so "
                                         "Recover + Face Paste can put that face back; files are named _face<N>"),
+                io.String.Input("recipient", default="", optional=True, tooltip=RECIPIENT_TIP),
+                io.Image.Input("protected", optional=True,
+                               tooltip="with crop_info: the protected pictures (Face Paste's image output); each "
+                                       "face's key records a digest of its face's region in them, so the face is "
+                                       "recovered only into these pictures"),
             ],
             outputs=[io.String.Output(display_name="paths")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None, crop_info=None) -> io.NodeOutput:
+    def execute(cls, key_e, filename_prefix, folder, passphrase, key_i=None, crop_info=None,
+                recipient="", protected=None) -> io.NodeOutput:
         count = len(key_i) if key_i else len(key_e)
+        if passphrase and recipient:
+            raise ValueError("Save Privacy Key: give a passphrase or a recipient, not both")
+        if recipient:
+            check_recipient(recipient.strip())
         keys_e = per_image(key_e, count, "Save Privacy Key", "key_e", "key-E", "key_i")
         if crop_info is not None and len(crop_info) != count:
             raise ValueError(f"{len(crop_info)} face crops for {count} keys: connect the Face Crop whose crops "
                              "made these keys")
+        if crop_info is not None and protected is not None:
+            crop_info = bind(crop_info, protected)
         root = folder_paths.get_output_directory() if folder == "output" else keys_dir()
         written, records = [], []
         for b in range(count):
             crop = crop_info[b] if crop_info is not None else None
             path = save_next_key(root, face_key_prefix(filename_prefix, crop, crop_info), keys_e[b],
                                  key_i[b] if key_i else None, passphrase or None,
-                                 extra={CROP_META: crop.to_json()} if crop is not None else None)
+                                 extra={CROP_META: crop.to_json()} if crop is not None else None,
+                                 recipient=recipient.strip() or None)
             written.append(str(path))
-            rel = os.path.relpath(path, root)
+            # Against the folder's real path: a linked models/ folder must not give '../..' records.
+            rel = os.path.relpath(path, os.path.realpath(root))
             records.append({"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),
                             "type": "output" if folder == "output" else KEYS_FOLDER})
         return io.NodeOutput("\n".join(written), ui={"diffprivacy_keys": records})

@@ -48,7 +48,8 @@ class MSIInversion(io.ComfyNode):
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default="fast",
                                tooltip="fast: a fifth of the faithful UNet passes (1100 steps at most, stops "
                                        "early on a loss plateau), mixed precision on GPU; faithful: the "
-                                       "paper's 6100 steps at lr 1e-4"),
+                                       "reference code's 6100 steps at lr 1e-4 (the paper gives lr 1e-3 and "
+                                       "no step count)"),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
                 io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
                                tooltip="0 = the preset's"),

@@ -154,8 +154,9 @@ class GuidedDDIMSampler(io.ComfyNode):
             node_id="DiffPrivacyGuidedDDIMSampler",
             display_name="Guided DDIM Sampler (Diff-Privacy)",
             category="Diff-Privacy/protect",
-            description="Stage II: noises each original latent to S_ns*T, then runs deterministic DDIM with the "
-                        "scheduled key-E and the identity-energy correction (Algorithm 1).",
+            description="Stage II: noises each original latent to the start of the last S_ns x steps of the DDIM "
+                        "grid (t = 581 of 50 steps to anonymize, 791 of 100 to hide), then runs deterministic DDIM "
+                        "with the scheduled key-E and the identity-energy correction (Algorithm 1).",
             inputs=[
                 io.Model.Input("model"),
                 io.Vae.Input("vae"),

@@ -63,7 +63,7 @@ class Recover(io.ComfyNode):
             display_name="Recover (Diff-Privacy)",
             category="Diff-Privacy",
             description="Stage III: deterministic DDIM from key-I with key-E gives the original latent back. "
-                        "Any other key gives something else.",
+                        "A key-E that key-I was not made from is refused.",
             inputs=[io.Model.Input("model"), KeyI.Input("key_i"), KeyE.Input("key_e")],
             outputs=[io.Latent.Output(display_name="latent")],
         )

@@ -12,7 +12,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffpriv_client.comfy_http import ComfyClient  # noqa: E402
 from diffpriv_client.embedded import EmbeddedComfy, prepare_base_directory  # noqa: E402
 from diffpriv_testmodels import cache  # noqa: E402
 from diffpriv_testmodels.comfy_models import CHECKPOINT, CLIP_VISION  # noqa: E402
@@ -58,7 +57,7 @@ def keys_folder(base: Path) -> Path:
 class Host:
     def __init__(self, server: EmbeddedComfy):
         self.server = server
-        self.client = ComfyClient(server.url, timeout=60)
+        self.client = server.client(timeout=60)
         self.base = server.base_dir
 
     @property
@@ -81,14 +80,14 @@ class Host:
 
 
 def start_host(base: Path, test_models: Path, face_models: Path,
-               extra_args: tuple[str, ...] = ("--disable-metadata",)) -> EmbeddedComfy:
-    """A test server; ``--disable-metadata`` as the command asks of servers it sends
-    passphrases to (a server without it is the hostile one of test_cli_hostile.py)."""
+               extra_args: tuple[str, ...] = ("--disable-metadata",), token: str | None = None) -> EmbeddedComfy:
+    """A test server: by default as a shared ComfyUI is, without a token (any local client
+    may use it: the command's own embedded server has one, ``token="new"``)."""
     prepare_base_directory(base)
     _models_folder(base, test_models, face_models)
-    server = EmbeddedComfy(base, extra_args=list(extra_args)).start()
+    server = EmbeddedComfy(base, extra_args=list(extra_args), token=token).start()
     log = server.log()
-    info = ComfyClient(server.url, timeout=60).object_info()
+    info = server.client(timeout=60).object_info()
     missing = sorted(pack_node_ids() - set(info))
     pack_failed = re.search(r"Cannot import \S*comfyui-diffprivacy", log)
     if missing or pack_failed:

@@ -58,7 +58,8 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
     capsys.readouterr()
 
     summary = Summary(out, "protect")
-    assert demo.check_recovery(summary, template, "", [Server(url, 4)], Cleanup(), cli._recover_graph) == []
+    assert demo.check_recovery(summary, template, cli.KeySecrets(), [Server(url, 4)], Cleanup(),
+                               cli._recover_graph) == []
     printed = capsys.readouterr().out
     found = re.search(r"astronaut_face0_00001: recovered into the protected photo vs VAE reconstruction ([\d.]+) dB "
                       r"\((\d+) pixels off by more than 20/255\); protected candidates vs VAE reconstruction "

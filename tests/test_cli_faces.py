@@ -49,7 +49,7 @@ def test_every_face_gets_a_key_listed_in_the_summary_and_one_face_comes_back(com
     key = out / entry["faces"][1]["key"]
     recovered = tmp_path / "recovered"
     assert cli.main(["recover", str(key), "--photo", str(out / protected[0]), "--out", str(recovered),
-                     "--server", url, "--workflow", str(recover_wf)]) == 0
+                     "--trust-server", url, "--workflow", str(recover_wf)]) == 0
     (result,) = json.loads((recovered / "summary.json").read_text())["results"].values()
     assert result["passes"] == [{"face": 0, "total": {"unet_forward": 5, "vae_decode_forward": 1}, "stages": {
         "Recover": {"passes": {"unet_forward": 5}}, "VAE Decode": {"passes": {"vae_decode_forward": 1}}}}]

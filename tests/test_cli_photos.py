@@ -132,7 +132,7 @@ def test_whole_image_mode_gives_back_the_original_size_even_at_recovery(comfy_ho
     graph = graphs.load_workflow(graphs.default_workflow("recover"))
     graphs.set_models(graph, {"checkpoints": Path(CHECKPOINT).name})
     (tmp_path / "recover.json").write_text(json.dumps(graph))
-    assert cli.main(["recover", str(out / key), "--out", str(recovered), "--server", url,
+    assert cli.main(["recover", str(out / key), "--out", str(recovered), "--trust-server", url,
                      "--workflow", str(tmp_path / "recover.json")]) == 0
     (result,) = json.loads((recovered / "summary.json").read_text())["results"].values()
     (restored,) = result["outputs"]

@@ -46,7 +46,9 @@ def test_energy_per_mode():
         energy.energy("blur", ORIGINAL, samples)
 
 
-def test_paper_lambda_schedules():
+def test_the_lambda_schedules_switch_at_t_600_and_scale():
+    """The reference code's lambda_t (the paper gives none): anonymize 1; hide 1.5 above t = 600, 2.5
+    at and below it."""
     anonymize, hide = TASKS["anonymize"].lambdas, TASKS["hide"].lambdas
     assert [anonymize(t) for t in (999, 601, 600, 0)] == [1.0, 1.0, 1.0, 1.0]
     assert [hide(t) for t in (999, 601, 600, 0)] == [1.5, 1.5, 2.5, 2.5]

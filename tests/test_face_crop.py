@@ -83,7 +83,7 @@ def test_geometry_round_trips_through_text_and_mismatches_are_refused(group):
     photo, faces = group
     crops = plan_crops(faces, photo.shape[1], photo.shape[2], SIZE, margin=0.5)
     assert [FaceCrop.from_json(c.to_json()) for c in crops] == crops
-    with pytest.raises(ValueError, match="unreadable face crop geometry"):
+    with pytest.raises(ValueError, match="face crop metadata is damaged"):
         FaceCrop.from_json('{"box": [1, 2]}')
     with pytest.raises(ValueError, match="7 face images for 6 crops"):
         paste_faces(photo, torch.zeros(7, SIZE, SIZE, 3), crops)

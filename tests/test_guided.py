@@ -220,3 +220,49 @@ def test_picture_similarity_reads_the_face_where_the_sampler_does(toy):
     assert guided.picture_similarity(toy.net, toy.target, toy.decoder(toy.z0))[0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="the pictures are 56 x 64 px, their original 64 x 64"):
         guided.picture_similarity(toy.net, toy.target, pictures[:, :, :56])
+
+
+class LinearFaceNet(torch.nn.Module):
+    """8 px "faces" [B, 3, 8, 8] -> the unit vector of a fixed linear map: simple enough that
+    the energy's gradient can be written out by hand."""
+
+    input_size = 8
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.weights = weights
+
+    def forward(self, x):
+        return F.normalize(x.flatten(1) @ self.weights, dim=-1)
+
+
+def test_one_guided_step_is_the_ddim_step_minus_lambda_times_the_energys_gradient_in_x0():
+    """Algorithm 1's step, pinned by numbers computed by hand (numpy, float64): from z_t at
+    t = 500 to level 400, z' = sqrt(a') x0 + sqrt(1 - a') eps - lambda * dE/dx0, with x0 =
+    (z_t - sqrt(1 - a) eps) / sqrt(a) and E = 1 - cos(F(x), F(Decode(x0))) (hiding's L_is),
+    for a linear decoder (the latent's first three channels are the picture) and face net."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    weights, z_t = torch.randn(3 * 8 * 8, 6, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    reference = F.normalize(torch.randn(6, generator=g), dim=0)
+    lam = 0.7
+    a, a_next = float(TABLE[500]), float(TABLE[400])
+    grid = schedule.Grid((500,), (a, a_next))
+    decode = lambda z: z[:, :3].permute(0, 2, 3, 1)  # noqa: E731
+    net = LinearFaceNet(weights)
+    target = guided.FaceTarget(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), (0.0, 0.0, 8.0, 8.0), reference, (8, 8))
+    guidance = guided.IdentityGuidance(net, "hide", LambdaSchedule(lam, lam), (target,))
+    correction = guided.IdentityCorrection(guidance, target, decode, grid)
+    stepped = guided.ddim.sample(lambda z, t: 0.3 * z + 0.1, z_t, grid, correction)
+
+    z, w, r = z_t.double().numpy()[0], weights.double().numpy(), reference.double().numpy()
+    eps = 0.3 * z + 0.1
+    x0 = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    e = x0[:3].reshape(-1) @ w  # the face net before its normalisation
+    de = -(r / np.linalg.norm(e) - (r @ e) * e / np.linalg.norm(e) ** 3)  # d(1 - cos(r, e)) / de
+    grad = np.zeros_like(x0)
+    grad[:3] = (w @ de).reshape(3, 8, 8)
+    expected = np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps - lam * grad
+    assert np.abs(lam * grad).max() > 1e-2  # the guidance moves the step well beyond float error
+    assert np.abs(stepped[0].double().numpy() - expected).max() < 1e-5

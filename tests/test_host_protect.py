@@ -25,7 +25,7 @@ from test_host_recovery import add, base_graph, random_key_e
 
 pytestmark = pytest.mark.host
 STEPS, S_NS = 10, 0.6
-# Random-weight models: the paper's lambda moves the identity too little to measure reliably
+# Random-weight models: the task's lambda (the reference code's) moves the identity too little to measure reliably
 # against the noise of random decoders, so the guided runs use a large scale.
 
 

@@ -20,13 +20,21 @@ import pytest
 import torch
 
 from diffpriv_core import key_format as fmt
-from diffpriv_core import keys
+from diffpriv_core import key_crypto, keys
 from diffpriv_core.keys import KeyFileError, key_bytes, load_key_bytes
+from diffpriv_core.faces.crop import FaceCrop
 from key_helpers import forge, key_i_for, random_key_e
 
 PASSPHRASE = "fuzz passphrase"
 PLAIN_MUTATIONS = 1600
 ENCRYPTED_MUTATIONS = 500
+RECIPIENT_MUTATIONS = 500
+IDENTITY = key_crypto.new_identity()
+# A face key's geometry (Face Crop's JSON), for the key-I's 8 x 8 latent (64 px).
+CROP = json.dumps({"image_index": 0, "face_index": 0, "source_size": [96, 128], "box": [20, 10, 64], "size": 64,
+                   "face_box": [36.0, 26.0, 68.0, 58.0], "landmarks": [[40.0, 30.0], [60.0, 30.0], [50.0, 40.0],
+                                                                     [42.0, 50.0], [58.0, 50.0]],
+                   "protection": "msi", "region_digests": ["0" * 64]}, separators=(",", ":"))
 SEED = int(os.environ.get("DP_FUZZ_SEED", random.randrange(2**32)))
 
 
@@ -37,15 +45,18 @@ def small_keys(seed: int):
 
 @pytest.fixture(scope="module")
 def files():
-    return {"plain": [key_bytes(*small_keys(0)), key_bytes(*small_keys(1))],
+    recipient = str(IDENTITY.to_public())
+    return {"plain": [key_bytes(*small_keys(0), extra={fmt.CROP_META: CROP}), key_bytes(*small_keys(1))],
             "encrypted": [key_bytes(*small_keys(0), passphrase=PASSPHRASE),
-                          key_bytes(*small_keys(1), passphrase=PASSPHRASE)]}
+                          key_bytes(*small_keys(1), passphrase=PASSPHRASE)],
+            "recipient": [key_bytes(*small_keys(0), recipient=recipient, extra={fmt.CROP_META: CROP}),
+                          key_bytes(*small_keys(1), recipient=recipient)]}
 
 
 @pytest.fixture
 def memoised_scrypt(monkeypatch):
-    derive = functools.lru_cache(maxsize=None)(keys._derive)
-    monkeypatch.setattr(keys, "_derive", derive)
+    derive = functools.lru_cache(maxsize=None)(key_crypto.derive)
+    monkeypatch.setattr(key_crypto, "derive", derive)
     return derive
 
 
@@ -188,6 +199,16 @@ def body_bytes(rng, data, other):
     return bytes(out), f"body byte {i}"
 
 
+def crop_lie(rng) -> str:
+    """Face Crop's JSON with one field a forger set to a value no field may hold."""
+    crop = json.loads(CROP)
+    field = rng.choice(sorted(crop) + ["extra"])
+    value = rng.choice([-5, 40000, 10**9, 2**63, 1.5, float("nan"), float("inf"), True, "x", [1, 2],
+                        [float("nan")] * 4, [[1e308, 1e308]] * 5, ["x" * 64]])
+    crop[field] = value
+    return json.dumps(crop) if rng.random() < 0.9 else json.dumps(crop)[:rng.randrange(1, 40)]
+
+
 def resigned_lies(rng, data, other):
     """A plain file re-encoded canonically with a recomputed digest (what anyone can
     forge) that lies about a field the loader checks."""
@@ -196,11 +217,12 @@ def resigned_lies(rng, data, other):
     tensors = {n: keys._tensor(data, r) for n, r in fmt.read_container(data).tensors.items()}
     del meta[fmt.DIGEST]
     field, value = rng.choice([
-        ("format", "other"), ("version", rng.choice(["0", "3", "", "1.0", "２"])), ("encryption", "none"),
+        ("format", "other"), ("version", rng.choice(["0", "4", "", "1.0", "２"])), ("encryption", "none"),
         ("steps", rng.choice(["0", "1001", "abc", " 10", "010", "9" * 5000, "-1", "5"])),
         ("inversion", "magic"), ("refine", rng.choice(["-1", "x", "1e3"])), ("key_i.grid", "1,2,3"),
         ("key_i.pair", "0" * 32), ("key_e.checkpoint", None), ("key_i.checkpoint", None), ("key_i.grid", None),
-        ("key_i.pair", None), ("steps", None)])
+        ("key_i.pair", None), ("steps", None), (fmt.CROP_META, crop_lie(rng)), (fmt.CROP_META, crop_lie(rng)),
+        ("refine", "1001"), ("age.recipient", str(IDENTITY.to_public()))])
     if value is None:
         meta.pop(field, None)
     else:
@@ -216,10 +238,12 @@ PLAIN = [length_field, header_bytes, json_garbage, dtype_shape_offsets, ends, sp
 ENCRYPTED = [length_field, header_bytes, json_garbage, dtype_shape_offsets, ends, splice, body_bytes]
 
 
-def outcome(data: bytes, passphrase: str | None, original) -> str | None:
+def outcome(data: bytes, passphrase: str | None, original, identities=None) -> str | None:
     """None when the outcome is allowed; else what went wrong."""
     try:
-        key_e, key_i, meta = load_key_bytes(data, passphrase)
+        key_e, key_i, meta = load_key_bytes(data, passphrase, identities)
+        if fmt.CROP_META in meta:  # what the nodes do with a face key's geometry
+            FaceCrop.from_json(meta[fmt.CROP_META])
     except KeyFileError as exc:
         text = str(exc)
         return None if text and not any(w in text for w in ("Expecting", "line 1 column", "Traceback")) else \
@@ -232,15 +256,18 @@ def outcome(data: bytes, passphrase: str | None, original) -> str | None:
     return None if same else "a different key loaded"
 
 
-def fuzz(files: list[bytes], passphrase: str | None, mutations, count: int) -> dict[str, int]:
+def fuzz(files: list[bytes], passphrase: str | None, mutations, count: int, identities=None) -> dict[str, int]:
     rng = random.Random(SEED)
-    originals = [load_key_bytes(f, passphrase) for f in files]
+    originals = [load_key_bytes(f, passphrase, identities) for f in files]
     seen: dict[str, int] = {}
     for n in range(count):
         which = rng.randrange(2)
         mutate = mutations[n % len(mutations)]
         data, label = mutate(rng, files[which], files[1 - which])
-        problem = outcome(data, passphrase, originals[which])
+        # A splice can give back the other file whole (their first bytes agree): then that
+        # file's own key is the right load.
+        expected = originals[files.index(data)] if data in files else originals[which]
+        problem = outcome(data, passphrase, expected, identities)
         assert problem is None, f"DP_FUZZ_SEED={SEED} mutation {n} ({mutate.__name__}: {label}): {problem}"
         seen[mutate.__name__] = seen.get(mutate.__name__, 0) + 1
     return seen
@@ -261,3 +288,17 @@ def test_encrypted_key_files_survive_structure_aware_mutations(files, memoised_s
             with pytest.raises(KeyFileError):
                 load_key_bytes(data, passphrase)
     assert memoised_scrypt.cache_info().currsize >= 2, "each file's salt was derived for real"
+
+
+def test_key_files_sealed_to_a_recipient_survive_structure_aware_mutations(files):
+    seen = fuzz(files["recipient"], None, [length_field, header_bytes, json_garbage, dtype_shape_offsets, ends,
+                                             splice, body_bytes], RECIPIENT_MUTATIONS, identities=[IDENTITY])
+    assert sum(seen.values()) == RECIPIENT_MUTATIONS
+    for identities in (None, [key_crypto.new_identity()]):  # no identity, another one
+        with pytest.raises(KeyFileError):
+            load_key_bytes(files["recipient"][0], None, identities)
+    # A passphrase file told it is sealed to a recipient, and the reverse, re-signed.
+    for data, passphrase, identities in ((files["encrypted"][0], None, [IDENTITY]),
+                                         (files["recipient"][0], PASSPHRASE, None)):
+        with pytest.raises(KeyFileError):
+            load_key_bytes(data, passphrase, identities)

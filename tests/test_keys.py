@@ -334,7 +334,8 @@ def test_numbered_names_never_repeat_whatever_the_prefix(tmp_path, prefix):
     assert [load_key(p)[0].stages[0, 0, 0] for p in paths] == [make_keys(n)[0].stages[0, 0, 0] for n in range(3)]
 
 
-@pytest.mark.parametrize("prefix", [".", "sub/.", "sub/", "..", "sub/..", ".hidden", "../x", "/abs"])
+@pytest.mark.parametrize("prefix", [".", "sub/.", "sub/", "..", "sub/..", ".hidden", "../x", "/abs", "a\nb",
+                                    "photo\u202egnp.exe", "zero\u200bwidth", "~/x", "sub/~x", "tab\tname"])
 def test_prefixes_that_name_no_file_inside_the_folder_are_refused(tmp_path, prefix):
     with pytest.raises(ValueError):
         next_key_path(tmp_path / "keys", prefix)

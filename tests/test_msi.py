@@ -34,8 +34,10 @@ def tiny():
 
 # --- the module ---------------------------------------------------------------------------
 
-def test_msi_has_the_papers_size():
-    assert sum(p.numel() for p in MSI().parameters()) == 10_626_816  # "~10.6 M parameters"
+def test_msi_has_the_reference_codes_parameter_count():
+    """10,626,816: the reference code's module at its widths (CLIP ViT-L/14's 1024 in, SD 1.x's
+    768 out, 8 heads of 64): about 10.6 M."""
+    assert sum(p.numel() for p in MSI().parameters()) == 10_626_816
 
 
 def test_stage_i_reads_clip_layer_i_over_2():
@@ -352,3 +354,25 @@ def test_weight_average_changes_the_key_not_the_training():
                        for a in (0.0, 0.9))
     assert plain.losses == averaged.losses
     assert not torch.allclose(plain.key.stages, averaged.key.stages)
+
+
+def test_training_at_timestep_t_conditions_the_unet_on_stage_t_over_100():
+    """Eq. 7 at timestep t uses C^{t // 100}: every UNet call of training (and of early
+    stopping's probe) gets, for each of its timesteps, the conditioning of that timestep's
+    stage and of no other. The learning rate is 0 so the module stays the one the trainer
+    built, which the test can then ask for every stage's conditioning; dropout off, no flip."""
+    host, nets = toy_host.toy_host()
+    calls = []
+    eps = host.eps
+    host.eps = lambda z_t, t, cond: calls.append((t.clone(), cond.detach().clone())) or eps(z_t, t, cond)
+    shape = dataclasses.replace(toy_host.SHAPE, dropout=0.0)
+    result = train_msi(image(), host, preset("fast", steps=30, lr=0.0, flip=False, plateau_every=10, shape=shape))
+    with torch.no_grad():
+        per_stage = nets.encode_with_token(result.msi(nets.features(image()), torch.arange(STAGES)))
+    timesteps = torch.cat([t for t, _ in calls])
+    conds = torch.cat([cond for _, cond in calls])
+    assert len(timesteps) >= 30 and len(set((timesteps // 100).tolist())) == STAGES  # every stage was trained
+    distance = (conds[:, None] - per_stage[None]).flatten(2).abs().amax(-1)  # [calls, stages]
+    assert torch.equal(distance.argmin(dim=1), timesteps // 100)
+    assert (distance.gather(1, (timesteps // 100)[:, None]) < 1e-5).all()
+    assert (distance.topk(2, dim=1, largest=False).values[:, 1] > 1e-3).all()  # no other stage would match

@@ -1,4 +1,5 @@
-"""The task table: the paper's settings, and how a node's preset meets the inputs a user set."""
+"""The task table: the reference code's settings and our key-I grid, and how a node's preset
+meets the inputs a user set."""
 from __future__ import annotations
 
 import logging
@@ -7,12 +8,15 @@ import sys
 
 import pytest
 
+from diffpriv_core.schedule import ddim_grid
 from diffpriv_core.tasks import TASKS, preset_value, task
 
 NODE = "Guided DDIM Sampler"
 
 
-def test_the_tasks_are_the_papers():
+def test_the_tasks_hold_the_reference_codes_settings_and_our_key_i_refinement():
+    """S_ns, tau, steps, samples and lambda_t as the reference code's notebooks run them (the
+    paper gives no lambda); key-I on the task's grid, refined by fixed-point iteration (ours)."""
     anonymize, hide = TASKS["anonymize"], TASKS["hide"]
     assert (anonymize.strength, anonymize.tau, anonymize.steps, anonymize.samples) == (0.6, 0.4, 50, 4)
     assert (hide.strength, hide.tau, hide.steps, hide.samples) == (0.8, 0.6, 100, 1)
@@ -21,6 +25,12 @@ def test_the_tasks_are_the_papers():
     assert (hide.key_i.steps, hide.key_i.mode, hide.key_i.refine) == (100, "fixed_point", 4)
     with pytest.raises(ValueError, match="unknown task 'blur'; choose one of anonymize, hide"):
         task("blur")
+
+
+def test_the_noise_starts_at_t_581_and_791_on_the_tasks_grids():
+    """S_ns picks the last S_ns x steps of the grid: their first timestep lies below S_ns * T."""
+    starts = {name: ddim_grid(t.steps).tail(t.strength).timesteps[0] for name, t in TASKS.items()}
+    assert starts == {"anonymize": 581, "hide": 791}
 
 
 def test_an_input_left_to_the_preset_takes_the_tasks_setting():

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..key_format import checked_face_crop
 from .detect import Face
 from .mask import ellipse_radius
 
@@ -31,18 +32,19 @@ class FaceCrop:
     box: tuple[int, int, int]  # the square's top-left x, y and side, in photo pixels (may overhang the photo)
     size: int  # the crop's side after resizing: the working resolution
     face_box: tuple[float, float, float, float]  # the detected face, x1, y1, x2, y2 in photo pixels
+    # A key's crop: the SHA-256 of the face's region (photo_binding.region_digest) in each
+    # protected picture made with it, so the face is recovered into those pictures only.
+    region_digests: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "FaceCrop":
-        try:
-            d = json.loads(text)
-            return cls(int(d["image_index"]), int(d["face_index"]), tuple(int(v) for v in d["source_size"]),
-                       tuple(int(v) for v in d["box"]), int(d["size"]), tuple(float(v) for v in d["face_box"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"unreadable face crop geometry {text!r}: {exc}") from None
+        """The crop of a key's metadata: every number checked (key_format.checked_face_crop)."""
+        d = checked_face_crop(text)
+        return cls(d["image_index"], d["face_index"], tuple(d["source_size"]), tuple(d["box"]), d["size"],
+                   tuple(float(v) for v in d["face_box"]), tuple(d.get("region_digests", ())))
 
 
 def plan_crop(face: Face, image_index: int, face_index: int, height: int, width: int, size: int,
