@@ -1,8 +1,8 @@
 """Fail closed: what a protect prompt brought back is checked before anything of it is
 written, and "ok" means every face found was protected and has its key.
 
-The checks, on the photo as the command sent it (pictures.read_photo):
-- a key came back (without one, nothing the protection changed can be recovered);
+The checks, on the photo as the command sent it (pictures.read_photo), after batch.download
+has made sure a key came back at all:
 - every face Face Detect reported (its ``diffprivacy_faces`` history output) has a key;
 - in every picture of the photo's size (the protected photos), every face with a key
   changed: at least CHANGED_SHARE of its box's pixels differ from the original's; a
@@ -55,7 +55,7 @@ def check_protected(source, strict: bool, graph: dict, result: PromptResult, pic
     detection = detection_report(result)
     report = {"photo": {"size": list(photo.size), "notes": list(photo.notes)}, "detection": detection}
     faces = [face_crop_summary(read_container(data).meta) for data in keys]
-    problems = _key_problems(faces, detection, bool(pictures))
+    problems = _key_problems(faces, detection)
     if strict and detection and detection["possible"]:
         problems.append(f"{_count(len(detection['possible']), 'possible face')} not protected (--strict): "
                         + ", ".join(f"box {p['box']} score {p['score']:.2f}" for p in detection["possible"]))
@@ -69,12 +69,10 @@ def check_protected(source, strict: bool, graph: dict, result: PromptResult, pic
     return report
 
 
-def _key_problems(faces: list[dict | None], detection: dict | None, any_picture: bool) -> list[str]:
-    if not faces:
-        return ["no key came back" + (": the protected pictures could never be recovered" if any_picture else "")]
-    keyed = {face["face"] for face in faces if face is not None}
+def _key_problems(faces: list[dict | None], detection: dict | None) -> list[str]:
     if detection is None:
         return []
+    keyed = {face["face"] for face in faces if face is not None}
     return [f"face {face['face']} ({face['size']:g} px at {face['box']}) was found but no key came back for it"
             for face in detection["faces"] if face["face"] not in keyed]
 
