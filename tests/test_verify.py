@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageColor
 
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client.verify import NotProtected, check_protected, describe
@@ -131,3 +131,34 @@ def test_a_whole_image_key_needs_its_picture_changed(photo, tmp_path):
     assert check(photo, result, [("save", png(255 - photo[1]))], [key])["detection"] is None
     with pytest.raises(NotProtected, match="the picture came back unchanged in picture 1"):
         check(photo, result, [("save", png(photo[1]))], [key])
+
+
+def test_the_contact_sheet_marks_protected_and_possible_faces_on_the_upright_photo(photo, tmp_path):
+    from diffpriv_client.summary import PROTECTED_COLOUR, THUMB_PX, UNPROTECTED_COLOUR, Summary, write_contact_sheet
+
+    # The photo stored turned (EXIF orientation 6): boxes are in the upright picture's pixels.
+    stored = Image.fromarray(photo[1]).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    source = tmp_path / "turned.jpg"
+    stored.save(source, exif=exif, quality=95)
+    summary = Summary(tmp_path / "out", "protect")
+    summary.results["turned"] = {
+        "source": str(source), "status": "ok", "outputs": [], "keys": [],
+        "faces": [{"face": 0, "box": list(FACES[0][0]), "protection": "msi"}],
+        "detection": {"faces": [{"face": 0, "box": list(FACES[0][0]), "score": 0.99, "size": 50},
+                                {"face": 1, "box": list(FACES[1][0]), "score": 0.98, "size": 38}],
+                      "possible": [{"box": [170.0, 100.0, 190.0, 124.0], "score": 0.7}]}}
+    summary.save()
+    sheet = np.asarray(Image.open(write_contact_sheet(summary)).convert("RGB"))
+    assert sheet.shape[:2] == (THUMB_PX, round(200 * THUMB_PX / 160)), "the upright photo, THUMB_PX high"
+    scale = THUMB_PX / 160
+
+    def colour_on_edge(box, colour) -> bool:
+        x1, y1, x2, y2 = (round(v * scale) for v in box)
+        edge = sheet[(y1 + y2) // 2, x1:x1 + 2]  # the box's left edge, halfway down
+        return bool((np.abs(edge.astype(int) - ImageColor.getrgb(colour)) < 40).all(axis=-1).any())
+
+    assert colour_on_edge(FACES[0][0], PROTECTED_COLOUR), "the protected face"
+    assert colour_on_edge(FACES[1][0], UNPROTECTED_COLOUR), "a face found without a key"
+    assert colour_on_edge((170.0, 100.0, 190.0, 124.0), UNPROTECTED_COLOUR), "the possible face"
