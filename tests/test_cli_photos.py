@@ -10,7 +10,6 @@ shared 2-core test machine). The whole-image key-E records its photo's size, as 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,8 @@ import skimage.data
 import torch
 from PIL import Image, ImageOps
 
-from diffpriv_client import cli, demo, graphs
-from diffpriv_client.batch import Cleanup
+from diffpriv_client import cli, graphs
 from diffpriv_client.comfy_http import ComfyClient
-from diffpriv_client.servers import Server
 from diffpriv_client.summary import Summary
 from diffpriv_core.faces.detect import detect_faces
 from diffpriv_core.faces.crop import FaceCrop, paste_faces
@@ -34,6 +31,7 @@ from conftest import keys_folder
 from photos import as_image, insightface_photo
 from test_host_faces import KEY_E_FILE, install_key_e
 from test_host_recovery import random_key_e
+from test_cli_demo import checked_recoveries, demo_template
 from test_pictures import png_chunks
 from key_helpers import checkpoint_fingerprint
 
@@ -191,12 +189,7 @@ def demo_workflow(comfy_host, into: Path) -> tuple[dict, Path]:
     """The shipped anonymize_faces workflow with the demo's models and settings (its gentle
     UNet recovers in 4 key-I steps), two candidates, faces down to MIN_FACE px, and MSI
     replaced by a key-E from a file."""
-    link = comfy_host.base / "models" / DEMO_CHECKPOINT
-    if not link.exists():
-        link.symlink_to(cache.demo_models() / DEMO_CHECKPOINT)
-    graph = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
-    demo.use_demo_models(graph)
-    demo.apply_settings(graph)
+    graph = demo_template(comfy_host)
     key_e = comfy_host.keys / DEMO_KEY_E_FILE
     if not key_e.exists():
         save_key(key_e, random_key_e(13, checkpoint_fingerprint(str(cache.demo_models() / DEMO_CHECKPOINT))))
@@ -260,13 +253,8 @@ def test_peoples_photos_come_out_upright_protected_without_their_metadata_and_re
                 assert not {b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"iCCP"} & set(png_chunks(data)), path
 
     # Each face's key recovers it into the protected photo, over every pixel its protection changed.
-    assert demo.check_recovery(summary, template, cli.KeySecrets(), [Server(url, 4)], Cleanup(),
-                               cli._recover_graph) == []
-    printed = capsys.readouterr().out
-    checked = re.findall(r"recovery check: (\w+?)_face(\d+)_00001: recovered into the protected photo vs VAE "
-                         r"reconstruction ([\d.]+|inf) dB \((\d+) pixels off by more than 20/255\).* \(over the (\d+) "
-                         r"pixels the protection changed", printed)
-    assert sorted((name, int(k)) for name, k, *_ in checked) == sorted(
-        (name, face["face"]) for name in photos for face in summary.results[name]["faces"]), printed
-    for name, k, db, off, changed in checked:
-        assert float(db) > 40 and off == "0" and int(changed) > 100, (name, k, db, off, changed)
+    checked = checked_recoveries(summary, template, url, capsys)
+    assert sorted((c["photo"], c["face"]) for c in checked) == sorted(
+        (name, face["face"]) for name in photos for face in summary.results[name]["faces"]), checked
+    for found in checked:
+        assert found["db"] > 40 and found["off"] == 0 and found["changed"] > 100, found
