@@ -234,7 +234,8 @@ class _Batch:
         else:
             self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
                                 seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, graph), **files.report)
+                                identity=identity_of(result), passes=passes_of(result, graph),
+                                ablations=graphs.ablations(graph), **files.report)
             if job.check:
                 self.bar.write(describe(job.name, self.summary.results[job.name]))
             self.bar.update(1)

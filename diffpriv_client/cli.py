@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--strict", action="store_true",
                          help="fail a photo in which Face Detect reports any possible face it did not protect (a "
                               "candidate scoring under its threshold, or one its size or selection settings left out)")
+    protect.add_argument("--no-guidance", action="store_true",
+                         help="the paper's ablation without energy guidance (Table 5): DDIM with the scheduled key-E "
+                              "only, so faces are not steered away from (or kept at) their identity; for measuring, "
+                              "not for publishing. summary.json records it and `diffpriv eval` labels it")
+    protect.add_argument("--one-embedding", action="store_true",
+                         help="the paper's ablation Ours-OE (Table 6): MSI learns one conditioning, from the last CLIP "
+                              "layer without time modulation, for every stage; recorded and labelled as --no-guidance")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files")
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # the evaluation toolkit has its own parser and needs no server
         from diffpriv_eval.cli import main as eval_main
 
-        return eval_main(argv[1:])
+        with _sigterm_as_interrupt():  # --wrong-keys may start the embedded ComfyUI
+            return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "keygen":
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-actors N needs --ray and N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
+    if getattr(args, "no_guidance", False) and args.target_similarity:
+        parser.error("--no-guidance runs without the energy guidance that --target-similarity steers: choose one")
     return _run(args)
 
 
@@ -305,7 +315,8 @@ def run_command(args, names: dict[str, Path], template: dict, make_jobs, secrets
         from .cluster import run_on_ray  # imports ray: only here
 
         not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
-                                 seal_key=secrets.seal) if todo else []
+                                 seal_key=secrets.seal,
+                                 open_key=secrets.opened if args.command == "recover" else None) if todo else []
         return report(summary, args, not_removed)
     with connect(args, needed=bool(todo)) as conn:
         preflight_models(conn, template, args)
@@ -345,6 +356,13 @@ def load_template(args) -> dict:
                          "(see 'Your own workflows' in docs/cli.md)")
     if args.command == "protect" and args.target_similarity:
         graphs.set_target_similarity(template, args.margin)
+    if args.command == "protect" and args.no_guidance:
+        graphs.set_no_guidance(template)
+    if args.command == "protect" and args.one_embedding:
+        graphs.set_one_embedding(template)
+    for name in graphs.ablations(template) if args.command == "protect" else []:
+        print(f"diffpriv: running the paper's ablation {graphs.ABLATIONS[name]}: for measuring, not for publishing",
+              file=sys.stderr)
     if args.demo_weights:
         demo.use_demo_models(template)
         demo.apply_settings(template)

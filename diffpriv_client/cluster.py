@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
 from diffpriv_core.job_protocol import JOBS_FOLDER
-from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 
 from . import cli
 from .batch import rewrite_named, run_batch
@@ -164,10 +164,12 @@ class _ServerKeeper(threading.Thread):
 
 # --- the driver ----------------------------------------------------------------------
 def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
-               summary: Summary, seal_key=None) -> list[str]:
+               summary: Summary, seal_key=None, open_key=None) -> list[str]:
     """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``;
     ``secrets`` (cli.KeySecrets) go to the actors, ``seal_key`` is applied here to each key
-    file an actor sends back. Returns what the actors could not remove from their servers."""
+    file an actor sends back, ``open_key`` here to each key file sent to an actor (recover:
+    the actors hold nothing that opens a key). Returns what the actors could not remove
+    from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -179,7 +181,7 @@ def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
     actors: dict = {}
     try:
         actors = start_actors(ray, args, template, secrets, make_jobs, most=len(todo))
-        return _ClusterBatch(ray, actors, todo, summary, seal_key).run()
+        return _ClusterBatch(ray, actors, todo, summary, seal_key, open_key).run()
     finally:
         stop_actors(ray, list(actors))
         if started_here:
@@ -240,9 +242,10 @@ def _error_text(exc) -> str:
 class _ClusterBatch:
     """One photo at a time per actor, the next to whichever actor is free (ray.wait)."""
 
-    def __init__(self, ray, actors: dict, todo: dict[str, Path], summary: Summary, seal_key=None):
+    def __init__(self, ray, actors: dict, todo: dict[str, Path], summary: Summary, seal_key=None, open_key=None):
         self.ray = ray
         self.seal_key = seal_key
+        self.open_key = open_key
         self.actors = dict(actors)  # live actor -> {"node", "server"}
         self.todo = todo
         self.summary = summary
@@ -276,7 +279,14 @@ class _ClusterBatch:
                 return
             name = self.pending.popleft()
             path = self.todo[name]
-            self.running[actor.run.remote(name, path.name, path.read_bytes())] = (name, actor)
+            data = path.read_bytes()
+            if self.open_key is not None:
+                try:
+                    data = self.open_key(data)
+                except KeyFileError as exc:
+                    self._record_failure(name, self.actors[actor], f"KeyFileError: {path.name}: {exc}")
+                    continue
+            self.running[actor.run.remote(name, path.name, data)] = (name, actor)
 
     def _collect(self, ref) -> None:
         name, actor = self.running.pop(ref)
@@ -303,7 +313,8 @@ class _ClusterBatch:
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
                             seconds=entry["seconds"], server=info["server"], node=info["node"],
                             error=entry["error"], identity=entry["identity"], passes=entry["passes"],
-                            photo=entry.get("photo"), detection=entry.get("detection"))
+                            ablations=entry.get("ablations", []), photo=entry.get("photo"),
+                            detection=entry.get("detection"))
         if entry["status"] == "ok":
             self.done_on[info["node"]] += 1
         else:

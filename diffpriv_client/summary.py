@@ -48,14 +48,15 @@ class Summary:
     def record(self, name: str, source: Path, status: str, outputs: list[Path] = (), keys: list[Path] = (),
                seconds: float | None = None, server: str | None = None, error: str | None = None,
                node: str | None = None, identity: list[dict] = (), passes: list[dict] = (),
-               photo: dict | None = None, detection: dict | None = None) -> None:
+               ablations: list[str] = (), photo: dict | None = None, detection: dict | None = None) -> None:
         """``server``: the ComfyUI that ran it; ``node``: the Ray node that server ran on (--ray);
         ``identity``: per guided image, the guiding recogniser's cosine of each sample to the
         original, its threshold and verdict (the Guided DDIM Sampler's or Identity Similarity's
         report); ``passes``: per face, the network passes of each stage and their total
-        (batch.passes_of); ``photo``: the size and conversions of the picture the command sent;
-        ``detection``: what Face Detect found, possible faces not protected included
-        (verify.detection_report)."""
+        (batch.passes_of); ``ablations``: the paper's ablations its graph ran (graphs.ablations),
+        empty for the method itself; ``photo``: the size and conversions of the picture the
+        command sent; ``detection``: what Face Detect found, possible faces not protected
+        included (verify.detection_report)."""
         self.results[name] = {
             "source": str(source),
             "status": status,
@@ -64,6 +65,7 @@ class Summary:
             "faces": [dict(face, key=self._relative(p)) for p in keys if (face := key_face(p)) is not None],
             "identity": list(identity),
             "passes": list(passes),
+            "ablations": list(ablations),
             "seconds": None if seconds is None else round(seconds, 3),
             "server": server,
             "node": node,
@@ -102,6 +104,17 @@ def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
     results = json.loads(path.read_text()).get("results", {})
     return {out_dir / rel: name for name, entry in sorted(results.items()) if entry.get("status") in DONE_STATUSES
             for rel in entry.get("outputs", [])}
+
+
+def finished_ablations(out_dir: Path) -> dict[str, list[str]]:
+    """The paper's ablations each finished entry of a `diffpriv protect` --out folder ran
+    (empty lists for the method itself; entries written before they were recorded have none)."""
+    path = Path(out_dir) / SUMMARY_NAME
+    if not path.is_file():
+        return {}
+    results = json.loads(path.read_text()).get("results", {})
+    return {name: list(entry.get("ablations") or []) for name, entry in sorted(results.items())
+            if entry.get("status") in DONE_STATUSES}
 
 
 def key_face(path: Path) -> dict | None:

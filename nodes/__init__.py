@@ -5,7 +5,7 @@ from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
 from .msi import MSIInversion
 from .protect import GuidedDDIMSampler, GuidedDDIMSamplerSelect
-from .recovery import DDIMInversionKey, Recover
+from .recovery import DDIMInversionKey, Recover, WrongKeyExperiment
 from .scheduler import EmbeddingScheduler
 from .similarity import IdentitySimilarity
 
@@ -26,4 +26,5 @@ NODES = [
     IdentitySimilarity,
     PadToVAESize,
     CropToOriginalSize,
+    WrongKeyExperiment,
 ]

@@ -82,8 +82,8 @@ def test_summary_resume_needs_ok_and_the_files(tmp_path):
     saved = json.loads((out / "summary.json").read_text())["results"]
     assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
     assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
-                          "identity": [], "passes": [], "seconds": None, "server": None, "node": None,
-                          "error": "no face found in image 0"}
+                          "identity": [], "passes": [], "ablations": [], "seconds": None, "server": None,
+                          "node": None, "error": "no face found in image 0"}
     assert not list(out.glob(".summary-*")), "no temporary file left behind"
 
 
