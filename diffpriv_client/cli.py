@@ -46,6 +46,7 @@ from .preflight import (PICTURE_SUFFIXES, Inputs, PreflightError, check_models, 
                         model_fingerprints, photo_problem, refused_keys, refused_photos)
 from .servers import PROMPT_TIMEOUT_S, Server
 from .summary import PAGE_PHOTOS, Summary, canonical, latest_run, write_contact_sheet
+from .verify import check_protected
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
 
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--margin", type=float, metavar="COSINE",
                          help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
                               "(default: the workflow's, 0.05 in the shipped ones)")
+    protect.add_argument("--strict", action="store_true",
+                         help="fail a photo in which Face Detect reports any possible face it did not protect (a "
+                              "candidate scoring under its threshold, or one its size or selection settings left out)")
     protect.add_argument("--no-guidance", action="store_true",
                          help="the paper's ablation without energy guidance (Table 5): DDIM with the scheduled key-E "
                               "only, so faces are not steered away from (or kept at) their identity; for measuring, "
@@ -375,8 +379,8 @@ def keygen_command(args) -> int:
 # A command's jobs: make_jobs(args, template, secrets, conn, todo) -> list[Job]. Module
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps))
-            for name, path in todo.items()]
+    return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
+                check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:

@@ -221,6 +221,14 @@ def msi_sees_the_photo(graph: dict) -> bool:
     return False
 
 
+def pasted_saves(graph: dict) -> set[str]:
+    """The SaveImage nodes that save a Face Paste's photos (the protected photos of the
+    every-face workflows)."""
+    return {node_id for node_id, node in graph.items() if node.get("class_type") == "SaveImage"
+            and _is_link(source := node.get("inputs", {}).get("images"))
+            and graph.get(str(source[0]), {}).get("class_type") == "DiffPrivacyFacePaste" and source[1] == 0}
+
+
 def required_models(graph: dict) -> dict[str, set[str]]:
     """The model files the graph loads: {models sub-folder: {file names}}."""
     wanted: dict[str, set[str]] = {}
@@ -244,10 +252,10 @@ def ancestors(graph: dict, node_id: str) -> set[str]:
 
 def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     """From an every-face protect template: each face's crop through the VAE and back (encode,
-    decode), pasted the way the protected faces are into the picture of the Load Image
-    ``reconstruction_photo`` (the protected photo, which a recovery goes back into): what a
-    perfect recovery gives. Built from the template's own nodes, so the faces, crops and
-    mask are the same."""
+    decode), pasted the way a recovered face is (Face Paste's ``restore``) into the picture of
+    the Load Image ``reconstruction_photo`` (the protected photo, which a recovery goes back
+    into): what a perfect recovery gives. Built from the template's own nodes, so the faces,
+    crops and mask are the same."""
     (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
     (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
     graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
@@ -255,7 +263,7 @@ def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
     graph["reconstruction_photo"] = {"class_type": "LoadImage", "inputs": {"image": ""}}
     graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
-        paste["inputs"], faces=["reconstruction_decode", 0], image=["reconstruction_photo", 0])}
+        paste["inputs"], faces=["reconstruction_decode", 0], image=["reconstruction_photo", 0], restore=True)}
     graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
         "images": ["reconstruction_paste", 0], "filename_prefix": label}}
     missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]

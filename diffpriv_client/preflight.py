@@ -17,14 +17,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from diffpriv_core.frame import msi_size_problem
 from diffpriv_core import key_crypto
 from diffpriv_core.key_format import KeyFileError, read_container, read_public_metadata
 
 from .comfy_http import ComfyClient
 from .graphs import MODEL_INPUTS
+from .pictures import PhotoError, read_photo
 
 WHERE_TO_GET = {
     "checkpoints": "a Stable Diffusion 1.5 checkpoint, from the SD 1.5 model card: "
@@ -78,19 +77,14 @@ def collect_inputs(paths: list[Path], suffixes: tuple[str, ...], kind: str) -> I
 
 
 def photo_problem(path: Path, whole_image: bool) -> str | None:
-    """Why the server could not protect this photo, or None: unreadable, or (when MSI trains
+    """Why the server could not protect this photo, or None: not a picture the command can
+    send (pictures.read_photo: unreadable, cut off, several frames, ...), or (when MSI trains
     on the whole photo) a size MSI cannot take. The limits hold for either orientation, so
     an EXIF rotation changes nothing."""
-    with warnings.catch_warnings():
-        # Photos over PIL's bomb limit (179 MP) are refused, as the server's Load Image would
-        # refuse them; its warning at half that size is no news to the user.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as image:
-                image.load()
-                width, height = image.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return f"not a readable image ({exc})"
+    try:
+        width, height = read_photo(path).size
+    except PhotoError as exc:
+        return str(exc)
     return msi_size_problem(height, width) if whole_image else None
 
 

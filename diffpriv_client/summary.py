@@ -32,13 +32,16 @@ from PIL import Image, ImageDraw
 from diffpriv_core.files import replace_file
 from diffpriv_core.key_format import face_crop_summary, read_public_metadata
 
+from .pictures import PhotoError, read_photo
+
 SUMMARY_NAME = "summary.json"
 RECORD_NAME = "record.sqlite"
 CONTACT_SHEET_PREFIX = "contact_sheet_"
 # "skipped": done by an earlier run (same bytes, same settings, files still there).
 DONE_STATUSES = ("ok", "skipped")
-THUMB_PX = 128
-PAGE_PHOTOS = 50  # photos (rows) per contact sheet page: at most 50 x 128 px high
+THUMB_PX = 256  # high enough to read the face labels on the source photo
+PROTECTED_COLOUR, UNPROTECTED_COLOUR = "#00e040", "#ff2020"
+PAGE_PHOTOS = 50  # photos (rows) per contact sheet page: at most 50 x 256 px high
 # The entry fields with columns of their own; everything else of an entry is kept as JSON.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -187,14 +190,17 @@ class Summary:
         Guided DDIM Sampler's or Identity Similarity's report); ``passes``: per face, the
         network passes of each stage and their total (batch.passes_of); ``faces``: per face,
         what is known of it (default: each per-face key's face and box); any other field is
-        kept with the entry as it is."""
+        kept with the entry as it is, once known (None: not kept), e.g. ``ablations``: the
+        paper's ablations its graph ran (graphs.ablations), ``photo``: the size and
+        conversions of the picture the command sent, ``detection``: what Face Detect found,
+        possible faces not protected included (verify.detection_report)."""
         keys = [self._relative(p) for p in keys]
         if faces is None:
             faces = [dict(face, key=key) for key in keys if (face := key_face(self.out_dir / key)) is not None]
         entry = {"source": str(source), "status": status, "outputs": [self._relative(p) for p in outputs],
                  "keys": keys, "identity": list(identity), "passes": list(passes),
                  "seconds": None if seconds is None else round(seconds, 3), "server": server, "node": node,
-                 "error": error, **fields}
+                 "error": error, **{k: v for k, v in fields.items() if v is not None}}
         self._append(name, str(source), status, entry, faces)
 
     def mark_skipped(self, name: str, earlier: dict, source: Path) -> None:
@@ -371,8 +377,10 @@ def key_face(path: Path) -> dict | None:
 # --- contact sheets ----------------------------------------------------------------------
 def write_contact_sheet(summary: Summary, show_source: bool = True) -> list[Path]:
     """The run's finished photos on pages of PAGE_PHOTOS rows (contact_sheet_0001.png, ...):
-    a row per photo, its source picture (when it is one) then its outputs, each scaled to
-    THUMB_PX high. Pages of an earlier, longer run are removed. Empty when nothing finished."""
+    a row per photo, its source picture (when it is one, upright as the command sent it,
+    every protected face's box marked with its index and protection, every possible face
+    not protected in another colour) then its outputs, each scaled to THUMB_PX high. Pages
+    of an earlier, longer run are removed. Empty when nothing finished."""
     rows = [entry for entry in summary.results.values() if entry["status"] in DONE_STATUSES]
     pages = []
     for number, start in enumerate(range(0, len(rows), PAGE_PHOTOS), 1):
@@ -391,9 +399,8 @@ def write_contact_sheet(summary: Summary, show_source: bool = True) -> list[Path
 
 
 def _row(out_dir: Path, entry: dict, show_source: bool) -> list[Image.Image]:
-    pictures = [Path(entry["source"])] if show_source else []
-    pictures += [out_dir / rel for rel in entry["outputs"]]
-    return [_thumbnail(p) for p in pictures if p.is_file()]
+    row = [_source_thumbnail(entry)] if show_source and Path(entry["source"]).is_file() else []
+    return row + [_thumbnail(p) for p in (out_dir / rel for rel in entry["outputs"]) if p.is_file()]
 
 
 def _page(rows: list[list[Image.Image]]) -> Image.Image | None:
@@ -413,8 +420,40 @@ def _page(rows: list[list[Image.Image]]) -> Image.Image | None:
 def _thumbnail(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img.draft("RGB", (THUMB_PX * 4, THUMB_PX))  # a JPEG decodes at a fraction of its size
-        img = img.convert("RGB")
-        width = max(1, round(img.width * THUMB_PX / img.height))
-        thumb = img.resize((width, THUMB_PX))
+        return _framed(img.convert("RGB"))
+
+
+def _framed(img: Image.Image) -> Image.Image:
+    width = max(1, round(img.width * THUMB_PX / img.height))
+    thumb = img.resize((width, THUMB_PX))
     ImageDraw.Draw(thumb).rectangle([0, 0, width - 1, THUMB_PX - 1], outline="white")
     return thumb
+
+
+def _source_thumbnail(entry: dict) -> Image.Image:
+    """The photo as the command sent it, with the boxes of its faces: protected ones in
+    PROTECTED_COLOUR, labelled "<index> <protection>"; possible faces not protected, and
+    faces found without a key, in UNPROTECTED_COLOUR."""
+    try:
+        pixels = read_photo(entry["source"]).pixels
+    except PhotoError:
+        return _thumbnail(Path(entry["source"]))  # a picture the command did not send: shown as it is
+    thumb, scale = _framed(Image.fromarray(pixels)), THUMB_PX / pixels.shape[0]
+    draw = ImageDraw.Draw(thumb)
+    keyed = set()
+    for face in entry.get("faces", []):
+        keyed.add(face["face"])
+        _mark(draw, face["box"], scale, PROTECTED_COLOUR, f"{face['face']} {face.get('protection') or 'protected'}")
+    detection = entry.get("detection") or {}
+    for face in detection.get("faces", []):
+        if face["face"] not in keyed:
+            _mark(draw, face["box"], scale, UNPROTECTED_COLOUR, f"{face['face']} NO KEY")
+    for possible in detection.get("possible", []):
+        _mark(draw, possible["box"], scale, UNPROTECTED_COLOUR, f"? {possible['score']:.2f}")
+    return thumb
+
+
+def _mark(draw: ImageDraw.ImageDraw, box, scale: float, colour: str, label: str) -> None:
+    x1, y1, x2, y2 = (v * scale for v in box)
+    draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+    draw.text((x1 + 2, max(0.0, y1 - 11)), label, fill=colour)

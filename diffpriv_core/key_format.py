@@ -187,13 +187,14 @@ def read_public_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def face_crop_summary(meta: dict[str, str]) -> dict | None:
-    """{"face": index, "box": [x1, y1, x2, y2]} of a per-face key's metadata; None for a
+    """{"face": index, "box": [x1, y1, x2, y2], "crop": [x, y, side]} of a per-face key's
+    metadata (the face, and the square cut around it, in photo pixels); None for a
     whole-image key. Refuses geometry that is not the numbers Face Crop writes."""
     text = meta.get(CROP_META)
     if text is None:
         return None
     crop = checked_face_crop(text)
-    return {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]]}
+    return {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]], "crop": crop["box"]}
 
 
 def checked_face_crop(text) -> dict:

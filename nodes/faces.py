@@ -137,13 +137,18 @@ class FacePaste(io.ComfyNode):
                 FaceCrops.Input("crop_info", tooltip="from Face Crop, or from Load Privacy Key"),
                 io.Float.Input("feather", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="width of the soft edge, as a fraction of the face ellipse's size"),
+                io.Boolean.Input("restore", default=False, optional=True,
+                                 tooltip="on to put a recovered face back into its protected photo: it then "
+                                         "replaces every pixel the protection's paste changed (its whole feathered "
+                                         "mask, with the feather it was protected with: 0.2 in the shipped "
+                                         "workflows) and fades out over the pixels beyond"),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="the photo(s) with the faces pasted back: one per candidate"),
                      io.Mask.Output(display_name="mask", tooltip="the feathered face masks that were pasted")],
         )
 
     @classmethod
-    def execute(cls, image, faces, crop_info, feather) -> io.NodeOutput:
+    def execute(cls, image, faces, crop_info, feather, restore=False) -> io.NodeOutput:
         if not crop_info:
             raise ValueError("Face Paste got no crop geometry: the key was made from a whole image, not from a "
                              "Face Crop, so there is nothing to paste into")
@@ -152,4 +157,5 @@ class FacePaste(io.ComfyNode):
             b = 0 if image.shape[0] == 1 else crop.image_index
             if b < image.shape[0]:
                 check_bound(image[b], crop)
-        return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather))
+        return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather,
+                                          restore))

@@ -29,7 +29,7 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
-from diffpriv_client.summary import RECORD_NAME, latest_run
+from diffpriv_client.summary import RECORD_NAME, THUMB_PX, latest_run
 from diffpriv_core.key_types import key_e_id
 from diffpriv_core.keys import load_key, save_key
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
@@ -169,7 +169,7 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
     assert PASSPHRASE not in requests.get(f"{url}/history", timeout=10).text, "prompts with it were deleted"
     assert server_state(comfy_host) == before, "uploads, outputs and history of every prompt removed, failed too"
     sheet = Image.open(out / "contact_sheet_0001.png")
-    assert sheet.height == 2 * 128 and sheet.width > 3 * 64
+    assert sheet.height == 2 * THUMB_PX and sheet.width > 3 * 64
     shown = capsys.readouterr()
     assert "1 failed, 2 ok" in shown.out
     # The progress line names each stage with its step and clocks, and is cleared at the end.

@@ -201,7 +201,7 @@ def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
     save_key(face_key, random_key_e(1, "abc"), passphrase="pw", extra={"face_crop": crop.to_json()})
     save_key(whole_key, random_key_e(1, "abc"))
-    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2]}
+    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2], "crop": [10, 20, 96]}
     assert key_face(whole_key) is None
 
 
