@@ -9,6 +9,9 @@ try:  # installed with pip (the setup command does this)
 except ImportError:  # copied or cloned into custom_nodes without pip: use this folder
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
+# The editor's files: the node docs the frontend shows in its help panel (web/docs/<NodeId>.md).
+WEB_DIRECTORY = "./web"
+
 try:
     from comfy_api.v0_0_2 import ComfyExtension
 except ImportError:  # imported outside ComfyUI (test collection, packaging tools)
@@ -22,9 +25,11 @@ if ComfyExtension is not None:
     except ImportError:  # imported by tests without a server
         PromptServer = None
     if getattr(PromptServer, "instance", None) is not None:
+        from .nodes.example_photo import provide_example_photo
         from .nodes.routes import register
 
         register(PromptServer.instance)
+        provide_example_photo()
 
     class DiffPrivacyExtension(ComfyExtension):
         async def get_node_list(self):

@@ -38,7 +38,7 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     from diffpriv_core.recovery import conditioned_eps
     from diffpriv_core.schedule import Grid, ddim_grid
     from diffpriv_core.tasks import TASKS
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, TEST_THRESHOLD, CHECKPOINT
     from diffpriv_testmodels.inprocess import load_host_in_process, pack_module
 
     host = load_host_in_process()
@@ -59,7 +59,7 @@ def measure(config: str, size: int, steps: int, models: Path, checkpointing: boo
     grid = ddim_grid(steps * 2).tail(0.5)
     correction = None
     if config != "plain":
-        embedder = load_recognizer(models / ARCFACE_ONNX)
+        embedder = load_recognizer(models / ARCFACE_ONNX, TEST_THRESHOLD)
         target = face_target(embedder, photo[0], detect_faces(photo[0])[0])
         guidance = IdentityGuidance(embedder, "anonymize", TASKS["anonymize"].lambdas, (target,),
                                     crop_margin=0.5 if config.endswith("crop") else None)

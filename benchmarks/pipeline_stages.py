@@ -81,7 +81,7 @@ def measure(args) -> tuple[Stages, str]:
     import torch
 
     from diffpriv_core.faces.recognizers import load_recognizer
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, TEST_THRESHOLD, CHECKPOINT, CLIP_VISION
     from diffpriv_testmodels.inprocess import load_host_in_process
 
     options = (DRY_DTYPE_OPTIONS if args.dry else DTYPE_OPTIONS).get(args.dtype, {})
@@ -100,7 +100,7 @@ def measure(args) -> tuple[Stages, str]:
                              f"on {comfy.model_management.get_torch_device()}")
         clip_vision = comfy.clip_vision.load(str(models / CLIP_VISION))
         with nodes.host.gradients():  # as the loader node: the sampler differentiates through it
-            face_model = load_recognizer(models / ARCFACE_ONNX)
+            face_model = load_recognizer(models / ARCFACE_ONNX, TEST_THRESHOLD)
         latent = {"samples": vae.encode(photo)}
         key_e = stages.run("MSI Inversion (key-E)", args.msi_steps, lambda: nodes.msi.MSIInversion.execute(
             model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0)).args[0]

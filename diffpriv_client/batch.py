@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +33,11 @@ from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary
 
 from . import graphs
 from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult, ServerJob
+from .pictures import PhotoError, read_photo
 from .progress import ProgressBoard, stage_title
 from .servers import Executing, Finished, GaveUp, Lost, Progress, Server, choose_server
 from .summary import Summary
+from .verify import NotProtected, describe
 
 POLL_S = 0.2
 REDRAW_S = 1.0  # the progress line is redrawn this often even without news, so its clocks move
@@ -66,12 +69,16 @@ class Job:
     # Uploads what the job needs into its session's job on the server; returns the
     # filled-in graph (removed from the server afterwards, with the uploads).
     build: Callable[[JobSession], dict]
+    # Protect jobs: check(graph, result, pictures, keys) checks what came back before any of
+    # it is written and returns the summary's report of it (verify.check_protected).
+    check: Callable[..., dict] | None = None
 
 
 @dataclass
 class Downloaded:
     outputs: list[Path]
     keys: list[Path]
+    report: dict = field(default_factory=dict)  # what the job's check found (summary fields)
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,10 @@ class UntrustedResult(RuntimeError):
 
 
 def upload_photo(session: JobSession, path: Path) -> str:
-    """Upload into the job's folder, under a new random name the server chooses."""
-    return session.upload_image(path.read_bytes(), path.suffix.lower())
+    """Upload the photo as the command sends every photo (pictures.read_photo: upright, 8-bit
+    sRGB, none of the file's metadata) into the job's folder, under a new random name the
+    server chooses."""
+    return session.upload_image(read_photo(path).png(), ".png")
 
 
 def run_batch(jobs: list[Job], servers: list[Server], summary: Summary, cleanup: Cleanup = Cleanup(),
@@ -209,20 +218,31 @@ class _Batch:
             result = ComfyClient.result_of(event.prompt_id, event.entry)
             files = download(server.client, result, self.summary.out_dir / job.name, graphs.output_labels(graph),
                              session.job, self.seal_key,
-                             expect_keys=bool(graphs.nodes_of(graph, "DiffPrivacySaveKey")))
+                             expect_keys=bool(graphs.nodes_of(graph, "DiffPrivacySaveKey")),
+                             check=partial(job.check, graph) if job.check else None)
         except requests.ConnectionError:
             self.submitted.pop(job, None)
             self.pending.appendleft(job)  # finished, but the server died before we had the files
             return
         except PromptFailed as exc:
             self._fail(job, server, exc.message or "the prompt failed")
-        except (UnsafeDownload, UntrustedResult, KeyFileError, OSError) as exc:
+        except NotProtected as exc:
+            self._fail(job, server, str(exc), **exc.report)
+            self.bar.write(describe(job.name, self.summary.results[job.name]))
+        except (UnsafeDownload, UntrustedResult, KeyFileError, PhotoError, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
-            self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                                seconds=prompt_seconds(event.entry), server=server.url,
-                                identity=identity_of(result), passes=passes_of(result, self.submitted[job][0]))
-            self.bar.update(1)
+            try:
+                self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
+                                    seconds=prompt_seconds(event.entry), server=server.url,
+                                    identity=identity_of(result), passes=passes_of(result, graph),
+                                    ablations=graphs.ablations(graph), **files.report)
+                if job.check:
+                    self.bar.write(describe(job.name, self.summary.results[job.name]))
+                self.bar.update(1)
+            finally:  # even when recording fails (a full disk): nothing of the job stays on the server
+                self._clean(server, job)
+            return
         self._clean(server, job)
 
     def _clean(self, server: Server, job: Job) -> None:
@@ -252,8 +272,10 @@ class _Batch:
         while self.pending:
             self._fail(self.pending.popleft(), None, message)
 
-    def _fail(self, job: Job, server: Server | None, message: str) -> None:
-        self.summary.record(job.name, job.source, "failed", server=server.url if server else None, error=message)
+    def _fail(self, job: Job, server: Server | None, message: str, **report) -> None:
+        """``report``: what the job's check found of the photo (summary fields)."""
+        self.summary.record(job.name, job.source, "failed", server=server.url if server else None, error=message,
+                            **report)
         self.bar.write(f"{job.name}: failed: {message}")
         self.bar.update(1)
 
@@ -276,7 +298,7 @@ def check_entry(entry: dict, prompt_id: str, graph: dict, client_id: str) -> Non
 
 def download(client: ComfyClient, result: PromptResult, folder: Path, labels: dict[str, str],
              job: ServerJob | None = None, seal_key: Callable[[bytes], bytes] | None = None,
-             expect_keys: bool = False) -> Downloaded:
+             expect_keys: bool = False, check: Callable[..., dict] | None = None) -> Downloaded:
     """The saved pictures ('images') and key files ('diffprivacy_keys') of the nodes in
     ``labels``, written as new owner-only files named ``<label>_00001_.png`` and
     ``<label>[_face<N>]_00001.dpkey.safetensors`` in ``folder``; ``job``: the server job
@@ -285,15 +307,18 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
 
     Every record is checked and every file fetched before anything is written: an unsafe
     record or a damaged key raises UnsafeDownload and writes nothing, and so does a result
-    with no key from a workflow that saves keys. Previews (type 'temp') are skipped.
+    with no key from a workflow that saves keys, and whatever ``check(result, pictures,
+    keys)`` raises (pictures: (node id, bytes); keys: as the server sent them); what it
+    returns is the download's report. Previews (type 'temp') are skipped.
     """
-    fetched = []
+    fetched, pictures, sent_keys = [], [], []
     for node_id, label in labels.items():
         for kind in ("images", "diffprivacy_keys"):
             for record in result.files(node_id, kind):
                 check_record(record)
                 if record.get("type") == "output":
                     data = client.view(record, job)
+                    (pictures if kind == "images" else sent_keys).append((node_id, data))
                     if kind == "diffprivacy_keys" and seal_key is not None:
                         data = seal_key(data)
                     fetched.append((kind, safe_label(label), record, data))
@@ -301,8 +326,9 @@ def download(client: ComfyClient, result: PromptResult, folder: Path, labels: di
         raise UnsafeDownload("the server's result holds no key file, though the workflow saves keys: without one "
                              "the protected picture could never be undone, so nothing of this job was written")
     named = [(kind, *file_name(kind, label, record, data), data) for kind, label, record, data in fetched]
+    report = check(result, pictures, [data for _, data in sent_keys]) if check else {}
     folder.mkdir(parents=True, exist_ok=True)
-    got = Downloaded([], [])
+    got = Downloaded([], [], report)
     for kind, stem, tail, data in named:
         (got.keys if kind == "diffprivacy_keys" else got.outputs).append(write_numbered(folder, stem, tail, data))
     return got

@@ -1,10 +1,17 @@
 """The `diffpriv` command: protect photos and recover them through ComfyUI's HTTP API.
 
     diffpriv protect group.jpg --task anonymize --out out/
+    diffpriv protect photos/ --task hide --out out/ --passphrase-env DP_PASS     (a folder: its pictures)
     diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png --out recovered/
     diffpriv protect face.png --task anonymize --whole-image --out out/
     diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/
+    diffpriv protect photos/ --task anonymize --out out/ --ray auto --ray-gpus-per-actor 1
     diffpriv keygen me.identity --passphrase-env ID_PASS    (prints a recipient for --recipient)
+    diffpriv report --out out/                                                 (summary.json from the run record)
+
+A rerun with the same --out skips the photos already done from the same bytes with the
+same settings, and does the rest; its exit status (0, 1 if one of its photos failed, 2 for
+a usage error) speaks of its own photos only.
 
 With ``--server URL`` (repeatable) it uses running ComfyUI servers; with ``--ray`` it
 spreads the batch over a Ray cluster, one embedded ComfyUI per actor (cluster.py);
@@ -16,10 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import hashlib
 import os
 import signal
 import sys
+import tempfile
 import threading
+from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -32,9 +42,11 @@ from diffpriv_core.tasks import TASKS
 from . import demo, graphs
 from .batch import Cleanup, Job, JobSession, run_batch, upload_photo
 from .embedded import EmbeddedComfy, prepare_base_directory
-from .preflight import PreflightError, check_models, photo_problem, refused_photos
+from .preflight import (PICTURE_SUFFIXES, Inputs, PreflightError, check_models, check_passphrase, collect_inputs,
+                        model_fingerprints, photo_problem, refused_keys, refused_photos)
 from .servers import PROMPT_TIMEOUT_S, Server
-from .summary import Summary, write_contact_sheet
+from .summary import PAGE_PHOTOS, Summary, canonical, latest_run, write_contact_sheet
+from .verify import check_protected
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffpriv"
 
@@ -82,13 +94,40 @@ class Connection:
 
 
 # --- command line --------------------------------------------------------------------
+PROTECT_EXAMPLES = """examples:
+  diffpriv protect group.jpg --task anonymize --out out/
+      every face of the photo: out/group/group_anonymize_faces_00001_.png ..., one key per face
+  diffpriv protect photos/ --task hide --out out/ --passphrase-env DP_PASS
+      every picture in photos/ (sub-folders too), keys encrypted with the passphrase in $DP_PASS
+  diffpriv protect face.png --task anonymize --whole-image --out out/
+  diffpriv protect photo.jpg --task anonymize --out demo/ --demo-weights
+      random-weight models: checks the installation (meaningless pictures)
+  diffpriv protect photos/ --task anonymize --out out/ --ray auto --ray-gpus-per-actor 1
+
+Rerun the same command to finish an interrupted batch: a photo made earlier from the same
+bytes with the same settings is skipped; out/summary.json and out/record.sqlite say what
+each run did (diffpriv report --out out/).
+"""
+RECOVER_EXAMPLES = """examples:
+  diffpriv recover out/group/group_face2_00001.dpkey.safetensors --photo out/group/group_anonymize_faces_00001_.png \\
+      --out recovered/ --passphrase-env DP_PASS          face 2 back into the protected photo
+  diffpriv recover out/face/face_00001.dpkey.safetensors --out recovered/     a --whole-image key
+  diffpriv recover out/ --out recovered/                every key file under out/
+
+An encrypted key's passphrase is checked here before any server starts.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpriv", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys")
-    protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    protect = sub.add_parser("protect", help="anonymize or hide the faces in photos; writes the pictures and keys",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PROTECT_EXAMPLES)
+    protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                         help="photos to protect, or folders: every picture inside (.png, .jpg, .jpeg, .webp, .bmp, "
+                              ".tif, .tiff; sub-folders too); photos may also follow the options")
     protect.add_argument("--task", choices=list(TASKS), required=True,
                          help="; ".join(f"{t.name}: S_ns {t.strength}, tau {t.tau}, {t.steps} steps, {t.samples} "
                                         f"sample{'s' * (t.samples > 1)}" for t in TASKS.values()))
@@ -119,10 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--detector", choices=list(graphs.DETECTOR_MIN_SCORE),
                          help="every-face workflows: the face detector (default: the workflow's, mtcnn in the "
                               "shipped ones; BENCHMARKS.md compares them)")
+    protect.add_argument("--strict", action="store_true",
+                         help="fail a photo in which Face Detect reports any possible face it did not protect (a "
+                              "candidate scoring under its threshold, or one its size or selection settings left out)")
+    protect.add_argument("--no-guidance", action="store_true",
+                         help="the paper's ablation without energy guidance (Table 5): DDIM with the scheduled key-E "
+                              "only, so faces are not steered away from (or kept at) their identity; for measuring, "
+                              "not for publishing. summary.json records it and `diffpriv eval` labels it")
+    protect.add_argument("--one-embedding", action="store_true",
+                         help="the paper's ablation Ours-OE (Table 6): MSI learns one conditioning, from the last CLIP "
+                              "layer without time modulation, for every stage; recorded and labelled as --no-guidance")
     protect.set_defaults(func=protect_command, whole_image=False)
 
-    recover = sub.add_parser("recover", help="recover the original pictures from key files")
-    recover.add_argument("keys", nargs="+", type=Path, metavar="KEY")
+    recover = sub.add_parser("recover", help="recover the original pictures from key files",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RECOVER_EXAMPLES)
+    recover.add_argument("keys", nargs="+", type=Path, metavar="KEY",
+                         help="key files (*.dpkey.safetensors) that protect wrote, or folders: every key file inside "
+                              "(sub-folders too, so protect's --out folder recovers all of its faces)")
     recover.add_argument("--photo", type=Path,
                          help="per-face keys (protect's default): the protected photo to put each recovered face "
                               "back into (default workflow: example_workflows/api/recover_face.json); one output per key")
@@ -144,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", add_help=False,
                    help="measure protection and recovery with the paper's metrics (diffpriv eval --help)")
 
+    report_parser = sub.add_parser("report", help="write summary.json and the contact sheets of an --out folder "
+                                                  "from its run record, and print its report (no server)")
+    report_parser.add_argument("--out", type=Path, required=True, help="the --out folder of a protect or recover run")
+    report_parser.set_defaults(func=report_command)
+
     for p in (protect, recover):
         p.add_argument("--out", type=Path, required=True, help="output folder (DIR/<name>/, DIR/summary.json)")
         p.add_argument("--server", action="append", default=[], metavar="URL",
@@ -156,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default {PROMPT_TIMEOUT_S:.0f})")
         p.add_argument("--passphrase-env", metavar="VAR",
                        help="name of the environment variable holding the key passphrase (never on the command line)")
-        p.add_argument("--workflow", type=Path, help="API-format workflow (default: example_workflows/api/<task>.json)")
+        p.add_argument("--workflow", type=Path, help="API-format workflow (default: example_workflows/api/" + (
+            "<task>_faces.json, <task>.json with --whole-image)" if p is protect
+            else "recover.json, recover_face.json with --photo)"))
         p.add_argument("--base", type=Path,
                        help=f"base directory of the embedded ComfyUI (default: {CACHE_DIR / 'comfy'}, "
                             "or comfy-demo next to it with --demo-weights; with --ray: the folder, on each node, "
@@ -165,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"the same path on every node, default {CACHE_DIR / 'comfy' / 'models'})")
         p.add_argument("--demo-weights", action="store_true",
                        help="generate random-weight test models and run with them: meaningless pictures")
-        p.add_argument("--max-in-flight", type=int, default=8, help="prompts queued at once per server")
+        p.add_argument("--max-in-flight", type=int, default=8, metavar="N",
+                       help="prompts queued at once per server (default: 8)")
         p.add_argument("--keep-on-server", action="store_true",
                        help="keep what the command uploaded and what the prompts wrote on the server (by default "
                             "they are removed after downloading, with the prompt history)")
@@ -174,8 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "cluster (auto, HOST:PORT, ray://HOST:10001); alone, a cluster started on this machine "
                             "with `ray start`, else a local one (docs/cluster.md)")
         p.add_argument("--ray-actors", type=int, metavar="N",
-                       help="with --ray: actors (ComfyUI servers) to start (default: one per GPU of the cluster, "
-                            "one if it has none)")
+                       help="with --ray: actors (ComfyUI servers) to ask for (default: as many as the cluster has "
+                            "room for now, at least one); the batch starts with those that are up and takes the "
+                            "others as the cluster makes room (an autoscaler adds nodes for them)")
+        p.add_argument("--ray-gpus-per-actor", type=float, metavar="G",
+                       help="with --ray: GPUs each actor asks for, fractions allowed (0.5: two actors share a GPU; "
+                            "default: 1 when the cluster has GPUs, else 0). Asked for even when no GPU node is up "
+                            "yet, so an autoscaler adds one")
+        p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
+                       help="with --ray: CPUs each actor asks for (default: 1)")
+        p.add_argument("--ray-shared", action="store_true",
+                       help="with --ray: the inputs and --out are on storage every node sees at the same path (a "
+                            "shared volume): each actor reads its photo and writes its results there, so the "
+                            "photos never pass through this machine (it keeps the run record in --out)")
     return parser
 
 
@@ -184,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # the evaluation toolkit has its own parser and needs no server
         from diffpriv_eval.cli import main as eval_main
 
-        return eval_main(argv[1:])
+        with _sigterm_as_interrupt():  # --wrong-keys may start the embedded ComfyUI
+            return eval_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if args.command == "report":
+        return _report_main(args)
     if args.command == "keygen":
         return _run(args)
     if args.demo_weights and (args.server or args.trust_server):
@@ -195,12 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray starts its own ComfyUI servers on the cluster: leave out --server")
     if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
         parser.error("--ray-actors N needs --ray and N >= 1")
+    if args.ray_gpus_per_actor is not None and (args.ray is None or args.ray_gpus_per_actor < 0):
+        parser.error("--ray-gpus-per-actor G needs --ray and G >= 0")
+    if args.ray_cpus_per_actor != 1.0 and (args.ray is None or args.ray_cpus_per_actor <= 0):
+        parser.error("--ray-cpus-per-actor C needs --ray and C > 0")
+    if args.ray_shared and args.ray is None:
+        parser.error("--ray-shared needs --ray")
+    if args.max_in_flight < 1:
+        parser.error("--max-in-flight N needs N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
     if getattr(args, "min_face_size", None) is not None and not 12 <= args.min_face_size <= 4096:
         parser.error("--min-face-size PX needs 12 <= PX <= 4096 (the detector's smallest window is 12 px)")
     if getattr(args, "min_face_score", None) is not None and not 0 <= args.min_face_score <= 1:
         parser.error("--min-face-score SCORE needs 0 <= SCORE <= 1")
+    if getattr(args, "no_guidance", False) and args.target_similarity:
+        parser.error("--no-guidance runs without the energy guidance that --target-similarity steers: choose one")
     return _run(args)
 
 
@@ -214,6 +298,18 @@ def _run(args) -> int:
         except KeyboardInterrupt:
             print("diffpriv: stopped; run the same command again to finish the rest", file=sys.stderr)
             return 130
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments, photos (or keys) after the options included:
+    `diffpriv protect --task hide --out o/ a.jpg b.jpg`."""
+    args, extra = parser.parse_known_args(argv)
+    inputs = "images" if hasattr(args, "images") else "keys" if hasattr(args, "keys") else None
+    if extra and (inputs is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, inputs).extend(map(Path, extra))
+    return args
 
 
 @contextlib.contextmanager
@@ -248,8 +344,10 @@ def protect_command(args) -> int:
         secrets = KeySecrets(passphrase, str(identity), str(identity.to_public()))
     else:
         secrets = KeySecrets()
+    check_out_folder(args.out)
+    photos = collect_inputs(args.images, PICTURE_SUFFIXES, "picture")
     refuse = partial(refused_photos, whole_image=graphs.msi_sees_the_photo(template))
-    return run_command(args, unique_names(args.images, lambda p: p.stem), template, protect_jobs, secrets, refuse)
+    return run_command(args, photos, template, protect_jobs, secrets, refuse)
 
 
 def recover_command(args) -> int:
@@ -266,8 +364,12 @@ def recover_command(args) -> int:
     if args.identity is not None:
         identity = str(key_crypto.read_identity_file(args.identity, passphrase))
         passphrase = ""
-    return run_command(args, unique_names(args.keys, key_stem), template, recover_jobs,
-                       KeySecrets(passphrase, identity))
+    secrets = KeySecrets(passphrase, identity)
+    keys = collect_inputs(args.keys, (KEY_SUFFIX,), "key file")
+    check_passphrase(keys.found, secrets.opened, passphrase=bool(passphrase), identity=bool(identity))
+    check_out_folder(args.out)
+    refuse = partial(refused_keys, passphrase=bool(passphrase), identity=bool(identity))
+    return run_command(args, keys, template, recover_jobs, secrets, refuse)
 
 
 def keygen_command(args) -> int:
@@ -291,8 +393,8 @@ def keygen_command(args) -> int:
 # A command's jobs: make_jobs(args, template, secrets, conn, todo) -> list[Job]. Module
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
-    return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps))
-            for name, path in todo.items()]
+    return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
+                check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
@@ -304,27 +406,37 @@ def cleanup_of(args) -> Cleanup:
     return Cleanup(keep_files=args.keep_on_server)
 
 
-def run_command(args, names: dict[str, Path], template: dict, make_jobs, secrets: KeySecrets, refuse=None) -> int:
-    """Skip what an earlier run finished, refuse (all at once) what the server could not do,
-    run the rest, report; exit status 1 if any failed."""
-    summary = Summary(args.out, args.command)
-    todo = {name: path for name, path in names.items() if not skip_if_done(summary, name)}
-    if refuse is not None:
-        todo = drop_refused(summary, todo, refuse(todo))
-    if args.ray is not None:
-        from .cluster import run_on_ray  # imports ray: only here
+def run_command(args, inputs: Inputs, template: dict, make_jobs, secrets: KeySecrets, refuse) -> int:
+    """Refuse (all at once) what cannot be done, skip what an earlier run made from the
+    same bytes with the same settings, run the rest, report; exit status 1 if one of this
+    run's inputs failed. summary.json is written from the record at the end, however the
+    run ends."""
+    summary = Summary(args.out, args.command, run_settings(args, template, secrets))
+    try:
+        todo = plan_inputs(summary, inputs, refuse, key_stem if args.command == "recover" else _photo_stem)
+        if args.ray is not None:
+            from .cluster import run_on_ray  # imports ray: only here
 
-        not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
-                                 seal_key=secrets.seal) if todo else []
+            opener = secrets.opened if args.command == "recover" else None
+            not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
+                                     seal_key=secrets.seal, open_key=opener) if todo else []
+            return report(summary, args, not_removed)
+        with connect(args, needed=bool(todo)) as conn:
+            preflight_models(conn, template, args)
+            not_removed = run_batch(make_jobs(args, template, secrets, conn, todo), conn.servers, summary,
+                                    cleanup_of(args), seal_key=secrets.seal)
+            if args.demo_weights and args.command == "protect":
+                not_removed += demo.check_recovery(summary, template, secrets, conn.servers, cleanup_of(args),
+                                                   _recover_graph)
         return report(summary, args, not_removed)
-    with connect(args, needed=bool(todo)) as conn:
-        preflight_models(conn, template, args)
-        not_removed = run_batch(make_jobs(args, template, secrets, conn, todo), conn.servers, summary,
-                                cleanup_of(args), seal_key=secrets.seal)
-        if args.demo_weights and args.command == "protect":
-            not_removed += demo.check_recovery(summary, template, secrets, conn.servers, cleanup_of(args),
-                                               _recover_graph)
-    return report(summary, args, not_removed)
+    finally:
+        summary.finish()
+        summary.write_json()
+        summary.close()
+
+
+def _photo_stem(path: Path) -> str:
+    return path.stem
 
 
 def _protect_graph(template, path: Path, name: str, recipient: str, seed, steps, session: JobSession) -> dict:
@@ -357,6 +469,13 @@ def load_template(args) -> dict:
         graphs.set_target_similarity(template, args.margin)
     if args.command == "protect" and (args.min_face_size, args.min_face_score, args.detector) != (None,) * 3:
         graphs.set_face_detection(template, args.min_face_size, args.min_face_score, args.detector)
+    if args.command == "protect" and args.no_guidance:
+        graphs.set_no_guidance(template)
+    if args.command == "protect" and args.one_embedding:
+        graphs.set_one_embedding(template)
+    for name in graphs.ablations(template) if args.command == "protect" else []:
+        print(f"diffpriv: running the paper's ablation {graphs.ABLATIONS[name]}: for measuring, not for publishing",
+              file=sys.stderr)
     if args.demo_weights:
         demo.use_demo_models(template)
         demo.apply_settings(template)
@@ -371,17 +490,83 @@ def workflow_name(args) -> str:
     return args.task if args.whole_image else f"{args.task}_faces"
 
 
-def unique_names(paths: list[Path], name_of) -> dict[str, Path]:
-    """Output folder name per input; two inputs may not share one."""
-    names: dict[str, Path] = {}
-    for path in paths:
-        if not path.is_file():
-            raise UsageError(f"{path} is not a file")
-        name = name_of(path)
-        if name in names:
-            raise UsageError(f"{names[name]} and {path} would share the output folder {name}/: rename one")
-        names[name] = path
-    return names
+def check_out_folder(out: Path) -> None:
+    """--out is a folder we can write in (made if missing), checked before anything starts."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: give a folder (it is made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def plan_inputs(summary: Summary, inputs: Inputs, refuse, stem_of) -> dict[str, Path]:
+    """{name: path} of the inputs this run does. Refused inputs (missing, unreadable) are
+    recorded as failed and listed at once; inputs an earlier run made from the same bytes
+    with the same settings are recorded as skipped; the others get their name (a new one
+    where the stem stands for other bytes or settings)."""
+    refused = {path: problem for path, problem in inputs.missing.items()}
+    refused.update(refuse(inputs.found))
+    if refused:
+        print(f"refused before queueing ({len(refused)} of {len(inputs.missing) + len(inputs.found)}):")
+    for path, problem in refused.items():
+        name = summary.refused_name(stem_of(path))
+        print(f"  {name}: {problem}" + (f" ({path})" if name != stem_of(path) else ""))
+        summary.record(name, path, "failed", error=f"refused before queueing: {problem}")
+    todo: dict[str, Path] = {}
+    seen: dict[str, Path] = {}  # sha256 -> the input of this run with those bytes
+    skipped = 0
+    for path in inputs.found:
+        if path in refused:
+            continue
+        digest = summary.sha256(path)
+        if digest in seen:
+            print(f"{path}: the same bytes as {seen[digest]}: done once")
+            continue
+        seen[digest] = path
+        plan = summary.plan(stem_of(path), digest)
+        if plan.done is not None:
+            summary.mark_skipped(plan.name, plan.done, path)
+            skipped += 1
+            if skipped <= SKIPS_SHOWN:
+                print(f"{plan.name}: done in an earlier run from the same bytes and settings, skipped")
+            continue
+        if plan.name != stem_of(path):
+            print(f"{path}: {stem_of(path)}/ holds results of other bytes or settings: done as {plan.name}/")
+        todo[plan.name] = path
+    if skipped > SKIPS_SHOWN:
+        print(f"... {skipped} in all done in earlier runs, skipped")
+    return todo
+
+
+SKIPS_SHOWN = 20  # skipped inputs named one by one; past that, counted
+
+
+def run_settings(args, template: dict, secrets: KeySecrets) -> dict:
+    """What a result depends on besides the input's bytes: a result made with the same
+    settings from the same bytes is the same, so a rerun skips it."""
+    settings = {"command": args.command, "workflow": hashlib.sha256(canonical(template).encode()).hexdigest(),
+                "models": model_fingerprints(template, local_models_folder(args)),
+                "recognizers": sorted({node["inputs"].get("model_name") for node in
+                                       graphs.nodes_of(template, "DiffPrivacyFaceRecognizerLoader")} - {None}),
+                "encrypted": bool(secrets.passphrase or secrets.recipient)}
+    if args.command == "protect":
+        settings.update(task=args.task, seed=args.seed, steps=args.steps, whole_image=args.whole_image)
+    elif args.photo is not None:
+        settings["photo"] = hashlib.sha256(args.photo.read_bytes()).hexdigest()
+    return settings
+
+
+def local_models_folder(args) -> Path | None:
+    """The models folder the servers will load from, where this machine can read it."""
+    if args.server:
+        return None  # another machine's, or at least not ours to read
+    if args.demo_weights:  # on a cluster, each node generates its own
+        return demo.models_dir(CACHE_DIR) if args.ray is None else None
+    folder = args.models or (None if args.ray is not None else (args.base or CACHE_DIR / "comfy") / "models")
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def key_stem(path: Path) -> str:
@@ -396,24 +581,6 @@ def read_passphrase(variable: str | None) -> str:
     return os.environ[variable]
 
 
-def skip_if_done(summary: Summary, name: str) -> bool:
-    if not summary.is_done(name):
-        return False
-    summary.mark_skipped(name)
-    print(f"{name}: done in an earlier run, skipped")
-    return True
-
-
-def drop_refused(summary: Summary, todo: dict[str, Path], refused: dict[str, str]) -> dict[str, Path]:
-    """Record and print every refused input at once, before anything is queued; the rest go on."""
-    if refused:
-        print(f"refused before queueing ({len(refused)} of {len(todo)}):")
-    for name, reason in refused.items():
-        print(f"  {name}: {reason}")
-        summary.record(name, todo[name], "failed", error=f"refused before queueing: {reason}")
-    return {name: path for name, path in todo.items() if name not in refused}
-
-
 def preflight_models(conn: Connection, template: dict, args) -> None:
     hint = f"diffpriv {args.command} ... --demo-weights"
     for server in conn.servers:
@@ -421,21 +588,47 @@ def preflight_models(conn: Connection, template: dict, args) -> None:
 
 
 def report(summary: Summary, args, not_removed: list[str]) -> int:
+    """Print this run's outcome (and, apart, what earlier runs left failed); 1 if one of this
+    run's inputs failed or something stayed on a server."""
     # Keys are not pictures: a recovery's sheet shows the results only.
-    sheet = write_contact_sheet(summary, show_source=args.command == "protect")
+    pages = write_contact_sheet(summary, show_source=summary.command == "protect")
     counts = summary.counts()
-    print(f"{summary.path}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    failed = {name: entry["error"] or "" for name, entry in summary.results.items() if entry["status"] == "failed"}
+    print(f"{summary.path}: " + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"))
+    results = summary.results
+    failed = {name: entry["error"] or "" for name, entry in results.items() if entry["status"] == "failed"}
     for name, error in failed.items():  # every failure together, with the first line of its reason
         print(f"  {name}: failed: {error.splitlines()[0] if error else 'no reason given'}")
-    if sheet:
-        print(f"contact sheet: {sheet}")
+    earlier = summary.earlier()
+    if earlier:
+        left = Counter(entry["status"] for entry in earlier.values())
+        print(f"earlier results in {summary.out_dir} not among this run's inputs: "
+              + ", ".join(f"{n} {status}" for status, n in sorted(left.items())) + " (summary.json: earlier)")
+    if pages:
+        print(f"contact sheet: {pages[0]}" + (f" ... {pages[-1].name} ({len(pages)} pages of at most "
+                                              f"{PAGE_PHOTOS} photos)" if len(pages) > 1 else ""))
     if not_removed:
         print(f"diffpriv: {len(not_removed)} file(s) or records could not be removed from the server(s):\n  "
               + "\n  ".join(not_removed), file=sys.stderr)
-    if args.demo_weights:
+    if getattr(args, "demo_weights", False):
         print(demo.BANNER, file=sys.stderr)
     return 1 if counts.get("failed") or not_removed else 0
+
+
+def report_command(args) -> int:
+    summary = latest_run(args.out)
+    try:
+        summary.write_json()
+        return report(summary, args, [])
+    finally:
+        summary.close()
+
+
+def _report_main(args) -> int:
+    try:
+        return report_command(args)
+    except FileNotFoundError as exc:
+        print(f"diffpriv: {exc}", file=sys.stderr)
+        return 2
 
 
 # --- servers -------------------------------------------------------------------------
@@ -473,4 +666,8 @@ def normalise_url(url: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the package's module, not __main__: the modules it imports (cluster.py) raise its
+    # UsageError, which main() must catch as its own.
+    from diffpriv_client.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,44 +1,65 @@
 """A batch on a Ray cluster: `diffpriv protect|recover ... --ray [ADDRESS]`.
 
-Each actor owns one embedded ComfyUI with the pack, on one GPU (on the CPU where the
-cluster has none), started once and used for many photos. The driver sends one photo's
-bytes at a time to each idle actor; the actor runs it through its own server exactly as
-the command does on one machine (the command's jobs, run_batch, its downloads) and sends
-the files back. The driver alone writes --out and summary.json, so a rerun resumes as
-without Ray. A photo whose actor dies goes to another actor, at most MAX_ATTEMPTS times.
+Each actor owns one embedded ComfyUI with the pack, with the GPUs and CPUs it asks for
+(--ray-gpus-per-actor, fractions allowed; --ray-cpus-per-actor), started once and used for
+many photos. Every actor is asked for at once: those the cluster has room for start, the
+others wait for room (an autoscaler adds nodes for what they ask), and the batch starts
+with the actors that are up and takes the others as they come. The driver sends one photo
+at a time to each idle actor; the actor runs it through its own server exactly as the
+command does on one machine (the command's jobs, run_batch, its downloads) and sends the
+files back (with --ray-shared, the photos and --out are the same paths on every node: the
+actor reads the photo and writes the files there itself). The driver alone writes the run
+record, so a rerun resumes as without Ray. A photo whose actor dies goes to another
+actor, at most MAX_ATTEMPTS times; the dead actor is replaced, and its folder (which may
+hold the photo it was running) is removed on its node, by then or at the end of the run on
+every node.
 
 Ray is imported here only, and this module only when --ray is given.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from diffpriv_core.files import write_new_file
 from diffpriv_core.job_protocol import JOBS_FOLDER
-from diffpriv_core.key_format import KEY_SUFFIX
+from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 
-from . import cli
+from . import cli, demo
 from .batch import rewrite_named, run_batch
 from .preflight import PreflightError
 from .summary import Summary
 
 # Tries per photo whose actor died under it (node lost, ComfyUI crashed, out of memory).
 MAX_ATTEMPTS = 3
-# How long actors may take to be placed on the cluster and start their ComfyUI.
+# An actor slot whose actors die this many times in a row, without finishing a photo in
+# between, is given up (a node that kills every actor it gets); any finished photo resets it.
+MAX_DEATHS_IN_A_ROW = 3
+# How long the batch waits for a first actor to be up (placed on the cluster, perhaps on a
+# node an autoscaler adds, and its ComfyUI started) before it gives up.
 START_TIMEOUT_S = 900.0
+# After this long without an actor up, the command says what the actors wait for.
+WAITING_NOTICE_S = 60.0
 # How long stopping actors (and their ComfyUI servers) may take before they are killed.
 STOP_TIMEOUT_S = 60.0
+# A cluster address that does not answer in this time is refused with one message.
+CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
+FOLDER_PREFIX = "diffpriv-actor-"
 
 
 class ServerLost(RuntimeError):
@@ -54,11 +75,39 @@ def import_ray():
     return ray
 
 
+# --- connecting ----------------------------------------------------------------------
+def cluster_address(given: str) -> str | None:
+    """The address to give ray.init, checked to answer within CONNECT_TIMEOUT_S: Ray itself
+    retries a dead address for minutes, printing a line per try. None: start a local cluster."""
+    wanted = given or os.environ.get("RAY_ADDRESS") or None
+    if wanted is None or wanted == "local" or ("://" in wanted and not wanted.startswith("ray://")):
+        return wanted  # a local cluster, or an address of a kind Ray resolves itself (a job's http://...)
+    address = wanted.removeprefix("ray://")
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address = canonicalize_bootstrap_address("auto")
+        if address is None:
+            raise cli.UsageError("--ray auto: no running Ray cluster found on this machine (start one with "
+                                 "`ray start --head`, or give its address)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise cli.UsageError(f"--ray {wanted}: not an address (auto, HOST:PORT or ray://HOST:10001)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise cli.UsageError(f"--ray {wanted}: no Ray cluster answers at {host}:{port} within "
+                             f"{CONNECT_TIMEOUT_S:.0f} s ({exc.strerror or exc}); is `ray start --head` running "
+                             "there, and the port open to this machine?") from None
+    return wanted if wanted != "auto" else address
+
+
 # --- the actor -----------------------------------------------------------------------
 class ComfyActor:
-    """One embedded ComfyUI on one node, run by a Ray actor (see start_actors)."""
+    """One embedded ComfyUI on one node, run by a Ray actor (see _Slot)."""
 
-    def __init__(self, args, template: dict, secrets, make_jobs, photo: tuple[str, bytes] | None):
+    def __init__(self, args, template: dict, secrets, make_jobs, photo: tuple[str, bytes] | None,
+                 folder_prefix: str):
         import ray
 
         self.args = args  # the actor's own copy: start() points its paths at this node
@@ -66,18 +115,20 @@ class ComfyActor:
         self.secrets = secrets  # cli.KeySecrets: for protect, the recipient only
         self.make_jobs = make_jobs
         self.photo = photo
+        self.folder_prefix = folder_prefix
         self.node = ray.util.get_node_ip_address()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.base: Path | None = None
         self.keeper: _ServerKeeper | None = None
 
     def start(self) -> dict:
-        """Start the server and check this node's models; {"node", "server"}, or
-        PreflightError naming the node and what it lacks."""
+        """Start the server and check this node's models; {"node", "node_id", "server",
+        "folder"}, or PreflightError naming the node and what it lacks."""
         import ray
 
-        parent = Path(self.args.base) if self.args.base else Path(tempfile.gettempdir())
+        parent = actor_parent(self.args.base)
         parent.mkdir(parents=True, exist_ok=True)
-        self.base = Path(tempfile.mkdtemp(prefix="diffpriv-actor-", dir=parent))
+        self.base = Path(tempfile.mkdtemp(prefix=self.folder_prefix, dir=parent))
         (self.base / "work").mkdir()
         self.args.base = self.base / "comfy"
         if not self.args.demo_weights:
@@ -87,32 +138,60 @@ class ComfyActor:
         if self.photo is not None:
             self.args.photo = write_new_file(self.base / "work" / self.photo[0], self.photo[1])
         self.keeper = _ServerKeeper(self.args, gpu=bool(ray.get_gpu_ids()))
-        conn = self.keeper.open()
+        with contextlib.redirect_stderr(io.StringIO()):  # the demo's banner: the driver prints it
+            conn = self.keeper.open()
         try:
             cli.preflight_models(conn, self.template, self.args)
         except PreflightError as exc:
             raise PreflightError(f"node {self.node}: {exc}") from None
-        return {"node": self.node, "server": conn.servers[0].url}
+        return {"node": self.node, "node_id": self.node_id, "server": conn.servers[0].url, "folder": self.base.name}
 
-    def run(self, name: str, filename: str, data: bytes) -> dict:
-        """One photo (or key) through this actor's server: its summary entry and files."""
+    def run(self, name: str, filename: str, data: bytes | None, shared_out: str | None = None) -> dict:
+        """One photo (or key) through this actor's server: its summary entry and its files
+        (with ``shared_out``: ``data`` is None, ``filename`` the photo's path on every node,
+        and the files are written into ``shared_out/name/`` here, nothing replaced)."""
         work = Path(tempfile.mkdtemp(dir=self.base / "work"))
         try:
-            source = write_new_file(work / Path(filename).name, data)
+            source = Path(filename) if data is None else write_new_file(work / Path(filename).name, data)
             summary = Summary(work / "out", self.args.command)
             conn = self.keeper.conn
             jobs = self.make_jobs(self.args, self.template, self.secrets, conn, {name: source})
             not_removed = run_batch(jobs, conn.servers, summary, cli.cleanup_of(self.args))
+            check = self._recovery_check(summary) if self.args.demo_weights and self.args.command == "protect" else {}
             if conn.servers[0].dead or not conn.servers[0].client.is_up():
                 raise ServerLost(f"the ComfyUI of the actor on {self.node} stopped answering")
             entry = summary.results[name]
             files = {rel: (summary.out_dir / rel).read_bytes() for rel in entry["outputs"] + entry["keys"]}
-            return {"entry": entry, "files": files, "not_removed": not_removed}
+            summary.close()
+            if shared_out is not None:  # the pictures into the shared --out; keys go to the driver, which seals them
+                folder = Path(shared_out) / name
+                folder.mkdir(parents=True, exist_ok=True)
+                files = {rel: data if rel.endswith(KEY_SUFFIX) else
+                         str(rewrite_named(folder, Path(rel).name, data).relative_to(shared_out))
+                         for rel, data in files.items()}
+            return {"entry": entry, "files": files, "not_removed": not_removed + check.get("not_removed", []),
+                    "check": check}
         finally:
             # Nothing of the photo stays on the node once it is sent back: not the photo, not
-            # its key (an actor killed outright leaves at most the photo it was running).
+            # its key (an actor killed outright leaves its folder to the others: remove_folders).
             for folder in (work, *(self.args.base / sub / JOBS_FOLDER for sub in ("input", "output"))):
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _recovery_check(self, summary: Summary) -> dict:
+        """--demo-weights: the demo's recovery check, on this actor's server (demo.check_recovery)."""
+        if self.secrets.recipient:  # sealed to a recipient whose identity stays with the driver
+            return {"lines": ["recovery check: not on a cluster with --passphrase-env or --recipient (the actors "
+                              "cannot open the keys)"]}
+        printed = io.StringIO()
+        conn = self.keeper.conn
+        with contextlib.redirect_stdout(printed):
+            not_removed = demo.check_recovery(summary, self.template, self.secrets, conn.servers,
+                                              cli.cleanup_of(self.args), cli._recover_graph)
+        folder = summary.out_dir / demo.CHECK_FOLDER
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+                 if p.is_file() and p.parent != folder}
+        return {"lines": [line for line in printed.getvalue().splitlines() if line.startswith("recovery check")],
+                "files": files, "not_removed": not_removed}
 
     def stop(self) -> None:
         """Stop the server (interrupting its prompt) and remove the actor's folder."""
@@ -162,175 +241,348 @@ class _ServerKeeper(threading.Thread):
         self.join(STOP_TIMEOUT_S)
 
 
+def actor_parent(base) -> Path:
+    """The folder, on a node, that holds the actors' own folders (--base, or the temporary folder)."""
+    return Path(base) if base else Path(tempfile.gettempdir())
+
+
+def remove_folders(base, prefix: str) -> list[str]:
+    """Remove, on this node, the actor folders whose names start with ``prefix`` (a run's,
+    or one actor's); returns what was removed."""
+    removed = []
+    for folder in actor_parent(base).glob(f"{prefix}*"):
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    return removed
+
+
 # --- the driver ----------------------------------------------------------------------
 def run_on_ray(args, template: dict, secrets, make_jobs, todo: dict[str, Path],
-               summary: Summary, seal_key=None) -> list[str]:
+               summary: Summary, seal_key=None, open_key=None) -> list[str]:
     """Run ``todo`` ({name: photo or key file}) on the cluster; results land in ``summary``;
     ``secrets`` (cli.KeySecrets) go to the actors, ``seal_key`` is applied here to each key
-    file an actor sends back. Returns what the actors could not remove from their servers."""
+    file an actor sends back, ``open_key`` here to each key file sent to an actor (recover:
+    the passphrase or identity stays on this machine). Returns what the actors could not
+    remove from their servers."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
+        address = cluster_address(args.ray)
         # Actor logs (each server's own progress bar) stay in the cluster's log files.
-        ray.init(address=args.ray or None, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
         if threading.current_thread() is threading.main_thread():
             # ray.init makes SIGTERM exit at once: keep it a clean stop, as Ctrl-C is.
             signal.signal(signal.SIGTERM, cli._raise_keyboard_interrupt)
-    actors: dict = {}
+    if args.demo_weights:
+        print(demo.BANNER, file=sys.stderr)
+        print(f"--demo-weights: {demo.MODELS_WORDS}, generated on each node", file=sys.stderr)
+        if args.command == "protect":
+            print(f"--demo-weights: {demo.SETTINGS.describe(args.steps)}", file=sys.stderr)
+    batch = _ClusterBatch(ray, args, template, secrets, make_jobs, todo, summary, seal_key, open_key)
     try:
-        actors = start_actors(ray, args, template, secrets, make_jobs, most=len(todo))
-        return _ClusterBatch(ray, actors, todo, summary, seal_key).run()
+        return batch.run()
     finally:
-        stop_actors(ray, list(actors))
+        batch.stop()
         if started_here:
             ray.shutdown()
 
 
-def start_actors(ray, args, template: dict, secrets, make_jobs, most: int) -> dict:
-    """{actor: {"node", "server"}} for every actor started (``most`` at most: no more than
-    photos); PreflightError with every node's problem when one did not start (the models
-    must be on every node)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = min(args.ray_actors or max(gpus, 1), most)
-    photo = (args.photo.name, args.photo.read_bytes()) if args.command == "recover" and args.photo else None
-    # stop() runs in its own group, next to the photo the actor may be running.
-    remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0,
-                        concurrency_groups={"control": 1})(ComfyActor)
-    run_id = uuid.uuid4().hex[:8]
-    actors = [remote.options(name=f"diffpriv-{run_id}-{i}").remote(args, template, secrets, make_jobs, photo)
-              for i in range(count)]
-    print(f"starting {count} ComfyUI actor(s) on the Ray cluster "
-          f"({'1 GPU' if gpus else 'CPU'} each) ...", file=sys.stderr)
-    started, problems = {}, []
-    deadline = time.monotonic() + START_TIMEOUT_S
-    refs = {actor.start.remote(): actor for actor in actors}
-    try:
-        for ref, actor in refs.items():
-            try:
-                started[actor] = ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0))
-            except ray.exceptions.GetTimeoutError:
-                problems.append(f"an actor found no room on the cluster within {START_TIMEOUT_S:.0f} s "
-                                f"(each needs 1 CPU{' and 1 GPU' if gpus else ''})")
-            except ray.exceptions.RayError as exc:
-                problems.append(_error_text(exc))
-    except BaseException:
-        stop_actors(ray, actors)
-        raise
-    if problems:
-        stop_actors(ray, actors)
-        raise PreflightError("\n".join(dict.fromkeys(problems)))
-    return started
+@dataclass
+class Resources:
+    cpus: float
+    gpus: float
+
+    def words(self) -> str:
+        gpus = f", {self.gpus:g} GPU" if self.gpus else ""
+        return f"{self.cpus:g} CPU{gpus}"
 
 
-def stop_actors(ray, actors: list) -> None:
-    """Stop every actor's ComfyUI, then the actors; none is left running."""
-    stops = [actor.stop.options(concurrency_group="control").remote() for actor in actors]
-    if stops:
-        ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
-    for actor in actors:
-        ray.kill(actor)
+def actor_resources(ray, args) -> Resources:
+    """What each actor asks for: --ray-gpus-per-actor (default: 1 on a cluster with GPUs),
+    --ray-cpus-per-actor."""
+    gpus = args.ray_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    return Resources(args.ray_cpus_per_actor, gpus)
+
+
+def actors_wanted(ray, args, each: Resources, photos: int) -> int:
+    """--ray-actors, else as many as the cluster has room for now (at least one); never more
+    than photos."""
+    if args.ray_actors:
+        return min(args.ray_actors, photos)
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) // each.cpus
+    if each.gpus:
+        fits = min(fits, total.get("GPU", 0) // each.gpus)
+    return max(1, min(int(fits), photos))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One actor place: its current actor, and how often its actors died in a row."""
+    index: int
+    actor: object = None
+    info: dict | None = None  # {"node", "node_id", "server", "folder"} once started
+    generation: int = 0
+    deaths_in_a_row: int = 0
+    given_up: bool = False
+
+
+class _ClusterBatch:
+    """One photo at a time per started actor, the next to whichever is free (ray.wait over
+    the actors' starts and runs together)."""
+
+    def __init__(self, ray, args, template: dict, secrets, make_jobs, todo: dict[str, Path],
+                 summary: Summary, seal_key=None, open_key=None):
+        self.ray = ray
+        self.seal_key = seal_key
+        self.open_key = open_key
+        self.args = args
+        self.todo = todo
+        self.summary = summary
+        self.shared_out = str(summary.out_dir) if getattr(args, "ray_shared", False) else None
+        self.run_id = uuid.uuid4().hex[:8]
+        self.each = actor_resources(ray, args)
+        photo = (args.photo.name, args.photo.read_bytes()) if args.command == "recover" and args.photo else None
+        # stop() runs in its own group, next to the photo the actor may be running.
+        self.remote = ray.remote(num_cpus=self.each.cpus, num_gpus=self.each.gpus, max_restarts=0,
+                                 concurrency_groups={"control": 1})(ComfyActor)
+        self.actor_args = (args, template, secrets, make_jobs, photo)
+        self.pending = deque(todo)
+        self.running: dict = {}  # object ref -> (name, slot)
+        self.starting: dict = {}  # object ref -> slot
+        self.slots = [_Slot(i) for i in range(actors_wanted(ray, args, self.each, len(todo)))]
+        self.attempts: Counter = Counter()
+        self.done_on: Counter = Counter()  # node -> photos done there
+        self.not_removed: list[str] = []
+        self.dead_nodes: set[str] = set()
+        self.started = time.monotonic()
+        self.noticed = False
+        self.bar: tqdm | None = None
+
+    # --- actors --------------------------------------------------------------------
+    def _start(self, slot: _Slot) -> None:
+        name = f"diffpriv-{self.run_id}-{slot.index}" + (f".{slot.generation}" if slot.generation else "")
+        prefix = f"{FOLDER_PREFIX}{self.run_id}-{slot.index}.{slot.generation}-"
+        slot.actor = self.remote.options(name=name).remote(*self.actor_args, prefix)
+        slot.info = None
+        self.starting[slot.actor.start.remote()] = slot
+
+    def _started(self, ref) -> None:
+        slot = self.starting.pop(ref)
+        try:
+            slot.info = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, PreflightError) or not isinstance(exc, self.ray.exceptions.RayActorError):
+                if not self.running and not self.done_on and not self._up():
+                    raise PreflightError(_error_text(exc)) from None  # the models must be on every node
+                self._write(f"an actor did not start: {_error_text(exc)}")
+                self._give_up(slot)
+            else:
+                self._died(slot, _error_text(exc))
+            return
+        waiting = f"; {len(self.starting)} starting or waiting for room on the cluster" if self.starting else ""
+        self._write(f"an actor is up on {slot.info['node']} ({len(self._up())} of {len(self.slots)} up{waiting})")
+
+    def _died(self, slot: _Slot, reason: str) -> None:
+        """The slot's actor died: remove its folder on its node, and start another (unless
+        this slot's actors keep dying)."""
+        self.ray.kill(slot.actor)  # it may still run, with a dead server
+        if slot.info is not None:
+            self._remove_on(slot.info["node_id"], slot.info["folder"])
+        slot.deaths_in_a_row += 1
+        if slot.deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+            self._write(f"an actor place lost {slot.deaths_in_a_row} actors in a row ({reason}); not replaced")
+            self._give_up(slot)
+            return
+        slot.generation += 1
+        self._write("a replacement actor is asked for")
+        self._start(slot)
+
+    def _give_up(self, slot: _Slot) -> None:
+        slot.given_up, slot.info = True, None
+        with contextlib.suppress(Exception):
+            self.ray.kill(slot.actor)
+
+    def _up(self) -> list[_Slot]:
+        return [s for s in self.slots if s.info is not None and not s.given_up]
+
+    def _remove_on(self, node_id: str, folder: str) -> None:
+        """Remove a dead actor's folder on its node (no wait: the node may be gone too)."""
+        try:
+            self._remover(node_id).remote(self.args.base, folder)
+        except Exception:  # noqa: BLE001 - the end of the run sweeps every node again
+            pass
+
+    def _remover(self, node_id: str):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return self.ray.remote(num_cpus=0, max_retries=0)(remove_folders).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+    def stop(self) -> None:
+        """Stop every started actor's ComfyUI, kill the others, then remove this run's actor
+        folders on every node; no ComfyUI and no photo is left behind."""
+        started = [s.actor for s in self.slots if s.info is not None and not s.given_up]
+        stops = [actor.stop.options(concurrency_group="control").remote() for actor in started]
+        if stops:
+            self.ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
+        for slot in self.slots:
+            if slot.actor is not None:
+                with contextlib.suppress(Exception):
+                    self.ray.kill(slot.actor)
+        nodes = [n["NodeID"] for n in self.ray.nodes() if n.get("Alive")]
+        sweeps = [self._remover(node).remote(self.args.base, f"{FOLDER_PREFIX}{self.run_id}-") for node in nodes]
+        if sweeps:
+            self.ray.wait(sweeps, num_returns=len(sweeps), timeout=STOP_TIMEOUT_S)
+        if self.bar is not None:
+            self.bar.close()
+
+    # --- the batch -----------------------------------------------------------------
+    def run(self) -> list[str]:
+        print(f"asking the Ray cluster for {len(self.slots)} ComfyUI actor(s), {self.each.words()} each ...",
+              file=sys.stderr)
+        for slot in self.slots:
+            self._start(slot)
+        self.bar = tqdm(total=len(self.todo), unit="photo", dynamic_ncols=True)
+        while self.pending or self.running:
+            self._dispatch()
+            live = [s for s in self.slots if not s.given_up]
+            if not live:
+                self._fail_pending("no actor left on the cluster: every one died or could not start")
+                break
+            ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                if ref in self.starting:
+                    self._started(ref)
+                else:
+                    self._collect(ref)
+            self._check_start()
+            self._show()
+        return self.not_removed
+
+    def _check_start(self) -> None:
+        waited = time.monotonic() - self.started
+        if not self._up() and not self.running and waited > START_TIMEOUT_S:
+            raise PreflightError(f"no actor could start on the Ray cluster within {START_TIMEOUT_S:.0f} s: each asks "
+                                 f"for {self.each.words()} (--ray-cpus-per-actor, --ray-gpus-per-actor); does a "
+                                 "node have that much free, or can the autoscaler add one?")
+        if not self.noticed and waited > WAITING_NOTICE_S and not self._up():
+            self.noticed = True
+            self._write(f"no actor up yet after {WAITING_NOTICE_S:.0f} s: {len(self.starting)} starting their ComfyUI "
+                        f"or waiting for room on the cluster ({self.each.words()} each; an autoscaler adds nodes "
+                        "for them); the batch starts with the first one up")
+
+    def _dispatch(self) -> None:
+        busy = {slot for _, slot in self.running.values()}
+        for slot in self._up():
+            if not self.pending:
+                return
+            if slot in busy:
+                continue
+            name = self.pending.popleft()
+            path = self.todo[name]
+            if self.open_key is not None:  # a key, opened here
+                try:
+                    data = self.open_key(path.read_bytes())
+                except (KeyFileError, OSError) as exc:
+                    self._record_failure(name, None, f"{path.name}: {exc}")
+                    continue
+                ref = slot.actor.run.remote(name, path.name, data)
+            elif self.shared_out is not None:
+                ref = slot.actor.run.remote(name, str(path.resolve()), None, self.shared_out)
+            else:
+                ref = slot.actor.run.remote(name, path.name, path.read_bytes())
+            self.running[ref] = (name, slot)
+
+    def _collect(self, ref) -> None:
+        name, slot = self.running.pop(ref)
+        info = slot.info
+        try:
+            got = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            if isinstance(exc, self.ray.exceptions.RayActorError) or isinstance(getattr(exc, "cause", None),
+                                                                               ServerLost):
+                self._lose(slot, name, _error_text(exc))
+            else:  # the actor is fine, this file is not (a key its server does not list, ...)
+                self._record_failure(name, info, _error_text(exc))
+            return
+        slot.deaths_in_a_row = 0
+        self.not_removed += got["not_removed"]
+        self._record(name, info, got["entry"], got["files"])
+        self._recovery_check(name, got.get("check") or {})
+
+    def _record(self, name: str, info: dict, entry: dict, files: dict) -> None:
+        folder = self.summary.out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.seal_key is not None:
+            files = {rel: self.seal_key(data) if rel.endswith(KEY_SUFFIX) else data for rel, data in files.items()}
+        # With --ray-shared the actor wrote the pictures into --out (their paths come back).
+        written = {rel: self.summary.out_dir / data if isinstance(data, str) else
+                   rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
+        extra = {k: v for k, v in entry.items() if k not in ACTOR_ENTRY_FIELDS}
+        self.summary.record(name, self.todo[name], entry["status"],
+                            [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
+                            seconds=entry["seconds"], server=info["server"], node=info["node"],
+                            error=entry["error"], identity=entry["identity"], passes=entry["passes"], **extra)
+        if entry["status"] == "ok":
+            self.done_on[info["node"]] += 1
+        else:
+            self._write(f"{name}: failed: {entry['error']}")
+        self.bar.update(1)
+
+    def _recovery_check(self, name: str, check: dict) -> None:
+        """--demo-weights: the actor's recovery check, printed and written as the demo does."""
+        folder = self.summary.out_dir / demo.CHECK_FOLDER
+        for rel, data in check.get("files", {}).items():
+            (folder / Path(rel).parent).mkdir(parents=True, exist_ok=True)
+            rewrite_named(folder / Path(rel).parent, Path(rel).name, data)
+        for line in check.get("lines", []):
+            self._write(line)
+
+    def _record_failure(self, name: str, info: dict | None, message: str) -> None:
+        self.summary.record(name, self.todo[name], "failed", server=info and info["server"],
+                            node=info and info["node"], error=message)
+        self._write(f"{name}: failed: {message}")
+        self.bar.update(1)
+
+    def _lose(self, slot: _Slot, name: str, reason: str) -> None:
+        """The actor died under this photo: give the photo to another, replace the actor."""
+        node = slot.info["node"] if slot.info else "?"
+        self.attempts[name] += 1
+        if self.attempts[name] >= MAX_ATTEMPTS:
+            self._record_failure(name, slot.info, f"lost with its actor {self.attempts[name]} times; last: {reason}")
+        else:
+            self.pending.appendleft(name)
+            self._write(f"the actor on {node} died ({reason}); {name} goes to another actor")
+        self._died(slot, reason)
+
+    def _fail_pending(self, message: str) -> None:
+        while self.pending:
+            self._record_failure(self.pending.popleft(), None, message)
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr)
+
+    def _show(self) -> None:
+        minutes = max(time.monotonic() - self.started, 1.0) / 60
+        nodes = ", ".join(f"{node}: {n} done, {n / minutes:.1f}/min" for node, n in sorted(self.done_on.items()))
+        actors = f"{len(self._up())}/{len(self.slots)} actors up"
+        self.bar.set_postfix_str(f"{actors}, {len(self.running)} in flight" + (f"; {nodes}" if nodes else ""),
+                                 refresh=True)
+
+
+# The fields of an actor's summary entry the driver records itself; the rest is kept as it is.
+ACTOR_ENTRY_FIELDS = {"source", "status", "outputs", "keys", "faces", "identity", "passes", "seconds", "server",
+                      "node", "error", "sha256", "settings", "run", "attempt"}
 
 
 def _error_text(exc) -> str:
     """The actor's own exception message, without Ray's traceback wrapping."""
     cause = getattr(exc, "cause", None)
     return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
-
-
-class _ClusterBatch:
-    """One photo at a time per actor, the next to whichever actor is free (ray.wait)."""
-
-    def __init__(self, ray, actors: dict, todo: dict[str, Path], summary: Summary, seal_key=None):
-        self.ray = ray
-        self.seal_key = seal_key
-        self.actors = dict(actors)  # live actor -> {"node", "server"}
-        self.todo = todo
-        self.summary = summary
-        self.pending = deque(todo)
-        self.running: dict = {}  # object ref -> (name, actor)
-        self.attempts: Counter = Counter()
-        self.done_on: Counter = Counter()  # node -> photos done there
-        self.started = time.monotonic()
-        self.bar = tqdm(total=len(todo), unit="photo", dynamic_ncols=True)
-        self.not_removed: list[str] = []
-
-    def run(self) -> list[str]:
-        try:
-            while self.pending or self.running:
-                self._dispatch()
-                if not self.running:
-                    self._fail_pending("no actor left on the cluster: every one died")
-                    break
-                ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=POLL_S)
-                for ref in ready:
-                    self._collect(ref)
-                self._show()
-            return self.not_removed
-        finally:
-            self.bar.close()
-
-    def _dispatch(self) -> None:
-        busy = {actor for _, actor in self.running.values()}
-        for actor in [a for a in self.actors if a not in busy]:
-            if not self.pending:
-                return
-            name = self.pending.popleft()
-            path = self.todo[name]
-            self.running[actor.run.remote(name, path.name, path.read_bytes())] = (name, actor)
-
-    def _collect(self, ref) -> None:
-        name, actor = self.running.pop(ref)
-        info = self.actors[actor]
-        try:
-            got = self.ray.get(ref)
-        except self.ray.exceptions.RayError as exc:
-            if isinstance(exc, self.ray.exceptions.RayActorError) or isinstance(getattr(exc, "cause", None),
-                                                                               ServerLost):
-                self._lose(actor, name, _error_text(exc))
-            else:  # the actor is fine, this file is not (a key its server does not list, ...)
-                self._record_failure(name, info, _error_text(exc))
-            return
-        self.not_removed += got["not_removed"]
-        self._record(name, info, got["entry"], got["files"])
-
-    def _record(self, name: str, info: dict, entry: dict, files: dict[str, bytes]) -> None:
-        folder = self.summary.out_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.seal_key is not None:
-            files = {rel: self.seal_key(data) if rel.endswith(KEY_SUFFIX) else data for rel, data in files.items()}
-        written = {rel: rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
-        self.summary.record(name, self.todo[name], entry["status"],
-                            [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
-                            seconds=entry["seconds"], server=info["server"], node=info["node"],
-                            error=entry["error"], identity=entry["identity"], passes=entry["passes"])
-        if entry["status"] == "ok":
-            self.done_on[info["node"]] += 1
-        else:
-            self.bar.write(f"{name}: failed: {entry['error']}")
-        self.bar.update(1)
-
-    def _record_failure(self, name: str, info: dict | None, message: str) -> None:
-        self.summary.record(name, self.todo[name], "failed", server=info and info["server"],
-                            node=info and info["node"], error=message)
-        self.bar.write(f"{name}: failed: {message}")
-        self.bar.update(1)
-
-    def _lose(self, actor, name: str, reason: str) -> None:
-        """The actor died under this photo: drop the actor, give the photo to another."""
-        info = self.actors.pop(actor)
-        self.ray.kill(actor)  # it may still run, with a dead server
-        self.attempts[name] += 1
-        if self.attempts[name] >= MAX_ATTEMPTS:
-            self._record_failure(name, info, f"lost with its actor {self.attempts[name]} times; last: {reason}")
-            return
-        self.pending.appendleft(name)
-        self.bar.write(f"the actor on {info['node']} died ({reason}); {name} goes to another actor")
-
-    def _fail_pending(self, message: str) -> None:
-        while self.pending:
-            self._record_failure(self.pending.popleft(), None, message)
-
-    def _show(self) -> None:
-        minutes = max(time.monotonic() - self.started, 1.0) / 60
-        nodes = ", ".join(f"{node}: {n} done, {n / minutes:.1f}/min" for node, n in sorted(self.done_on.items()))
-        self.bar.set_postfix_str(f"{len(self.running)} in flight" + (f"; {nodes}" if nodes else ""), refresh=True)

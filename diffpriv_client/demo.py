@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffpriv_core.faces.mask import protected_pixels
 from diffpriv_core.key_format import KEY_SUFFIX
 
 from . import graphs
 from .batch import Cleanup, Job, run_batch, upload_photo
 from .embedded import PACK_DIR
+from .pictures import read_photo
 from .servers import Server
 from .summary import Summary
 
@@ -75,10 +77,11 @@ def models_dir(cache_dir: Path) -> Path:
 
 
 def use_demo_models(graph: dict) -> None:
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT  # imports torch: only here
+    from diffpriv_testmodels.comfy_models import (ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT,  # imports torch: only here
+                                                  TEST_THRESHOLD)
 
     graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (DEMO_CHECKPOINT, CLIP_VISION)})
-    graphs.set_face_recognizer(graph, ARCFACE_ONNX)
+    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
 
 
 def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:
@@ -102,17 +105,19 @@ CHECK_FOLDER = "recovery-check"
 
 def check_recovery(summary: Summary, template: dict, secrets, servers: list[Server], cleanup: Cleanup,
                    recover_graph) -> list[str]:
-    """Recover every face the run protected, back into its protected photo (the only one its
-    key accepts), and print how
-    close each comes to the VAE's reconstruction of the original (the best any recovery can
-    do) next to how close the protected candidates come. ``recover_graph(template, key,
-    name, secrets, photo, session)`` builds a recovery prompt, as `diffpriv recover` does
-    (``secrets``: cli.KeySecrets, which open the keys on this machine).
-    Returns what could not be removed from the servers."""
+    """Recover every face the run protected as a user does, into its protected photo (the
+    first candidate: the only pictures its key accepts), and print, over the pixels the
+    protection changed around that face, how close the recovery comes to the VAE's
+    reconstruction of the original (the best any recovery can do) and to the original, next
+    to how close the protected candidates come. ``recover_graph(template, key, name,
+    secrets, photo, session)`` builds a recovery prompt, as `diffpriv recover --photo` does
+    (``secrets``: cli.KeySecrets, which open the keys on this machine). Returns what could
+    not be removed from the servers."""
     if not graphs.nodes_of(template, "DiffPrivacyFacePaste"):
         print("recovery check: only in the every-face mode (the default)")
         return []
-    done = {name: entry for name, entry in summary.results.items() if entry["status"] == "ok" and entry["keys"]}
+    done = {name: entry for name, entry in summary.results.items()
+            if entry["status"] == "ok" and entry["keys"] and entry["outputs"]}
     if not done:
         return []
     recover_template = graphs.load_workflow(graphs.default_workflow("recover_face"))
@@ -130,9 +135,13 @@ def check_recovery(summary: Summary, template: dict, secrets, servers: list[Serv
                  for key in entry["keys"]]
     print("recovery check: recovering each face into its protected photo ...", file=sys.stderr)
     not_removed = run_batch(jobs, servers, check, cleanup)
+    (paste,) = graphs.nodes_of(template, "DiffPrivacyFacePaste")
     for name, entry in done.items():
-        for line in _report(name, entry, summary.out_dir, check):
+        for line in _report(name, entry, summary.out_dir, check, paste["inputs"]["feather"]):
             print(line)
+    check.finish()
+    check.write_json()
+    check.close()
     return not_removed
 
 
@@ -158,15 +167,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
-    """Per face: PSNR over the pixels its recovery changed in the protected photo."""
+# A recovered pixel this far from the VAE's reconstruction, in any channel, is "off".
+OFF_LEVEL = 20 / 255
+
+
+def changed_region(protected: np.ndarray, original: np.ndarray, face: dict, feather: float) -> np.ndarray:
+    """[H, W] bool: the pixels the protection of one face (a summary's face entry) changed:
+    those that differ from the original under its paste's mask (with this ``feather``)."""
+    under = protected_pixels(face["crop"], face["box"], feather, *original.shape[:2])
+    return under & np.any(protected != original, axis=-1)
+
+
+def _report(name: str, entry: dict, out_dir: Path, check: Summary, feather: float) -> list[str]:
+    """Per face: its recovery into the protected photo, over the pixels the protection changed."""
     results = check.results
     recon_entry = results.get(f"{name}_reconstruction", {})
     if recon_entry.get("status") != "ok":
         return [f"recovery check: {name}: the reconstruction failed: {recon_entry.get('error')}"]
-    original = _pixels(Path(entry["source"]))
+    original = read_photo(entry["source"]).pixels / 255.0  # the photo as the command sent it
     reconstruction = _pixels(check.out_dir / recon_entry["outputs"][0])
     protected = [p for p in (_pixels(out_dir / rel) for rel in entry["outputs"]) if p.shape == original.shape]
+    faces = {face["key"]: face for face in entry["faces"]}
     lines = []
     for key in entry["keys"]:
         got = results.get(_key_name(key), {})
@@ -174,9 +195,13 @@ def _report(name: str, entry: dict, out_dir: Path, check: Summary) -> list[str]:
             lines.append(f"recovery check: {_key_name(key)}: recovery failed: {got.get('error')}")
             continue
         recovered = _pixels(check.out_dir / got["outputs"][0])
-        face = np.any(recovered != protected[0], axis=-1)  # this face's pasted pixels (other faces stay protected)
-        candidates = ", ".join(f"{psnr(p[face], reconstruction[face]):.1f}" for p in protected)
-        lines.append(f"recovery check: {_key_name(key)}: recovered vs VAE reconstruction "
-                     f"{psnr(recovered[face], reconstruction[face]):.1f} dB; protected candidates vs VAE "
-                     f"reconstruction {candidates} dB (over the face's {int(face.sum())} pixels; higher is closer)")
+        changed = changed_region(_pixels(out_dir / entry["outputs"][0]), original, faces[key], feather)
+        off = int(np.sum(np.abs(recovered[changed] - reconstruction[changed]).max(axis=-1) > OFF_LEVEL))
+        candidates = ", ".join(f"{psnr(p[changed], reconstruction[changed]):.1f}" for p in protected)
+        lines.append(f"recovery check: {_key_name(key)}: recovered into the protected photo vs VAE reconstruction "
+                     f"{psnr(recovered[changed], reconstruction[changed]):.1f} dB ({off} pixels off by more than "
+                     f"20/255); protected candidates vs VAE reconstruction {candidates} dB; recovered vs original "
+                     f"{psnr(recovered[changed], original[changed]):.1f} dB, VAE reconstruction vs original "
+                     f"{psnr(reconstruction[changed], original[changed]):.1f} dB (over the {int(changed.sum())} "
+                     "pixels the protection changed; higher is closer)")
     return lines

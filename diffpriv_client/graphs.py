@@ -115,10 +115,12 @@ def set_models(graph: dict, files: dict[str, str]) -> None:
                 node["inputs"][input_name] = files[folder]
 
 
-def set_face_recognizer(graph: dict, option: str) -> None:
-    """Point every face recogniser loader at another file ("<folder>/<file>", used by --demo-weights)."""
+def set_face_recognizer(graph: dict, option: str, threshold: float = 0.0) -> None:
+    """Point every face recogniser loader at another file ("<folder>/<file>", used by
+    --demo-weights), with its same-person ``threshold`` (0: the file is known by its content)."""
     for node in nodes_of(graph, "DiffPrivacyFaceRecognizerLoader"):
         node["inputs"]["model_name"] = option
+        node["inputs"]["threshold"] = threshold
 
 
 def set_target_similarity(graph: dict, margin: float | None = None) -> None:
@@ -157,6 +159,67 @@ def set_face_detection(graph: dict, min_size: int | None = None, min_score: floa
                        if value is not None and not _is_link(inputs.get(name))})
 
 
+# The paper's ablations `diffpriv protect` can switch a workflow to, by the name a summary
+# entry records them under, and what the report calls them.
+ABLATIONS = {"no-guidance": "w/o energy guidance (Table 5)",
+             "one-embedding": "one embedding, Ours-OE (Table 6)"}
+SAMPLERS = ("DiffPrivacyGuidedDDIMSampler", "DiffPrivacyGuidedDDIM")
+
+
+def _set_everywhere(graph: dict, class_type: str, name: str, value, switch: str) -> None:
+    """``name`` = ``value`` on every node of ``class_type``; one that takes it from a link
+    cannot be switched, and is refused rather than left as it is."""
+    nodes = nodes_of(graph, class_type)
+    if not nodes:
+        raise ValueError(f"{switch} needs a {class_type} node in the workflow; it has none")
+    for node in nodes:
+        inputs = node.setdefault("inputs", {})
+        if _is_link(inputs.get(name)):
+            raise ValueError(f"{switch}: the workflow's {class_type} takes '{name}' from another node, so it "
+                             "cannot be set; set it in the workflow instead")
+        inputs[name] = value
+
+
+def set_no_guidance(graph: dict) -> None:
+    """The paper's Table 5 ablation: DDIM with the scheduled key-E and no energy guidance
+    (every Identity Energy Guidance's lambda_scale 0: the sampler skips the correction)."""
+    if not any(nodes_of(graph, sampler) for sampler in SAMPLERS):
+        raise ValueError("--no-guidance needs a Guided DDIM Sampler (DiffPrivacyGuidedDDIMSampler or the "
+                         "DiffPrivacyGuidedDDIM SAMPLER) in the workflow; it has none")
+    if nodes_of(graph, "DiffPrivacyIdentityGuidance"):
+        _set_everywhere(graph, "DiffPrivacyIdentityGuidance", "lambda_scale", 0.0, "--no-guidance")
+
+
+def set_one_embedding(graph: dict) -> None:
+    """The paper's Table 6 ablation, Ours-OE: every MSI Inversion learns one conditioning
+    from the last CLIP layer, without time modulation, for every stage."""
+    _set_everywhere(graph, "DiffPrivacyMSIInversion", "one_embedding", True, "--one-embedding")
+
+
+def _guides(node: dict | None) -> bool:
+    """Whether an Identity Energy Guidance node's lambda_t can be other than 0 (a value fed by
+    a link might be anything)."""
+    if node is None or node.get("class_type") != "DiffPrivacyIdentityGuidance":
+        return False
+    inputs = node.get("inputs", {})
+    if inputs.get("lambda_scale", 1.0) == 0:
+        return False
+    return not (inputs.get("lambda_early", -1.0) == 0 and inputs.get("lambda_late", -1.0) == 0)
+
+
+def ablations(graph: dict) -> list[str]:
+    """The paper's ablations a protect graph runs (ABLATIONS' names; empty for the method
+    itself): no sampler guided by a guidance that can act, an MSI with one embedding."""
+    found = []
+    samplers = [node for sampler in SAMPLERS for node in nodes_of(graph, sampler)]
+    if samplers and not any(_is_link(link := node.get("inputs", {}).get("guidance"))
+                            and _guides(graph.get(str(link[0]))) for node in samplers):
+        found.append("no-guidance")
+    if any(node.get("inputs", {}).get("one_embedding") is True for node in nodes_of(graph, "DiffPrivacyMSIInversion")):
+        found.append("one-embedding")
+    return found
+
+
 # The nodes a workflow needs for what the command fills in (docs/cli.md, "Your own workflows").
 NODE_ROLES = {"LoadImage": "Load Image (LoadImage), which gets the photo",
               "DiffPrivacySaveKey": "Save Privacy Key (DiffPrivacySaveKey), which writes the key",
@@ -178,6 +241,14 @@ def msi_sees_the_photo(graph: dict) -> bool:
         if _is_link(source) and graph.get(str(source[0]), {}).get("class_type") == "LoadImage":
             return True
     return False
+
+
+def pasted_saves(graph: dict) -> set[str]:
+    """The SaveImage nodes that save a Face Paste's photos (the protected photos of the
+    every-face workflows)."""
+    return {node_id for node_id, node in graph.items() if node.get("class_type") == "SaveImage"
+            and _is_link(source := node.get("inputs", {}).get("images"))
+            and graph.get(str(source[0]), {}).get("class_type") == "DiffPrivacyFacePaste" and source[1] == 0}
 
 
 def required_models(graph: dict) -> dict[str, set[str]]:
@@ -203,10 +274,10 @@ def ancestors(graph: dict, node_id: str) -> set[str]:
 
 def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     """From an every-face protect template: each face's crop through the VAE and back (encode,
-    decode), pasted the way the protected faces are into the picture of the Load Image
-    ``reconstruction_photo`` (the protected photo, which a recovery goes back into): what a
-    perfect recovery gives. Built from the template's own nodes, so the faces, crops and
-    mask are the same."""
+    decode), pasted the way a recovered face is (Face Paste's ``restore``) into the picture of
+    the Load Image ``reconstruction_photo`` (the protected photo, which a recovery goes back
+    into): what a perfect recovery gives. Built from the template's own nodes, so the faces,
+    crops and mask are the same."""
     (encode_id,) = [i for i, n in template.items() if n.get("class_type") == "VAEEncode"]
     (paste,) = nodes_of(template, "DiffPrivacyFacePaste")
     graph = {i: copy.deepcopy(template[i]) for i in ancestors(template, encode_id)}
@@ -214,7 +285,7 @@ def reconstruction_graph(template: dict, label: str = "reconstruction") -> dict:
     graph["reconstruction_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode_id, 0], "vae": vae}}
     graph["reconstruction_photo"] = {"class_type": "LoadImage", "inputs": {"image": ""}}
     graph["reconstruction_paste"] = {"class_type": "DiffPrivacyFacePaste", "inputs": dict(
-        paste["inputs"], faces=["reconstruction_decode", 0], image=["reconstruction_photo", 0])}
+        paste["inputs"], faces=["reconstruction_decode", 0], image=["reconstruction_photo", 0], restore=True)}
     graph["reconstruction_save"] = {"class_type": "SaveImage", "inputs": {
         "images": ["reconstruction_paste", 0], "filename_prefix": label}}
     missing = [v for v in graph["reconstruction_paste"]["inputs"].values() if _is_link(v) and str(v[0]) not in graph]

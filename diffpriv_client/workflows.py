@@ -18,6 +18,16 @@ from pathlib import Path
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 LINK_TYPES_ARE_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_WIDTH, NODE_WIDTH, SLOT_HEIGHT, GAP = 380, 340, 24, 40
+# The model files the workflows name that users get themselves: their folder and where to get
+# them, as the editor's missing-models panel reads them (a node's properties.models). The face
+# recognisers are not here: install.py installs them.
+MODEL_FILES = {
+    "v1-5-pruned-emaonly.safetensors": (
+        "checkpoints", "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                       "v1-5-pruned-emaonly.safetensors"),
+    "clip_vit_large_patch14.safetensors": (
+        "clip_vision", "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main/model.safetensors"),
+}
 
 
 def _inputs(info: dict) -> list[tuple[str, object, dict]]:
@@ -73,6 +83,10 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         }
         if spec.get("_meta", {}).get("title"):
             node["title"] = spec["_meta"]["title"]
+        models = [{"name": value, "url": MODEL_FILES[value][1], "directory": MODEL_FILES[value][0]}
+                  for value in spec["inputs"].values() if isinstance(value, str) and value in MODEL_FILES]
+        if models:
+            node["properties"]["models"] = models
         inputs = _inputs(info)
         for name, kind, options in inputs:
             value = spec["inputs"].get(name)
@@ -157,13 +171,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.regenerate:
         parser.print_help()
         return
+    for path in regenerate(embedded_object_info()):
+        print(f"wrote {path}")
+
+
+def embedded_object_info() -> dict:
+    """What the embedded ComfyUI, with this pack, declares of every node (/object_info)."""
     import tempfile
 
     from .embedded import EmbeddedComfy, prepare_base_directory
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedComfy(prepare_base_directory(Path(tmp))) as server:
-        for path in regenerate(server.client().object_info()):
-            print(f"wrote {path}")
+        return server.client().object_info()
 
 
 if __name__ == "__main__":

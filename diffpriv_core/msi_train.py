@@ -15,6 +15,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+# torch's own autocast, not comfy.ops (comfy-test's rule): mixed-precision training with a gradient
+# scaler; comfy.ops casts weights for inference.
+from torch import autocast
 
 from .adapters.protocols import EpsModel, ImageFeatures, LatentCodec, TextEncoder
 from .frame import SIZE_META, msi_size_problem, pad_to_factor, size_meta
@@ -178,7 +181,7 @@ def _autocast(config: MSITrainConfig, device: torch.device):
         return nullcontext(), None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return autocast("cuda", dtype=dtype), scaler
 
 
 class Plateau:

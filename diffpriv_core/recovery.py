@@ -12,7 +12,7 @@ import torch
 from . import ddim
 from .adapters.protocols import EpsModel
 from .key_types import PAIR, PAIR_MISMATCH, KeyE, KeyI, belong_together, key_e_id
-from .schedule import ddim_grid, scheduled_stage, stage_of
+from .schedule import STAGES, ddim_grid, scheduled_stage, stage_of
 
 MODES = ("fixed_point", "ddim")
 
@@ -75,11 +75,28 @@ def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
 
 def recover(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE], fingerprint: str | None = None,
             callback: ddim.StepCallback | None = None) -> torch.Tensor:
-    """Stage III: the latents [B, 4, h, w] (scaled) that key-I + key-E give back."""
-    grid = ddim_grid(check_keys(keys_i, fingerprint))
+    """Stage III: the latents [B, 4, h, w] (scaled) that key-I + key-E give back. Refuses a
+    key-E and key-I that do not belong together (another photo's key-E, UC)."""
+    check_keys(keys_i, fingerprint)
     pairs = zip(keys_e * len(keys_i) if len(keys_e) == 1 else keys_e, keys_i, strict=True)
     if not all(belong_together(e, i) for e, i in pairs):
         raise KeyMismatchError(PAIR_MISMATCH)
+    return retrace(eps_model, keys_i, keys_e, callback)
+
+
+def retrace(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE],
+            callback: ddim.StepCallback | None = None) -> torch.Tensor:
+    """Deterministic DDIM from each key-I under the key-E given for it, on the key-Is' grid,
+    whether or not the two belong together: recovery's sampling, without its checks. Only
+    ``recover`` (which checks) and the wrong-key experiment (paper Fig. 7, which shows what
+    keys that do not belong together give) call it."""
+    grid = ddim_grid(check_keys(keys_i))
     with torch.no_grad():
         return ddim.sample(conditioned_eps(eps_model, keys_e), torch.stack([k.latent for k in keys_i]), grid,
                            callback=callback)
+
+
+def unconditional_key_e(key_e: KeyE) -> KeyE:
+    """A key-E that conditions every stage on key-E's UC, the empty prompt's encoding: the
+    key-E anyone without one has (the wrong-key experiment's "UC as key-E")."""
+    return KeyE(key_e.uc.expand(STAGES, -1, -1).clone(), key_e.uc.clone(), dict(key_e.meta))

@@ -4,12 +4,15 @@ Identity is measured at the primary (largest) MTCNN face of each original; origi
 without a face, and originals that produced neither a protected nor a recovered image
 (when such images were given), are listed under "skipped" and left out of every table.
 Each recogniser is reported at its own threshold, as white-box (it guided the protection)
-or transfer (it did not). With a gallery, identification (AVIH's protocol) probes the
-originals, their candidates and their recoveries, read at the original's face too.
+or transfer (it did not). With a gallery, identification by AVIH's protocol probes with the
+originals against their person's protected photos and everyone else's, and re-identification
+probes with the candidates and recoveries against the gallery's originals; both read each
+picture at its original's face.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,7 +21,8 @@ from diffpriv_eval import metrics
 from diffpriv_eval.detectors import Detector, MtcnnDetector
 from diffpriv_eval.diversity import pairwise_distances
 from diffpriv_eval.gallery import Gallery
-from diffpriv_eval.identity import FaceImage, Probe, identify, photo_digest, protection_success_rate
+from diffpriv_eval.identity import (FaceImage, Member, Probe, avih_verdicts, identify, photo_digest,
+                                   protection_success_rate)
 from diffpriv_eval.images import Case
 from diffpriv_eval.verifiers import Recognizer, cosines, distances
 from diffpriv_eval.utility import compare_detections
@@ -131,14 +135,15 @@ def _probed(gallery: Gallery, cases: Sequence[Case]) -> tuple[dict[str, str], di
     return probed, not_probed
 
 
-def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
-                    gallery: Gallery, guided_by: str | None) -> dict:
-    """AVIH's identification accuracy (paper Table 3) per recogniser, for the originals (the
-    reference row), the protected candidates and the recovered images as probes."""
+def _reidentification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
+                      gallery: Gallery, guided_by: str | None) -> dict:
+    """Re-identification against the gallery of originals, per recogniser: the originals
+    (the reference row), the protected candidates and the recovered images as probes, each
+    identified when a photo of its own person is closer than anyone else's. The other
+    direction from AVIH's protocol (``_avih``): what an attacker holding unprotected photos
+    learns from a protected one."""
     probed, not_probed = _probed(gallery, cases)
-    result = {"gallery": {"folder": str(gallery.folder), "identities": {k: len(v) for k, v in gallery.identities.items()},
-                          "distractors": len(gallery.distractors), "skipped": gallery.skipped},
-              "probes": probed, "not_probed": not_probed, "recognizers": {}}
+    result = {"probes": probed, "not_probed": not_probed, "recognizers": {}}
     rows = [(row, c, image, face) for row, images_of in _PROBE_ROWS.items()
             for c, face in zip(cases, faces) if c.stem in probed for image in images_of(c)]
     if not rows:
@@ -160,6 +165,62 @@ def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], fa
     return result
 
 
+def _people(gallery: Gallery, cases: Sequence[Case], faces: Sequence[Face]) -> dict[str, list[Member]]:
+    """Every gallery person's photos: the evaluated originals that show them, with their
+    protected candidates (read at the original's face), and the gallery's other photos of
+    them, unprotected (named by their file's stem, or person/file where stems repeat)."""
+    people: dict[str, list[Member]] = {who: [] for who in gallery.identities}
+    seen = set()
+    for case, face in zip(cases, faces):
+        who = gallery.identity_of(case)
+        if who is not None:
+            original = FaceImage(case.original, face)
+            people[who].append(Member(case.stem, original, [FaceImage(p, face) for p in case.protected]))
+            seen.add(photo_digest(case.original))
+    names = {m.name for ms in people.values() for m in ms}
+    for who, photos in gallery.identities.items():
+        for file, photo in zip(gallery.names[who], photos):
+            if photo_digest(photo.image) not in seen:
+                name = Path(file).stem if Path(file).stem not in names else f"{who}/{file}"
+                names.add(name)
+                people[who].append(Member(name, photo, []))
+    return people
+
+
+def _avih(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face], gallery: Gallery,
+          guided_by: str | None) -> dict:
+    """AVIH's identification accuracy (paper Table 3) per recogniser: original probes against
+    the protected photos of their person (Set_s) and everyone else's photos (Set_d), and the
+    reference row with Set_s unprotected (identity.avih_verdicts)."""
+    people = _people(gallery, cases, faces)
+    not_probed = {m.name: "no other photo of this person has a protected version" for who, ms in people.items()
+                  for m in ms if not any(o.protected for o in ms if o is not m)}
+    result = {"people": {who: len(ms) for who, ms in people.items()},
+              "protected_photos": {who: sum(bool(m.protected) for m in ms) for who, ms in people.items()},
+              "different_identity_photos": "every photo of the other people and the distractors, unprotected",
+              "not_probed": not_probed, "recognizers": {}}
+    if not any(m.protected for ms in people.values() for m in ms):
+        return result
+    for recognizer in recognizers:
+        verdicts = avih_verdicts(recognizer, people, gallery.distractors)
+        hidden = [v for per_probe in verdicts.protected.values() for v in per_probe]
+        result["recognizers"][recognizer.name] = {
+            "role": "white-box" if recognizer.name == guided_by else "transfer",
+            "originals": {"queries": len(verdicts.reference), "accuracy": _mean(list(verdicts.reference.values())),
+                          "right": verdicts.reference},
+            "protected": {"queries": len(hidden), "accuracy": _mean(hidden), "right": verdicts.protected}}
+    return result
+
+
+def _identification(recognizers: Sequence[Recognizer], cases: Sequence[Case], faces: Sequence[Face],
+                    gallery: Gallery, guided_by: str | None) -> dict:
+    """Table 3 by AVIH's protocol, and re-identification of protected photos, on one gallery."""
+    return {"gallery": {"folder": str(gallery.folder), "identities": {k: len(v) for k, v in gallery.identities.items()},
+                        "distractors": len(gallery.distractors), "skipped": gallery.skipped},
+            "avih": _avih(recognizers, cases, faces, gallery, guided_by),
+            "reidentification": _reidentification(recognizers, cases, faces, gallery, guided_by)}
+
+
 def _no_output(cases: Sequence[Case]) -> set[str]:
     """Originals that produced nothing while others did (their protection failed)."""
     if not any(c.protected or c.recovered is not None for c in cases):
@@ -167,24 +228,31 @@ def _no_output(cases: Sequence[Case]) -> set[str]:
     return {c.stem for c in cases if not c.protected and c.recovered is None}
 
 
+def _locate(cases: Sequence[Case], without_output: set[str], why: str) -> tuple[list[Case], list[Face], dict]:
+    """The cases measured, each one's primary MTCNN face, and the results' common part: the
+    cases left out (``without_output``, for ``why``, and those without a face), resized files
+    and faces."""
+    reference = MtcnnDetector()
+    located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
+    usable = [(c, found[0]) for c, found in located if found]
+    skipped = {stem: why for stem in sorted(without_output)}
+    skipped.update({c.stem: "no face found by MTCNN in the original" for c, found in located if not found})
+    kept = [c for c, _ in usable]
+    return kept, [f for _, f in usable], {
+        "cases": [c.stem for c in kept], "skipped": skipped,
+        "resized": {c.stem: c.resized for c in cases if c.resized}, "faces": {c.stem: f.as_dict() for c, f in usable}}
+
+
 def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors: Sequence[Detector],
              guided_by: str | None = None, gallery: Gallery | None = None) -> Evaluation:
     """Protection, recovery, utility and diversity for `cases` (see the module doc), and
     identification against `gallery` when one is given; `guided_by` names the recogniser
     that guided the protection, if any."""
-    reference = MtcnnDetector()
-    without_output = _no_output(cases)
-    located = [(c, reference.detect(c.original)) for c in cases if c.stem not in without_output]
-    usable = [(c, found[0]) for c, found in located if found]
-    kept, faces = [c for c, _ in usable], [f for _, f in usable]
-    skipped = {stem: "no protected or recovered image (failed or not run)" for stem in sorted(without_output)}
-    skipped.update({c.stem: "no face found by MTCNN in the original" for c, found in located if not found})
+    kept, faces, common = _locate(cases, _no_output(cases), "no protected or recovered image (failed or not run)")
     evaluation = Evaluation({
-        "cases": [c.stem for c in kept],
+        **common,
         "guided_by": guided_by,
-        "skipped": skipped,
-        "resized": {c.stem: c.resized for c in cases if c.resized},
-        "faces": {c.stem: f.as_dict() for c, f in usable},
+        "ablations": {c.stem: c.ablations for c in kept if c.ablations},
         "protection": {}, "recovery": {"images": 0}, "utility": {}, "identification": None,
     })
     if not kept:
@@ -200,4 +268,19 @@ def evaluate(cases: Sequence[Case], recognizers: Sequence[Recognizer], detectors
         evaluation.results["identification"] = _identification(recognizers, kept, faces, gallery, guided_by)
     for detector in detectors:
         evaluation.results["utility"][detector.name] = _utility(detector, kept)
+    return evaluation
+
+
+def evaluate_wrong_keys(cases: Sequence[Case], recognizers: Sequence[Recognizer], variants: Sequence) -> Evaluation:
+    """The wrong-key experiment (paper Fig. 7): Table 2's measures of each variant's picture
+    (``variants``: wrong_keys.Variant) against the original, Cos-IE included. Cases whose run
+    produced no picture are left out."""
+    kept, faces, common = _locate(cases, {c.stem for c in cases if not c.variants}, "no picture (the run failed)")
+    evaluation = Evaluation({**common, "variants": {}})
+    if not kept:
+        return evaluation
+    originals = {r.name: r.embed([c.original for c in kept], faces) for r in recognizers}
+    for variant in variants:
+        measured = _recovery(recognizers, originals, kept, faces, lambda c, name=variant.name: c.variants.get(name))
+        evaluation.results["variants"][variant.name] = {"title": variant.title, "keys": variant.keys(), **measured}
     return evaluation

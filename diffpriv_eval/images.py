@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from diffpriv_client.summary import finished_outputs
+from diffpriv_client.summary import finished_ablations, finished_outputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Candidates of one original are saved as <stem>_00001.png, <stem>_00002.png, ...; the
@@ -38,6 +38,8 @@ class Case:
     recovered: np.ndarray | None = None
     resized: list[str] = field(default_factory=list)  # files resized to the original's size
     source: Path | None = None  # the original's file
+    ablations: list[str] = field(default_factory=list)  # the paper's ablations its protection ran
+    variants: dict[str, np.ndarray] = field(default_factory=dict)  # recovered with other keys (wrong_keys.py)
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -84,7 +86,7 @@ def group_folder(folder: Path, stems: set[str]) -> dict[str, list[Path]]:
     return group_by_stem(outputs, stems, name_of=outputs.__getitem__)
 
 
-def _load_at_size(path: Path, size: tuple[int, int], case: Case) -> np.ndarray:
+def load_at_size(path: Path, size: tuple[int, int], case: Case) -> np.ndarray:
     image = load_rgb(path)
     if image.shape[:2] != size:
         # Pixel metrics need equal sizes; the pipeline may work at another resolution.
@@ -98,14 +100,18 @@ def load_cases(originals: list[Path], protected_dir: Path | None, recovered_dir:
     files = image_files(originals)
     cases = {p.stem: Case(p.stem, load_rgb(p), source=p) for p in files}
     if len(cases) != len(files):
-        raise ValueError("two originals share a name stem; rename one")
+        raise ValueError("two originals share a name stem (outputs pair with their original by name): rename one; "
+                         "in a gallery, name each photo after its person as LFW does (alice/alice_0001.jpg)")
     stems = set(cases)
     if protected_dir is not None:
         for stem, paths in group_folder(protected_dir, stems).items():
             case = cases[stem]
-            case.protected = [_load_at_size(p, case.original.shape[:2], case) for p in paths]
+            case.protected = [load_at_size(p, case.original.shape[:2], case) for p in paths]
+        for name, ablations in finished_ablations(protected_dir).items():
+            if (stem := original_stem(name, stems)) is not None:
+                cases[stem].ablations = ablations
     if recovered_dir is not None:
         for stem, paths in group_folder(recovered_dir, stems).items():
             case = cases[stem]
-            case.recovered = _load_at_size(paths[0], case.original.shape[:2], case)
+            case.recovered = load_at_size(paths[0], case.original.shape[:2], case)
     return list(cases.values())

@@ -99,11 +99,12 @@ class AlignedRecognizer:
         return np.stack(rows)
 
 
-def load_pack_recognizer(path: "str | Path", name: str) -> AlignedRecognizer:
-    """A recogniser file the pack's loader reads (faces.recognizers), under ``name``."""
+def load_pack_recognizer(path: "str | Path", name: str, threshold: float | None = None) -> AlignedRecognizer:
+    """A recogniser file the pack's loader reads (faces.recognizers), under ``name``, at
+    ``threshold`` (cosine; None: the one the file is known by)."""
     from diffpriv_core.faces.recognizers import load_recognizer
 
-    return AlignedRecognizer(load_recognizer(path), name)
+    return AlignedRecognizer(load_recognizer(path, threshold), name)
 
 
 # The recognisers the setup installs, by the name the report gives them.

@@ -28,12 +28,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+# torch's own layers, not comfy.ops (comfy-test's rule): these networks only give state-dict files
+# the real shapes; none runs inside ComfyUI.
+from torch.nn import Conv2d, Linear
 
 GENERATOR_VERSION = "1"
 CHECKPOINT = "checkpoints/dp-test-sd15.safetensors"
 DEMO_CHECKPOINT = "checkpoints/dp-demo-sd15.safetensors"  # the checkpoint's name with --unet demo
 CLIP_VISION = "clip_vision/dp-test-vitl14.safetensors"
 ARCFACE_ONNX = "insightface/models/dp-test/dp-test-arcface.onnx"
+# Random weights have no operating point of their own: the tests and --demo-weights state ArcFace's
+# (the paper's L2 0.8), as a user states the threshold of a recogniser file the pack does not know.
+TEST_THRESHOLD = 0.68
 
 UNET_CONFIG = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320,
@@ -147,12 +153,12 @@ class IBasicBlock(nn.Module):
     def __init__(self, in_channels: int, width: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.conv1 = Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.prelu = nn.PReLU(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 2, 1, bias=False)
+        self.conv2 = Conv2d(width, width, 3, 2, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
-        self.downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, 2, bias=False), nn.BatchNorm2d(width))
+        self.downsample = nn.Sequential(Conv2d(in_channels, width, 1, 2, bias=False), nn.BatchNorm2d(width))
 
     def forward(self, x):
         return self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x)))))) + self.downsample(x)
@@ -163,7 +169,7 @@ class SmallIResNet(nn.Module):
 
     def __init__(self, widths=(16, 16, 32, 32)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.prelu = nn.PReLU(widths[0])
         blocks, channels = [], widths[0]
@@ -172,7 +178,7 @@ class SmallIResNet(nn.Module):
             channels = width
         self.layers = nn.Sequential(*blocks)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.fc = nn.Linear(channels * 7 * 7, 512)
+        self.fc = Linear(channels * 7 * 7, 512)
         self.features = nn.BatchNorm1d(512)
 
     def forward(self, x):

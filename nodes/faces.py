@@ -64,8 +64,9 @@ class FaceDetect(io.ComfyNode):
                         "below min_score, a size below min_size, or not selected) are listed in the history as "
                         "possible faces.",
             inputs=[
-                io.Image.Input("image"),
-                io.Combo.Input("select", options=list(SELECT), default="all"),
+                io.Image.Input("image", tooltip="the photo(s) to find faces in"),
+                io.Combo.Input("select", options=list(SELECT), default="all",
+                               tooltip="all: every face found; index: only face `index` (0 = largest)"),
                 io.Int.Input("index", default=0, min=0, max=64, tooltip="face to keep with select=by_index (0 = largest)"),
                 io.Int.Input("min_size", default=DEFAULT_MIN_SIZE, min=12, max=4096,
                              tooltip="faces whose box's longer side is smaller are left out (pixels; listed as "
@@ -83,7 +84,8 @@ class FaceDetect(io.ComfyNode):
                                        "MIT, installed by the setup; insightface SCRFD files need the optional "
                                        "insightface package (non-commercial research licence)"),
             ],
-            outputs=[Faces.Output(display_name="faces"), io.Mask.Output(display_name="face_mask")],
+            outputs=[Faces.Output(display_name="faces", tooltip="per image, its faces: box, five landmarks, score"),
+                     io.Mask.Output(display_name="face_mask", tooltip="the faces' boxes, 1 inside")],
         )
 
     @classmethod
@@ -131,7 +133,7 @@ class FaceCrop(io.ComfyNode):
             description="Cuts a square around every detected face, resized to the working resolution, as one "
                         "batch (photo by photo, largest face first). Each crop is then protected with its own key.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="the photo(s) Face Detect ran on"),
                 Faces.Input("faces", tooltip="from Face Detect on the same image"),
                 io.Int.Input("size", default=512, min=64, max=2048, step=8,
                              tooltip="the crops' side: the resolution the model works at (512 for SD 1.5)"),
@@ -143,7 +145,7 @@ class FaceCrop(io.ComfyNode):
                                      "crop_info into MSI Inversion); still guided, with its own key-I and key. "
                                      "0 = MSI for every face"),
             ],
-            outputs=[io.Image.Output(display_name="crops"),
+            outputs=[io.Image.Output(display_name="crops", tooltip="one square crop per face, at `size` px"),
                      FaceCrops.Output(display_name="crop_info",
                                       tooltip="per crop: where it sits in its photo, the detector's box, landmarks "
                                               "and score, and the face's protection (msi or unconditional); for "
@@ -183,12 +185,18 @@ class FacePaste(io.ComfyNode):
                 FaceCrops.Input("crop_info", tooltip="from Face Crop, or from Load Privacy Key"),
                 io.Float.Input("feather", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="width of the soft edge, as a fraction of the face ellipse's size"),
+                io.Boolean.Input("restore", default=False, optional=True,
+                                 tooltip="on to put a recovered face back into its protected photo: it then "
+                                         "replaces every pixel the protection's paste changed (its whole feathered "
+                                         "mask, with the feather it was protected with: 0.2 in the shipped "
+                                         "workflows) and fades out over the pixels beyond"),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the photo(s) with the faces pasted back: one per candidate"),
+                     io.Mask.Output(display_name="mask", tooltip="the feathered face masks that were pasted")],
         )
 
     @classmethod
-    def execute(cls, image, faces, crop_info, feather) -> io.NodeOutput:
+    def execute(cls, image, faces, crop_info, feather, restore=False) -> io.NodeOutput:
         if not crop_info:
             raise ValueError("Face Paste got no crop geometry: the key was made from a whole image, not from a "
                              "Face Crop, so there is nothing to paste into")
@@ -197,4 +205,5 @@ class FacePaste(io.ComfyNode):
             b = 0 if image.shape[0] == 1 else crop.image_index
             if b < image.shape[0]:
                 check_bound(image[b], crop)
-        return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather))
+        return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather,
+                                          restore))

@@ -19,8 +19,9 @@ class PadToVAESize(io.ComfyNode):
             description="Pads the image at the bottom and right to a multiple of 8 pixels (the VAE's factor) by "
                         "repeating its edge, so VAE Encode loses no pixel (it crops otherwise). Crop to Original "
                         "Size gives the decoded pictures their original size back.",
-            inputs=[io.Image.Input("image")],
-            outputs=[io.Image.Output(display_name="image")],
+            inputs=[io.Image.Input("image", tooltip="picture(s) of any size")],
+            outputs=[io.Image.Output(display_name="image",
+                                     tooltip="padded (edge pixels repeated) to a multiple of 8, the VAE's factor")],
         )
 
     @classmethod
@@ -39,7 +40,7 @@ class CropToOriginalSize(io.ComfyNode):
                         "key-E records (MSI Inversion, or Load Privacy Key at recovery).",
             inputs=[io.Image.Input("image", tooltip="decoded from the padded image's latent"),
                     KeyE.Input("key_e", tooltip="the key-E of the original image(s)")],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the pictures at the original image's size")],
         )
 
     @classmethod

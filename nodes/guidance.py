@@ -13,8 +13,8 @@ from diffpriv_core.energy import SimilarityTarget
 from diffpriv_core.faces.align import warp_faces
 from diffpriv_core.faces.detect import NoFaceError, detect_faces
 from diffpriv_core.faces.wheel_models import AlteredModelError
-from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, find_recognizer, is_recognizer_file,
-                                             load_recognizer)
+from diffpriv_core.faces.recognizers import (DEFAULT_RECOGNIZER, KNOWN_MODELS, UnknownRecognizerError, find_recognizer,
+                                             is_recognizer_file, load_recognizer)
 from diffpriv_core.guided import FaceTarget, IdentityGuidance, face_target
 from diffpriv_core.passes import PassCounter
 from diffpriv_core.tasks import TASKS, LambdaSchedule
@@ -55,29 +55,37 @@ class FaceRecognizerLoader(io.ComfyNode):
                         "Each brings its own face alignment. Nothing is downloaded.",
             inputs=[io.Combo.Input("model_name", options=recognizer_options(), default=DEFAULT_RECOGNIZER,
                                    tooltip="SFace: Apache-2.0; FaceNet-CASIA: trained on a research dataset; "
-                                           "insightface packs: non-commercial research only")],
-            outputs=[FaceModel.Output(display_name="face_model")],
+                                           "insightface packs: non-commercial research only"),
+                    io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                                   tooltip="the cosine similarity from which the recogniser takes two faces for "
+                                           "one person; 0 = the published one of a file known by its content "
+                                           "(sha256: SFace, FaceNet-CASIA, buffalo_l's ArcFace), which any "
+                                           "other file needs stated here")],
+            outputs=[FaceModel.Output(display_name="face_model",
+                                       tooltip="the frozen recogniser, with its alignment and threshold")],
         )
 
     @classmethod
-    def execute(cls, model_name) -> io.NodeOutput:
+    def execute(cls, model_name, threshold=0.0) -> io.NodeOutput:
         path = resolve_recognizer(model_name)
         with gradients():  # normal tensors: the sampler differentiates through this network
-            model = load_checked(path)
+            model = load_checked(path, threshold or None)
         log.info("Diff-Privacy: face recogniser %s (%d px input, %s alignment, same-person cosine >= %.3f) loaded "
                  "on the CPU; the sampler moves it to the model's device", path, model.input_size,
                  model.alignment.kind, model.threshold)
         return io.NodeOutput(model)
 
 
-def load_checked(path: Path):
+def load_checked(path: Path, threshold: float | None = None):
     """load_recognizer, with files that are damaged or hold more than weights refused in
     words that say so (never with advice to unpickle them)."""
     from google.protobuf.message import DecodeError
     from safetensors import SafetensorError
 
     try:
-        return load_recognizer(path)
+        return load_recognizer(path, threshold)
+    except UnknownRecognizerError as exc:
+        raise ValueError(f"Face Recognizer Loader: {exc}. Set this node's 'threshold' input.") from None
     except AlteredModelError as exc:
         raise ValueError(f"Face Recognizer Loader: {exc}") from None
     except pickle.UnpicklingError:
@@ -100,9 +108,10 @@ class IdentityGuidanceNode(io.ComfyNode):
                          "and different from each other across the batch) or hide (looks different to people, "
                          "the recogniser still matches).",
             inputs=[
-                FaceModel.Input("face_model"),
+                FaceModel.Input("face_model", tooltip="from Face Recognizer Loader: the recogniser that guides"),
                 io.Image.Input("image", tooltip="the original image(s) being protected: one per image, or one for all"),
-                io.Combo.Input("mode", options=list(TASKS), default="anonymize"),
+                io.Combo.Input("mode", options=list(TASKS), default="anonymize",
+                               tooltip="anonymize: away from the original identity; hide: keep it for the recogniser"),
                 io.Float.Input("lambda_scale", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="multiplies the task's lambda_t, the reference code's (anonymize 1; hide "
                                        "1.5 for t > 600, 2.5 below; the paper gives none); 0 = no guidance"),
@@ -113,7 +122,8 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Combo.Input("decode_region", options=list(DECODE_REGIONS), default=DECODE_REGIONS[0],
                                tooltip="face crop: decode only the latent around the face (less memory on big images)"),
                 io.Int.Input("face_index", default=0, min=0, max=64, tooltip="which face to protect (0 = largest)"),
-                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="the detector's confidence the reference face needs"),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip leaves that image unguided and logs its index"),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
@@ -144,7 +154,7 @@ class IdentityGuidanceNode(io.ComfyNode):
                                         "second detection; a face cut by the frame is guided where the detector "
                                         "saw it. face_index, min_score and on_no_face then do not apply"),
             ],
-            outputs=[Guidance.Output(display_name="guidance"),
+            outputs=[Guidance.Output(display_name="guidance", tooltip="for the Guided DDIM Sampler (or the Guided DDIM SAMPLER)"),
                      io.Image.Output(display_name="aligned_faces",
                                      tooltip="what the recogniser sees of each reference face (black: no face)")],
         )

@@ -60,5 +60,13 @@ class Progress:
             self.bar.update_absolute(value)
 
 
+def previews_on() -> bool:
+    """Whether the server sends live previews over the websocket (``--preview-method`` is
+    not ``none``): a node's own picture of its progress goes only where previews do."""
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()

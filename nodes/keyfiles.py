@@ -25,6 +25,8 @@ folder_paths.folder_names_and_paths[KEYS_FOLDER][1].add(".safetensors")
 PASSPHRASE_TIP = ("optional; encrypts the key (AES-256-GCM, scrypt). Note: ComfyUI stores node inputs in "
                   "saved workflows, PNG metadata and its history, which every client of the server can read: on a "
                   "shared server use a recipient instead")
+OPEN_PASSPHRASE_TIP = ("the passphrase the key was saved with; empty for a key saved without one. The "
+                       "same note: ComfyUI keeps node inputs where every client of the server can read them")
 RECIPIENT_TIP = ("optional; an age recipient (age1..., printed by `diffpriv keygen`): the key is sealed to it, and "
                  "only its identity file opens it, so the server never holds anything that opens the key")
 
@@ -42,13 +44,15 @@ class SavePrivacyKey(io.ComfyNode):
             category="Diff-Privacy/keys",
             description="Writes one key file per image (key-E, key-I and metadata; no pickle), owner-only.",
             inputs=[
-                KeyE.Input("key_e"),
-                io.String.Input("filename_prefix", default="diffprivacy/key"),
+                KeyE.Input("key_e", tooltip="from MSI Inversion: one key file per image"),
+                io.String.Input("filename_prefix", default="diffprivacy/key",
+                                tooltip="the files' names, in the chosen folder (sub-folders allowed); a "
+                                        "number is added, no file is ever replaced"),
                 io.Combo.Input("folder", options=["keys", "output"], default="keys",
                                tooltip="keys: models/diffprivacy_keys (not served over HTTP); output: the "
                                        "output folder, downloadable through /view like images"),
                 io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
-                KeyI.Input("key_i", optional=True),
+                KeyI.Input("key_i", optional=True, tooltip="from DDIM Inversion Key; without it the file holds key-E only"),
                 FaceCrops.Input("crop_info", optional=True,
                                 tooltip="from Face Crop: each key records its face's place in the photo, so "
                                         "Recover + Face Paste can put that face back; files are named _face<N>"),
@@ -58,7 +62,7 @@ class SavePrivacyKey(io.ComfyNode):
                                        "face's key records a digest of its face's region in them, so the face is "
                                        "recovered only into these pictures"),
             ],
-            outputs=[io.String.Output(display_name="paths")],
+            outputs=[io.String.Output(display_name="paths", tooltip="the key files written, one per line")],
             is_output_node=True,
         )
 
@@ -119,10 +123,12 @@ class LoadPrivacyKey(io.ComfyNode):
             category="Diff-Privacy/keys",
             description="Reads a key file from models/diffprivacy_keys, verifying integrity (and decrypting).",
             inputs=[
-                io.Combo.Input("key_name", options=folder_paths.get_filename_list(KEYS_FOLDER)),
-                io.String.Input("passphrase", default="", tooltip=PASSPHRASE_TIP),
+                io.Combo.Input("key_name", options=folder_paths.get_filename_list(KEYS_FOLDER),
+                               tooltip="a key file in models/diffprivacy_keys"),
+                io.String.Input("passphrase", default="", tooltip=OPEN_PASSPHRASE_TIP),
             ],
-            outputs=[KeyE.Output(display_name="key_e"), KeyI.Output(display_name="key_i"),
+            outputs=[KeyE.Output(display_name="key_e", tooltip="the file's key-E"),
+                     KeyI.Output(display_name="key_i", tooltip="the file's key-I (empty if it holds key-E only)"),
                      FaceCrops.Output(display_name="crop_info",
                                       tooltip="where the key's face sits in its photo, for Face Paste (empty for "
                                               "a key made from a whole image)")],

@@ -8,7 +8,7 @@ import logging
 import comfy.model_management
 import numpy as np
 import torch
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 from PIL import Image, ImageDraw
 
 from diffpriv_core import msi_train
@@ -16,7 +16,7 @@ from diffpriv_core.msi_train import UNCONDITIONAL, MSIHost, check_images, train_
 from diffpriv_core.passes import PassCounter
 
 from .adapters import ComfyEpsModel
-from .host import Progress, gradients, grad_input
+from .host import Progress, gradients, grad_input, previews_on
 from .inputs import rgb_images, sd1_model
 from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
 from .types import FaceCrops, KeyE
@@ -25,7 +25,7 @@ log = logging.getLogger("diffprivacy")
 
 CURVE_SIZE = (512, 256)
 CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
-PREVIEWS = 20  # live loss-curve previews per run
+PREVIEWS = 20  # live loss-curve previews per run (only where the server sends previews)
 NAME = "MSI Inversion"
 
 
@@ -35,14 +35,14 @@ class MSIInversion(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyMSIInversion",
             display_name="MSI Inversion (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/protect",
             description="Stage I: learns, per image, the ten stage conditionings C^0..C^9 (key-E) that let the "
                         "diffusion model reproduce that image. Needs an SD 1.x checkpoint and the OpenAI CLIP "
                         "ViT-L/14 image encoder.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="an SD 1.x checkpoint (eps-prediction), only read"),
+                io.Clip.Input("clip", tooltip="its text encoder, which turns each learned pseudo-word into a conditioning"),
+                io.Vae.Input("vae", tooltip="its VAE: the image is encoded once to train against"),
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default="fast",
@@ -53,7 +53,8 @@ class MSIInversion(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="0 = the preset's"),
                 io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.0000001,
                                tooltip="0 = the preset's"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="the same inputs and seed give the same key-E"),
                 io.Boolean.Input("one_embedding", default=False, optional=True,
                                  tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
                                          "modulation, one conditioning for every stage"),
@@ -62,7 +63,10 @@ class MSIInversion(io.ComfyNode):
                                         "protection (smaller than its msi_min_size) get key-E = the "
                                         "unconditional embedding, without training"),
             ],
-            outputs=[KeyE.Output(display_name="key_e"), io.Image.Output(display_name="loss_curve")],
+            outputs=[KeyE.Output(display_name="key_e", tooltip="one key-E per image: its ten stage conditionings and the "
+                                                                 "unconditional one"),
+                     io.Image.Output(display_name="loss_curve",
+                                     tooltip="the smoothed training loss of each image (also shown on the node)")],
         )
 
     @classmethod
@@ -92,7 +96,10 @@ class MSIInversion(io.ComfyNode):
             del host, eps
             comfy.model_management.soft_empty_cache()
         summary = [_summary(i, key) for i, key in enumerate(keys)]
-        return io.NodeOutput(keys, _curve_tensor(curves), ui={"key_e": summary, "passes": passes})
+        curve = _curve_tensor(curves)
+        # The final curve shows on the node in the editor: a temporary picture (no prompt in it).
+        shown = ui.PreviewImage(curve, cls=None).as_dict()
+        return io.NodeOutput(keys, curve, ui={**shown, "key_e": summary, "passes": passes})
 
 
 def light_faces(crop_info, batch: int) -> list[int]:
@@ -126,10 +133,11 @@ def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):
 
 def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]], list[dict]]:
     """One key-E per image, with its loss curve and the network passes it took; progress
-    over the whole batch, a live loss-curve preview."""
+    over the whole batch, a live loss-curve preview where the server sends previews."""
     total = config.steps * images.shape[0]
     progress = Progress(total)
     every = max(1, total // PREVIEWS)
+    live = previews_on()
     keys, curves, passes = [], [], []
     for i in range(images.shape[0]):
         counter = PassCounter()
@@ -143,7 +151,7 @@ def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, lis
             if done % every == 0 or done == total:
                 log.info("Diff-Privacy MSI: image %d/%d step %d/%d, loss %.4f (running mean %.4f)", i + 1,
                          images.shape[0], step, steps, loss, float(np.mean(curve[-every:])))
-                preview = ("PNG", _curve_picture(curves), None)
+                preview = ("PNG", _curve_picture(curves), None) if live else None
             progress.step(preview=preview)
 
         keys.append(train_msi(images[i:i + 1], counter.msi_host(host), config, callback=on_step).key)

@@ -158,8 +158,8 @@ class GuidedDDIMSampler(io.ComfyNode):
                         "grid (t = 581 of 50 steps to anonymize, 791 of 100 to hide), then runs deterministic DDIM "
                         "with the scheduled key-E and the identity-energy correction (Algorithm 1).",
             inputs=[
-                io.Model.Input("model"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="the SD 1.x checkpoint key-E was made with"),
+                io.Vae.Input("vae", tooltip="its VAE: the guidance decodes through it at every step"),
                 io.Conditioning.Input("positive", tooltip="from the Embedding Scheduler"),
                 io.Latent.Input("latent", tooltip="the original image(s), VAE-encoded"),
                 io.Combo.Input("preset", options=[*TASKS, "custom"], default="anonymize",
@@ -170,11 +170,13 @@ class GuidedDDIMSampler(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=500, tooltip="0 = the preset's"),
                 io.Int.Input("samples", default=0, min=0, max=64,
                              tooltip="independent samples per image; 0 = the preset's"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="seeds each candidate's noise: the same seed gives the same pictures"),
                 Guidance.Input("guidance", optional=True, tooltip="none = the w/o-guidance ablation"),
                 io.Mask.Input("mask", optional=True, tooltip="white = protect, black = keep the original"),
             ],
-            outputs=[io.Latent.Output(display_name="latent"),
+            outputs=[io.Latent.Output(display_name="latent",
+                                       tooltip="the protected latents: samples per image, image 0's first"),
                      io.Float.Output(display_name="identity_similarity", is_output_list=True,
                                      tooltip="per sample, the guiding recogniser's cosine to the original "
                                              "(none for images without guidance)"),
@@ -270,12 +272,13 @@ class GuidedDDIMSamplerSelect(io.ComfyNode):
                         "LoRA, ControlNet and other guiders. Use sigmas from BasicScheduler (ddim_uniform, "
                         "denoise = S_ns) and a LATENT batch of one image's samples.",
             inputs=[
-                io.Vae.Input("vae"),
-                Guidance.Input("guidance", optional=True),
+                io.Vae.Input("vae", tooltip="the VAE the guidance decodes through at every step"),
+                Guidance.Input("guidance", optional=True,
+                               tooltip="from Identity Energy Guidance; without it the SAMPLER is plain DDIM"),
                 io.Int.Input("image_index", default=0, min=0, max=4096,
                              tooltip="which reference image of the guidance this sampler protects"),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="a SAMPLER for SamplerCustom (and SamplerCustomAdvanced)")],
         )
 
     @classmethod

@@ -4,7 +4,8 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.passes import PassCounter
-from diffpriv_core.recovery import MODES, check_checkpoint, make_key_i, recover
+from diffpriv_core.recovery import (MODES, check_checkpoint, check_keys, make_key_i, recover, retrace,
+                                   unconditional_key_e)
 from diffpriv_core.tasks import TASKS
 
 from .adapters import ComfyEpsModel
@@ -23,20 +24,22 @@ class DDIMInversionKey(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyDDIMInversionKey",
             display_name="DDIM Inversion Key (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/keys",
             description="key-I: inverts the ORIGINAL image's latent under key-E. Keep it with key-E; "
                         "together they recover the original.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="the SD 1.x checkpoint key-E was made with"),
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
-                KeyE.Input("key_e"),
-                io.Int.Input("steps", default=KEY_I.steps, min=1, max=500),
+                KeyE.Input("key_e", tooltip="the image's key-E (from MSI Inversion)"),
+                io.Int.Input("steps", default=KEY_I.steps, min=1, max=500,
+                             tooltip="DDIM inversion steps; recovery runs the same count"),
                 io.Combo.Input("mode", options=list(MODES), default=KEY_I.mode,
                                tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
             ],
-            outputs=[KeyI.Output(display_name="key_i")],
+            outputs=[KeyI.Output(display_name="key_i", tooltip="one key-I per image: the original latent inverted under "
+                                                                   "its key-E")],
         )
 
     @classmethod
@@ -61,11 +64,13 @@ class Recover(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyRecover",
             display_name="Recover (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/keys",
             description="Stage III: deterministic DDIM from key-I with key-E gives the original latent back. "
                         "A key-E that key-I was not made from is refused.",
-            inputs=[io.Model.Input("model"), KeyI.Input("key_i"), KeyE.Input("key_e")],
-            outputs=[io.Latent.Output(display_name="latent")],
+            inputs=[io.Model.Input("model", tooltip="the SD 1.x checkpoint the keys were made with"),
+                    KeyI.Input("key_i", tooltip="from Load Privacy Key (or DDIM Inversion Key)"),
+                    KeyE.Input("key_e", tooltip="the key-E of the same key file")],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="the original latent, recovered: VAE Decode it")],
         )
 
     @classmethod
@@ -81,3 +86,44 @@ class Recover(io.ComfyNode):
         counter = PassCounter()
         z = recover(counter.eps(eps), key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
         return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report("Recover", len(key_i))})
+
+
+class WrongKeyExperiment(io.ComfyNode):
+    """The paper's Fig. 7: what a key-I and a key-E that do not belong together give."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyWrongKeyExperiment",
+            display_name="Wrong-Key Experiment (Diff-Privacy, evaluation)",
+            category="Diff-Privacy/evaluation",
+            description="For evaluation only (the paper's Fig. 7, `diffpriv eval --wrong-keys`): runs recovery's "
+                        "DDIM from key-I under the key-E given, whether or not they belong together, to show that "
+                        "only the right pair brings the face back. Writes no key. To recover a photo use Recover, "
+                        "which refuses keys that do not belong together.",
+            inputs=[
+                io.Model.Input("model", tooltip="the checkpoint both keys were made with"),
+                KeyI.Input("key_i", tooltip="one key-I: the photo's own, or another photo's"),
+                KeyE.Input("key_e", tooltip="one key-E: the photo's own, or another photo's"),
+                io.Boolean.Input("unconditional", default=False,
+                                 tooltip="condition every step on key-E's unconditional embedding (the empty "
+                                         "prompt) instead of its stages: UC as key-E"),
+            ],
+            outputs=[io.Latent.Output(display_name="latent",
+                                      tooltip="what the two keys give; the photo only when they belong together")],
+        )
+
+    @classmethod
+    def execute(cls, model, key_i, key_e, unconditional) -> io.NodeOutput:
+        node = "Wrong-Key Experiment"
+        if len(key_i) != 1 or len(key_e) != 1:
+            raise ValueError(f"{node} takes one key-I and one key-E (from Load Privacy Key), got {len(key_i)} and "
+                             f"{len(key_e)}")
+        sd1_model(model, node)
+        eps = ComfyEpsModel(model)
+        check_checkpoint(key_e[0].meta, eps.fingerprint, "key-E")  # both keys made with this checkpoint
+        check_keys(key_i, eps.fingerprint)
+        keys_e = [unconditional_key_e(key_e[0]) if unconditional else key_e[0]]
+        counter = PassCounter()
+        z = retrace(counter.eps(eps), key_i, keys_e, callback=Progress(key_i[0].steps).step)
+        return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report(node, 1)})

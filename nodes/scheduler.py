@@ -33,17 +33,19 @@ class EmbeddingScheduler(io.ComfyNode):
         return io.Schema(
             node_id="DiffPrivacyEmbeddingScheduler",
             display_name="Embedding Scheduler (Diff-Privacy)",
-            category="Diff-Privacy",
+            category="Diff-Privacy/protect",
             description="key-E as CONDITIONING: C^{t//100} above tau*T, the empty prompt below. "
                         "Works with any sampler (KSampler, SamplerCustom, the Guided DDIM Sampler).",
             inputs=[
-                KeyE.Input("key_e"),
+                KeyE.Input("key_e", tooltip="from MSI Inversion or Load Privacy Key; several give one row per image"),
                 io.Combo.Input("preset", options=[*TASKS, "custom"], default="anonymize",
                                tooltip="anonymize: tau 0.4; hide: tau 0.6; for a tau left at -1. custom: the tau below"),
                 io.Float.Input("tau", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="key-E conditions t > tau * 1000, the empty prompt below; -1 = the preset's"),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive")],
+            outputs=[io.Conditioning.Output(display_name="positive",
+                                            tooltip="C^{t//100} above tau*T, the empty prompt below, as "
+                                                    "timestep ranges any sampler honours")],
         )
 
     @classmethod

@@ -81,12 +81,13 @@ class IdentitySimilarity(io.ComfyNode):
                         "the recogniser's threshold. Works after any sampler, e.g. the Guided DDIM SAMPLER in "
                         "SamplerCustom; wire 'report' into Preview as Text to read it.",
             inputs=[
-                FaceModel.Input("face_model"),
+                FaceModel.Input("face_model", tooltip="from Face Recognizer Loader: the recogniser that judges"),
                 io.Image.Input("original", tooltip="the original image(s): one for all pictures, or one per image"),
                 io.Image.Input("protected", tooltip="the protected pictures, at the original's size, each original's "
                                                     "in turn (the samplers' order: image 0's samples first)"),
                 io.Int.Input("face_index", default=0, min=0, max=64, tooltip="which face (0 = largest)"),
-                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="the detector's confidence the original's face needs"),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip leaves that image's pictures unmeasured"),
             ],

@@ -24,7 +24,13 @@ def test_fingerprint() -> str:
     from diffpriv_testmodels import cache
     from diffpriv_testmodels.comfy_models import CHECKPOINT
 
-    with safe_open(str(cache.comfy_test_models() / CHECKPOINT), "pt") as f:
+    return checkpoint_fingerprint(str(cache.comfy_test_models() / CHECKPOINT))
+
+
+@functools.cache
+def checkpoint_fingerprint(path: str) -> str:
+    """The fingerprint the server computes for the UNet of the checkpoint at ``path``."""
+    with safe_open(path, "pt") as f:
         unet = [(k[len(UNET_PREFIX):], f.get_tensor(k)) for k in f.keys() if k.startswith(UNET_PREFIX)]
     return keys.model_fingerprint(unet)
 

@@ -3,7 +3,7 @@ on the test-size models (64 px images, one DDIM step). Results are saved as late
 decoding them is ComfyUI's own VAE Decode, and on a CPU it would cost more than the rest."""
 from __future__ import annotations
 
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from test_host_recovery import add, base_graph
 
 KEY_E = "load/e.dpkey.safetensors"  # one key-E for every protection prompt (MSI is not what is measured)
@@ -19,7 +19,7 @@ def protect(image: str, mode: str, seed: int, prefix: str, passphrase: str = "",
     add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["key", 0], preset=mode, tau=-1.0)
     extra = {}
     if guided:
-        add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
+        add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX, threshold=TEST_THRESHOLD)
         extra["guidance"] = add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["img", 0],
                                 mode=mode, lambda_scale=1.0, normalize_gradient=False, diversity=True,
                                 decode_region="face crop", face_index=0, min_score=0.9, on_no_face="error",

@@ -15,12 +15,12 @@ from diffpriv_client.batch import Cleanup
 from diffpriv_client.embedded import PACK_DIR
 from diffpriv_client.progress import ProgressBoard
 from diffpriv_client.servers import Server
-from diffpriv_client.summary import Summary
+from diffpriv_client.summary import latest_run
 from diffpriv_testmodels import cache
 from diffpriv_testmodels.comfy_models import DEMO_CHECKPOINT
 
 pytestmark = pytest.mark.host
-ASTRONAUT = PACK_DIR / "examples" / "astronaut.png"
+ASTRONAUT = PACK_DIR / "example_workflows" / "input" / "astronaut.png"
 
 
 class RecordingBoard(ProgressBoard):
@@ -37,6 +37,37 @@ class RecordingBoard(ProgressBoard):
         self.steps[name, self.running[name].stage].append((step, steps))
 
 
+def demo_template(host) -> dict:
+    """The shipped anonymize_faces workflow with the demo's models and settings, as
+    --demo-weights runs it, on ``host`` (the demo's checkpoint linked into its models)."""
+    link = host.base / "models" / DEMO_CHECKPOINT
+    if not link.exists():
+        link.symlink_to(cache.demo_models() / DEMO_CHECKPOINT)
+    template = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
+    demo.use_demo_models(template)
+    demo.apply_settings(template)
+    return template
+
+
+RECOVERY_LINE = re.compile(r"recovery check: (\w+?)_face(\d+)_00001: recovered into the protected photo vs VAE "
+                           r"reconstruction ([\d.]+|inf) dB \((\d+) pixels off by more than 20/255\); protected "
+                           r"candidates vs VAE reconstruction ([\d., ]+) dB; .* \(over the (\d+) pixels the "
+                           r"protection changed")
+
+
+def checked_recoveries(summary, template: dict, url: str, capsys) -> list[dict]:
+    """The demo's recovery check of a protect run's faces, as it prints it: per face, the
+    PSNR to the VAE reconstruction, the pixels off, the candidates' PSNRs, the pixels changed."""
+    assert demo.check_recovery(summary, template, cli.KeySecrets(), [Server(url, 4)], Cleanup(),
+                               cli._recover_graph) == []
+    printed = capsys.readouterr().out
+    found = [{"photo": m[1], "face": int(m[2]), "db": float(m[3]), "off": int(m[4]),
+              "candidates": [float(c) for c in m[5].split(", ")], "changed": int(m[6])}
+             for m in RECOVERY_LINE.finditer(printed)]
+    assert found, printed
+    return found
+
+
 def counted(total: int) -> list[tuple[int, int]]:
     return [(k, total) for k in range(total + 1)]
 
@@ -44,12 +75,7 @@ def counted(total: int) -> list[tuple[int, int]]:
 def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(comfy_host, tmp_path, capsys,
                                                                              monkeypatch):
     monkeypatch.setattr(batch, "ProgressBoard", RecordingBoard)
-    link = comfy_host.base / "models" / DEMO_CHECKPOINT
-    if not link.exists():
-        link.symlink_to(cache.demo_models() / DEMO_CHECKPOINT)
-    template = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
-    demo.use_demo_models(template)
-    demo.apply_settings(template)
+    template = demo_template(comfy_host)
     workflow = tmp_path / "demo.json"
     workflow.write_text(json.dumps(template))
     out, url = tmp_path / "demo", comfy_host.server.url
@@ -57,23 +83,19 @@ def test_the_demo_protects_and_proves_recovery_and_its_nodes_report_progress(com
                      "--server", url]) == 0
     capsys.readouterr()
 
-    summary = Summary(out, "protect")
-    assert demo.check_recovery(summary, template, cli.KeySecrets(), [Server(url, 4)], Cleanup(),
-                               cli._recover_graph) == []
-    printed = capsys.readouterr().out
-    found = re.search(r"astronaut_face0_00001: recovered vs VAE reconstruction ([\d.]+) dB; protected candidates vs "
-                      r"VAE reconstruction ([\d., ]+) dB", printed)
-    assert found, printed
-    recovered, candidates = float(found[1]), [float(c) for c in found[2].split(", ")]
-    assert len(candidates) == 4, "the anonymize preset's four candidates"
-    assert recovered > 40 and recovered > max(candidates) + 20, printed
-    check = Summary(out / demo.CHECK_FOLDER, "recover")
+    summary = latest_run(out)
+    (found,) = checked_recoveries(summary, template, url, capsys)
+    assert (found["photo"], found["face"]) == ("astronaut", 0)
+    assert len(found["candidates"]) == 4, "the anonymize preset's four candidates"
+    assert found["db"] > 40 and found["db"] > max(found["candidates"]) + 20, found
+    assert found["off"] == 0 and found["changed"] > 10_000, found
+    check = latest_run(out / demo.CHECK_FOLDER)
     assert {name: entry["status"] for name, entry in check.results.items()} == {
         "astronaut_reconstruction": "ok", "astronaut_face0_00001": "ok"}
 
     settings, sampled = demo.SETTINGS, round(demo.SETTINGS.sampling_steps * 0.6)  # anonymize's S_ns
     steps = {(name, stage): got for (name, stage), got in RecordingBoard.steps.items() if got}
-    assert steps == {("astronaut", "Face Detect"): counted(1), ("astronaut", "Identity Guidance"): counted(1),
+    assert steps == {("astronaut", "Face Detect"): counted(1), ("astronaut", "Identity Energy Guidance"): counted(1),
                      ("astronaut", "MSI Inversion"): counted(settings.msi_steps),
                      ("astronaut", "Guided DDIM Sampler"): counted(sampled),
                      ("astronaut", "DDIM Inversion Key"): counted(settings.key_i_steps),

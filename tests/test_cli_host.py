@@ -29,6 +29,7 @@ from PIL import Image
 from diffpriv_client import cli, graphs
 from diffpriv_client.embedded import EmbeddedComfy
 from diffpriv_client.servers import Progress, Server
+from diffpriv_client.summary import RECORD_NAME, THUMB_PX, latest_run
 from diffpriv_core.key_types import key_e_id
 from diffpriv_core.keys import load_key, save_key
 from diffpriv_eval.sample_photos import SamplePhotoMissingError, sample_photos
@@ -117,9 +118,16 @@ def wait_for(condition, timeout: float = 300.0) -> None:
 
 
 def ok_entries(out: Path, server: str | None = None) -> list[str]:
-    if not (out / "summary.json").exists():
+    """The photos the latest run into ``out`` has done so far, read from the run record as
+    it is written (summary.json is written at the end)."""
+    if not (out / RECORD_NAME).exists():
         return []
-    return [name for name, e in results(out).items() if e["status"] == "ok" and server in (None, e["server"])]
+    run = latest_run(out)
+    try:
+        entries = run.results
+    finally:
+        run.close()
+    return [name for name, e in entries.items() if e["status"] == "ok" and server in (None, e["server"])]
 
 
 @pytest.fixture
@@ -160,8 +168,8 @@ def test_protect_a_batch_then_recover(comfy_host, photos, tmp_path, passphrase_e
         assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
     assert PASSPHRASE not in requests.get(f"{url}/history", timeout=10).text, "prompts with it were deleted"
     assert server_state(comfy_host) == before, "uploads, outputs and history of every prompt removed, failed too"
-    sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.height == 2 * 128 and sheet.width > 3 * 64
+    sheet = Image.open(out / "contact_sheet_0001.png")
+    assert sheet.height == 2 * THUMB_PX and sheet.width > 3 * 64
     shown = capsys.readouterr()
     assert "1 failed, 2 ok" in shown.out
     # The progress line names each stage with its step and clocks, and is cleared at the end.
@@ -221,14 +229,19 @@ def test_recover_gives_back_the_original_and_a_wrong_passphrase_fails_clearly(co
     # Close to the reconstruction, not equal: see RECOVERY_TOLERANCE.
     assert errors[key] < RECOVERY_TOLERANCE < errors[wrong], errors
 
+    # A wrong passphrase is found here, from the key file, before any server is asked.
     monkeypatch.setenv(passphrase_env, "not the passphrase")
     capsys.readouterr()
     rejected = tmp_path / "rejected"
-    assert cli.main(recover_args([key], rejected, url, passphrase_env=passphrase_env)) == 1
+    assert cli.main(recover_args([key], rejected, "http://127.0.0.1:9", passphrase_env=passphrase_env)) == 2
+    err = capsys.readouterr().err
+    assert "wrong passphrase, or the key file was modified (checked here, before starting any server)" in err
+    assert not rejected.exists(), "nothing written"
+    # A key that needs a passphrase, without one, is refused alone before queueing.
+    monkeypatch.delenv(passphrase_env)
+    assert cli.main(recover_args([key], rejected, "http://127.0.0.1:9")) == 1
     (entry,) = results(rejected).values()
-    assert entry["status"] == "failed" and "wrong passphrase" in entry["error"] and not entry["outputs"]
-    assert re.search(r"failed: .*wrong passphrase", capsys.readouterr().out)
-    assert [p.name for p in rejected.rglob("*")] == ["summary.json"], "no picture, no contact sheet"
+    assert entry["status"] == "failed" and "encrypted: give its passphrase" in entry["error"]
 
 
 @pytest.fixture
@@ -288,7 +301,7 @@ def test_missing_models_are_named_with_their_folders_and_sources(comfy_host, pho
     err = capsys.readouterr().err
     assert "checkpoints/v1-5-pruned-emaonly.safetensors" in err and "SD 1.5 model card" in err
     assert "--demo-weights" in err
-    assert not (tmp_path / "out" / "summary.json").exists(), "nothing was queued"
+    assert results(tmp_path / "out") == {}, "nothing was queued"
 
 
 def start_server(base: Path, test_models: Path, face_models: Path) -> EmbeddedComfy:
@@ -440,3 +453,60 @@ def test_a_terminated_command_stops_its_embedded_comfyui(tmp_path, models_for_em
     command.terminate()
     assert command.wait(60) == 130, command.stdout.read()
     assert not embedded_servers(base)
+
+
+def test_a_rerun_skips_only_what_was_made_from_the_same_bytes_and_settings(comfy_host, photos, tmp_path, capsys):
+    """Another photo of the same name, another seed or another task is done again under a
+    new name, replacing nothing; the exit status speaks of the run's own photos."""
+    install_key_e(comfy_host.base)
+    url, out = comfy_host.server.url, tmp_path / "out"
+    assert cli.main(protect_args([photos["astronaut"], photos["chelsea"]], out, url)) == 1, "chelsea has no face"
+    first = results(out)["astronaut"]
+    kept = {rel: (out / rel).stat().st_mtime_ns for rel in first["outputs"] + first["keys"]}
+
+    capsys.readouterr()
+    assert cli.main(protect_args([photos["astronaut"]], out, "http://127.0.0.1:9")) == 0, "nothing to do: no server"
+    printed = capsys.readouterr().out
+    assert "astronaut: done in an earlier run from the same bytes and settings, skipped" in printed
+    assert "summary.json: 1 skipped" in printed and "not among this run's inputs: 1 failed" in printed
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["results"]["astronaut"]["status"] == "skipped" and saved["earlier"]["chelsea"]["status"] == "failed"
+
+    elsewhere = tmp_path / "elsewhere" / "astronaut.png"  # another photo of the same name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(photos["hanks"].read_bytes())
+    hide = protect_args([photos["astronaut"]], out, url)
+    hide[hide.index("anonymize")] = "hide"
+    runs = {"astronaut-2": protect_args([photos["astronaut"]], out, url)[:-2] + ["--seed", "7", "--server", url],
+            "astronaut-3": protect_args([elsewhere], out, url), "astronaut-4": hide}
+    made = {}
+    for name, argv in runs.items():
+        assert cli.main(argv) == 0, name
+        made[name] = results(out)[name]
+        assert made[name]["status"] == "ok" and made[name]["keys"][0].startswith(f"{name}/{name}_"), made[name]
+        assert f"holds results of other bytes or settings: done as {name}/" in capsys.readouterr().out
+    assert made["astronaut-3"]["sha256"] != first["sha256"] == made["astronaut-2"]["sha256"]
+    assert kept == {rel: (out / rel).stat().st_mtime_ns for rel in kept}, "nothing of the first run replaced"
+    assert cli.main(runs["astronaut-2"]) == 0 and list(results(out)) == ["astronaut-2"], "seed 7 is done too"
+    assert results(out)["astronaut-2"]["status"] == "skipped"
+
+
+def test_a_traceback_mid_batch_still_cleans_the_server(comfy_host, photos, tmp_path, passphrase_env, monkeypatch):
+    """A bug (here: recording a result fails) stops the command with its traceback, and
+    nothing of the run stays on the server: not the upload, the outputs, the key or the
+    history that holds the passphrase."""
+    install_key_e(comfy_host.base)
+    before = server_state(comfy_host)
+    real_record = cli.Summary.record
+
+    def failing_record(self, name, source, status, *args, **kwargs):
+        if status == "ok":
+            raise RuntimeError("the disk is full")
+        return real_record(self, name, source, status, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Summary, "record", failing_record)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        cli.main(protect_args([photos["hanks"]], tmp_path / "out", comfy_host.server.url)
+                 + ["--passphrase-env", passphrase_env])
+    assert server_state(comfy_host) == before
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["results"] == {}, "written all the same"

@@ -17,16 +17,23 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffpriv_client import cli, graphs
+from diffpriv_client.comfy_http import ComfyClient
+from diffpriv_client.summary import latest_run
+from diffpriv_core.faces.detect import detect_faces
 from diffpriv_core.faces.crop import FaceCrop, paste_faces
 from diffpriv_core.keys import load_key, save_key
-from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION
+from diffpriv_testmodels import cache
+from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CHECKPOINT, CLIP_VISION, DEMO_CHECKPOINT, TEST_THRESHOLD
 from conftest import keys_folder
 from photos import as_image, insightface_photo
 from test_host_faces import KEY_E_FILE, install_key_e
 from test_host_recovery import random_key_e
+from test_cli_demo import checked_recoveries, demo_template
+from test_pictures import png_chunks
+from key_helpers import checkpoint_fingerprint
 
 pytestmark = pytest.mark.host
 CROP = 64
@@ -60,7 +67,7 @@ def shipped_workflow(name: str, into: Path, key_e_file: str) -> Path:
         elif node["class_type"] == "PreviewImage":
             del graph[node_id]
     graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
-    graphs.set_face_recognizer(graph, ARCFACE_ONNX)
+    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
     for node in graphs.nodes_of(graph, "DiffPrivacyFaceCrop"):
         node["inputs"]["size"] = CROP
     for node in graphs.nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
@@ -141,3 +148,113 @@ def test_whole_image_mode_gives_back_the_original_size_even_at_recovery(comfy_ho
 
 def test_the_host_starts_without_failed_imports(comfy_host):
     assert "IMPORT FAILED" not in comfy_host.log()
+
+
+# --- people's files --------------------------------------------------------------------
+SERIAL, OWNER, PLACE = "SN-4242-TEST-0042", "Jane Q. Example", "Rue de la Paix"
+MIN_FACE = 16  # Face Detect's min_size here (faces down to 16 px)
+FEATHER = 0.2  # the shipped workflows' Face Paste feather
+DEMO_KEY_E_FILE = "people-demo-e.dpkey.safetensors"  # a key-E for the demo checkpoint
+
+
+def people_photos(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Photos as people have them, each with the upright 8-bit RGB picture viewers show:
+    a phone photo stored turned (EXIF orientation 6) carrying GPS, serial, owner, XMP names
+    and a comment; a 16-bit grayscale scan; a crowd made from real photos (six faces of
+    23-28 px, one of 110 px cut by the left edge)."""
+    face = np.ascontiguousarray(skimage.data.astronaut()[10:210:2, 130:290:2])  # 80 x 100, one face
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0112] = "ExampleCam", 6
+    exif.get_ifd(0x8769).update({0xA431: SERIAL, 0xA430: OWNER})
+    exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 52.0, 10.0), 3: "E", 4: (2.0, 19.0, 55.0)})
+    xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           f'<rdf:Description xmlns:mwg-rs="http://www.metadataworkinggroup.com/schemas/regions/">'
+           f'<mwg-rs:Name>{OWNER}</mwg-rs:Name></rdf:Description></rdf:RDF></x:xmpmeta>').encode()
+    phone = folder / "phone.jpg"
+    Image.fromarray(face).transpose(Image.Transpose.ROTATE_90).save(  # stored turned; orientation 6 undoes it
+        phone, exif=exif, xmp=xmp, comment=f"taken at {PLACE}".encode(), quality=95)
+    assert Image.open(phone).size == (100, 80)
+    scan_levels = np.rint(insightface_photo("Tom_Hanks_54745.png")[::2, ::2].mean(axis=-1) * 257).astype(np.uint16)
+    scan = folder / "scan.png"
+    Image.fromarray(scan_levels).save(scan)
+    small = np.asarray(Image.fromarray(insightface_photo("t1.jpg")).resize((320, 221), Image.BOX))[:130, :160]
+    crowd = np.ascontiguousarray(np.hstack([skimage.data.astronaut()[30:160, 190:290], small]))
+    Image.fromarray(crowd).save(folder / "crowd.png")
+    return {"phone": (phone, np.asarray(ImageOps.exif_transpose(Image.open(phone)).convert("RGB"))),
+            "scan": (scan, np.repeat(np.rint(scan_levels * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=-1)),
+            "crowd": (folder / "crowd.png", crowd)}
+
+
+def demo_workflow(comfy_host, into: Path) -> tuple[dict, Path]:
+    """The shipped anonymize_faces workflow with the demo's models and settings (its gentle
+    UNet recovers in 4 key-I steps), two candidates, faces down to MIN_FACE px, and MSI
+    replaced by a key-E from a file."""
+    graph = demo_template(comfy_host)
+    key_e = comfy_host.keys / DEMO_KEY_E_FILE
+    if not key_e.exists():
+        save_key(key_e, random_key_e(13, checkpoint_fingerprint(str(cache.demo_models() / DEMO_CHECKPOINT))))
+    for node_id, node in list(graph.items()):
+        if node["class_type"] == "DiffPrivacyMSIInversion":
+            graph[node_id] = {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": DEMO_KEY_E_FILE,
+                                                                             "passphrase": ""}}
+        elif node["class_type"] == "PreviewImage":
+            del graph[node_id]
+    for node in graphs.nodes_of(graph, "DiffPrivacyFaceDetect"):
+        node["inputs"]["min_size"] = MIN_FACE
+    for node in graphs.nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
+        node["inputs"].update(preset="custom", samples=2)
+    assert graphs.nodes_of(graph, "DiffPrivacyFacePaste")[0]["inputs"]["feather"] == FEATHER
+    path = into / "people.json"
+    path.write_text(json.dumps(graph))
+    return graph, path
+
+
+def test_peoples_photos_come_out_upright_protected_without_their_metadata_and_recover_whole(
+        comfy_host, tmp_path, monkeypatch, capsys):
+    photos = people_photos(tmp_path)
+    template, workflow = demo_workflow(comfy_host, tmp_path)
+    sent = []  # every picture the command uploads
+    upload = ComfyClient.upload_to_job
+    monkeypatch.setattr(ComfyClient, "upload_to_job", lambda self, job, kind, data, *a: (
+        sent.append(data) if kind == "image" else None, upload(self, job, kind, data, *a))[1])
+    out, url = tmp_path / "out", comfy_host.server.url
+    rc = cli.main(["protect", *(str(p) for p, _ in photos.values()), "--task", "anonymize", "--out", str(out),
+                   "--workflow", str(workflow), "--server", url, "--seed", "5"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    summary = latest_run(out)
+    for name, (_, expected) in photos.items():
+        entry = summary.results[name]
+        assert entry["status"] == "ok" and f"{name}: ok, " in printed, entry
+        assert entry["photo"]["size"] == [expected.shape[1], expected.shape[0]]
+        found = detect_faces(as_image(expected), min_score=0.9, min_size=MIN_FACE)
+        crops = [FaceCrop.from_json(load_key(out / key)[2]["face_crop"]) for key in sorted(entry["keys"])]
+        assert len(crops) == len(found) == len(entry["faces"]), f"{name}: every face found has its key"
+        _, masks = paste_faces(as_image(expected)[None], torch.zeros(len(crops), CROP, CROP, 3), crops)
+        outside = masks[0].numpy() == 0
+        for rel in entry["outputs"]:
+            candidate = picture(out / rel)
+            assert candidate.shape == expected.shape, f"{name}: upright, at the size viewers show"
+            assert np.array_equal(candidate[outside], expected[outside]), f"{name}: untouched outside the faces"
+            for crop in crops:
+                x1, y1, x2, y2 = (round(v) for v in crop.face_box)
+                box = (slice(max(0, y1), y2), slice(max(0, x1), x2))
+                assert (candidate[box] != expected[box]).any(-1).mean() > 0.5, f"{name}: face {crop.face_index}"
+    assert len(summary.results["crowd"]["keys"]) == 4 and min(c["box"][0] for c in summary.results["crowd"]["faces"]) \
+        < 1, "three small faces and one cut by the frame"
+    # Nothing of the files but their pixels went to the server or into --out.
+    assert len(sent) == 3 and all(set(png_chunks(data)) == {b"IHDR", b"IDAT", b"IEND"} for data in sent)
+    marks = [m.encode() for m in (SERIAL, OWNER, PLACE, "ExampleCam")]
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(m in data for m in marks), path
+            if path.suffix == ".png":
+                assert not {b"eXIf", b"iTXt", b"tEXt", b"zTXt", b"iCCP"} & set(png_chunks(data)), path
+
+    # Each face's key recovers it into the protected photo, over every pixel its protection changed.
+    checked = checked_recoveries(summary, template, url, capsys)
+    assert sorted((c["photo"], c["face"]) for c in checked) == sorted(
+        (name, face["face"]) for name in photos for face in summary.results[name]["faces"]), checked
+    for found in checked:
+        assert found["db"] > 40 and found["off"] == 0 and found["changed"] > 100, found

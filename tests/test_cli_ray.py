@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,8 @@ def test_two_actors_share_a_batch_a_faceless_photo_fails_alone_and_keys_recover(
         ray_cluster, models, photos, tmp_path, passphrase_env, capsys):
     out, bases = tmp_path / "out", tmp_path / "bases"
     names = ["astronaut", "chelsea", "hanks"]
-    argv = protect_args([photos[n] for n in names], out) + ray_args(models, bases)
+    # Three actors asked on a 2-CPU cluster: the batch runs on the two that fit.
+    argv = protect_args([photos[n] for n in names], out) + ray_args(models, bases, actors=3)
     assert cli.main(argv + ["--passphrase-env", passphrase_env]) == 1, "one photo failed"
 
     got = results(out)
@@ -116,7 +118,10 @@ def test_two_actors_share_a_batch_a_faceless_photo_fails_alone_and_keys_recover(
     assert not comfy_processes(bases) and not list(bases.iterdir()), "actors stopped, their folders removed"
     printed = capsys.readouterr()
     assert "1 failed, 2 ok" in printed.out
-    assert re.search(rf"\d in flight; {re.escape(ray_cluster)}: [12] done, [\d.]+/min", printed.err), "one bar"
+    assert re.search(rf"2/3 actors up, \d in flight; {re.escape(ray_cluster)}: [12] done, [\d.]+/min",
+                     printed.err), "one bar"
+    assert "asking the Ray cluster for 3 ComfyUI actor(s), 1 CPU each" in printed.err
+    assert "(2 of 3 up; 1 starting or waiting for room on the cluster)" in printed.out
 
     # Recovery on the cluster: the key file travels to the actor, the picture back.
     key = out / got["hanks"]["keys"][0]
@@ -144,8 +149,11 @@ def test_a_killed_actor_loses_no_photo_and_none_is_done_twice(ray_cluster, model
     assert all(final[n]["status"] == "ok" for n in FACES), final
     for name in FACES:
         assert len(output_files(out, name)) == 3, f"{name}: each file once"
-    assert re.search(r"the actor on \S+ died .*; \w+ goes to another actor", capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert re.search(r"the actor on \S+ died .*; \w+ goes to another actor", printed)
+    assert "a replacement actor is asked for" in printed
     assert not comfy_processes(bases)
+    assert not list(bases.iterdir()), "no folder left on the node: not the killed actor's, with its photo"
 
     kept = {n: sorted((out / p).stat().st_mtime_ns for p in final[n]["outputs"]) for n in FACES}
     assert cli.main(argv) == 0, "a rerun has nothing left to do"
@@ -164,8 +172,8 @@ def test_each_node_checks_its_models_first_and_names_what_it_lacks(ray_cluster, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"node {ray_cluster}: Missing model files" in err and "checkpoints/v1-5-pruned-emaonly.safetensors" in err
-    assert not (out / "summary.json").exists(), "nothing ran"
-    assert not comfy_processes(bases)
+    assert json.loads((out / "summary.json").read_text())["results"] == {}, "nothing ran"
+    assert not comfy_processes(bases) and not list(bases.iterdir())
 
 
 def test_ctrl_c_stops_the_cluster_work_and_leaves_no_process(models, photos, tmp_path):
@@ -181,3 +189,13 @@ def test_ctrl_c_stops_the_cluster_work_and_leaves_no_process(models, photos, tmp
     assert command.wait(120) == 130, command.stdout.read()
     wait_for(lambda: not alive(started), timeout=30)
     assert not comfy_processes(bases)
+
+
+def test_a_cluster_address_that_does_not_answer_fails_at_once_with_one_message(photos, tmp_path):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "diffpriv_client.cli",
+                           *protect_args([photos["hanks"]], tmp_path / "out"), "--ray", "127.0.0.1:1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and time.monotonic() - started < 60
+    assert "--ray 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1" in done.stderr
+    assert "Failed to connect" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -10,16 +10,16 @@ import requests
 from diffpriv_client.batch import identity_of, passes_of, prompt_seconds
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client import graphs
-from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, read_passphrase,
+from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, parse_args, read_passphrase,
                                  workflow_name)
 from diffpriv_client.preflight import refused_photos
 from diffpriv_client.graphs import default_workflow
 from diffpriv_client.servers import Server, choose_server
-from diffpriv_client.summary import Summary, key_face
+from diffpriv_client.summary import Plan, Summary, key_face
 
 from conftest import ROOT
 
-EXAMPLE = ROOT / "examples" / "astronaut.png"
+EXAMPLE = ROOT / "example_workflows" / "input" / "astronaut.png"
 
 
 class FakeServer(Server):
@@ -66,25 +66,54 @@ def test_a_server_that_stays_unreachable_gives_its_jobs_back():
     assert len(lost.jobs) == 2 and server.dead and not server.in_flight
 
 
-def test_summary_resume_needs_ok_and_the_files(tmp_path):
+def test_summary_resume_needs_ok_the_same_bytes_and_settings_and_the_files(tmp_path):
     out = tmp_path / "out"
-    summary = Summary(out, "protect")
+    summary = Summary(out, "protect", {"task": "anonymize"})
+    plan = summary.plan("a", "sha-a")
+    assert plan.name == "a" and plan.done is None
     (out / "a").mkdir(parents=True)
     (out / "a" / "a_1.png").write_bytes(b"png")
-    summary.record("a", tmp_path / "a.png", "ok", outputs=[out / "a" / "a_1.png"], seconds=1.23456, server="http://x")
-    summary.record("b", tmp_path / "b.png", "failed", error="no face found in image 0")
-    again = Summary(out, "protect")
-    assert again.is_done("a") and not again.is_done("b") and not again.is_done("c")
-    again.mark_skipped("a")
-    assert Summary(out, "protect").is_done("a"), "skipped stays done for the next run"
+    summary.record("a", tmp_path / "a.png", "ok", outputs=[out / "a" / "a_1.png"], seconds=1.23456, server="http://x",
+                   anything="else")
+    summary.record(summary.plan("b", "sha-b").name, tmp_path / "b.png", "failed", error="no face found in image 0")
+    summary.finish()
+    summary.write_json()
+
+    again = Summary(out, "protect", {"task": "anonymize"})
+    done = again.plan("a", "sha-a")
+    assert done.name == "a" and done.done["outputs"] == ["a/a_1.png"], "same bytes, same settings: done"
+    assert again.plan("b", "sha-b") == Plan("b"), "failed: done again under its own name"
+    assert again.plan("a", "sha-other") == Plan("a-2"), "other bytes under a taken name: a new name"
+    assert Summary(out, "protect", {"task": "anonymize"}).plan("renamed", "sha-a").name == "a", \
+        "the bytes decide, not the file name"
+    again.mark_skipped("a", done.done, tmp_path / "a.png")
+    assert Summary(out, "protect", {"task": "hide"}).plan("a", "sha-a") == Plan("a-3"), "other settings: a new name"
     (out / "a" / "a_1.png").unlink()
-    assert not Summary(out, "protect").is_done("a")
-    saved = json.loads((out / "summary.json").read_text())["results"]
-    assert saved["a"]["outputs"] == ["a/a_1.png"] and saved["a"]["seconds"] == 1.235
-    assert saved["b"] == {"source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
-                          "identity": [], "passes": [], "seconds": None, "server": None, "node": None,
-                          "error": "no face found in image 0"}
-    assert not list(out.glob(".summary-*")), "no temporary file left behind"
+    assert Summary(out, "protect", {"task": "anonymize"}).plan("a", "sha-a") == Plan("a"), "its files are gone"
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["run"]["counts"] == {"failed": 1, "ok": 1}
+    entry = saved["results"]["a"]
+    assert entry["outputs"] == ["a/a_1.png"] and entry["seconds"] == 1.235 and entry["anything"] == "else"
+    assert saved["settings"][entry["settings"]] == {"task": "anonymize"}
+    assert {k: saved["results"]["b"][k] for k in ("source", "status", "outputs", "keys", "faces", "error")} == {
+        "source": str(tmp_path / "b.png"), "status": "failed", "outputs": [], "keys": [], "faces": [],
+        "error": "no face found in image 0"}
+    assert not list(out.glob(".*tmp*")), "no temporary file left behind"
+
+
+def test_a_run_reports_its_own_inputs_and_lists_earlier_results_apart(tmp_path):
+    out = tmp_path / "out"
+    first = Summary(out, "protect")
+    first.record(first.plan("old", "sha-old").name, tmp_path / "old.png", "failed", error="no face")
+    first.finish()
+    second = Summary(out, "protect")
+    second.record(second.plan("new", "sha-new").name, tmp_path / "new.png", "ok")
+    assert second.counts() == {"ok": 1} and list(second.results) == ["new"]
+    assert {n: e["status"] for n, e in second.earlier().items()} == {"old": "failed"}
+    second.write_json()
+    saved = json.loads((out / "summary.json").read_text())
+    assert list(saved["results"]) == ["new"] and list(saved["earlier"]) == ["old"]
 
 
 def test_the_summary_keeps_what_the_sampler_reported_of_each_guided_image(tmp_path):
@@ -94,6 +123,7 @@ def test_the_summary_keeps_what_the_sampler_reported_of_each_guided_image(tmp_pa
     assert identity_of(result) == [report]
     summary = Summary(tmp_path, "protect")
     summary.record("a", tmp_path / "a.png", "ok", identity=identity_of(result))
+    summary.write_json()
     assert json.loads((tmp_path / "summary.json").read_text())["results"]["a"]["identity"] == [report]
 
 
@@ -173,8 +203,8 @@ def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
     save_key(face_key, random_key_e(1, "abc"), passphrase="pw", extra={"face_crop": crop.to_json()})
     save_key(whole_key, random_key_e(1, "abc"))
-    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2], "protection": "unconditional",
-                                  "landmarks": [list(p) for p in landmarks]}
+    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2], "crop": [10, 20, 96],
+                                  "protection": "unconditional", "landmarks": [list(p) for p in landmarks]}
     assert key_face(whole_key) is None
 
 
@@ -183,7 +213,7 @@ def test_the_readme_command_protects_every_face_of_the_example_photo():
     assert not args.whole_image and workflow_name(args) == "anonymize_faces"
     template = load_template(args)
     assert not graphs.msi_sees_the_photo(template), "MSI sees 512 px face crops, not the photo"
-    assert refused_photos({"astronaut": EXAMPLE}, whole_image=False) == {}
+    assert refused_photos([EXAMPLE], whole_image=False) == {}
 
 
 def test_only_whole_image_workflows_limit_the_photo_size():
@@ -199,21 +229,32 @@ def test_every_unusable_photo_is_refused_at_once_before_any_server_starts(tmp_pa
     Image.new("RGB", (63, 90)).save(small)
     broken.write_bytes(Image.new("RGB", (80, 80)).tobytes()[:50])
     empty.write_bytes(b"")
-    photos = {p.stem: p for p in (big, small, broken, empty)}
+    photos = [big, small, broken, empty]
     refused = refused_photos(photos, whole_image=True)
-    assert "at most 2048 x 2048 pixels, got 2100 x 70; resize" in refused["big"]
-    assert "at least 64 x 64 pixels, got 63 x 90" in refused["small"]
-    assert refused["broken"].startswith("not a readable image") and refused["empty"].startswith("not a readable")
-    assert set(refused_photos(photos, whole_image=False)) == {"broken", "empty"}, "faces: any size"
+    assert "at most 2048 x 2048 pixels, got 2100 x 70; resize" in refused[big]
+    assert "at least 64 x 64 pixels, got 63 x 90" in refused[small]
+    assert refused[broken].startswith("not a readable image") and refused[empty].startswith("not a readable")
+    assert set(refused_photos(photos, whole_image=False)) == {broken, empty}, "faces: any size"
 
     out = tmp_path / "out"
+    missing, empty_folder = tmp_path / "missing.png", tmp_path / "nothing"
+    empty_folder.mkdir()
     # Everything refused: no server is started (none is given, and none would answer).
-    assert main(["protect", *map(str, photos.values()), "--task", "anonymize", "--whole-image",
-                 "--out", str(out)]) == 1
+    assert main(["protect", *map(str, photos), str(missing), str(empty_folder), "--task", "anonymize",
+                 "--whole-image", "--out", str(out)]) == 1
     printed = capsys.readouterr().out
-    assert printed.index("refused before queueing (4 of 4):") < printed.index("summary.json: 4 failed")
+    assert printed.index("refused before queueing (6 of 6):") < printed.index("summary.json: 6 failed")
+    assert "missing: no such file or folder" in printed and "nothing: a folder without any picture" in printed
     saved = json.loads((out / "summary.json").read_text())["results"]
-    assert {n: e["error"].split(":")[0] for n, e in saved.items()} == dict.fromkeys(photos, "refused before queueing")
+    assert {n: e["error"].split(":")[0] for n, e in saved.items()} == dict.fromkeys(
+        ["missing", "nothing", "big", "small", "broken", "empty"], "refused before queueing")
+
+    # diffpriv report: summary.json and the report again, from the record alone.
+    (out / "summary.json").unlink()
+    assert main(["report", "--out", str(out)]) == 1
+    assert "summary.json: 6 failed" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["results"] == saved
+    assert main(["report", "--out", str(tmp_path)]) == 2 and "has no run record" in capsys.readouterr().err
 
 
 def test_a_workflow_without_the_nodes_the_command_fills_in_is_named(tmp_path, capsys):
@@ -244,3 +285,51 @@ def test_target_similarity_switches_the_workflows_guidance_and_needs_one(capsys)
         with pytest.raises(SystemExit):
             main(["protect", "a.png", "--task", "hide", "--out", "o", *wrong])
     assert "--margin COSINE needs --target-similarity" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["protect", str(EXAMPLE), "--task", "anonymize", "--out", str(taken)]) == 2
+    assert f"--out {taken} is a file, not a folder" in capsys.readouterr().err
+    assert main(["protect", str(EXAMPLE), "--task", "anonymize", "--out", str(taken / "sub")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+
+
+def test_photos_may_follow_the_options_and_help_names_the_defaults(capsys):
+    args = parse_args(build_parser(), ["protect", "a.png", "--task", "hide", "--out", "o", "b.png", "c/"])
+    assert args.images == [Path("a.png"), Path("b.png"), Path("c/")]
+    with pytest.raises(SystemExit):
+        main(["protect", "--task", "hide", "--out", "o", "a.png", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "<task>_faces.json, <task>.json with --whole-image" in shown and "(default: 8)" in shown
+    assert "folders: every picture inside" in shown and "examples:" in shown
+
+
+def test_ray_actors_ask_for_what_is_given_and_default_to_the_room_there_is():
+    from types import SimpleNamespace
+
+    from diffpriv_client.cluster import Resources, actor_resources, actors_wanted
+
+    def cluster(**total):
+        return SimpleNamespace(cluster_resources=lambda: total)
+
+    def args(*argv):
+        return build_parser().parse_args(["protect", "a.png", "--task", "hide", "--out", "o", "--ray", *argv])
+
+    gpus = cluster(CPU=32.0, GPU=4.0)
+    assert actor_resources(gpus, args()) == Resources(1.0, 1.0), "a cluster with GPUs: one each"
+    assert actor_resources(cluster(CPU=8.0), args()) == Resources(1.0, 0.0), "none up: CPU actors"
+    assert actor_resources(cluster(CPU=8.0), args("--ray-gpus-per-actor", "1")) == Resources(1.0, 1.0), \
+        "asked for even when no GPU is up, so that an autoscaler adds one"
+    half = actor_resources(gpus, args("--ray-gpus-per-actor", "0.5", "--ray-cpus-per-actor", "2"))
+    assert half == Resources(2.0, 0.5) and half.words() == "2 CPU, 0.5 GPU"
+    assert actors_wanted(gpus, args(), half, photos=100) == 8, "two actors on each of the four GPUs"
+    assert actors_wanted(gpus, args(), half, photos=3) == 3, "never more actors than photos"
+    assert actors_wanted(cluster(CPU=8.0), args(), Resources(1.0, 1.0), photos=100) == 1, "no room now: one"
+    assert actors_wanted(cluster(CPU=2.0), args("--ray-actors", "3"), Resources(1.0, 0.0), photos=100) == 3, \
+        "more than fit may be asked for: the others wait for room"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+# torch's own layers, not comfy.ops: a stand-in network for the test.
+from torch.nn import Conv2d, Linear
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from diffpriv_core import ddim
@@ -103,8 +105,8 @@ class ToyEps(torch.nn.Module):
     def __init__(self, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-        self.cond = torch.nn.Linear(8, 4)
+        self.conv = Conv2d(4, 4, 3, padding=1)
+        self.cond = Linear(8, 4)
 
     def forward(self, z, t, cond):
         return torch.tanh(self.conv(z) + self.cond(cond)[:, :, None, None] + t / 1000.0)

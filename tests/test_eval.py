@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from diffpriv_core.faces.detect import Face
+from diffpriv_core.faces.recognizers import ARCFACE_THRESHOLD
 from diffpriv_eval import metrics
 from diffpriv_eval.baselines import gaussian_blur, mosaic
 from diffpriv_eval.cli import main as eval_main
@@ -78,7 +79,7 @@ def test_dlib_distance_is_zero_to_itself_and_above_threshold_between_people(loca
 
 
 def test_pack_recognisers_align_on_the_landmarks_they_are_given(located, arcface_file):
-    recognizer = load_pack_recognizer(arcface_file, "ArcFace")
+    recognizer = load_pack_recognizer(arcface_file, "ArcFace", ARCFACE_THRESHOLD)
     assert recognizer.threshold == pytest.approx(0.8)  # the paper's ArcFace distance
     item = located["astronaut"]
     shifted = np.roll(item.image, shift=(5, 7), axis=(0, 1))  # 5 px down, 7 px right
@@ -147,7 +148,7 @@ def test_utility_sees_a_shifted_face_move_by_the_shift(photos):
     assert result.landmark_distance == pytest.approx(10.0, abs=2.0)
 
 
-def test_identification_accuracy_follows_the_avih_protocol(located):
+def test_reidentification_needs_the_probes_own_person_closer_than_everyone_else(located):
     """Gallery: other views of each person; distractors: people outside the gallery. A probe
     counts only when its own gallery photo is closer than every other photo."""
     recognizer = DlibRecognizer()
@@ -163,6 +164,26 @@ def test_identification_accuracy_follows_the_avih_protocol(located):
     assert identification_accuracy(recognizer, probes[:1], gallery, [located["t1_0"]]) == 0.0
     with pytest.raises(ValueError, match="without gallery photos"):
         identification_accuracy(recognizer, [("astronaut", located["astronaut"])], gallery, distractors)
+
+
+def test_an_avih_query_is_wrong_when_a_different_identity_photo_is_as_close_as_set_s(located):
+    """AVIH's protocol with dlib: t1_0 has two photos (hers and its mirror image). Probing with
+    one, Set_s is the other's protected version, Set_d everyone else. A "protected" version
+    that shows t1_1, who is also in Set_d, is no closer than Set_d: wrong. A copy of the probe
+    under another name, anywhere, is never part of its verification set."""
+    from diffpriv_eval.identity import Member, avih_verdicts
+
+    her, mirror, other = located["t1_0"], _mirrored(located["t1_0"]), located["t1_1"]
+    blurred = FaceImage(gaussian_blur(her.image, 1.0), her.face)
+    people = {"t1_0": [Member("a", her, [blurred]), Member("b", mirror, [other])],
+              "t1_2": [Member("c", located["t1_2"], [])]}
+    verdicts = avih_verdicts(DlibRecognizer(), people, [other, located["hanks"]])
+    assert verdicts.reference == {"a": True, "b": True}  # c's person has no protected photo: no probe
+    assert verdicts.protected == {"a": [False], "b": [True]}
+    people["t1_2"].append(Member("copy of a", her, []))  # at distance 0 from a, were it in a's Set_d
+    assert avih_verdicts(DlibRecognizer(), people, [other]).reference["a"] is True
+    alone = avih_verdicts(DlibRecognizer(), {"t1_0": people["t1_0"]}, [])  # no Set_d: nothing can be closer
+    assert alone.protected == {"a": [True], "b": [True]}
 
 
 def _mirrored(item: FaceImage) -> FaceImage:
@@ -286,6 +307,25 @@ def test_cli_writes_the_report_for_blurred_candidates_and_recoveries(photos, arc
             assert image.width > 100
 
 
+def test_the_report_names_the_ablation_a_protect_run_recorded(photos, installed_models, tmp_path):
+    """A `diffpriv protect --no-guidance --one-embedding` --out folder: its summary.json says
+    so for each photo, and the evaluation labels its report and results with it."""
+    from diffpriv_client.summary import Summary
+
+    Image.fromarray(photos["hanks"]).save(tmp_path / "hanks.png")
+    out = tmp_path / "out"
+    (out / "hanks").mkdir(parents=True)
+    Image.fromarray(gaussian_blur(photos["hanks"], 4.0)).save(out / "hanks" / "hanks_anonymize_00001_.png")
+    Summary(out, "protect").record("hanks", tmp_path / "hanks.png", "ok", [out / "hanks" / "hanks_anonymize_00001_.png"],
+                                   ablations=["no-guidance", "one-embedding"])
+    report = tmp_path / "report"
+    assert eval_main(["--originals", str(tmp_path / "hanks.png"), "--protected", str(out), "--out", str(report),
+                      "--models", str(installed_models)]) == 0
+    assert json.loads((report / "results.json").read_text())["ablations"] == {"hanks": ["no-guidance", "one-embedding"]}
+    assert ("- **ablation** w/o energy guidance (Table 5) + one embedding, Ours-OE (Table 6): every photo"
+            in (report / "report.md").read_text())
+
+
 def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, installed_models, tmp_path):
     Image.fromarray(photos["hanks"]).save(tmp_path / "hanks.png")
     out = tmp_path / "report"
@@ -300,42 +340,85 @@ def test_cli_baseline_mode_makes_and_evaluates_its_own_protected_set(photos, ins
     assert "mosaic, strength 24 px" in (out / "report.md").read_text()
 
 
-def test_cli_gallery_identifies_the_originals_and_not_another_person(photos, installed_models, tmp_path, capsys):
-    """AVIH's protocol from the command line, on a gallery of real photos: several pictures
-    per person (variations of one photo each: no package ships two photos of one person)
-    and real other people as distractors."""
-    gallery, originals, protected = tmp_path / "gallery", tmp_path / "photos", tmp_path / "protected"
+def test_cli_gallery_runs_avihs_protocol_and_reidentification(photos, installed_models, tmp_path, capsys):
+    """AVIH's protocol from the command line, on an LFW-style gallery of real photos: several
+    pictures per person (variations of one photo each: no package ships two photos of one
+    person), real other people as distractors, and "protected" versions of the gallery's
+    photos: the astronaut's lightly blurred (still her), t1_0's showing a distractor where
+    her face was, and only one of t1_1's photos protected (so that photo is no probe: no
+    other photo of t1_1 has a protected version). The originals are the gallery's photos."""
+    gallery, protected = tmp_path / "gallery", tmp_path / "protected"
+
+    def views(person):  # three pictures of each person
+        return {v: p for v, p in variations(photos[person]).items() if v != "shifted"}
+
     for person in ("astronaut", "t1_0", "t1_1"):
         (gallery / person).mkdir(parents=True)
-        for name, view in variations(photos[person]).items():
-            Image.fromarray(view).save(gallery / person / f"{name}.png")
+        for view, picture in views(person).items():
+            Image.fromarray(picture).save(gallery / person / f"{person}_{view}.png")
     (gallery / "distractors").mkdir()
     for person in ("t1_2", "t1_3", "hanks"):
         Image.fromarray(photos[person]).save(gallery / "distractors" / f"{person}.png")
-    Image.fromarray(photos["t1_1"]).save(gallery / "t1_1" / "original.png")  # probed from its folder
-    originals.mkdir(), protected.mkdir()
-    for person in ("astronaut", "t1_0"):  # probed by name
-        Image.fromarray(photos[person]).save(originals / f"{person}.png")
-    for name, person in (("astronaut", "astronaut"), ("original", "t1_1")):  # lightly blurred: still identified
-        Image.fromarray(gaussian_blur(photos[person], 1.0)).save(protected / f"{name}_00001.png")
-    # t1_0's "protected" picture shows another person (a distractor) where t1_0's face was
-    Image.fromarray(photos["t1_3"]).save(protected / "t1_0_00001.png")
+    protected.mkdir()
+    for view, picture in views("astronaut").items():
+        Image.fromarray(gaussian_blur(picture, 1.0)).save(protected / f"astronaut_{view}_00001.png")
+    for view, picture in views("t1_0").items():
+        Image.fromarray(np.asarray(Image.fromarray(photos["t1_3"]).resize(picture.shape[1::-1]))).save(
+            protected / f"t1_0_{view}_00001.png")
+    Image.fromarray(gaussian_blur(variations(photos["t1_1"])["mirrored"], 1.0)).save(
+        protected / "t1_1_mirrored_00001.png")
     out = tmp_path / "report"
-    assert eval_main(["--originals", str(originals), str(gallery / "t1_1" / "original.png"),
-                      "--protected", str(protected), "--gallery", str(gallery), "--out", str(out),
+    assert eval_main(["--gallery", str(gallery), "--protected", str(protected), "--out", str(out),
                       "--models", str(installed_models)]) == 0
     table = json.loads((out / "results.json").read_text())["identification"]
-    assert table["probes"] == {"astronaut": "astronaut", "t1_0": "t1_0", "original": "t1_1"}
-    assert table["gallery"]["identities"] == {"astronaut": 4, "t1_0": 4, "t1_1": 5} and table["gallery"]["distractors"] == 3
+    assert table["gallery"]["identities"] == {"astronaut": 3, "t1_0": 3, "t1_1": 3} and table["gallery"]["distractors"] == 3
+    avih = table["avih"]
+    assert avih["protected_photos"] == {"astronaut": 3, "t1_0": 3, "t1_1": 1}
+    assert list(avih["not_probed"]) == ["t1_1_mirrored"]
+    names = [f"_{v}" for v in ("brighter", "mirrored", "small")]
     for name in ("dlib", "SFace", "FaceNet-CASIA"):
-        rows = table["recognizers"][name]
-        assert rows["originals"]["accuracy"] == 1.0, name  # every original identified
-        assert rows["protected"]["identified"] == {"astronaut": [True], "t1_0": [False], "original": [True]}, name
-    assert "Identification accuracy (Table 3)" in (out / "report.md").read_text()
-    (gallery / "loose.png").write_bytes((gallery / "t1_1" / "original.png").read_bytes())
-    assert eval_main(["--originals", str(originals), "--protected", str(protected), "--gallery", str(gallery),
-                      "--out", str(out), "--models", str(installed_models)]) == 2
+        rows = avih["recognizers"][name]
+        assert rows["originals"]["queries"] == 8 and rows["originals"]["accuracy"] == 1.0, name
+        expected = {**{f"astronaut{v}": [True] for v in names}, **{f"t1_0{v}": [False] for v in names},
+                    **{f"t1_1{v}": [True] for v in names if v != "_mirrored"}}
+        assert rows["protected"]["right"] == expected, name
+        assert rows["protected"]["accuracy"] == pytest.approx(5 / 8), name
+        reidentified = table["reidentification"]["recognizers"][name]
+        assert reidentified["originals"]["accuracy"] == 1.0, name  # every original re-identified
+        assert reidentified["protected"]["identified"]["t1_0_mirrored"] == [False], name  # another person
+        assert reidentified["protected"]["identified"]["astronaut_small"] == [True], name
+    report = (out / "report.md").read_text()
+    assert "Identification accuracy (Table 3, AVIH's protocol)" in report
+    assert "| SFace | white-box | protected | 8 | 0.625 |" in report
+    assert "Re-identification of protected photos (not AVIH's protocol)" in report
+    (gallery / "loose.png").write_bytes((gallery / "t1_1" / "t1_1_small.png").read_bytes())
+    assert eval_main(["--gallery", str(gallery), "--protected", str(protected), "--out", str(out),
+                      "--models", str(installed_models)]) == 2
     assert "outside any identity folder (loose.png" in capsys.readouterr().err
+
+
+def test_an_original_outside_the_gallery_is_the_person_named_like_it(photos, installed_models, tmp_path):
+    """photos/astronaut.png is the gallery's astronaut: a probe of AVIH's protocol against her
+    gallery photos' protected versions, and re-identified against her gallery photos."""
+    gallery, originals, protected = tmp_path / "gallery", tmp_path / "photos", tmp_path / "protected"
+    (gallery / "astronaut").mkdir(parents=True)
+    for view, picture in list(variations(photos["astronaut"]).items())[:2]:
+        Image.fromarray(picture).save(gallery / "astronaut" / f"astronaut_{view}.png")
+    (gallery / "distractors").mkdir()
+    Image.fromarray(photos["hanks"]).save(gallery / "distractors" / "hanks.png")
+    originals.mkdir(), protected.mkdir()
+    Image.fromarray(photos["astronaut"]).save(originals / "astronaut.png")
+    Image.fromarray(gaussian_blur(photos["astronaut"], 1.0)).save(protected / "astronaut_00001.png")
+    out = tmp_path / "report"
+    assert eval_main(["--originals", str(originals), "--gallery", str(gallery), "--protected", str(protected),
+                      "--out", str(out), "--models", str(installed_models)]) == 0
+    table = json.loads((out / "results.json").read_text())["identification"]
+    dlib = table["avih"]["recognizers"]["dlib"]
+    # the two gallery views are probes against her protected photo; the photo itself has no other protected one
+    assert dlib["protected"]["right"] == {"astronaut_mirrored": [True], "astronaut_small": [True]}
+    assert table["avih"]["not_probed"] == {"astronaut": "no other photo of this person has a protected version"}
+    assert table["reidentification"]["probes"] == {"astronaut": "astronaut"}
+    assert table["reidentification"]["recognizers"]["dlib"]["protected"]["identified"] == {"astronaut": [True]}
 
 
 def test_cli_guidance_baseline_crosses_the_guiding_recognisers_threshold(photos, installed_models, tmp_path):
@@ -383,3 +466,78 @@ def test_importing_the_toolkit_does_not_load_dlib():
     code = ("import sys, diffpriv_eval.cli; "
             "assert not {'dlib', 'face_recognition_models'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def _save_keys(folder: Path, names, face_crop: str | None = None) -> list[Path]:
+    """Key files of random keys (no checkpoint needed to pair or plan them), named as
+    `diffpriv protect` names them."""
+    from diffpriv_core.key_format import CROP_META
+    from diffpriv_core.keys import save_key
+    from key_helpers import key_i_for, random_key_e
+
+    paths = []
+    for seed, name in enumerate(names, start=1):
+        key_e = random_key_e(seed, checkpoint="0123456789abcdef")
+        path = folder / f"{name}.dpkey.safetensors"
+        save_key(path, key_e, key_i_for(key_e, 3), extra={CROP_META: face_crop} if face_crop else None)
+        paths.append(path)
+    return paths
+
+
+def test_the_wrong_key_experiment_pairs_each_key_with_its_photo_and_the_next_photos_keys(photos, tmp_path):
+    from diffpriv_eval import wrong_keys
+    from diffpriv_eval.images import load_cases
+
+    originals = tmp_path / "photos"
+    originals.mkdir()
+    for name in ("astronaut", "hanks"):
+        Image.fromarray(photos[name]).save(originals / f"{name}.png")
+    keys = tmp_path / "out"
+    (keys / "deep").mkdir(parents=True)
+    files = _save_keys(keys, ["astronaut_00001", "hanks_00001"]) + _save_keys(keys / "deep", ["stranger_00001"])
+    cases, skipped = wrong_keys.key_cases(wrong_keys.key_files([keys]), load_cases([originals], None, None))
+    assert [c.case.stem for c in cases] == ["astronaut_00001", "hanks_00001"]
+    assert skipped == {"stranger_00001.dpkey.safetensors": "no original named like it"}
+    assert cases[0].others == (files[1], files[0]) and cases[1].others == (files[0], files[1])
+    assert np.array_equal(cases[0].case.original, photos["astronaut"])  # a whole-image key: the whole photo
+    # Two photos: "both wrong" would be the other photo's key-I with this photo's key-E, the wrong key-I.
+    assert [v.name for v in cases[0].variants()] == ["right_pair", "wrong_key_i", "wrong_key_e", "uc_as_key_e"]
+    template = json.loads((Path(__file__).parent / "workflows" / "recover.json").read_text())
+    graph = wrong_keys.experiment_graph(template, ("own", "next", "own"), cases[0].variants(), "diffpriv-jobs/j")
+    assert {n["inputs"]["key_name"]: n["inputs"]["passphrase"] for n in graph.values()
+            if n["class_type"] == "DiffPrivacyLoadKey"} == {"own": "", "next": ""}  # opened keys: no passphrase
+    loaded = {i: n["inputs"]["key_name"] for i, n in graph.items() if n["class_type"] == "DiffPrivacyLoadKey"}
+    runs = {n["inputs"]["key_i"][0]: n for n in graph.values() if n["class_type"] == wrong_keys.EXPERIMENT_NODE}
+    uses = sorted((loaded[n["inputs"]["key_i"][0]], loaded[n["inputs"]["key_e"][0]], n["inputs"]["unconditional"])
+                  for n in graph.values() if n["class_type"] == wrong_keys.EXPERIMENT_NODE)
+    assert uses == [("next", "own", False), ("own", "next", False), ("own", "own", False), ("own", "own", True)]
+    assert runs and all(n["inputs"]["model"] == ["ckpt", 0] for n in runs.values())
+    assert sorted(n["inputs"]["filename_prefix"] for n in graph.values() if n["class_type"] == "SaveImage") == [
+        f"diffpriv-jobs/j/{v}" for v in ("right_pair", "uc_as_key_e", "wrong_key_e", "wrong_key_i")]
+    assert not [n for n in graph.values() if n["class_type"] in ("DiffPrivacyRecover", "DiffPrivacySaveKey")]
+
+
+def test_the_wrong_key_experiment_measures_a_face_key_on_its_crop_and_needs_two_photos(photos, tmp_path, capsys):
+    from diffpriv_core.faces.crop import FaceCrop
+    from diffpriv_eval import wrong_keys
+    from diffpriv_eval.images import Case
+
+    photo = photos["astronaut"]
+    crop = FaceCrop(0, 0, photo.shape[:2], (40, 20, 128), 64, (60.0, 40.0, 150.0, 130.0))
+    (key,) = _save_keys(tmp_path, ["astronaut_face0_00001"], crop.to_json())
+    cropped = wrong_keys.original_for(key, photo)
+    expected = np.asarray(Image.fromarray(photo[20:148, 40:168]).resize((64, 64), Image.Resampling.BILINEAR))
+    assert cropped.shape == (64, 64, 3) and np.abs(cropped.astype(int) - expected).mean() < 3
+    with pytest.raises(ValueError, match="needs the keys of at least 2 photos"):
+        wrong_keys.key_cases([key], [Case("astronaut", photo)])
+    others = _save_keys(tmp_path, ["hanks_00001", "t1_0_00001"])
+    originals = [Case("astronaut", photo[:100]), Case("hanks", photos["hanks"]), Case("t1_0", photos["t1_0"])]
+    cases, skipped = wrong_keys.key_cases([key, *others], originals)
+    assert [c.case.stem for c in cases] == ["hanks_00001", "t1_0_00001"]
+    assert skipped == {key.name: f"its face was cut from a {photo.shape[1]} x {photo.shape[0]} photo, the original "
+                                 f"is {photo.shape[1]} x 100"}
+    originals = tmp_path / "photos"
+    originals.mkdir()
+    Image.fromarray(photo).save(originals / "astronaut.png")
+    assert eval_main(["--originals", str(originals), "--wrong-keys", str(key), "--out", str(tmp_path / "r")]) == 2
+    assert "needs the keys of at least 2 photos" in capsys.readouterr().err

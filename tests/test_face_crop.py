@@ -6,6 +6,7 @@ import torch
 
 from diffpriv_core.faces.crop import FaceCrop, crop_faces, face_mask, paste_faces, plan_crops
 from diffpriv_core.faces.detect import detect_faces
+from diffpriv_core.faces.mask import protected_pixels
 from photos import as_image, insightface_photo
 
 SIZE = 128
@@ -118,3 +119,37 @@ def test_no_face_anywhere_blocks_everything_downstream(comfy_inproc):
     faces, _ = nodes.FaceDetect.execute(blank, "all", 0, 20, 0.9, "skip").args
     out = nodes.FaceCrop.execute(blank, faces, SIZE, 0.5).args
     assert faces == [[]] and all(isinstance(o, ExecutionBlocker) and o.message is None for o in out)
+
+
+
+def test_a_recovered_face_replaces_every_pixel_its_protection_changed(group):
+    """Protect (paste noise), then put the original crop back as a recovery does: with
+    ``restore`` every pixel the protection changed is the recovered crop's, whatever the
+    protected photo held there; the protection's own mask would leave a ring of protected
+    pixels at its feathered edge."""
+    photo, faces = group
+    crops = plan_crops(faces, photo.shape[1], photo.shape[2], SIZE, margin=0.5)[:1]
+    recovered = crop_faces(photo, crops)
+    noise = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(1))
+    protected, _ = paste_faces(photo, noise, crops)
+    changed = (protected[0] != photo[0]).any(-1)
+    restored, masks = paste_faces(protected, recovered, crops, restore=True)
+    assert torch.equal(masks[0][changed], torch.ones(int(changed.sum()))), "full weight wherever it changed"
+    into_original, _ = paste_faces(photo, recovered, crops, restore=True)
+    assert torch.equal(restored[0][changed], into_original[0][changed]), "nothing of the protected face is left"
+    beyond = masks[0] == 0
+    assert torch.equal(restored[0][beyond], protected[0][beyond]), "untouched beyond its mask"
+    assert ((masks[0] > 0) & ~changed).any(), "it fades out over pixels the protection left alone"
+    ring, _ = paste_faces(protected, recovered, crops)
+    assert (ring[0][changed] - into_original[0][changed]).abs().max() > 0.1, "the protection's mask leaves a ring"
+
+
+def test_the_command_knows_the_pixels_a_paste_may_change(group):
+    """mask.protected_pixels (torch-free, for the command) is where Face Paste's mask is above 0."""
+    photo, faces = group
+    crops = plan_crops(faces, photo.shape[1], photo.shape[2], SIZE, margin=0.5)
+    height, width = photo.shape[1:3]
+    for feather in (0.0, 0.2, 0.6):
+        _, masks = paste_faces(photo, torch.zeros(1, SIZE, SIZE, 3), crops[-1:], feather=feather)
+        assert (protected_pixels(crops[-1].box, crops[-1].face_box, feather, height, width)
+                == (masks[0] > 0).numpy()).all()

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from diffpriv_client.comfy_http import PromptFailed
 from diffpriv_core.keys import save_key
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from key_helpers import forge, key_i_for
 from test_host_foundation import fetch_image
 from test_host_recovery import add, base_graph, random_key_e
@@ -122,7 +122,7 @@ def msi(g: dict, image: list, clip_vision: str = "dp-test-vitl14.safetensors", m
 
 
 def guidance(g: dict, image: list, on_no_face: str = "skip") -> list:
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX, threshold=TEST_THRESHOLD)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=image, mode="anonymize",
         lambda_scale=1.0, normalize_gradient=False, diversity=True, decode_region="whole image", face_index=0,
         min_score=0.9, on_no_face=on_no_face, gradient_checkpointing=False)

@@ -13,7 +13,7 @@ from diffpriv_core.faces.recognizers import DEFAULT_RECOGNIZER, load_recognizer
 from diffpriv_core.faces.wheel_models import FACENET_CASIA, SFACE
 from photos import face_photos
 from diffpriv_core.schedule import ddim_grid
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from diffpriv_testmodels.inprocess import pack_module
 from test_host_foundation import fetch_image
 
@@ -31,7 +31,8 @@ def guidance_graph(image_names: list[str], model_name: str = TEST_RECOGNIZER, on
         graph["12"] = {"class_type": "ImageBatch", "inputs": {"image1": ["10", 0], "image2": ["11", 0]}}
         images = ["12", 0]
     graph.update({
-        "1": {"class_type": "DiffPrivacyFaceRecognizerLoader", "inputs": {"model_name": model_name}},
+        "1": {"class_type": "DiffPrivacyFaceRecognizerLoader", "inputs": {
+            "model_name": model_name, "threshold": TEST_THRESHOLD if model_name == TEST_RECOGNIZER else 0.0}},
         "2": {"class_type": "DiffPrivacyIdentityGuidance", "inputs": {
             "face_model": ["1", 0], "image": images, "mode": "anonymize", "lambda_scale": 1.0,
             "normalize_gradient": False, "diversity": True, "decode_region": "whole image",
@@ -125,7 +126,7 @@ def test_guidance_built_inside_a_prompt_gives_gradients(comfy_inproc, face_model
         return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).permute(0, 2, 3, 1)
 
     with torch.inference_mode():  # what execution.py wraps every prompt in
-        (model,) = guidance_nodes.FaceRecognizerLoader.execute(TEST_RECOGNIZER).result
+        (model,) = guidance_nodes.FaceRecognizerLoader.execute(TEST_RECOGNIZER, TEST_THRESHOLD).result
         guidance, _ = guidance_nodes.IdentityGuidanceNode.execute(
             model, image, "anonymize", 1.0, False, True, "face crop", 0, 0.9, "error").result
         with host.gradients():

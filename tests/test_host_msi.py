@@ -8,6 +8,8 @@ import types
 import numpy as np
 import pytest
 import torch
+# torch's own layers, not comfy.ops: a stand-in network for the test.
+from torch.nn import Linear
 
 from diffpriv_client.comfy_http import PromptFailed
 from test_host_foundation import fetch_image
@@ -125,4 +127,4 @@ def test_image_encoders_other_than_vit_l14_are_refused(comfy_inproc):
     with pytest.raises(ValueError, match="OpenAI CLIP ViT-L/14 .* given is clip with hidden size 64, 2 layers"):
         adapters.check_clip_vision(types.SimpleNamespace(model=small, image_size=64))
     with pytest.raises(ValueError, match="given is Linear"):
-        adapters.check_clip_vision(types.SimpleNamespace(model=torch.nn.Linear(2, 2), image_size=224))
+        adapters.check_clip_vision(types.SimpleNamespace(model=Linear(2, 2), image_size=224))

@@ -18,7 +18,7 @@ from diffpriv_core.keys import save_key
 from diffpriv_core.recovery import conditioned_eps
 from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.comfy_models import CHECKPOINT
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from diffpriv_testmodels.inprocess import pack_module
 from test_host_foundation import fetch_image
 from test_host_recovery import add, base_graph, random_key_e
@@ -59,7 +59,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
     Guidance on ``reference`` and the Guided DDIM Sampler on ``latent``, then VAE Decode
     (nodes "sched", "fr", "guide", "sample", "dec"). Returns the decoded pictures' link."""
     add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=key_e, preset=mode, tau=-1.0)  # the preset's
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX, threshold=TEST_THRESHOLD)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=reference, mode=mode,
         lambda_scale=lambda_scale, normalize_gradient=False, diversity=True, decode_region="whole image",
         face_index=0, min_score=0.9, on_no_face="error", gradient_checkpointing=checkpointing)
@@ -70,7 +70,7 @@ def add_guided_sampling(g: dict, reference: list, latent: list, key_e: list, *, 
 
 def identity_cosines(face_models, original: np.ndarray, outputs: list[np.ndarray]) -> torch.Tensor:
     """Cosine of each output's face (aligned like the original's) to the original's."""
-    embedder = load_recognizer(face_models / ARCFACE_ONNX)
+    embedder = load_recognizer(face_models / ARCFACE_ONNX, TEST_THRESHOLD)
     image = torch.from_numpy(original).float() / 255
     target = face_target(embedder, image, detect_faces(image)[0])
     batch = torch.stack([torch.from_numpy(o.copy()).float() / 255 for o in outputs])

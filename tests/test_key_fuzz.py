@@ -217,7 +217,7 @@ def resigned_lies(rng, data, other):
     tensors = {n: keys._tensor(data, r) for n, r in fmt.read_container(data).tensors.items()}
     del meta[fmt.DIGEST]
     field, value = rng.choice([
-        ("format", "other"), ("version", rng.choice(["0", "4", "", "1.0", "２"])), ("encryption", "none"),
+        ("format", "other"), ("version", rng.choice(["0", "4", "", "1.0", "\uff12"])), ("encryption", "none"),
         ("steps", rng.choice(["0", "1001", "abc", " 10", "010", "9" * 5000, "-1", "5"])),
         ("inversion", "magic"), ("refine", rng.choice(["-1", "x", "1e3"])), ("key_i.grid", "1,2,3"),
         ("key_i.pair", "0" * 32), ("key_e.checkpoint", None), ("key_i.checkpoint", None), ("key_i.grid", None),

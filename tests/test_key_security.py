@@ -169,7 +169,7 @@ def test_a_face_key_recovers_only_into_its_protected_pictures():
 def test_the_contact_sheet_is_private_and_a_planted_link_is_replaced_not_followed(tmp_path):
     from PIL import Image
 
-    from diffpriv_client.summary import CONTACT_SHEET_NAME, Summary, write_contact_sheet
+    from diffpriv_client.summary import CONTACT_SHEET_PREFIX, Summary, write_contact_sheet
 
     out = tmp_path / "out"
     (out / "a").mkdir(parents=True)
@@ -178,8 +178,8 @@ def test_the_contact_sheet_is_private_and_a_planted_link_is_replaced_not_followe
     summary.record("a", out / "a" / "a_00001_.png", "ok", [out / "a" / "a_00001_.png"])
     target = tmp_path / "elsewhere.png"
     target.write_bytes(b"not yours")
-    (out / CONTACT_SHEET_NAME).symlink_to(target)
-    sheet = write_contact_sheet(summary)
+    (out / f"{CONTACT_SHEET_PREFIX}0001.png").symlink_to(target)
+    (sheet,) = write_contact_sheet(summary)
     assert not sheet.is_symlink() and stat.S_IMODE(sheet.stat().st_mode) == 0o600
     assert target.read_bytes() == b"not yours"
 

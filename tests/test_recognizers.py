@@ -4,16 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+# torch's own layers, not comfy.ops: a stand-in network for the test.
+from torch.nn import Conv2d
 
 from diffpriv_core.faces import recognizers
 from diffpriv_core.faces.model_files import MissingFaceModelError
 from diffpriv_core.faces.recognizers import find_recognizer, load_recognizer
-from diffpriv_testmodels.face_models import ARCFACE_ONNX, FACENET, IR_SE50
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, FACENET, IR_SE50, TEST_THRESHOLD
 
 
 @pytest.fixture(scope="module")
 def arcface_onnx(face_models):
-    return load_recognizer(face_models / ARCFACE_ONNX)
+    return load_recognizer(face_models / ARCFACE_ONNX, TEST_THRESHOLD)
 
 
 def faces(size: int, count: int = 2, seed: int = 0) -> torch.Tensor:
@@ -52,18 +54,18 @@ def test_ir_se50_loads_from_pth_and_safetensors_alike(face_models, tmp_path):
     from safetensors.torch import save_file
 
     pth = face_models / IR_SE50
-    from_pth = load_recognizer(pth)
+    from_pth = load_recognizer(pth, TEST_THRESHOLD)
     assert_is_face_embedder(from_pth, 112)
     state = torch.load(pth, weights_only=True)
     save_file(state, str(tmp_path / "model_ir_se50.safetensors"))
-    from_safetensors = load_recognizer(tmp_path / "model_ir_se50.safetensors")
+    from_safetensors = load_recognizer(tmp_path / "model_ir_se50.safetensors", TEST_THRESHOLD)
     x = faces(112, count=1)
     with torch.no_grad():
         assert torch.allclose(from_pth(x), from_safetensors(x), atol=1e-6)
 
 
 def test_facenet_vggface2_state_dict_loads(face_models):
-    model = load_recognizer(face_models / FACENET)
+    model = load_recognizer(face_models / FACENET, TEST_THRESHOLD)
     assert_is_face_embedder(model, 160)
     assert model.input_range == recognizers.FACENET_RANGE
 
@@ -94,8 +96,8 @@ def test_identity_routed_weights_convert(tmp_path):
     class TwinConvs(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = torch.nn.Conv2d(3, 3, 3, padding=1)
-            self.b = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.a = Conv2d(3, 3, 3, padding=1)
+            self.b = Conv2d(3, 3, 3, padding=1)
             self.b.load_state_dict(self.a.state_dict())
 
         def forward(self, x):
@@ -105,7 +107,7 @@ def test_identity_routed_weights_convert(tmp_path):
     torch.onnx.export(TwinConvs().eval(), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False, opset_version=11,
                       input_names=["input.1"])
     assert any(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node)
-    model = load_recognizer(path)
+    model = load_recognizer(path, TEST_THRESHOLD)
     x = faces(8, count=1)
     (reference,) = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"input.1": (x.numpy() - 0.5) / 0.5})
@@ -151,7 +153,7 @@ def test_mxnet_era_packs_get_raw_pixels(tmp_path):
          helper.make_tensor("scale", TensorProto.FLOAT, [], [0.0078125])])
     path = tmp_path / "mxnet_like.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
-    model = load_recognizer(path)
+    model = load_recognizer(path, TEST_THRESHOLD)
     assert model.input_range == recognizers.PIXEL_RANGE and model.input_size == 4
     x = faces(4, count=1)
     expected = torch.nn.functional.normalize(((x * 255 - 127.5) * 0.0078125).flatten(1), dim=-1)

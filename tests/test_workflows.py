@@ -48,3 +48,38 @@ def test_workflows_guide_with_the_installed_sface_recogniser(name):
     for node in load_api(name).values():
         if node["class_type"] == "DiffPrivacyFaceRecognizerLoader":
             assert node["inputs"]["model_name"] == DEFAULT_RECOGNIZER, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_has_a_title_api_clients_address_it_by(name):
+    titles = [(node.get("_meta") or {}).get("title") for node in load_api(name).values()]
+    assert all(isinstance(title, str) and title.strip() for title in titles), name
+    assert len(set(titles)) == len(titles), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_photo_a_workflow_opens_is_the_example_photo_or_a_protect_workflows_output(object_info, name):
+    photos = object_info["LoadImage"]["input"]["required"]["image"][0]
+    assert "diffprivacy_astronaut.png" in photos, "the pack puts its example photo in the input folder"
+    saved = {f"{node['inputs']['filename_prefix']}_00001_.png [output]" for other in NAMES
+             for node in load_api(other).values() if node["class_type"] == "SaveImage"}
+    for node in load_api(name).values():
+        if node["class_type"] == "LoadImage":
+            assert node["inputs"]["image"] in {"diffprivacy_astronaut.png"} | saved, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_model_files_a_workflow_names_say_their_folder_and_where_to_get_them(name):
+    """The editor's missing-models panel reads a node's properties.models."""
+    from diffpriv_client.workflows import MODEL_FILES
+
+    ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        named = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        if node["type"] in ("CheckpointLoaderSimple", "CLIPVisionLoader"):
+            assert named and named[0] in MODEL_FILES, (name, node["type"])
+        for file in named:
+            if file in MODEL_FILES:
+                folder, url = MODEL_FILES[file]
+                assert {"name": file, "url": url, "directory": folder} in node["properties"]["models"], (name, file)
+                assert url.startswith("https://") and url.endswith(".safetensors")

@@ -20,10 +20,7 @@ import torch.nn.functional as F
 
 from ..key_format import PROTECTIONS, checked_face_crop
 from .detect import Face
-
-# The mask replaces an ellipse around the face box, a little wider than the box and taller
-# (MTCNN's box runs from the brows to the chin; the hairline and jaw belong to the identity).
-MASK_WIDTH, MASK_HEIGHT = 1.1, 1.25
+from .mask import ellipse_radius
 
 # How each face is protected (recorded per face in its crop, and so in its key):
 # "msi": the paper's protection, MSI's key-E + guided DDIM; "unconditional": the light
@@ -141,27 +138,28 @@ def crop_faces(images: torch.Tensor, crops: list[FaceCrop]) -> torch.Tensor:
     return torch.stack(out).to(images.dtype)
 
 
-def face_mask(crop: FaceCrop, feather: float) -> torch.Tensor:
-    """[side, side] in [0, 1]: 1 on an ellipse around the face, falling smoothly to 0 over
-    ``feather`` (a fraction of the ellipse's radii) and exactly 0 beyond."""
-    x0, y0, side = crop.box
-    x1, y1, x2, y2 = crop.face_box
-    cx, cy = (x1 + x2) / 2 - x0, (y1 + y2) / 2 - y0
-    rx, ry = (x2 - x1) / 2 * MASK_WIDTH, (y2 - y1) / 2 * MASK_HEIGHT
-    coords = torch.arange(side, dtype=torch.float32)
-    r = torch.sqrt(((coords[None, :] - cx) / rx) ** 2 + ((coords[:, None] - cy) / ry) ** 2)
+def face_mask(crop: FaceCrop, feather: float, restore: bool = False) -> torch.Tensor:
+    """[side, side] in [0, 1]: 1 on an ellipse around the face (mask.py), falling smoothly to 0 over
+    ``feather`` (a fraction of the ellipse's radii) and exactly 0 beyond. ``restore``: the
+    mask that puts a recovered face back, 1 wherever the protection's mask (the same
+    ``feather``) is above 0, so every pixel the protection changed is replaced, then falling
+    to 0 over the pixels beyond, which the protection left as they were."""
+    r = torch.from_numpy(ellipse_radius(crop.box, crop.face_box))
+    inner = 1 + feather if restore else 1  # the protection's mask is above 0 for r < 1 + feather
     if feather <= 0:
-        return (r <= 1).float()
-    ramp = ((1 + feather - r) / feather).clamp(0, 1)
+        return (r <= inner).float()
+    ramp = ((inner + feather - r) / feather).clamp(0, 1)
     return ramp * ramp * (3 - 2 * ramp)  # smoothstep: no visible seam at either edge
 
 
 def paste_faces(photos: torch.Tensor, faces: torch.Tensor, crops: list[FaceCrop],
-                feather: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                feather: float = 0.2, restore: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Put processed crops back: ``faces`` holds ``k`` candidates per crop (crop-major, as
     the sampler makes them), giving ``k`` versions of each photo (photo-major). Returns the
     photos [B * k, H, W, C] and the pasted masks [B * k, H, W]. Outside the masks every
-    pixel is the input's, bit for bit."""
+    pixel is the input's, bit for bit. ``restore``: recovered faces going back into their
+    protected photo, each over the whole region its protection's paste (with this
+    ``feather``) changed (face_mask)."""
     if not crops:
         raise ValueError("no face crops to paste: the crop list is empty")
     if faces.shape[0] % len(crops):
@@ -172,7 +170,7 @@ def paste_faces(photos: torch.Tensor, faces: torch.Tensor, crops: list[FaceCrop]
     out = photos.repeat_interleave(candidates, dim=0).clone()
     masks = torch.zeros(out.shape[:3], dtype=torch.float32)
     for n, (c, b) in enumerate(zip(crops, targets)):
-        mask = face_mask(c, feather)
+        mask = face_mask(c, feather, restore)
         resized = _resize(faces[n * candidates:(n + 1) * candidates].float(), c.box[2])
         for j, face in enumerate(resized):
             _blend(out[b * candidates + j], masks[b * candidates + j], face, mask, c.box)

@@ -139,9 +139,9 @@ def _centerface(path: str) -> torch.nn.Module:
     import onnx
     from onnx2torch import convert
 
-    from .wheel_models import check_installed
+    from .wheel_models import check_installed, sha256
 
-    check_installed(Path(path))
+    check_installed(Path(path), sha256(Path(path)))
     return convert(onnx.load(path)).eval()
 
 

@@ -10,7 +10,9 @@ These formats are accepted, all read without pickle and without any download:
   the setup converts, or facenet-pytorch's VGGFace2 file, as .pt/.pth or .safetensors.
 
 Each recogniser carries its own alignment (five-point template or MTCNN box crop) and its
-published same-person threshold, as a cosine similarity of its unit embeddings.
+same-person threshold, as a cosine similarity of its unit embeddings. The threshold of a
+file is known by its content (its sha256, whatever its name: a renamed SFace is still
+SFace); any other file needs its threshold stated by the caller.
 
 onnx, onnx2torch and facenet-pytorch are imported only when a file needs them.
 """
@@ -23,11 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+# torch's own layers, not comfy.ops (comfy-test's rule): frozen recognisers rebuilt from their own
+# files, in the core, which imports no ComfyUI.
+from torch.nn import Conv2d, Linear
 
 from .align import FACENET_BOX, FIVE_POINT, Alignment
 from .detect import SCRFD_FILES
 from .model_files import KnownModel, find_face_model
-from .wheel_models import SFACE, WHEEL_RECOGNIZERS, check_installed
+from .wheel_models import FACENET_CASIA, SFACE, WHEEL_RECOGNIZERS, check_installed, sha256
 
 ONNX_SUFFIXES = (".onnx",)
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -102,9 +107,9 @@ class SEModule(nn.Module):
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.fc1 = Conv2d(channels, channels // reduction, 1, bias=False)
         self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+        self.fc2 = Conv2d(channels // reduction, channels, 1, bias=False)
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x):
@@ -117,12 +122,12 @@ class BottleneckIRSE(nn.Module):
         if in_channels == depth:
             self.shortcut_layer = nn.MaxPool2d(1, stride)
         else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+            self.shortcut_layer = nn.Sequential(Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
         self.res_layer = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False),
+            Conv2d(in_channels, depth, 3, 1, 1, bias=False),
             nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+            Conv2d(depth, depth, 3, stride, 1, bias=False),
             nn.BatchNorm2d(depth),
             SEModule(depth),
         )
@@ -141,7 +146,7 @@ class IRSEBackbone(nn.Module):
 
     def __init__(self, num_layers: int = 50):
         super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.input_layer = nn.Sequential(Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
         units, in_channels = [], 64
         for depth, count in zip(IR_SE_WIDTHS, IR_SE_UNITS[num_layers]):
             for k in range(count):
@@ -149,7 +154,7 @@ class IRSEBackbone(nn.Module):
                 in_channels = depth
         self.body = nn.Sequential(*units)
         self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
+            nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
 
     def forward(self, x):
         return self.output_layer(self.body(self.input_layer(x)))
@@ -239,17 +244,55 @@ def onnx_recognizer(path: Path) -> FaceRecognizer:
     model = onnx.load(str(path))
     bypass_identity_nodes(model.graph)
     input_range = PIXEL_RANGE if standardises_inside(model.graph) else ARCFACE_RANGE
-    threshold = SFACE_THRESHOLD if path.name == SFACE.file else ARCFACE_THRESHOLD
-    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name,
-                          FIVE_POINT, threshold)
+    return FaceRecognizer(convert(model), onnx_input_size(model.graph), input_range, path.name, FIVE_POINT)
 
 
 # --- files ------------------------------------------------------------------------------
 
-def load_recognizer(path: str | Path) -> FaceRecognizer:
-    """The recogniser in ``path``, its format told by suffix and by the state dict's keys."""
+@dataclass(frozen=True)
+class KnownFile:
+    what: str
+    threshold: float  # same person at this cosine or above
+
+
+# Recogniser files known by the sha256 of their bytes, with their published thresholds.
+KNOWN_FILES = {
+    SFACE.file_sha256: KnownFile(SFACE.what, SFACE_THRESHOLD),
+    FACENET_CASIA.file_sha256: KnownFile(FACENET_CASIA.what, FACENET_THRESHOLD),
+    "4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43":
+        KnownFile("ArcFace R50 of insightface's buffalo_l pack (w600k_r50.onnx)", ARCFACE_THRESHOLD),
+}
+
+
+class UnknownRecognizerError(ValueError):
+    """A recogniser file not known by its content, loaded without a stated threshold."""
+
+    def __init__(self, path: Path, digest: str, family: FaceRecognizer):
+        super().__init__(
+            f"{path.name} (sha256 {digest}) is not a face recogniser this pack knows by its content, so its "
+            f"same-person threshold is unknown and must be stated: the cosine similarity of two embeddings "
+            f"from which it takes them for one person (the paper counts this kind of network, "
+            f"{family.alignment.kind} alignment and {family.input_size} px input, as the same person from "
+            f"{family.threshold:.3f})")
+        self.path, self.digest = path, digest
+
+
+def load_recognizer(path: str | Path, threshold: float | None = None) -> FaceRecognizer:
+    """The recogniser in ``path``, its format told by suffix and by the state dict's keys,
+    and its same-person ``threshold``: the one stated, else the one its content is known by
+    (UnknownRecognizerError when neither)."""
     path = Path(path)
-    check_installed(path)
+    digest = sha256(path)
+    check_installed(path, digest)
+    model = _read_recognizer(path)
+    known = KNOWN_FILES.get(digest)
+    if threshold is None and known is None:
+        raise UnknownRecognizerError(path, digest, model)
+    model.threshold = threshold if threshold is not None else known.threshold
+    return model
+
+
+def _read_recognizer(path: Path) -> FaceRecognizer:
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return onnx_recognizer(path)

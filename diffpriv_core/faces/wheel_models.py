@@ -221,10 +221,10 @@ WHEEL_RECOGNIZERS = (SFACE, FACENET_CASIA)
 WHEEL_MODELS = (*WHEEL_RECOGNIZERS, CENTERFACE)
 
 
-def check_installed(path: Path) -> None:
-    """Refuse a file that carries one of these models' names but not its bytes."""
+def check_installed(path: Path, digest: str) -> None:
+    """Refuse a file (of sha256 ``digest``) that carries one of these models' names but not its bytes."""
     for model in WHEEL_MODELS:
-        if path.name == model.file and sha256(path) != model.file_sha256:
+        if path.name == model.file and digest != model.file_sha256:
             raise AlteredModelError(
                 f"{path.name} in {path.parent} is not the file the setup installs (sha256 differs: damaged or "
                 f"replaced). Delete it and run {SETUP_COMMAND} to install {model.what} again.")
