@@ -394,7 +394,7 @@ def keygen_command(args) -> int:
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
     return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
-                check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
+                check=partial(check_protected, path, args.strict, whole_image=args.whole_image)) for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
