@@ -394,7 +394,8 @@ def keygen_command(args) -> int:
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
     return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
-                check=partial(check_protected, path, args.strict, whole_image=args.whole_image)) for name, path in todo.items()]
+                check=partial(check_protected, path, args.strict, whole_image=args.whole_image))
+            for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
@@ -554,6 +555,8 @@ def run_settings(args, template: dict, secrets: KeySecrets) -> dict:
                 "encrypted": bool(secrets.passphrase or secrets.recipient)}
     if args.command == "protect":
         settings.update(task=args.task, seed=args.seed, steps=args.steps, whole_image=args.whole_image)
+        if args.strict:  # a photo done with possible faces is not done for --strict
+            settings["strict"] = True
     elif args.photo is not None:
         settings["photo"] = hashlib.sha256(args.photo.read_bytes()).hexdigest()
     return settings

@@ -74,7 +74,8 @@ def hostile(tmp_path_factory, test_models, face_models):
     workflow = base / "workflow.json"
     workflow.write_text(json.dumps({
         "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "picture"}},
+        "5": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},  # a whole-image "protection"
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "picture"}},
         "3": {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": KEY_E, "passphrase": ""}},
         "4": {"class_type": "DiffPrivacySaveKey", "inputs": {"key_e": ["3", 0], "filename_prefix": "key",
                                                              "folder": "output", "passphrase": ""}},
@@ -96,7 +97,7 @@ def run(hostile, tmp_path, modes: dict, *extra: str) -> tuple[int, dict | None, 
     out, name = tmp_path / "out", tmp_path.name
     shutil.copy(photo, tmp_path / f"{name}.png")
     rc = cli.main(["protect", str(tmp_path / f"{name}.png"), "--task", "anonymize", "--out", str(out),
-                   "--server", server.url, "--workflow", str(workflow), *extra])
+                   "--server", server.url, "--workflow", str(workflow), "--whole-image", *extra])
     summary = out / "summary.json"
     return rc, json.loads(summary.read_text())["results"][name] if summary.exists() else None, out / name
 

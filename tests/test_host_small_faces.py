@@ -7,18 +7,31 @@ changes, keeps its own key, which records its protection and landmarks, and reco
 
 The picture: tests/photos.py crowd_photo, 256 x 192 (faces of 16, 24 and 30 px and one of
 96 px cut by the left edge, made from real photos); crops at 64 px, test-size models; a
-recoverable key-I (fixed-point inversion, 50 steps, 10 refinements: see BENCHMARKS.md)."""
+recoverable key-I (fixed-point inversion, 50 steps, 10 refinements: see BENCHMARKS.md).
+
+Then the same crowd through `diffpriv protect` and the shipped anonymize_faces workflow (at
+test size, MSI included), with a minimum face size that leaves its 16 px face out: the
+command's summary.json and contact sheet list every face with the protection it got and the
+possible face with its box, and --strict fails the photo for it."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageColor
+
+from diffpriv_client import cli, graphs
+from diffpriv_client.summary import THUMB_PX, UNPROTECTED_COLOUR
 
 from diffpriv_core.faces.crop import MSI, MSI_MIN_SIZE, UNCONDITIONAL, FaceCrop, paste_faces
 from diffpriv_core.faces.detect import DEFAULT_MIN_SCORE, DEFAULT_MIN_SIZE, MTCNN
 from diffpriv_core.keys import load_key
 from diffpriv_eval.crowd import match
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.comfy_models import CHECKPOINT, CLIP_VISION
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from photos import as_image, crowd_photo
 from test_host_faces import recover_face_graph
 from test_host_foundation import fetch_image
@@ -138,3 +151,85 @@ def test_a_small_face_comes_back_from_its_own_key(comfy_host, protected_crowd):
     error = np.abs(as_image(recovered).numpy() - expected[0].numpy())[inside].mean()
     change = np.abs(as_image(protected).numpy() - expected[0].numpy())[inside].mean()
     assert error < 0.02 and error < change / 5, (error, change)
+
+
+# --- through the command ------------------------------------------------------------------
+LEFT_OUT = 20  # --min-face-size: the crowd's 16 px face (MTCNN's box of it is smaller) becomes a possible face
+
+
+def shipped_crowd_workflow(into: Path) -> Path:
+    """The shipped anonymize_faces workflow with the test-size models, 64 px crops and one
+    candidate; MSI and every other node as shipped (--steps sets their step counts)."""
+    graph = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
+    graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
+    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
+    for node in graphs.nodes_of(graph, "DiffPrivacyFaceCrop"):
+        node["inputs"]["size"] = CROP
+    for node in graphs.nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
+        node["inputs"].update(preset="custom", samples=1)
+    path = into / "crowd_workflow.json"
+    path.write_text(json.dumps(graph))
+    return path
+
+
+@pytest.fixture(scope="module")
+def crowd_file(tmp_path_factory):
+    made = crowd_photo(SMALL, seed=1, width=256, height=192, large=96)
+    folder = tmp_path_factory.mktemp("crowd")
+    Image.fromarray(made.picture).save(folder / "crowd.png")
+    return made, folder / "crowd.png", shipped_crowd_workflow(folder)
+
+
+def protect_crowd(comfy_host, crowd_file, out: Path, *extra: str) -> int:
+    _made, path, workflow = crowd_file
+    return cli.main(["protect", str(path), "--task", "anonymize", "--out", str(out), "--workflow", str(workflow),
+                     "--server", comfy_host.server.url, "--steps", "2", "--seed", "5",
+                     "--min-face-size", str(LEFT_OUT), *extra])
+
+
+def test_the_commands_summary_lists_every_face_with_its_protection_and_the_possible_faces(
+        comfy_host, crowd_file, tmp_path, capsys):
+    made, _path, _workflow = crowd_file
+    out = tmp_path / "out"
+    assert protect_crowd(comfy_host, crowd_file, out) == 0
+    printed = capsys.readouterr().out
+    entry = json.loads((out / "summary.json").read_text())["results"]["crowd"]
+    assert entry["status"] == "ok", entry
+    detection = entry["detection"]
+    assert detection["detector"] == "mtcnn" and detection["min_size"] == LEFT_OUT
+    faces = {face["face"]: face for face in entry["faces"]}
+    assert sorted(faces) == [f["face"] for f in detection["faces"]] == list(range(len(made.faces) - 1)), \
+        "every face Face Detect passed on has its key"
+    assert all(faces[k]["key"] in entry["keys"] for k in faces)
+    for found in detection["faces"]:
+        expected = "msi" if found["size"] >= MSI_MIN_SIZE else "unconditional"
+        assert faces[found["face"]]["protection"] == expected, (found, faces[found["face"]])
+    assert {f["protection"] for f in faces.values()} == {"msi", "unconditional"}
+    sixteen = [min(made.faces, key=lambda face: face.size)]
+    recalled, _ = match([p["box"] for p in detection["possible"]], [p["score"] for p in detection["possible"]],
+                        sixteen)
+    assert all(recalled), ("the 16 px face is listed as a possible face with its box", detection["possible"])
+    line = next(line for line in printed.splitlines() if line.startswith("crowd: ok, "))
+    assert f"{len(faces)} faces found" in line and " msi" in line and " unconditional" in line, line
+    assert "possible face NOT protected: box " in line, line
+    # The contact sheet marks the possible face, in its own colour, on the photo as sent.
+    (page,) = out.glob("contact_sheet_*.png")
+    sheet = np.asarray(Image.open(page).convert("RGB")).astype(int)
+    scale = THUMB_PX / made.picture.shape[0]
+    for possible in detection["possible"]:
+        x1, y1, x2, y2 = (round(v * scale) for v in possible["box"])
+        edge = sheet[max(0, y1):y2 + 1, max(0, x1 - 1):x1 + 2]
+        assert (np.abs(edge - ImageColor.getrgb(UNPROTECTED_COLOUR)) < 40).all(-1).any(), possible
+
+
+def test_strict_fails_the_crowd_for_its_possible_face_and_writes_nothing(comfy_host, crowd_file, tmp_path, capsys):
+    out = tmp_path / "strict"
+    assert protect_crowd(comfy_host, crowd_file, out, "--strict") == 1
+    printed = capsys.readouterr().out
+    entry = json.loads((out / "summary.json").read_text())["results"]["crowd"]
+    assert entry["status"] == "failed" and "not protected (--strict): box " in entry["error"], entry
+    assert "crowd: failed: " in printed and "possible face" in printed
+    assert entry["detection"]["possible"] and entry["outputs"] == entry["keys"] == []
+    assert {face["protection"] for face in entry["faces"]} == {"msi", "unconditional"}, \
+        "the summary still says what each face would have got"
+    assert not (out / "crowd").exists() or not any((out / "crowd").iterdir()), "no picture and no key written"
