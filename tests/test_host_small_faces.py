@@ -10,7 +10,7 @@ The picture: tests/photos.py crowd_photo, 256 x 192 (faces of 16, 24 and 30 px a
 recoverable key-I (fixed-point inversion, 50 steps, 10 refinements: see BENCHMARKS.md).
 
 Then the same crowd through `diffpriv protect` and the shipped anonymize_faces workflow (at
-test size, MSI included), with a minimum face size that leaves its 16 px face out: the
+test size, MSI included, two candidates), with a minimum face size that leaves its 16 px face out: the
 command's summary.json and contact sheet list every face with the protection it got and the
 possible face with its box, and --strict fails the photo for it."""
 from __future__ import annotations
@@ -23,16 +23,16 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from diffpriv_client import cli, graphs
+from diffpriv_client import cli
 from diffpriv_client.summary import THUMB_PX, UNPROTECTED_COLOUR
 
 from diffpriv_core.faces.crop import MSI, MSI_MIN_SIZE, UNCONDITIONAL, FaceCrop, paste_faces
 from diffpriv_core.faces.detect import DEFAULT_MIN_SCORE, DEFAULT_MIN_SIZE, MTCNN
 from diffpriv_core.keys import load_key
 from diffpriv_eval.crowd import match
-from diffpriv_testmodels.comfy_models import CHECKPOINT, CLIP_VISION
-from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
+from diffpriv_testmodels.face_models import ARCFACE_ONNX
 from photos import as_image, crowd_photo
+from test_cli_photos import shipped_workflow
 from test_host_faces import recover_face_graph
 from test_host_foundation import fetch_image
 from test_host_recovery import add, base_graph
@@ -157,27 +157,12 @@ def test_a_small_face_comes_back_from_its_own_key(comfy_host, protected_crowd):
 LEFT_OUT = 20  # --min-face-size: the crowd's 16 px face (MTCNN's box of it is smaller) becomes a possible face
 
 
-def shipped_crowd_workflow(into: Path) -> Path:
-    """The shipped anonymize_faces workflow with the test-size models, 64 px crops and one
-    candidate; MSI and every other node as shipped (--steps sets their step counts)."""
-    graph = graphs.load_workflow(graphs.default_workflow("anonymize_faces"))
-    graphs.set_models(graph, {str(Path(rel).parent): Path(rel).name for rel in (CHECKPOINT, CLIP_VISION)})
-    graphs.set_face_recognizer(graph, ARCFACE_ONNX, TEST_THRESHOLD)
-    for node in graphs.nodes_of(graph, "DiffPrivacyFaceCrop"):
-        node["inputs"]["size"] = CROP
-    for node in graphs.nodes_of(graph, "DiffPrivacyGuidedDDIMSampler"):
-        node["inputs"].update(preset="custom", samples=1)
-    path = into / "crowd_workflow.json"
-    path.write_text(json.dumps(graph))
-    return path
-
-
 @pytest.fixture(scope="module")
 def crowd_file(tmp_path_factory):
     made = crowd_photo(SMALL, seed=1, width=256, height=192, large=96)
     folder = tmp_path_factory.mktemp("crowd")
     Image.fromarray(made.picture).save(folder / "crowd.png")
-    return made, folder / "crowd.png", shipped_crowd_workflow(folder)
+    return made, folder / "crowd.png", shipped_workflow("anonymize_faces", folder, None)  # MSI as shipped
 
 
 def protect_crowd(comfy_host, crowd_file, out: Path, *extra: str) -> int:
