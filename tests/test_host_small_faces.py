@@ -30,7 +30,7 @@ from diffpriv_core.faces.crop import MSI, MSI_MIN_SIZE, UNCONDITIONAL, FaceCrop,
 from diffpriv_core.faces.detect import DEFAULT_MIN_SCORE, DEFAULT_MIN_SIZE, MTCNN
 from diffpriv_core.keys import load_key
 from diffpriv_eval.crowd import match
-from diffpriv_testmodels.face_models import ARCFACE_ONNX
+from diffpriv_testmodels.face_models import ARCFACE_ONNX, TEST_THRESHOLD
 from photos import as_image, crowd_photo
 from test_cli_photos import shipped_workflow
 from test_host_faces import recover_face_graph
@@ -57,7 +57,7 @@ def crowd_graph(image: str) -> dict:
         clip_vision=["clipv", 0], image=["crop", 0], preset="fast", steps=1, lr=0.0, seed=0, one_embedding=False,
         crop_info=["crop", 1])
     add(g, "sched", "DiffPrivacyEmbeddingScheduler", key_e=["msi", 0], preset="anonymize", tau=-1.0)
-    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX)
+    add(g, "fr", "DiffPrivacyFaceRecognizerLoader", model_name=ARCFACE_ONNX, threshold=TEST_THRESHOLD)
     add(g, "guide", "DiffPrivacyIdentityGuidance", face_model=["fr", 0], image=["crop", 0], mode="anonymize",
         lambda_scale=1.0, normalize_gradient=False, diversity=True, decode_region="whole image", face_index=0,
         min_score=0.9, on_no_face="error", gradient_checkpointing=False, crop_info=["crop", 1])
