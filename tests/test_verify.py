@@ -171,11 +171,12 @@ def test_the_contact_sheet_marks_protected_and_possible_faces_on_the_upright_pho
     source = tmp_path / "turned.jpg"
     stored.save(source, exif=exif, quality=95)
     summary = Summary(tmp_path / "out", "protect")
-    summary.record("turned", source, "ok", faces=[{"face": 0, "box": list(FACES[0][0]), "protection": "msi"}],
+    summary.record("turned", source, "ok",
+                   faces=[{"face": 0, "box": list(FACES[0][0]), "protection": "msi"}],
                    detection={"faces": [{"face": 0, "box": list(FACES[0][0]), "score": 0.99, "size": 50},
                                         {"face": 1, "box": list(FACES[1][0]), "score": 0.98, "size": 38}],
                               "possible": [{"box": [170.0, 100.0, 190.0, 124.0], "score": 0.7}]})
-    (page,) = write_contact_sheet(summary)
+    [page] = write_contact_sheet(summary)
     sheet = np.asarray(Image.open(page).convert("RGB"))
     assert sheet.shape[:2] == (THUMB_PX, round(200 * THUMB_PX / 160)), "the upright photo, THUMB_PX high"
     scale = THUMB_PX / 160
