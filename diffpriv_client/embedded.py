@@ -60,11 +60,10 @@ def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
     os.chmod(base, 0o700)
     nodes = base / "custom_nodes"
     nodes.mkdir(mode=0o700, exist_ok=True)
-    link = nodes / PACK_LINK_NAME
-    if not link.exists():
-        link.symlink_to(PACK_DIR, target_is_directory=True)
+    # A base directory used by another checkout of the pack, or an older one, loads this one.
+    _link_folder(nodes / PACK_LINK_NAME, PACK_DIR.resolve())
     if models is not None:
-        _link_models(base / "models", Path(models).resolve())
+        _link_folder(base / "models", Path(models).resolve())
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(mode=0o700, exist_ok=True)
         if not (base / sub).is_symlink():
@@ -72,15 +71,15 @@ def prepare_base_directory(base: Path, models: Path | None = None) -> Path:
     return base
 
 
-def _link_models(link: Path, models: Path) -> None:
-    """Point base/models at ``models``, re-pointing a link an earlier run made elsewhere."""
+def _link_folder(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target``, re-pointing a link an earlier run made elsewhere."""
     if link.is_symlink():
-        if link.resolve() == models:
+        if link.resolve() == target:
             return
         link.unlink()
     elif link.exists():
-        raise RuntimeError(f"{link} is a folder of its own; use another base directory to link {models} there")
-    link.symlink_to(models, target_is_directory=True)
+        raise RuntimeError(f"{link} is a folder of its own; use another base directory to link {target} there")
+    link.symlink_to(target, target_is_directory=True)
 
 
 def _die_with(parent_pid: int):

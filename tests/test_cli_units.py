@@ -333,3 +333,22 @@ def test_ray_actors_ask_for_what_is_given_and_default_to_the_room_there_is():
     assert actors_wanted(cluster(CPU=8.0), args(), Resources(1.0, 1.0), photos=100) == 1, "no room now: one"
     assert actors_wanted(cluster(CPU=2.0), args("--ray-actors", "3"), Resources(1.0, 0.0), photos=100) == 3, \
         "more than fit may be asked for: the others wait for room"
+
+
+def test_a_base_directory_made_by_another_checkout_loads_this_one(tmp_path):
+    """The pack's link in custom_nodes (and the models link) follow the checkout that runs."""
+    from diffpriv_client.embedded import PACK_DIR, PACK_LINK_NAME, prepare_base_directory
+
+    base, elsewhere, models = tmp_path / "base", tmp_path / "other-checkout", tmp_path / "models"
+    elsewhere.mkdir()
+    models.mkdir()
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(elsewhere, target_is_directory=True)
+    (base / "models").symlink_to(elsewhere, target_is_directory=True)
+    prepare_base_directory(base, models)
+    assert (base / "custom_nodes" / PACK_LINK_NAME).resolve() == PACK_DIR.resolve()
+    assert (base / "models").resolve() == models.resolve()
+    (base / "custom_nodes" / PACK_LINK_NAME).unlink()
+    (base / "custom_nodes" / PACK_LINK_NAME).mkdir()  # a folder of its own is never replaced
+    with pytest.raises(RuntimeError, match="is a folder of its own"):
+        prepare_base_directory(base)
