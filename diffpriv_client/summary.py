@@ -343,29 +343,31 @@ def latest_run(out_dir: Path) -> Summary:
     return summary
 
 
-def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
-    """The pictures of a `diffpriv protect` / `recover` --out folder that finished, each
-    with the name of the summary entry that made it (the photo's stem, or the key's
-    `<stem>_00001`); None for a folder without a summary."""
-    out_dir = Path(out_dir)
-    path = out_dir / SUMMARY_NAME
+def finished_entries(out_dir: Path) -> dict[str, dict] | None:
+    """The summary entries of a `diffpriv protect` / `recover` --out folder that finished,
+    this run's and earlier runs', by name; None for a folder without a summary."""
+    path = Path(out_dir) / SUMMARY_NAME
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
     results = {**saved.get("earlier", {}), **saved.get("results", {})}
-    return {out_dir / rel: name for name, entry in sorted(results.items()) if entry.get("status") in DONE_STATUSES
-            for rel in entry.get("outputs", [])}
+    return {name: entry for name, entry in sorted(results.items()) if entry.get("status") in DONE_STATUSES}
+
+
+def finished_outputs(out_dir: Path) -> dict[Path, str] | None:
+    """The pictures of an --out folder that finished, each with the name of the summary
+    entry that made it (the photo's stem, or the key's `<stem>_00001`); None for a folder
+    without a summary."""
+    entries = finished_entries(out_dir)
+    if entries is None:
+        return None
+    return {Path(out_dir) / rel: name for name, entry in entries.items() for rel in entry.get("outputs", [])}
 
 
 def finished_ablations(out_dir: Path) -> dict[str, list[str]]:
     """The paper's ablations each finished entry of a `diffpriv protect` --out folder ran
     (empty lists for the method itself; entries written before they were recorded have none)."""
-    path = Path(out_dir) / SUMMARY_NAME
-    if not path.is_file():
-        return {}
-    results = json.loads(path.read_text()).get("results", {})
-    return {name: list(entry.get("ablations") or []) for name, entry in sorted(results.items())
-            if entry.get("status") in DONE_STATUSES}
+    return {name: list(entry.get("ablations") or []) for name, entry in (finished_entries(out_dir) or {}).items()}
 
 
 def key_face(path: Path) -> dict | None:

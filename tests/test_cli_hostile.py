@@ -74,7 +74,9 @@ def hostile(tmp_path_factory, test_models, face_models):
     workflow = base / "workflow.json"
     workflow.write_text(json.dumps({
         "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "picture"}},
+        # inverted: the command refuses a picture that comes back as it went in
+        "5": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "picture"}},
         "3": {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": KEY_E, "passphrase": ""}},
         "4": {"class_type": "DiffPrivacySaveKey", "inputs": {"key_e": ["3", 0], "filename_prefix": "key",
                                                              "folder": "output", "passphrase": ""}},

@@ -316,8 +316,10 @@ def test_the_report_names_the_ablation_a_protect_run_recorded(photos, installed_
     out = tmp_path / "out"
     (out / "hanks").mkdir(parents=True)
     Image.fromarray(gaussian_blur(photos["hanks"], 4.0)).save(out / "hanks" / "hanks_anonymize_00001_.png")
-    Summary(out, "protect").record("hanks", tmp_path / "hanks.png", "ok", [out / "hanks" / "hanks_anonymize_00001_.png"],
-                                   ablations=["no-guidance", "one-embedding"])
+    summary = Summary(out, "protect")
+    summary.record("hanks", tmp_path / "hanks.png", "ok", [out / "hanks" / "hanks_anonymize_00001_.png"],
+                   ablations=["no-guidance", "one-embedding"])
+    summary.write_json()  # as the command does at the end of its run
     report = tmp_path / "report"
     assert eval_main(["--originals", str(tmp_path / "hanks.png"), "--protected", str(out), "--out", str(report),
                       "--models", str(installed_models)]) == 0
