@@ -148,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--margin", type=float, metavar="COSINE",
                          help="with --target-similarity: distance from the recogniser's threshold, 0 to 1 "
                               "(default: the workflow's, 0.05 in the shipped ones)")
+    protect.add_argument("--min-face-size", type=int, metavar="PX",
+                         help="every-face workflows: find faces whose box's longer side is at least PX pixels, 12 "
+                              "or more (default: the workflow's, 12 in the shipped ones)")
+    protect.add_argument("--min-face-score", type=float, metavar="SCORE",
+                         help="every-face workflows: protect faces the detector scores at least SCORE, 0 to 1; "
+                              "lower-scored candidates are reported as possible faces (default: the workflow's, "
+                              "0.7 in the shipped ones; with --detector centerface, 0.3)")
+    protect.add_argument("--detector", choices=list(graphs.DETECTOR_MIN_SCORE),
+                         help="every-face workflows: the face detector (default: the workflow's, mtcnn in the "
+                              "shipped ones; BENCHMARKS.md compares them)")
     protect.add_argument("--strict", action="store_true",
                          help="fail a photo in which Face Detect reports any possible face it did not protect (a "
                               "candidate scoring under its threshold, or one its size or selection settings left out)")
@@ -269,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-in-flight N needs N >= 1")
     if getattr(args, "margin", None) is not None and (not args.target_similarity or not 0 <= args.margin <= 1):
         parser.error("--margin COSINE needs --target-similarity and 0 <= COSINE <= 1")
+    if getattr(args, "min_face_size", None) is not None and not 12 <= args.min_face_size <= 4096:
+        parser.error("--min-face-size PX needs 12 <= PX <= 4096 (the detector's smallest window is 12 px)")
+    if getattr(args, "min_face_score", None) is not None and not 0 <= args.min_face_score <= 1:
+        parser.error("--min-face-score SCORE needs 0 <= SCORE <= 1")
     if getattr(args, "no_guidance", False) and args.target_similarity:
         parser.error("--no-guidance runs without the energy guidance that --target-similarity steers: choose one")
     return _run(args)
@@ -380,7 +394,8 @@ def keygen_command(args) -> int:
 # functions, so a Ray actor can make the same jobs on its own server.
 def protect_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
     return [Job(name, path, partial(_protect_graph, template, path, name, secrets.recipient, args.seed, args.steps),
-                check=partial(check_protected, path, args.strict)) for name, path in todo.items()]
+                check=partial(check_protected, path, args.strict, whole_image=args.whole_image))
+            for name, path in todo.items()]
 
 
 def recover_jobs(args, template: dict, secrets: KeySecrets, conn: Connection, todo: dict[str, Path]) -> list[Job]:
@@ -454,6 +469,8 @@ def load_template(args) -> dict:
                          "(see 'Your own workflows' in docs/cli.md)")
     if args.command == "protect" and args.target_similarity:
         graphs.set_target_similarity(template, args.margin)
+    if args.command == "protect" and (args.min_face_size, args.min_face_score, args.detector) != (None,) * 3:
+        graphs.set_face_detection(template, args.min_face_size, args.min_face_score, args.detector)
     if args.command == "protect" and args.no_guidance:
         graphs.set_no_guidance(template)
     if args.command == "protect" and args.one_embedding:
@@ -539,6 +556,8 @@ def run_settings(args, template: dict, secrets: KeySecrets) -> dict:
                 "encrypted": bool(secrets.passphrase or secrets.recipient)}
     if args.command == "protect":
         settings.update(task=args.task, seed=args.seed, steps=args.steps, whole_image=args.whole_image)
+        if args.strict:  # a photo done with possible faces is not done for --strict
+            settings["strict"] = True
     elif args.photo is not None:
         settings["photo"] = hashlib.sha256(args.photo.read_bytes()).hexdigest()
     return settings

@@ -137,6 +137,28 @@ def set_target_similarity(graph: dict, margin: float | None = None) -> None:
         inputs.update({name: value for name, value in values.items() if not _is_link(inputs.get(name))})
 
 
+FACE_DETECT = "DiffPrivacyFaceDetect"
+DETECTOR_MIN_SCORE = {"mtcnn": 0.7, "centerface": 0.3}  # Face Detect's defaults per detector (BENCHMARKS.md)
+
+
+def set_face_detection(graph: dict, min_size: int | None = None, min_score: float | None = None,
+                       detector: str | None = None) -> None:
+    """Every Face Detect finds faces down to ``min_size`` px, from ``min_score``, with
+    ``detector`` (None keeps the workflow's). A detector chosen without a score gets that
+    detector's default score: their scores are on different scales."""
+    nodes = nodes_of(graph, FACE_DETECT)
+    if not nodes:
+        raise ValueError("--min-face-size, --min-face-score and --detector need a Face Detect "
+                         f"({FACE_DETECT}) node in the workflow; it has none (a whole-image workflow?)")
+    if detector is not None and min_score is None:
+        min_score = DETECTOR_MIN_SCORE.get(detector)
+    values = {"min_size": min_size, "min_score": min_score, "detector": detector}
+    for node in nodes:
+        inputs = node.setdefault("inputs", {})
+        inputs.update({name: value for name, value in values.items()
+                       if value is not None and not _is_link(inputs.get(name))})
+
+
 # The paper's ablations `diffpriv protect` can switch a workflow to, by the name a summary
 # entry records them under, and what the report calls them.
 ABLATIONS = {"no-guidance": "w/o energy guidance (Table 5)",

@@ -3,7 +3,10 @@ written, and "ok" means every face found was protected and has its key.
 
 The checks, on the photo as the command sent it (pictures.read_photo), after batch.download
 has made sure a key came back at all:
-- every face Face Detect reported (its ``diffprivacy_faces`` history output) has a key;
+- every face Face Detect reported (its ``diffprivacy_faces`` history output) has a key (a
+  whole-image key holds every face of its picture); without that report only a
+  whole-image run is checked (--whole-image, or a workflow whose MSI trains on the photo
+  itself): in every-face mode nothing else says that every face was found;
 - in every picture of the photo's size (the protected photos), every face with a key
   changed: at least CHANGED_SHARE of its box's pixels differ from the original's; a
   whole-image key's picture changed in that share of all its pixels;
@@ -46,31 +49,46 @@ class NotProtected(RuntimeError):
 
 
 def check_protected(source, strict: bool, graph: dict, result: PromptResult, pictures: list[tuple[str, bytes]],
-                    keys: list[bytes]) -> dict:
+                    keys: list[bytes], whole_image: bool = False) -> dict:
     """Check what a protect prompt for the photo at ``source`` brought back (``pictures``:
-    (SaveImage node id, bytes); ``keys``: key files, already checked as keys). Returns the
-    summary's fields {"photo", "detection"}; raises NotProtected, with them, when the photo
-    must fail."""
+    (SaveImage node id, bytes); ``keys``: key files, already checked as keys; ``whole_image``:
+    the user said each photo is one face, --whole-image). Returns the summary's fields
+    {"photo", "detection"}; raises NotProtected, with them and the faces of the keys that
+    came back, when the photo must fail."""
     photo = read_photo(source)
     detection = detection_report(result)
     report = {"photo": {"size": list(photo.size), "notes": list(photo.notes)}, "detection": detection}
     faces = [face_crop_summary(read_container(data).meta) for data in keys]
-    problems = _key_problems(faces, detection)
+    whole_image = whole_image or graphs.msi_sees_the_photo(graph)
+    problems = _key_problems(faces, detection, whole_image, bool(graphs.nodes_of(graph, graphs.FACE_DETECT)))
     if strict and detection and detection["possible"]:
         problems.append(f"{_count(len(detection['possible']), 'possible face')} not protected (--strict): "
                         + ", ".join(f"box {p['box']} score {p['score']:.2f}" for p in detection["possible"]))
     pasted = graphs.pasted_saves(graph)
+    # Under a whole-image key every face found must have changed too.
+    changed = faces + (detection["faces"] if detection and None in faces else [])
     for number, (node_id, data) in enumerate(pictures, 1):
         picture = decode_picture(data)
         if picture.shape == photo.pixels.shape:
-            problems += _picture_problems(photo, picture, faces, node_id in pasted, f"picture {number}")
+            problems += _picture_problems(photo, picture, changed, node_id in pasted, f"picture {number}")
     if problems:
-        raise NotProtected("; ".join(problems), report)
+        raise NotProtected("; ".join(problems), dict(report, faces=[face for face in faces if face is not None]))
     return report
 
 
-def _key_problems(faces: list[dict | None], detection: dict | None) -> list[str]:
+def _key_problems(faces: list[dict | None], detection: dict | None, whole_image: bool,
+                  has_face_detect: bool) -> list[str]:
     if detection is None:
+        if has_face_detect:
+            return ["the workflow's Face Detect sent no report of the faces it found (diffprivacy_faces: a server "
+                    "with an older Diff-Privacy pack, or a Face Detect no output depends on): nothing says every "
+                    "face was protected"]
+        if whole_image:
+            return []
+        return ["the workflow has no Face Detect, so nothing says every face of the photo was found and "
+                "protected: use a workflow with Face Detect (the shipped every-face ones), or --whole-image when "
+                "each photo is one face"]
+    if None in faces:  # a whole-image key: its picture, every face in it, comes back from it
         return []
     keyed = {face["face"] for face in faces if face is not None}
     return [f"face {face['face']} ({face['size']:g} px at {face['box']}) was found but no key came back for it"
@@ -88,7 +106,7 @@ def _picture_problems(photo: Photo, picture: np.ndarray, faces: list[dict | None
             what = "the picture" if face is None else f"face {face['face']}"
             problems.append(f"{what} came back unchanged in {which}: {share:.0%} of its pixels changed "
                             f"(at least {CHANGED_SHARE:.0%} must)")
-    squares = [face["crop"] for face in faces if face is not None]
+    squares = [face["crop"] for face in faces if face is not None and "crop" in face]
     if pasted and squares:
         outside = np.any(picture != photo.pixels, axis=-1)
         for x, y, side in squares:

@@ -187,14 +187,20 @@ def read_public_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def face_crop_summary(meta: dict[str, str]) -> dict | None:
-    """{"face": index, "box": [x1, y1, x2, y2], "crop": [x, y, side]} of a per-face key's
-    metadata (the face, and the square cut around it, in photo pixels); None for a
-    whole-image key. Refuses geometry that is not the numbers Face Crop writes."""
+    """{"face": index, "box": [x1, y1, x2, y2], "crop": [x, y, side], "protection": name,
+    "landmarks": [[x, y] x 5]} of a per-face key's metadata (the face, and the square cut
+    around it, in photo pixels; no landmarks in keys made before they were recorded, and
+    their protection was MSI's); None for a whole-image key. Refuses geometry that is not
+    the numbers Face Crop writes."""
     text = meta.get(CROP_META)
     if text is None:
         return None
     crop = checked_face_crop(text)
-    return {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]], "crop": crop["box"]}
+    summary = {"face": crop["face_index"], "box": [round(float(v), 1) for v in crop["face_box"]],
+               "crop": crop["box"], "protection": crop.get("protection") or PROTECTIONS[0]}
+    if crop.get("landmarks"):
+        summary["landmarks"] = [[round(float(x), 1), round(float(y), 1)] for x, y in crop["landmarks"]]
+    return summary
 
 
 def checked_face_crop(text) -> dict:

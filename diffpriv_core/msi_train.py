@@ -21,6 +21,7 @@ from torch import autocast
 
 from .adapters.protocols import EpsModel, ImageFeatures, LatentCodec, TextEncoder
 from .frame import SIZE_META, msi_size_problem, pad_to_factor, size_meta
+from .key_format import PROTECTIONS
 from .key_types import KeyE
 from .msi import MSI, MSIShape, evaluating, make_key_e
 from .schedule import STAGE_SPAN, STAGES, T, alphas_cumprod
@@ -311,6 +312,21 @@ def held_out(image: torch.Tensor, host: MSIHost, rounds: int = 4, seed: int = 12
 def held_out_loss(msi: MSI, image: torch.Tensor, host: MSIHost, rounds: int = 4, seed: int = 1234) -> float:
     """Eq. 7 of ``msi`` on the held-out sample of ``image`` (see ``HeldOut``)."""
     return held_out(image, host, rounds, seed)(msi)
+
+
+UNCONDITIONAL = PROTECTIONS[1]  # key-E's msi_variant for the light protection of small faces
+
+
+def unconditional_key_e(text: TextEncoder, image_hw: tuple[int, int]) -> KeyE:
+    """key-E without MSI, the light protection of small faces: every stage's conditioning is
+    the unconditional embedding (the empty prompt), so Stage II, key-I and recovery run as
+    with MSI's key-E, without its training (one text-encoder pass instead of ~1000 UNet
+    forward and backward passes). The face's key-I is still its own inversion under it."""
+    with torch.no_grad():
+        uc = text.encode_empty().detach().float().cpu().contiguous()
+    return KeyE(uc.expand(STAGES, *uc.shape[1:]).clone(), uc.clone(),
+                {"key": "key-E", SIZE_META: size_meta(*image_hw), "msi_variant": UNCONDITIONAL,
+                 "msi_final_loss": "", "msi_steps_run": "0"})
 
 
 def _key_meta(config: MSITrainConfig, losses: list[float], image_hw: tuple[int, int]) -> dict[str, str]:

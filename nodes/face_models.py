@@ -6,7 +6,8 @@ from pathlib import Path
 
 import folder_paths
 
-from diffpriv_core.faces.model_files import KnownModel
+from diffpriv_core.faces.model_files import KnownModel, find_face_model
+from diffpriv_core.faces.wheel_models import CENTERFACE
 
 FACE_MODEL_FOLDERS = ("sface", "arcface", "insightface", "facenet")
 # The setup installs the recognisers that ship in PyPI wheels into the models folder of the
@@ -17,6 +18,10 @@ for _folder in FACE_MODEL_FOLDERS:
     # add_model_folder_path merges with folders other packs or extra_model_paths.yaml added.
     for _models_dir in dict.fromkeys((folder_paths.models_dir, INSTALL_MODELS_DIR)):
         folder_paths.add_model_folder_path(_folder, os.path.join(_models_dir, _folder))
+# CenterFace, the face detector the setup installs, lives where face detectors of other
+# packs (facexlib's) do; it is looked for there only, never offered as a recogniser.
+for _models_dir in dict.fromkeys((folder_paths.models_dir, INSTALL_MODELS_DIR)):
+    folder_paths.add_model_folder_path(CENTERFACE.folder, os.path.join(_models_dir, CENTERFACE.folder))
 
 
 def model_options(accepts, known: tuple[KnownModel, ...]) -> list[str]:
@@ -37,3 +42,9 @@ def resolve_model(option: str, find) -> Path:
             return Path(path)
     folders = [f for k in FACE_MODEL_FOLDERS for f in folder_paths.get_folder_paths(k)]
     return find(Path(option).name, folders)
+
+
+def find_centerface() -> Path:
+    """The CenterFace file in models/facedetection, or the error that says the setup installs it."""
+    known = (KnownModel(CENTERFACE.folder, CENTERFACE.file, CENTERFACE.what, CENTERFACE.source, CENTERFACE.licence),)
+    return find_face_model(CENTERFACE.file, folder_paths.get_folder_paths(CENTERFACE.folder), known, "face detector")

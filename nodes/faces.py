@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from comfy_api.v0_0_2 import io
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from diffpriv_core.faces.binding import check_bound
-from diffpriv_core.faces.crop import crop_faces, paste_faces, plan_crops
-from diffpriv_core.faces.detect import (KNOWN_DETECTORS, MTCNN, NoFaceError, box_mask, detect_faces, find_detector,
+from diffpriv_core.faces.crop import MSI_MIN_SIZE, crop_faces, paste_faces, plan_crops
+from diffpriv_core.faces.detect import (CENTERFACE, DEFAULT_MIN_SCORE, DEFAULT_MIN_SIZE, KNOWN_DETECTORS, MTCNN,
+                                        SCORE_FLOOR, Face, NoFaceError, box_mask, detect, find_detector,
                                         is_detector_file)
 
-from .face_models import model_options, resolve_model
+from .face_models import find_centerface, model_options, resolve_model
 from .host import Progress
 from .inputs import image_side_at_least, rgb_images
 from .types import FaceCrops, Faces
@@ -24,11 +26,29 @@ NO_FACE = ("error", "skip")
 
 
 def detector_options() -> list[str]:
-    return [MTCNN, *model_options(is_detector_file, KNOWN_DETECTORS)]
+    return [MTCNN, *model_options(is_detector_file, KNOWN_DETECTORS), CENTERFACE]
 
 
 def resolve_detector(option: str) -> str:
-    return MTCNN if option == MTCNN else str(resolve_model(option, find_detector))
+    if option == MTCNN:
+        return MTCNN
+    if option == CENTERFACE:
+        return str(find_centerface())
+    return str(resolve_model(option, find_detector))
+
+
+def detector_name(option: str, resolved: str) -> str:
+    """What the history calls the detector: "mtcnn", "centerface" or the option's file."""
+    return option if option in (MTCNN, CENTERFACE) else Path(resolved).name
+
+
+def face_entry(k: int, face: Face) -> dict:
+    return {"face": k, "box": [round(v, 1) for v in face.box], "score": round(face.score, 4),
+            "size": round(face.size, 1)}
+
+
+def possible_entry(face: Face) -> dict:
+    return {"box": [round(v, 1) for v in face.box], "score": round(face.score, 4)}
 
 
 class FaceDetect(io.ComfyNode):
@@ -38,21 +58,31 @@ class FaceDetect(io.ComfyNode):
             node_id="DiffPrivacyFaceDetect",
             display_name="Face Detect (Diff-Privacy)",
             category="Diff-Privacy/faces",
-            description="Finds faces and their 5 landmarks with MTCNN (weights ship with facenet-pytorch), or "
-                        "with insightface's SCRFD detector from models/insightface when you have it.",
+            description="Finds faces and their 5 landmarks with MTCNN (weights ship with facenet-pytorch), "
+                        "CenterFace (installed by the setup into models/facedetection), or insightface's SCRFD "
+                        "detector from models/insightface when you have it. Candidates it leaves out (a score "
+                        "below min_score, a size below min_size, or not selected) are listed in the history as "
+                        "possible faces.",
             inputs=[
                 io.Image.Input("image", tooltip="the photo(s) to find faces in"),
                 io.Combo.Input("select", options=list(SELECT), default="all",
                                tooltip="all: every face found; index: only face `index` (0 = largest)"),
                 io.Int.Input("index", default=0, min=0, max=64, tooltip="face to keep with select=by_index (0 = largest)"),
-                io.Int.Input("min_size", default=20, min=12, max=4096, tooltip="smaller faces are ignored (pixels)"),
-                io.Float.Input("min_score", default=0.9, min=0.0, max=1.0, step=0.01,
-                               tooltip="the detector's confidence a face needs; lower it for small or turned faces"),
+                io.Int.Input("min_size", default=DEFAULT_MIN_SIZE, min=12, max=4096,
+                             tooltip="faces whose box's longer side is smaller are left out (pixels; listed as "
+                                     "possible faces)"),
+                io.Float.Input("min_score", default=DEFAULT_MIN_SCORE[MTCNN], min=0.0, max=1.0, step=0.01,
+                               tooltip="faces the detector scores lower are left out (listed as possible faces "
+                                       f"from its floor: mtcnn {SCORE_FLOOR[MTCNN]}, centerface "
+                                       f"{SCORE_FLOOR[CENTERFACE]}). Scores differ by detector: mtcnn "
+                                       f"{DEFAULT_MIN_SCORE[MTCNN]}, centerface {DEFAULT_MIN_SCORE[CENTERFACE]} "
+                                       "(measured, BENCHMARKS.md)"),
                 io.Combo.Input("on_no_face", options=list(NO_FACE), default="error",
                                tooltip="error stops the prompt; skip reports the image and goes on"),
                 io.Combo.Input("detector", options=detector_options(), default=MTCNN, optional=True,
-                               tooltip="mtcnn: ships with facenet-pytorch; insightface SCRFD files need the "
-                                       "optional insightface package (non-commercial research licence)"),
+                               tooltip="mtcnn: ships with facenet-pytorch (the best recall measured); centerface: "
+                                       "MIT, installed by the setup; insightface SCRFD files need the optional "
+                                       "insightface package (non-commercial research licence)"),
             ],
             outputs=[Faces.Output(display_name="faces", tooltip="per image, its faces: box, five landmarks, score"),
                      io.Mask.Output(display_name="face_mask", tooltip="the faces' boxes, 1 inside")],
@@ -62,25 +92,35 @@ class FaceDetect(io.ComfyNode):
     def execute(cls, image, select, index, min_size, min_score, on_no_face, detector=MTCNN) -> io.NodeOutput:
         image = rgb_images(image, "Face Detect")
         image_side_at_least(image, max(min_size, 12), "Face Detect")  # MTCNN's smallest window is 12 px
-        detector = resolve_detector(detector)
-        per_image, masks, missing = [], [], []
+        resolved = resolve_detector(detector)
+        per_image, masks, missing, report = [], [], [], []
         progress = Progress(image.shape[0])
         for i, img in enumerate(image):
-            faces = detect_faces(img, min_score=min_score, min_size=min_size, detector=detector)
+            found = detect(img, min_score=min_score, min_size=min_size, detector=resolved)
+            faces = found.faces
             if select == "largest":
                 faces = faces[:1]
             elif select == "by_index":
                 faces = faces[index:index + 1]
+            possible = [f for f in found.faces if f not in faces] + found.possible
             if not faces:
                 if on_no_face == "error":
-                    raise NoFaceError(i, f" (min_size {min_size}, min_score {min_score})")
+                    raise NoFaceError(i, f" (min_size {min_size}, min_score {min_score}"
+                                         f"{'; possible faces: ' + str(len(possible)) if possible else ''})")
                 missing.append(i)
             per_image.append(faces)
             masks.append(box_mask(img.shape[0], img.shape[1], faces))
+            report.append({"image": i, "detector": detector_name(detector, resolved), "min_size": int(min_size),
+                           "min_score": float(min_score), "faces": [face_entry(k, f) for k, f in enumerate(faces)],
+                           "possible": [possible_entry(f) for f in possible]})
             progress.step()
         if missing:
             log.warning("Diff-Privacy: no face in image(s) %s of the batch; passed through", missing)
-        return io.NodeOutput(per_image, torch.stack(masks))
+        unprotected = sum(len(r["possible"]) for r in report)
+        if unprotected:
+            log.warning("Diff-Privacy: %d possible face(s) left out by Face Detect's settings (see its history)",
+                        unprotected)
+        return io.NodeOutput(per_image, torch.stack(masks), ui={"diffprivacy_faces": report})
 
 
 class FaceCrop(io.ComfyNode):
@@ -99,19 +139,27 @@ class FaceCrop(io.ComfyNode):
                              tooltip="the crops' side: the resolution the model works at (512 for SD 1.5)"),
                 io.Float.Input("margin", default=0.5, min=0.0, max=2.0, step=0.05,
                                tooltip="context around the face, as a fraction of the face's size on each side"),
+                io.Int.Input("msi_min_size", default=MSI_MIN_SIZE, min=0, max=4096, optional=True,
+                             tooltip="faces whose box's longer side is smaller (photo pixels) get the light "
+                                     "protection: no MSI training, key-E is the unconditional embedding (wire "
+                                     "crop_info into MSI Inversion); still guided, with its own key-I and key. "
+                                     "0 = MSI for every face"),
             ],
             outputs=[io.Image.Output(display_name="crops", tooltip="one square crop per face, at `size` px"),
                      FaceCrops.Output(display_name="crop_info",
-                                      tooltip="where each crop sits in its photo: for Face Paste and Save Privacy Key")],
+                                      tooltip="per crop: where it sits in its photo, the detector's box, landmarks "
+                                              "and score, and the face's protection (msi or unconditional); for "
+                                              "MSI Inversion, the Identity Energy Guidance, Face Paste and Save "
+                                              "Privacy Key")],
         )
 
     @classmethod
-    def execute(cls, image, faces, size, margin) -> io.NodeOutput:
+    def execute(cls, image, faces, size, margin, msi_min_size=MSI_MIN_SIZE) -> io.NodeOutput:
         image = rgb_images(image, "Face Crop")
         if len(faces) != image.shape[0]:
             raise ValueError(f"Face Crop got {image.shape[0]} images but faces for {len(faces)}: "
                              "connect the Face Detect that ran on this image")
-        crops = plan_crops(faces, image.shape[1], image.shape[2], size, margin)
+        crops = plan_crops(faces, image.shape[1], image.shape[2], size, margin, msi_min_size)
         if not crops:
             # Face Detect let the photos through (on_no_face=skip): nothing downstream runs,
             # so no key or protected image is written for a photo with nothing to protect.

@@ -23,7 +23,7 @@ from .face_models import model_options, resolve_model
 from .faces import NO_FACE
 from .host import Progress, gradients, grad_input
 from .inputs import image_side_at_least, rgb_images
-from .types import FaceModel, Guidance
+from .types import FaceCrops, FaceModel, Guidance
 
 log = logging.getLogger("diffprivacy")
 
@@ -148,6 +148,11 @@ class IdentityGuidanceNode(io.ComfyNode):
                 io.Int.Input("switch_t", default=600, min=0, max=1000, optional=True,
                              tooltip="the timestep where lambda_t switches from early to late (the reference "
                                      "code's: 600)"),
+                FaceCrops.Input("crop_info", optional=True,
+                                tooltip="from the Face Crop whose crops are 'image': each crop's face is the one "
+                                        "Face Detect found (its box and landmarks, mapped into the crop), with no "
+                                        "second detection; a face cut by the frame is guided where the detector "
+                                        "saw it. face_index, min_score and on_no_face then do not apply"),
             ],
             outputs=[Guidance.Output(display_name="guidance", tooltip="for the Guided DDIM Sampler (or the Guided DDIM SAMPLER)"),
                      io.Image.Output(display_name="aligned_faces",
@@ -158,7 +163,7 @@ class IdentityGuidanceNode(io.ComfyNode):
     def execute(cls, face_model, image, mode, lambda_scale, normalize_gradient, diversity, decode_region,
                 face_index, min_score, on_no_face, gradient_checkpointing=False, lambda_mode=LAMBDA_MODES[0],
                 margin=0.05, lambda_cap=1000.0, lambda_early=-1.0, lambda_late=-1.0,
-                switch_t=600) -> io.NodeOutput:
+                switch_t=600, crop_info=None) -> io.NodeOutput:
         image = rgb_images(image, "Identity Guidance")
         image_side_at_least(image, MIN_FACE_SIDE, "Identity Guidance")
         lambdas = lambda_schedule(mode, lambda_scale, lambda_early, lambda_late, switch_t)
@@ -167,8 +172,11 @@ class IdentityGuidanceNode(io.ComfyNode):
             target = SimilarityTarget(face_model.threshold, margin, lambda_cap)
         with gradients():  # normal tensors: the sampler's backward pass uses the reference embeddings
             images = grad_input(image)
-            targets, passes = reference_faces(face_model, images, face_index, min_score, on_no_face,
-                                              "identity guidance", NAME)
+            if crop_info is None:
+                targets, passes = reference_faces(face_model, images, face_index, min_score, on_no_face,
+                                                  "identity guidance", NAME)
+            else:
+                targets, passes = detected_faces(face_model, images, crop_info, NAME)
             aligned = torch.stack([aligned_face(face_model, img, target) for img, target in zip(images, targets)])
         missing = [i for i, target in enumerate(targets) if target is None]
         if missing:
@@ -199,6 +207,29 @@ def reference_faces(face_model, images: torch.Tensor, face_index: int, min_score
             raise NoFaceError(i, f" for {purpose} (face_index {face_index}, min_score {min_score})")
         else:
             targets.append(None)
+        passes += counter.report(stage, first=i)
+        progress.step()
+    return targets, passes
+
+
+def detected_faces(face_model, images: torch.Tensor, crops: list, stage: str) -> tuple[list[FaceTarget], list[dict]]:
+    """Each crop's face as Face Detect found it in the photo (box and landmarks mapped into
+    the crop's pixels), as the recogniser sees it: one detection for the whole graph."""
+    if len(crops) != images.shape[0]:
+        raise ValueError(f"{NAME}: {len(crops)} face crops for {images.shape[0]} images: connect the Face Crop "
+                         "whose crops 'image' is")
+    targets, passes = [], []
+    progress = Progress(images.shape[0])
+    for i, (img, crop) in enumerate(zip(images, crops)):
+        if tuple(img.shape[:2]) != (crop.size, crop.size):
+            raise ValueError(f"{NAME}: image {i} is {img.shape[1]} x {img.shape[0]}, but its face crop is "
+                             f"{crop.size} x {crop.size}: give the crops of the Face Crop that made 'crop_info'")
+        try:
+            face = crop.face_in_crop()
+        except ValueError as exc:
+            raise ValueError(f"{NAME}: face crop {i}: {exc}") from None
+        counter = PassCounter()
+        targets.append(face_target(counter.embedder(face_model), img, face))
         passes += counter.report(stage, first=i)
         progress.step()
     return targets, passes

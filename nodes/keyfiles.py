@@ -1,13 +1,14 @@
 """Save Privacy Key / Load Privacy Key: key files in models/diffprivacy_keys or output/."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import folder_paths
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.faces.binding import bind
-from diffpriv_core.faces.crop import FaceCrop
+from diffpriv_core.faces.crop import MSI, UNCONDITIONAL, FaceCrop
 from diffpriv_core.key_crypto import check_recipient
 from diffpriv_core.key_format import CROP_META
 from diffpriv_core.keys import load_key, safe_join, save_next_key
@@ -82,7 +83,7 @@ class SavePrivacyKey(io.ComfyNode):
         root = folder_paths.get_output_directory() if folder == "output" else keys_dir()
         written, records = [], []
         for b in range(count):
-            crop = crop_info[b] if crop_info is not None else None
+            crop = recorded_crop(crop_info[b], keys_e[b]) if crop_info is not None else None
             path = save_next_key(root, face_key_prefix(filename_prefix, crop, crop_info), keys_e[b],
                                  key_i[b] if key_i else None, passphrase or None,
                                  extra={CROP_META: crop.to_json()} if crop is not None else None,
@@ -93,6 +94,14 @@ class SavePrivacyKey(io.ComfyNode):
             records.append({"filename": os.path.basename(rel), "subfolder": os.path.dirname(rel),
                             "type": "output" if folder == "output" else KEYS_FOLDER})
         return io.NodeOutput("\n".join(written), ui={"diffprivacy_keys": records})
+
+
+def recorded_crop(crop: FaceCrop, key_e) -> FaceCrop:
+    """The crop as the key records it, with the protection the face really got: its key-E
+    says whether MSI trained it (a Face Crop's plan is not enough: a graph may not have
+    wired it into MSI Inversion)."""
+    protection = UNCONDITIONAL if key_e.meta.get("msi_variant") == UNCONDITIONAL else MSI
+    return dataclasses.replace(crop, protection=protection)
 
 
 def face_key_prefix(prefix: str, crop: FaceCrop | None, crops: list[FaceCrop] | None) -> str:

@@ -12,14 +12,14 @@ from comfy_api.v0_0_2 import io, ui
 from PIL import Image, ImageDraw
 
 from diffpriv_core import msi_train
-from diffpriv_core.msi_train import MSIHost, check_images, train_msi
+from diffpriv_core.msi_train import UNCONDITIONAL, MSIHost, check_images, train_msi, unconditional_key_e
 from diffpriv_core.passes import PassCounter
 
 from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input, previews_on
 from .inputs import rgb_images, sd1_model
 from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
-from .types import KeyE
+from .types import FaceCrops, KeyE
 
 log = logging.getLogger("diffprivacy")
 
@@ -58,6 +58,10 @@ class MSIInversion(io.ComfyNode):
                 io.Boolean.Input("one_embedding", default=False, optional=True,
                                  tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
                                          "modulation, one conditioning for every stage"),
+                FaceCrops.Input("crop_info", optional=True,
+                                tooltip="from the Face Crop that made these images: faces it marked for the light "
+                                        "protection (smaller than its msi_min_size) get key-E = the "
+                                        "unconditional embedding, without training"),
             ],
             outputs=[KeyE.Output(display_name="key_e", tooltip="one key-E per image: its ten stage conditionings and the "
                                                                  "unconditional one"),
@@ -67,12 +71,14 @@ class MSIInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed,
-                one_embedding=False) -> io.NodeOutput:
+                one_embedding=False, crop_info=None) -> io.NodeOutput:
         image = rgb_images(image, NAME)
         check_images(image)
         sd1_model(model, NAME)
         check_clip_vision(clip_vision)
         config = _config(preset, steps, lr, seed, one_embedding)
+        light = light_faces(crop_info, image.shape[0])
+        trained = [i for i in range(image.shape[0]) if i not in light]
         host = eps = None
         try:
             with gradients():
@@ -80,7 +86,10 @@ class MSIInversion(io.ComfyNode):
                 load_all(model, clip.patcher, vae.patcher, clip_vision.patcher)
                 host = MSIHost(eps=eps, codec=ComfyCodec(vae, model), text=ComfyText(clip),
                                features=ComfyImageFeatures(clip_vision), alphas=alphas_of(model))
-                keys, curves, passes = _train_batch(grad_input(image), host, config)
+                keys, curves, passes = _train_batch(grad_input(image[trained]), host, config) if trained \
+                    else ([], [], [])
+                keys, curves, passes = _with_light_faces(keys, curves, passes, trained, light, host.text,
+                                                         tuple(image.shape[1:3]))
                 for key in keys:  # key-I and recovery refuse this key-E with another checkpoint
                     key.meta["checkpoint"] = eps.fingerprint
         finally:
@@ -91,6 +100,29 @@ class MSIInversion(io.ComfyNode):
         # The final curve shows on the node in the editor: a temporary picture (no prompt in it).
         shown = ui.PreviewImage(curve, cls=None).as_dict()
         return io.NodeOutput(keys, curve, ui={**shown, "key_e": summary, "passes": passes})
+
+
+def light_faces(crop_info, batch: int) -> list[int]:
+    """The images of the batch whose face crop asks for the light protection."""
+    if crop_info is None:
+        return []
+    if len(crop_info) != batch:
+        raise ValueError(f"{NAME}: {len(crop_info)} face crops for {batch} images: connect the Face Crop whose "
+                         "crops these images are")
+    return [i for i, crop in enumerate(crop_info) if crop.protection == UNCONDITIONAL]
+
+
+def _with_light_faces(keys, curves, passes, trained: list[int], light: list[int], text, image_hw):
+    """The trained images' results (in ``trained`` order, indexed 0..) merged in batch order
+    with the unconditional key-E of each light-protection image."""
+    by_image = {trained[k]: (key, curve) for k, (key, curve) in enumerate(zip(keys, curves))}
+    passes = [dict(entry, image=trained[entry["image"]]) for entry in passes]
+    for i in light:
+        counter = PassCounter()
+        by_image[i] = (unconditional_key_e(counter.text(text), image_hw), [])
+        passes += counter.report(NAME, first=i)
+    order = sorted(by_image)
+    return [by_image[i][0] for i in order], [by_image[i][1] for i in order], sorted(passes, key=lambda e: e["image"])
 
 
 def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):

@@ -55,3 +55,17 @@ def variations(photo: np.ndarray) -> dict[str, np.ndarray]:
     return {"mirrored": np.ascontiguousarray(photo[:, ::-1]), "small": np.asarray(small),
             "shifted": np.ascontiguousarray(photo[height * 8 // 100:, width * 8 // 100:]),
             "brighter": np.clip(photo.astype(np.float32) * 1.2, 0, 255).astype(np.uint8)}
+
+
+CROWD_SMALL = (16, 20, 24, 30, 36)  # faces under 40 px ...
+CROWD_LARGE = 100  # ... and one large, cut by the picture's left edge
+
+
+def crowd_photo(small: tuple[int, ...] = CROWD_SMALL, seed: int = 0, width: int = 320, height: int = 224,
+                large: int = CROWD_LARGE):
+    """A crowd made from real photos (diffpriv_eval.crowd), with the true face boxes: by
+    default 320 x 224, five faces of 16-36 px (LFW faces and faces of full photos) and the
+    astronaut's face of 100 px cut by the left edge, on scikit-image's coffee photo."""
+    from diffpriv_eval.crowd import crowd
+
+    return crowd(list(small), seed=seed, width=width, height=height, edge_face=large, distractors=0, rotate=0)

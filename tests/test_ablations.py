@@ -56,7 +56,7 @@ def test_a_switch_that_cannot_apply_is_refused_rather_than_ignored():
 def test_the_command_applies_the_switches_and_refuses_no_guidance_with_a_target(capsys):
     args = argparse.Namespace(command="protect", workflow=None, whole_image=True, task="hide", photo=None,
                               target_similarity=False, margin=None, no_guidance=True, one_embedding=True,
-                              demo_weights=False)
+                              demo_weights=False, min_face_size=None, min_face_score=None, detector=None)
     assert graphs.ablations(cli.load_template(args)) == ["no-guidance", "one-embedding"]
     assert "running the paper's ablation w/o energy guidance (Table 5)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:

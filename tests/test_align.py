@@ -16,7 +16,7 @@ def photos_with_faces(astronaut):
     out = []
     for photo in (astronaut, insightface_photo("t1.jpg")):
         image = as_image(photo)
-        out.append((image, detect_faces(image)))
+        out.append((image, detect_faces(image, min_size=40)))  # as the canvas below is searched
     assert [len(faces) for _, faces in out] == [1, 6]
     return out
 
@@ -28,7 +28,10 @@ def landmarks_in_aligned_crop(image: torch.Tensor, matrix: torch.Tensor, size: i
     with_margin = matrix.clone()
     with_margin[:, 2] += pad
     canvas = align.warp_faces(image[None], with_margin, 2 * size)
-    (face,) = detect_faces(canvas[0].permute(1, 2, 0), min_score=0.5)
+    # Photo and canvas searched alike, from 20 px windows: MTCNN's landmarks of one face move
+    # by up to 10 px of 100 between pyramids that start at different windows (its noise, not
+    # the warp's, which is what this test measures).
+    (face,) = detect_faces(canvas[0].permute(1, 2, 0), min_score=0.5, min_size=40)
     return np.asarray(face.landmarks) - pad
 
 

@@ -218,7 +218,7 @@ def test_recover_gives_back_the_original_and_a_wrong_passphrase_fails_clearly(co
     url = comfy_host.server.url
     out = tmp_path / "out"
     assert cli.main(protect_args([photos["astronaut"]], out, url, workflow=RECOVERABLE)
-                    + ["--passphrase-env", passphrase_env]) == 0
+                    + ["--whole-image", "--passphrase-env", passphrase_env]) == 0
     reconstruction = picture(only_output(out, "astronaut", "_reconstruction_"))
     key = out / results(out)["astronaut"]["keys"][0]
     wrong = with_another_key_e(key, tmp_path / "wrong-e.dpkey.safetensors")
@@ -265,7 +265,8 @@ def test_eval_reports_on_what_protect_and_recover_wrote(comfy_host, face_photos,
     shows that nothing is paired with a photo that has no outputs, and it is not counted."""
     url = comfy_host.server.url
     protected, recovered, report = tmp_path / "protected", tmp_path / "recovered", tmp_path / "report"
-    assert cli.main(protect_args([face_photos / "hanks.png"], protected, url, workflow="anonymize_small.json")) == 0
+    assert cli.main(protect_args([face_photos / "hanks.png"], protected, url, workflow="anonymize_small.json")
+                    + ["--whole-image"]) == 0
     (key,) = results(protected)["hanks"]["keys"]
     assert cli.main(recover_args([protected / key], recovered, url)) == 0
 

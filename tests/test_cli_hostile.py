@@ -98,7 +98,7 @@ def run(hostile, tmp_path, modes: dict, *extra: str) -> tuple[int, dict | None, 
     out, name = tmp_path / "out", tmp_path.name
     shutil.copy(photo, tmp_path / f"{name}.png")
     rc = cli.main(["protect", str(tmp_path / f"{name}.png"), "--task", "anonymize", "--out", str(out),
-                   "--server", server.url, "--workflow", str(workflow), *extra])
+                   "--server", server.url, "--workflow", str(workflow), "--whole-image", *extra])
     summary = out / "summary.json"
     return rc, json.loads(summary.read_text())["results"][name] if summary.exists() else None, out / name
 

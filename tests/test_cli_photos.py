@@ -57,12 +57,12 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def shipped_workflow(name: str, into: Path, key_e_file: str) -> Path:
+def shipped_workflow(name: str, into: Path, key_e_file: str | None) -> Path:
     """A shipped workflow with the test models, 64 px crops and two candidates, and MSI (and
-    its loss-curve preview) replaced by a key-E from a file."""
+    its loss-curve preview) replaced by a key-E from a file (kept, with None)."""
     graph = graphs.load_workflow(graphs.default_workflow(name))
     for node_id, node in list(graph.items()):
-        if node["class_type"] == "DiffPrivacyMSIInversion":
+        if node["class_type"] == "DiffPrivacyMSIInversion" and key_e_file is not None:
             graph[node_id] = {"class_type": "DiffPrivacyLoadKey", "inputs": {"key_name": key_e_file, "passphrase": ""}}
         elif node["class_type"] == "PreviewImage":
             del graph[node_id]

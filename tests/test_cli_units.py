@@ -197,11 +197,14 @@ def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
     from diffpriv_core.keys import save_key
     from key_helpers import random_key_e
 
-    crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25))
+    landmarks = ((40.0, 55.0), (66.0, 55.0), (53.0, 66.0), (44.0, 78.0), (63.0, 78.0))
+    crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25), protection="unconditional",
+                    landmarks=landmarks)
     face_key, whole_key = tmp_path / "face.dpkey.safetensors", tmp_path / "whole.dpkey.safetensors"
     save_key(face_key, random_key_e(1, "abc"), passphrase="pw", extra={"face_crop": crop.to_json()})
     save_key(whole_key, random_key_e(1, "abc"))
-    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2], "crop": [10, 20, 96]}
+    assert key_face(face_key) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2], "crop": [10, 20, 96],
+                                  "protection": "unconditional", "landmarks": [list(p) for p in landmarks]}
     assert key_face(whole_key) is None
 
 

@@ -103,8 +103,8 @@ def test_detect_policies_decide_which_faces_are_cropped(comfy_inproc, group):
         return nodes.FaceCrop.execute(photo, faces, SIZE, 0.5).args[1]
 
     assert len(crops()) == 6
-    big = crops(min_size=104)  # the smallest faces fall below the minimum size
-    assert 0 < len(big) < 6 and all(min(c.face_box[2] - c.face_box[0], c.face_box[3] - c.face_box[1]) >= 104
+    big = crops(min_size=125)  # the smallest faces fall below the minimum size (the box's longer side)
+    assert 0 < len(big) < 6 and all(max(c.face_box[2] - c.face_box[0], c.face_box[3] - c.face_box[1]) >= 125
                                     for c in big)
     assert len(crops(select="largest")) == 1
     (third,) = crops(select="by_index", index=2)

@@ -393,7 +393,7 @@ def test_the_public_metadata_reader_needs_no_tensors(tmp_path):
     crop = FaceCrop(0, 3, (443, 640), (10, 20, 96), 64, (30.0, 40.0, 78.5, 90.25))
     path = save_key(tmp_path / "k.dpkey.safetensors", make_keys()[0], extra={fmt.CROP_META: crop.to_json()})
     assert fmt.face_crop_summary(fmt.read_public_metadata(path)) == {"face": 3, "box": [30.0, 40.0, 78.5, 90.2],
-                                                                   "crop": [10, 20, 96]}
+                                                                   "crop": [10, 20, 96], "protection": "msi"}
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(KeyFileError):
         fmt.read_public_metadata(path)

@@ -110,8 +110,8 @@ def test_protect_runs_the_papers_ablations_and_records_them(comfy_host, photos, 
 
     out = tmp_path / "out"
     assert cli.main(["protect", str(photos / "hanks.png"), "--task", "anonymize", "--out", str(out),
-                     "--workflow", str(WORKFLOWS / "anonymize_small.json"), "--seed", "3", "--no-guidance",
-                     "--one-embedding", "--server", comfy_host.server.url]) == 0
+                     "--workflow", str(WORKFLOWS / "anonymize_small.json"), "--whole-image", "--seed", "3",
+                     "--no-guidance", "--one-embedding", "--server", comfy_host.server.url]) == 0
     entry = json.loads((out / "summary.json").read_text())["results"]["hanks"]
     assert entry["status"] == "ok" and entry["ablations"] == ["no-guidance", "one-embedding"]
     assert entry["identity"] == [] and len(entry["outputs"]) == 2  # nothing guided; the workflow's 2 samples

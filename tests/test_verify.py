@@ -65,8 +65,8 @@ def report(faces=(0, 1), possible=()) -> PromptResult:
     return PromptResult("p", {"detect": {"diffprivacy_faces": [entry]}})
 
 
-def check(photo, result, pictures, keys, strict=False):
-    return check_protected(photo[0], strict, GRAPH, result, pictures, keys)
+def check(photo, result, pictures, keys, strict=False, graph=GRAPH, whole_image=False):
+    return check_protected(photo[0], strict, graph, result, pictures, keys, whole_image=whole_image)
 
 
 def test_every_face_changed_and_keyed_is_ok_and_reported(photo, keys):
@@ -128,9 +128,37 @@ def test_hostile_reports_are_bounded(photo, keys):
 def test_a_whole_image_key_needs_its_picture_changed(photo, tmp_path):
     key = save_key(tmp_path / "whole.dpkey.safetensors", random_key_e(3)).read_bytes()
     result = PromptResult("p", {})
-    assert check(photo, result, [("save", png(255 - photo[1]))], [key])["detection"] is None
+    assert check(photo, result, [("save", png(255 - photo[1]))], [key], whole_image=True)["detection"] is None
     with pytest.raises(NotProtected, match="the picture came back unchanged in picture 1"):
-        check(photo, result, [("save", png(photo[1]))], [key])
+        check(photo, result, [("save", png(photo[1]))], [key], whole_image=True)
+    # A workflow whose MSI trains on the uploaded photo is a whole-image one without --whole-image.
+    msi_on_photo = dict(GRAPH, msi={"class_type": "DiffPrivacyMSIInversion", "inputs": {"image": ["load", 0]}})
+    assert check(photo, result, [("save", png(255 - photo[1]))], [key], graph=msi_on_photo)["detection"] is None
+
+
+def test_a_whole_image_key_holds_every_face_found_and_each_must_change(photo, tmp_path):
+    key = save_key(tmp_path / "whole.dpkey.safetensors", random_key_e(3)).read_bytes()
+    everything_but_face_1 = 255 - photo[1]
+    x1, y1, x2, y2 = map(int, FACES[1][0])
+    everything_but_face_1[y1:y2, x1:x2] = photo[1][y1:y2, x1:x2]
+    assert check(photo, report(), [("save", png(255 - photo[1]))], [key])["detection"]["faces"]
+    with pytest.raises(NotProtected, match="face 1 came back unchanged in picture 1"):
+        check(photo, report(), [("save", png(everything_but_face_1))], [key])
+
+
+@pytest.mark.parametrize("graph, message", [
+    (GRAPH, "the workflow has no Face Detect, so nothing says every face of the photo was found and protected"),
+    (dict(GRAPH, detect={"class_type": "DiffPrivacyFaceDetect", "inputs": {}}),
+     "the workflow's Face Detect sent no report of the faces it found"),
+])
+def test_without_face_detects_report_an_every_face_photo_fails(photo, keys, tmp_path, graph, message):
+    """Fail closed: keys and changed faces came back, but nothing says they are all the faces."""
+    whole = save_key(tmp_path / "whole.dpkey.safetensors", random_key_e(3)).read_bytes()
+    for got_keys, picture, faces in ((keys, protected(photo[1]), [0, 1]), ([whole], 255 - photo[1], [])):
+        with pytest.raises(NotProtected, match=message) as failed:
+            check(photo, PromptResult("p", {}), [("save", png(picture))], got_keys, graph=graph)
+        assert failed.value.report["detection"] is None
+        assert [f["face"] for f in failed.value.report["faces"]] == faces, "the keys' faces, for the summary"
 
 
 def test_the_contact_sheet_marks_protected_and_possible_faces_on_the_upright_photo(photo, tmp_path):

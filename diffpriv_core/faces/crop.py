@@ -12,14 +12,26 @@ Images are ComfyUI IMAGE tensors: [B, H, W, C] float in [0, 1].
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..key_format import checked_face_crop
+from ..key_format import PROTECTIONS, checked_face_crop
 from .detect import Face
 from .mask import ellipse_radius
+
+# How each face is protected (recorded per face in its crop, and so in its key):
+# "msi": the paper's protection, MSI's key-E + guided DDIM; "unconditional": the light
+# protection of small faces, the same guided DDIM and key-I with key-E = the unconditional
+# embedding (no MSI training), recoverable from the face's own key the same way.
+MSI, UNCONDITIONAL = PROTECTIONS
+# Faces smaller than this (the longer side of the box, photo pixels) get the light
+# protection: below it the 512 px crop's 64 x 64 latent is finer than the photo pixels the
+# face came from, and MSI's training (about 6 in 7 of a face's UNet passes) would learn
+# to reproduce an upscaled blur (BENCHMARKS.md, small_faces).
+MSI_MIN_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -35,32 +47,70 @@ class FaceCrop:
     # A key's crop: the SHA-256 of the face's region (photo_binding.region_digest) in each
     # protected picture made with it, so the face is recovered into those pictures only.
     region_digests: tuple[str, ...] = ()
+    protection: str = MSI  # how the face is protected (PROTECTIONS); keys made before it say "msi"
+    landmarks: tuple[tuple[float, float], ...] = ()  # the detector's five, in photo pixels; () in older keys
+
+    def __post_init__(self):
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"unknown face protection {self.protection!r} (known: {', '.join(PROTECTIONS)})")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        fields = asdict(self)
+        if not self.landmarks:  # a crop without them (an older key's) records none
+            del fields["landmarks"]
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "FaceCrop":
         """The crop of a key's metadata: every number checked (key_format.checked_face_crop)."""
         d = checked_face_crop(text)
         return cls(d["image_index"], d["face_index"], tuple(d["source_size"]), tuple(d["box"]), d["size"],
-                   tuple(float(v) for v in d["face_box"]), tuple(d.get("region_digests", ())))
+                   tuple(float(v) for v in d["face_box"]), tuple(d.get("region_digests", ())),
+                   d.get("protection") or MSI, tuple((float(x), float(y)) for x, y in d.get("landmarks") or ()))
+
+    @property
+    def scale(self) -> float:
+        """Crop pixels per photo pixel."""
+        return self.size / self.box[2]
+
+    def face_in_crop(self) -> Face:
+        """The detected face in the crop's pixels: its box (pixel edges) and landmarks (pixel
+        centres, as the alignments read them), mapped as crop_faces resizes the square. (A
+        crop keeps no detector score: the face's is 1.)"""
+        if len(self.landmarks) != 5:
+            raise ValueError("this face crop carries no landmarks (a key made before they were recorded)")
+        x0, y0, _side = self.box
+        s = self.scale
+        x1, y1, x2, y2 = self.face_box
+        return Face(((x1 - x0) * s, (y1 - y0) * s, (x2 - x0) * s, (y2 - y0) * s),
+                    tuple(((x - x0 + 0.5) * s - 0.5, (y - y0 + 0.5) * s - 0.5) for x, y in self.landmarks), 1.0)
+
+
+def protection_for(face: Face, msi_min_size: float = MSI_MIN_SIZE) -> str:
+    """MSI for faces of ``msi_min_size`` px and more, the light protection below."""
+    return MSI if face.size >= msi_min_size else UNCONDITIONAL
 
 
 def plan_crop(face: Face, image_index: int, face_index: int, height: int, width: int, size: int,
-              margin: float) -> FaceCrop:
+              margin: float, msi_min_size: float = MSI_MIN_SIZE) -> FaceCrop:
     """The square around ``face``: the face box's longer side grown by ``margin`` of it on
-    each side, centred on the box."""
+    each side, centred on the box (and grown further should a landmark lie beyond it: the
+    key's geometry holds them inside its square); with the face's landmarks and its
+    protection."""
     if size % 8 or size < 8:
         raise ValueError(f"the crop size must be a multiple of 8 (the VAE's factor), got {size}")
     x1, y1, x2, y2 = face.box
-    side = max(8, round(max(x2 - x1, y2 - y1) * (1 + 2 * margin)))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    reach = max([0.0] + [max(abs(x - cx), abs(y - cy)) for x, y in face.landmarks])
+    side = max(8, round(max(x2 - x1, y2 - y1) * (1 + 2 * margin)), math.ceil(2 * reach) + 2)
     x0, y0 = round((x1 + x2 - side) / 2), round((y1 + y2 - side) / 2)
-    return FaceCrop(image_index, face_index, (height, width), (x0, y0, side), size, tuple(face.box))
+    return FaceCrop(image_index, face_index, (height, width), (x0, y0, side), size, tuple(face.box),
+                    protection=protection_for(face, msi_min_size), landmarks=tuple(tuple(p) for p in face.landmarks))
 
 
-def plan_crops(faces_per_image: list[list[Face]], height: int, width: int, size: int, margin: float) -> list[FaceCrop]:
-    return [plan_crop(face, b, k, height, width, size, margin)
+def plan_crops(faces_per_image: list[list[Face]], height: int, width: int, size: int, margin: float,
+               msi_min_size: float = MSI_MIN_SIZE) -> list[FaceCrop]:
+    return [plan_crop(face, b, k, height, width, size, margin, msi_min_size)
             for b, faces in enumerate(faces_per_image) for k, face in enumerate(faces)]
 
 

