@@ -420,7 +420,8 @@ def run_command(args, inputs: Inputs, template: dict, make_jobs, secrets: KeySec
 
             opener = secrets.opened if args.command == "recover" else None
             not_removed = run_on_ray(args, template, secrets.for_servers(), make_jobs, todo, summary,
-                                     seal_key=secrets.seal, open_key=opener) if todo else []
+                                     seal_key=secrets.seal if secrets.passphrase else None,
+                                     open_key=opener) if todo else []
             return report(summary, args, not_removed)
         with connect(args, needed=bool(todo)) as conn:
             preflight_models(conn, template, args)

@@ -42,7 +42,7 @@ from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 from . import cli, demo
 from .batch import rewrite_named, run_batch
 from .preflight import PreflightError
-from .summary import Summary
+from .summary import RECORD_NAME, Summary, latest_run
 
 # Tries per photo whose actor died under it (node lost, ComfyUI crashed, out of memory).
 MAX_ATTEMPTS = 3
@@ -146,10 +146,13 @@ class ComfyActor:
             raise PreflightError(f"node {self.node}: {exc}") from None
         return {"node": self.node, "node_id": self.node_id, "server": conn.servers[0].url, "folder": self.base.name}
 
-    def run(self, name: str, filename: str, data: bytes | None, shared_out: str | None = None) -> dict:
-        """One photo (or key) through this actor's server: its summary entry and its files
-        (with ``shared_out``: ``data`` is None, ``filename`` the photo's path on every node,
-        and the files are written into ``shared_out/name/`` here, nothing replaced)."""
+    def run(self, name: str, filename: str, data: bytes | None, shared_out: str | None = None,
+            keys_to_driver: bool = True) -> dict:
+        """One photo (or key) through this actor's server: its summary entry, its files and,
+        with --demo-weights, its recovery check. ``data`` None: ``filename`` is the photo's
+        path on every node (--ray-shared). With ``shared_out`` (--ray-shared), the files are
+        written under it here, nothing replaced, and their paths sent back in place of their
+        bytes (keys too, unless ``keys_to_driver``: the driver seals them under its passphrase)."""
         work = Path(tempfile.mkdtemp(dir=self.base / "work"))
         try:
             source = Path(filename) if data is None else write_new_file(work / Path(filename).name, data)
@@ -163,12 +166,10 @@ class ComfyActor:
             entry = summary.results[name]
             files = {rel: (summary.out_dir / rel).read_bytes() for rel in entry["outputs"] + entry["keys"]}
             summary.close()
-            if shared_out is not None:  # the pictures into the shared --out; keys go to the driver, which seals them
-                folder = Path(shared_out) / name
-                folder.mkdir(parents=True, exist_ok=True)
-                files = {rel: data if rel.endswith(KEY_SUFFIX) else
-                         str(rewrite_named(folder, Path(rel).name, data).relative_to(shared_out))
-                         for rel, data in files.items()}
+            if shared_out is not None:
+                files = write_shared(Path(shared_out), files, lambda rel: keys_to_driver and rel.endswith(KEY_SUFFIX))
+                if check.get("files"):
+                    check["files"] = write_shared(Path(shared_out) / demo.CHECK_FOLDER, check["files"])
             return {"entry": entry, "files": files, "not_removed": not_removed + check.get("not_removed", []),
                     "check": check}
         finally:
@@ -178,7 +179,8 @@ class ComfyActor:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _recovery_check(self, summary: Summary) -> dict:
-        """--demo-weights: the demo's recovery check, on this actor's server (demo.check_recovery)."""
+        """--demo-weights: the demo's recovery check, on this actor's server (demo.check_recovery):
+        the lines it prints, its files ({path in the check's folder: bytes}), its entries."""
         if self.secrets.recipient:  # sealed to a recipient whose identity stays with the driver
             return {"lines": ["recovery check: not on a cluster with --passphrase-env or --recipient (the actors "
                               "cannot open the keys)"]}
@@ -190,8 +192,13 @@ class ComfyActor:
         folder = summary.out_dir / demo.CHECK_FOLDER
         files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
                  if p.is_file() and p.parent != folder}
+        results = {}
+        if (folder / RECORD_NAME).is_file():
+            check = latest_run(folder)
+            results = check.results
+            check.close()
         return {"lines": [line for line in printed.getvalue().splitlines() if line.startswith("recovery check")],
-                "files": files, "not_removed": not_removed}
+                "files": files, "results": results, "not_removed": not_removed}
 
     def stop(self) -> None:
         """Stop the server (interrupting its prompt) and remove the actor's folder."""
@@ -239,6 +246,35 @@ class _ServerKeeper(threading.Thread):
     def close(self) -> None:
         self._close_asked.set()
         self.join(STOP_TIMEOUT_S)
+
+
+def write_shared(root: Path, files: dict[str, bytes], kept=lambda rel: False) -> dict:
+    """--ray-shared: ``files`` ({path under ``root``: bytes}) written under ``root`` on the
+    storage every node sees, each a new file (the next free number, nothing replaced); their
+    paths under ``root`` come back in place of their bytes, except for those ``kept(rel)``."""
+    sent = {}
+    for rel, data in files.items():
+        if kept(rel):
+            sent[rel] = data
+            continue
+        folder = root / Path(rel).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        sent[rel] = str(rewrite_named(folder, Path(rel).name, data).relative_to(root))
+    return sent
+
+
+def written_files(root: Path, files: dict) -> dict[str, Path]:
+    """The driver's side of write_shared: {rel: where it now is}, writing under ``root``
+    those that came back as bytes."""
+    written = {}
+    for rel, data in files.items():
+        if isinstance(data, str):  # written by the actor (--ray-shared)
+            written[rel] = root / data
+            continue
+        folder = root / Path(rel).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        written[rel] = rewrite_named(folder, Path(rel).name, data)
+    return written
 
 
 def actor_parent(base) -> Path:
@@ -342,6 +378,7 @@ class _ClusterBatch:
         self.todo = todo
         self.summary = summary
         self.shared_out = str(summary.out_dir) if getattr(args, "ray_shared", False) else None
+        self.check: Summary | None = None  # --demo-weights: the recovery check's record, as the demo keeps it
         self.run_id = uuid.uuid4().hex[:8]
         self.each = actor_resources(ray, args)
         photo = (args.photo.name, args.photo.read_bytes()) if args.command == "recover" and args.photo else None
@@ -439,6 +476,10 @@ class _ClusterBatch:
             self.ray.wait(sweeps, num_returns=len(sweeps), timeout=STOP_TIMEOUT_S)
         if self.bar is not None:
             self.bar.close()
+        if self.check is not None:
+            self.check.finish()
+            self.check.write_json()
+            self.check.close()
 
     # --- the batch -----------------------------------------------------------------
     def run(self) -> list[str]:
@@ -490,9 +531,10 @@ class _ClusterBatch:
                 except (KeyFileError, OSError) as exc:
                     self._record_failure(name, None, f"{path.name}: {exc}")
                     continue
-                ref = slot.actor.run.remote(name, path.name, data)
+                ref = slot.actor.run.remote(name, path.name, data, self.shared_out)
             elif self.shared_out is not None:
-                ref = slot.actor.run.remote(name, str(path.resolve()), None, self.shared_out)
+                ref = slot.actor.run.remote(name, str(path.resolve()), None, self.shared_out,
+                                            keys_to_driver=self.seal_key is not None)
             else:
                 ref = slot.actor.run.remote(name, path.name, path.read_bytes())
             self.running[ref] = (name, slot)
@@ -511,17 +553,14 @@ class _ClusterBatch:
             return
         slot.deaths_in_a_row = 0
         self.not_removed += got["not_removed"]
-        self._record(name, info, got["entry"], got["files"])
-        self._recovery_check(name, got.get("check") or {})
+        written = self._record(name, info, got["entry"], got["files"])
+        self._recovery_check(name, info, got.get("check") or {}, written)
 
-    def _record(self, name: str, info: dict, entry: dict, files: dict) -> None:
-        folder = self.summary.out_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
+    def _record(self, name: str, info: dict, entry: dict, files: dict) -> dict[str, Path]:
+        """The photo's entry in the run record, with its files where they now are (returned)."""
         if self.seal_key is not None:
             files = {rel: self.seal_key(data) if rel.endswith(KEY_SUFFIX) else data for rel, data in files.items()}
-        # With --ray-shared the actor wrote the pictures into --out (their paths come back).
-        written = {rel: self.summary.out_dir / data if isinstance(data, str) else
-                   rewrite_named(folder, Path(rel).name, data) for rel, data in files.items()}
+        written = written_files(self.summary.out_dir, files)
         extra = {k: v for k, v in entry.items() if k not in ACTOR_ENTRY_FIELDS}
         self.summary.record(name, self.todo[name], entry["status"],
                             [written[r] for r in entry["outputs"]], [written[r] for r in entry["keys"]],
@@ -532,15 +571,25 @@ class _ClusterBatch:
         else:
             self._write(f"{name}: failed: {entry['error']}")
         self.bar.update(1)
+        return written
 
-    def _recovery_check(self, name: str, check: dict) -> None:
-        """--demo-weights: the actor's recovery check, printed and written as the demo does."""
-        folder = self.summary.out_dir / demo.CHECK_FOLDER
-        for rel, data in check.get("files", {}).items():
-            (folder / Path(rel).parent).mkdir(parents=True, exist_ok=True)
-            rewrite_named(folder / Path(rel).parent, Path(rel).name, data)
+    def _recovery_check(self, name: str, info: dict, check: dict, written: dict[str, Path]) -> None:
+        """--demo-weights: the actor's recovery check of a photo, printed, and its pictures and
+        entries in --out/recovery-check/ (with its own record and summary.json), as the demo's."""
         for line in check.get("lines", []):
             self._write(line)
+        if not check.get("results"):
+            return
+        if self.check is None:
+            self.check = Summary(self.summary.out_dir / demo.CHECK_FOLDER, "recover")
+        pictures = written_files(self.check.out_dir, check["files"])
+        sources = {f"{name}_reconstruction": self.todo[name],
+                   **{demo._key_name(rel): path for rel, path in written.items()
+                      if rel.endswith(KEY_SUFFIX)}}
+        for job, entry in check["results"].items():
+            self.check.record(job, sources.get(job, entry["source"]), entry["status"],
+                              [pictures[rel] for rel in entry["outputs"]], seconds=entry["seconds"],
+                              server=info["server"], node=info["node"], error=entry["error"])
 
     def _record_failure(self, name: str, info: dict | None, message: str) -> None:
         self.summary.record(name, self.todo[name], "failed", server=info and info["server"],

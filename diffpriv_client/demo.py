@@ -64,12 +64,19 @@ MODELS_WORDS = ("demo models: a one-level SD1.5-shaped UNet (random, gentle outp
                 "CLIP vision), a small ArcFace-shaped recogniser; all random weights")
 
 
+def models_folder(cache_dir: Path) -> Path:
+    """Where models_dir keeps the demo's models in ``cache_dir``."""
+    from diffpriv_testmodels.comfy_models import GENERATOR_VERSION
+
+    return cache_dir / "demo-models" / f"demo{MODELS_VERSION}-v{GENERATOR_VERSION}-seed1234"
+
+
 def models_dir(cache_dir: Path) -> Path:
     """The seeded random-weight models, generated once into the cache (in a child process,
     since the generator imports ComfyUI)."""
-    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT, GENERATOR_VERSION
+    from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, CLIP_VISION, DEMO_CHECKPOINT
 
-    folder = cache_dir / "demo-models" / f"demo{MODELS_VERSION}-v{GENERATOR_VERSION}-seed1234"
+    folder = models_folder(cache_dir)
     if not all((folder / rel).is_file() for rel in (DEMO_CHECKPOINT, CLIP_VISION, ARCFACE_ONNX)):
         subprocess.run([sys.executable, "-m", "diffpriv_testmodels.comfy_models", str(folder), "--unet", "demo"],
                        check=True, cwd=PACK_DIR)

@@ -21,8 +21,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from diffpriv_client import cli
+from diffpriv_client import cli, cluster, demo
+from diffpriv_client.summary import latest_run
+from diffpriv_testmodels import cache
 from conftest import ROOT, _models_folder
+from test_cli_demo import RECOVERY_LINE
 from test_cli_host import (PASSPHRASE, SLOW_STEPS, WORKFLOWS, install_key_e, ok_entries,  # noqa: F401
                            passphrase_env, photos, protect_args, recover_args, results, run_in_thread, wait_for)
 
@@ -31,8 +34,15 @@ FACES = ["astronaut", "hanks", "astronaut_mirrored", "hanks_mirrored"]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+def cache_home(tmp_path_factory) -> Path:
+    """The actors' XDG_CACHE_HOME: --demo-weights finds its models there (demo_cache)."""
+    return tmp_path_factory.mktemp("ray-cache-home")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cache_home):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
+             runtime_env={"env_vars": {"XDG_CACHE_HOME": str(cache_home)}})
     try:
         yield ray.util.get_node_ip_address()
     finally:
@@ -46,6 +56,16 @@ def models(tmp_path_factory, test_models, face_models) -> Path:
     _models_folder(root, test_models, face_models)
     install_key_e(root)
     return root / "models"
+
+
+@pytest.fixture
+def demo_cache(cache_home) -> None:
+    """--demo-weights on the actors uses the tests' demo models (the same generator, seed and
+    files), linked where the command looks for them, rather than generating its own."""
+    folder = demo.models_folder(cache_home / "diffpriv")
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.symlink_to(cache.demo_models(), target_is_directory=True)
 
 
 def ray_args(models: Path, bases: Path, actors: int = 2) -> list[str]:
@@ -199,3 +219,43 @@ def test_a_cluster_address_that_does_not_answer_fails_at_once_with_one_message(p
     assert done.returncode == 2 and time.monotonic() - started < 60
     assert "--ray 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1" in done.stderr
     assert "Failed to connect" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_shared_storage_with_demo_weights_runs_the_demo_on_an_actor_that_writes_into_out(
+        ray_cluster, demo_cache, photos, tmp_path, capsys, monkeypatch):
+    """--ray-shared: the actor reads the photo where it lies and writes its files into --out
+    itself (the driver writes none, only the run record); --demo-weights: the demo's models,
+    settings and recovery check, printed and kept as on one machine."""
+    written_here, rewrite_named = [], cluster.rewrite_named
+    monkeypatch.setattr(cluster, "rewrite_named", lambda *a: written_here.append(a[:2]) or rewrite_named(*a))
+    out, bases = tmp_path / "out", tmp_path / "bases"
+    argv = ["protect", str(photos["astronaut"]), "--task", "anonymize", "--out", str(out), "--demo-weights",
+            "--ray", "--ray-shared", "--ray-actors", "1", "--base", str(bases)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+
+    assert f"--demo-weights: {demo.SETTINGS.describe(None)}" in printed.err and demo.BANNER in printed.err
+    entry = results(out)["astronaut"]
+    assert entry["status"] == "ok" and entry["node"] == ray_cluster, entry
+    assert len(entry["outputs"]) == 4 and len(entry["keys"]) == 1, "the anonymize preset's four candidates, one key"
+    (face,) = entry["passes"]
+    assert face["stages"]["Guided DDIM Sampler"]["decoded"] == [f"{demo.SETTINGS.crop}x{demo.SETTINGS.crop}"]
+    assert sorted(entry["outputs"] + entry["keys"]) == [f"astronaut/{n}" for n in output_files(out, "astronaut")]
+    assert stat.S_IMODE((out / entry["keys"][0]).stat().st_mode) == 0o600
+    assert written_here == [], "the actor wrote every file itself"
+
+    (found,) = RECOVERY_LINE.finditer(printed.out)
+    assert found.group(1, 2) == ("astronaut", "0") and len(found[5].split(", ")) == 4, found[0]
+    assert float(found[3]) > 40 and int(found[4]) == 0 and int(found[6]) > 10_000, found[0]
+    check = latest_run(out / demo.CHECK_FOLDER)
+    try:
+        checked = check.results
+    finally:
+        check.close()
+    assert {name: e["status"] for name, e in checked.items()} == {
+        "astronaut_reconstruction": "ok", "astronaut_face0_00001": "ok"}, checked
+    assert all((out / demo.CHECK_FOLDER / e["outputs"][0]).is_file() for e in checked.values())
+    assert checked["astronaut_face0_00001"]["source"] == str(out / entry["keys"][0])
+    assert json.loads((out / demo.CHECK_FOLDER / "summary.json").read_text())["results"].keys() == checked.keys()
+    assert "1 ok" in printed.out
+    assert not comfy_processes(bases) and not list(bases.iterdir()), "the actor stopped, its folder removed"
