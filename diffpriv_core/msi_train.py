@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,8 +53,8 @@ class MSITrainConfig:
     # gradients give, at no extra network pass.
     average: float = 0.0
     mixed_precision: bool = False  # bf16 (fp16 where bf16 is missing) autocast; CUDA only
-    # Timesteps per forward/backward pass (0: all of a step's at once). Gradients are
-    # accumulated, so the update is the same; peak memory is that of one micro-batch.
+    # Latents per UNet call, the images of a batch together (0: all of a step's at once).
+    # Gradients are accumulated, so the update is the same; peak memory is that of one call.
     micro_batch: int = 0
     flip: bool = True
     seed: int = 0
@@ -100,6 +100,9 @@ class MSIHost:
     text: TextEncoder
     features: ImageFeatures
     alphas: torch.Tensor = field(default_factory=alphas_cumprod)  # alpha_bar(t), t = 0..999
+    # rows(owners): a context in which row r of each network call belongs to image
+    # owners[r] of a batch (the pass counter's, passes.PassCounter.rows); no-op by default.
+    rows: Callable[[list[int]], AbstractContextManager] = lambda owners: nullcontext()
 
 
 @dataclass
@@ -208,58 +211,180 @@ def train_msi(image: torch.Tensor, host: MSIHost, config: MSITrainConfig,
     """Train MSI on one image [1, H, W, 3] in [0, 1] and return its key-E and loss curve."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"train_msi takes one image [1, H, W, 3], got {tuple(image.shape)}")
-    check_images(image)
-    encodings = _Encodings(image, host, config.reuse_encodings)
-    generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
-    timesteps = TimestepSampler(config, generator)
-    unflipped = encodings(False)
-    features = unflipped[2]
-    device = features[0].device
-    plateau = Plateau(config.plateau_patience, config.plateau_delta) if config.plateau_every else None
-    stopping_probe = HeldOut(*unflipped, host, rounds=1, seed=config.seed + 1) if plateau else None
-    with _seeded(config.seed, device):
-        msi = MSI(config.shape).to(device).train()
-        optimizer = torch.optim.AdamW(msi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
-        autocast, scaler = _autocast(config, device)
-        averaged = _averaged(msi, config.average)
-        trained = averaged.module if averaged is not None else msi  # what probes see and the key comes from
-        losses = []
-        for step in range(config.steps):
-            flipped = config.flip and bool(torch.randint(0, 2, (1,), generator=generator))
-            mean, std, feats = encodings(flipped)
-            t = timesteps()
-            z_t, noise = _noised(mean, std, t, host.alphas, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            size = config.micro_batch or t.shape[0]
-            for part in range(0, t.shape[0], size):
-                chunk = slice(part, part + size)
-                with autocast:  # each part's mean, weighted: the sum is the whole batch's mean
-                    part_loss = _eq7(msi, feats, host, z_t[chunk], t[chunk].to(device), noise[chunk])
-                    part_loss = part_loss * (z_t[chunk].shape[0] / t.shape[0])
-                (part_loss if scaler is None else scaler.scale(part_loss)).backward()
-                loss += float(part_loss.detach())
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            schedule.step()
-            if averaged is not None:
-                averaged.update_parameters(msi)
-            losses.append(loss)
-            if callback is not None:
-                callback(step + 1, config.steps, losses[-1])
-            if probe is not None:
-                probe(step + 1, trained)
-            if plateau is not None and (step + 1) % config.plateau_every == 0 \
-                    and plateau.update(stopping_probe(trained), trained):
-                break
-        if plateau is not None and plateau.best_state is not None:
-            trained.load_state_dict(plateau.best_state)
-        key = make_key_e(trained, features, host.text, meta=_key_meta(config, losses, image.shape[1:3]))
-    return MSIResult(key, losses, trained)
+    on_step = None if callback is None else lambda _index, step, total, loss: callback(step, total, loss)
+    on_probe = None if probe is None else lambda _index, step, msi: probe(step, msi)
+    return train_msi_batch(image, host, config, on_step, on_probe)[0]
+
+
+BatchCallback = Callable[[int, int, int, float], None]
+"""Called after every step of every image with (image, step, total, loss); raise to stop."""
+BatchProbe = Callable[[int, int, MSI], None]
+"""Called after every step of every image with (image, step, module in training)."""
+
+
+def train_msi_batch(images: torch.Tensor, host: MSIHost, config: MSITrainConfig,
+                    callback: BatchCallback | None = None, probe: BatchProbe | None = None) -> list[MSIResult]:
+    """Train one MSI per image of ``images`` [B, H, W, 3] in [0, 1], all images together:
+    each step makes one text-encoder and one UNet call for every image still training (at
+    most ``config.micro_batch`` latents a call), because on a GPU the calls made one after
+    another decide the time. Each image keeps its own module, optimiser, random draws and
+    early stopping, seeded as if it trained alone, so its key-E is the one it gets alone
+    up to float rounding."""
+    check_images(images)
+    runs = [_Run(images[i:i + 1], host, config) for i in range(images.shape[0])]
+    for step in range(config.steps):
+        active = [k for k, run in enumerate(runs) if not run.stopped]
+        if not active:
+            break
+        draws = {k: runs[k].draw() for k in active}
+        for k in active:
+            runs[k].optimizer.zero_grad(set_to_none=True)
+        losses = dict.fromkeys(active, 0.0)
+        for call in _calls(draws, config.micro_batch):
+            for k, loss in _eq7_call(runs, draws, call, host).items():
+                losses[k] += loss
+        for k in active:
+            runs[k].finish_step(step, losses[k], k, callback, probe)
+    return [run.result() for run in runs]
+
+
+class _Run:
+    """One image's training: its encodings, generator, module, optimiser, schedule, weight
+    average, early stopping, and its own stream of the global RNG (dropout), as it would
+    have trained alone."""
+
+    def __init__(self, image: torch.Tensor, host: MSIHost, config: MSITrainConfig):
+        self.image, self.host, self.config = image, host, config
+        self.encodings = _Encodings(image, host, config.reuse_encodings)
+        self.generator = torch.Generator().manual_seed(config.seed)  # CPU: the same draws on every device
+        self.timesteps = TimestepSampler(config, self.generator)
+        unflipped = self.encodings(False)
+        self.features = unflipped[2]
+        self.device = self.features[0].device
+        self.plateau = Plateau(config.plateau_patience, config.plateau_delta) if config.plateau_every else None
+        self.stopping_probe = HeldOut(*unflipped, host, rounds=1, seed=config.seed + 1) if self.plateau else None
+        with _seeded(config.seed, self.device):
+            self.msi = MSI(config.shape).to(self.device).train()
+            self.rng = _RngState.now(self.device)
+        self.optimizer = torch.optim.AdamW(self.msi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
+        self.autocast, self.scaler = _autocast(config, self.device)
+        self.averaged = _averaged(self.msi, config.average)
+        self.trained = self.averaged.module if self.averaged is not None else self.msi  # what probes see, the key's
+        self.losses: list[float] = []
+        self.stopped = False
+
+    def draw(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's (CLIP features, timesteps, z_t, noise), drawn in the order training
+        alone draws them."""
+        flipped = self.config.flip and bool(torch.randint(0, 2, (1,), generator=self.generator))
+        mean, std, feats = self.encodings(flipped)
+        t = self.timesteps()
+        z_t, noise = _noised(mean, std, t, self.host.alphas, self.generator)
+        return feats, t.to(self.device), z_t, noise
+
+    def tokens(self, feats: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """The module's pseudo-tokens for timesteps ``t``, dropout drawn from this image's stream."""
+        with self.rng.active(self.device), self.autocast:
+            return self.msi(feats, t // STAGE_SPAN)
+
+    def finish_step(self, step: int, loss: float, index: int, callback, probe) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.schedule.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.msi)
+        self.losses.append(loss)
+        if callback is not None:
+            callback(index, step + 1, self.config.steps, loss)
+        if probe is not None:
+            probe(index, step + 1, self.trained)
+        if self.plateau is not None and (step + 1) % self.config.plateau_every == 0 \
+                and self.plateau.update(self.stopping_probe(self.trained), self.trained):
+            self.stopped = True
+
+    def result(self) -> MSIResult:
+        if self.plateau is not None and self.plateau.best_state is not None:
+            self.trained.load_state_dict(self.plateau.best_state)
+        meta = _key_meta(self.config, self.losses, self.image.shape[1:3])
+        return MSIResult(make_key_e(self.trained, self.features, self.host.text, meta=meta), self.losses, self.trained)
+
+
+@dataclass
+class _RngState:
+    """A saved state of the global RNGs dropout draws from (the CPU's, and the device's)."""
+
+    cpu: torch.Tensor
+    device: torch.Tensor | None
+
+    @classmethod
+    def now(cls, device: torch.device) -> "_RngState":
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    @contextmanager
+    def active(self, device: torch.device):
+        """Draw from this state inside the block, and keep where it got to; the caller's
+        state is back afterwards."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.device, device)
+            yield
+            saved = _RngState.now(device)
+        self.cpu, self.device = saved.cpu, saved.device
+
+
+Piece = tuple[int, slice]  # (image, its rows of the step)
+
+
+def _calls(draws: dict, limit: int) -> list[list[Piece]]:
+    """The step's rows in UNet calls of at most ``limit`` latents (0: one call): each
+    image's rows in pieces of at most ``limit``, packed in order."""
+    pieces = []
+    for k, (_feats, t, _z, _noise) in draws.items():
+        size = limit or t.shape[0]
+        pieces += [(k, slice(start, start + size)) for start in range(0, t.shape[0], size)]
+    calls, rows = [[]], 0
+    for k, part in pieces:
+        n = len(range(*part.indices(draws[k][1].shape[0])))
+        if limit and rows + n > limit and calls[-1]:
+            calls.append([])
+            rows = 0
+        calls[-1].append((k, part))
+        rows += n
+    return calls
+
+
+def _eq7_call(runs: list[_Run], draws: dict, call: list[Piece], host: MSIHost) -> dict[int, float]:
+    """Eq. 7 for the pieces of one call, in one text-encoder and one UNet call, each piece's
+    gradient accumulated into its own image's module (weighted by its share of that
+    image's rows, so the pieces of an image add up to its step's mean). Returns each
+    image's part of its step loss."""
+    tokens, z_t, t, noise, owners = [], [], [], [], []
+    for k, part in call:
+        feats, t_k, z_k, noise_k = draws[k]
+        tokens.append(runs[k].tokens(feats, t_k[part]))
+        z_t.append(z_k[part])
+        t.append(t_k[part])
+        noise.append(noise_k[part])
+        owners += [k] * z_k[part].shape[0]
+    run = runs[call[0][0]]
+    with host.rows(owners), run.autocast:
+        cond = host.text.encode_with_token(torch.cat(tokens))
+        eps = host.eps(torch.cat(z_t), torch.cat(t), cond).float()
+    losses, total, row = {}, 0.0, 0
+    for (k, _part), noise_k in zip(call, noise):
+        n = noise_k.shape[0]
+        share = n / draws[k][1].shape[0]
+        loss = F.mse_loss(eps[row:row + n], noise_k) * share
+        losses[k] = losses.get(k, 0.0) + float(loss.detach())
+        total = total + (loss if runs[k].scaler is None else runs[k].scaler.scale(loss))
+        row += n
+    total.backward()
+    return losses
 
 
 def _averaged(msi: MSI, decay: float) -> torch.optim.swa_utils.AveragedModel | None:

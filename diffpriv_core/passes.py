@@ -7,11 +7,17 @@ per image of the batch (a UNet call on 4 latents is 4 UNet passes). A backward p
 counted when a gradient really flows back through the network's output (a hook on that
 output), so the counts say what ran, not what the code meant to run. Decoder passes also
 record the pixel sizes decoded, which tells a whole frame from a face crop.
+
+Beside passes it counts calls: each call of a network (and each backward through one of
+its outputs) is one call, however many images it holds. On a GPU a call of SD's UNet on
+a few latents takes about as long as on one, so the calls made one after another, not
+the passes, say how long a batch of faces takes.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
@@ -30,37 +36,71 @@ DECODER_PIXELS = 8  # SD's VAE: one latent cell decodes to 8 x 8 pixels
 
 class PassCounter:
     def __init__(self):
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # passes shared alike by every image of the batch
+        self.owned: dict[int, Counter[str]] = {}  # passes of rows whose image was named (``rows``)
+        self.calls: Counter[str] = Counter()
         self.decoded_sizes: set[tuple[int, int]] = set()  # (height, width) in pixels
+        self.owners: list[int] | None = None
 
-    def add(self, name: str, n: int) -> None:
-        self.counts[name] += n
+    @contextmanager
+    def rows(self, owners: list[int]):
+        """Within the block, row r of every counted call belongs to image ``owners[r]`` (a
+        batch whose images run different passes: faces that stopped early, faces without
+        guidance); its passes are that image's alone."""
+        previous, self.owners = self.owners, list(owners)
+        try:
+            yield
+        finally:
+            self.owners = previous
+
+    def add(self, name: str, n: int, owners: list[int] | None = None) -> None:
+        """One call of ``n`` passes; ``owners`` (one image a row) makes them those images'."""
+        self.calls[name] += 1
+        if owners is None or len(owners) != n:
+            self.counts[name] += n
+            return
+        for owner in owners:
+            self.owned.setdefault(owner, Counter())[name] += 1
 
     def counted(self, output: torch.Tensor, forward: str, backward: str | None, n: int) -> torch.Tensor:
         """Count ``n`` forward passes now, and ``n`` backward passes whenever a gradient
         reaches ``output``."""
-        self.add(forward, n)
+        owners = self.owners
+        self.add(forward, n, owners)
         if backward is not None and output.requires_grad:
-            output.register_hook(lambda grad: self.add(backward, n))
+            output.register_hook(lambda grad: self.add(backward, n, owners))
         return output
 
     def as_dict(self) -> dict[str, int]:
-        """Every count by name (zeros included), in a fixed order."""
-        return {name: self.counts[name] for name in NAMES}
+        """Every pass count by name (zeros included), in a fixed order: the shared ones and
+        every image's own."""
+        return {name: self.counts[name] + sum(c[name] for c in self.owned.values()) for name in NAMES}
+
+    def calls_dict(self) -> dict[str, int]:
+        """The calls made of each network (zeros left out), in a fixed order."""
+        return {name: self.calls[name] for name in NAMES if self.calls[name]}
 
     def decoded(self) -> list[str]:
         return [f"{w}x{h}" for h, w in sorted(self.decoded_sizes)]
 
     def report(self, stage: str, images: int = 1, first: int = 0) -> list[dict]:
         """What a node shows in its history, one entry per image of the batch it ran
-        together: the counts divided by ``images`` (a batched call counts each image, and
-        every image of a batch runs the same passes), the zeros left out. ``first``: the
-        batch index of its first image."""
-        passes = {name: n // images for name, n in self.as_dict().items() if n}
-        entry = {"stage": stage, "passes": passes}
-        if self.decoded_sizes:
-            entry["decoded"] = self.decoded()
-        return [dict(entry, image=first + i) for i in range(images)]
+        together: each image's passes (the shared counts divided by ``images``: a batched
+        call counts each image, and every image of a batch runs the same shared passes;
+        plus its own, see ``rows``), the zeros left out; and the calls the batch made
+        together, with ``batch``, the images that shared them. ``first``: the batch index
+        of its first image; ``owned`` rows name images 0..images-1 of the batch."""
+        batch = list(range(first, first + images))
+        entries = []
+        for i in range(images):
+            own = self.owned.get(i, Counter())
+            passes = {name: self.counts[name] // images + own[name] for name in NAMES}
+            entry = {"stage": stage, "passes": {k: n for k, n in passes.items() if n}, "image": first + i,
+                     "calls": self.calls_dict(), "batch": batch}
+            if self.decoded_sizes:
+                entry["decoded"] = self.decoded()
+            entries.append(entry)
+        return entries
 
     # --- wrappers, one per protocol ------------------------------------------------------
 
@@ -89,7 +129,7 @@ class PassCounter:
 
     def features(self, features):
         def counted_features(image):
-            self.add(CLIP_VISION, image.shape[0])
+            self.add(CLIP_VISION, image.shape[0], self.owners)
             return features(image)
         return counted_features
 
@@ -99,7 +139,7 @@ class PassCounter:
     def msi_host(self, host):
         """An ``msi_train.MSIHost`` with each of its networks counted."""
         return dataclasses.replace(host, eps=self.eps(host.eps), codec=self.codec(host.codec),
-                                   text=self.text(host.text), features=self.features(host.features))
+                                   text=self.text(host.text), features=self.features(host.features), rows=self.rows)
 
 
 class CountedCodec:
@@ -112,7 +152,7 @@ class CountedCodec:
         return self.counter.decoder(self.inner.decode)(z)
 
     def encode_moments(self, image: torch.Tensor):
-        self.counter.add(VAE_ENCODE, image.shape[0])
+        self.counter.add(VAE_ENCODE, image.shape[0], self.counter.owners)
         return self.inner.encode_moments(image)
 
 

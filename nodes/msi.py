@@ -12,7 +12,7 @@ from comfy_api.v0_0_2 import io, ui
 from PIL import Image, ImageDraw
 
 from diffpriv_core import msi_train
-from diffpriv_core.msi_train import UNCONDITIONAL, MSIHost, check_images, train_msi, unconditional_key_e
+from diffpriv_core.msi_train import UNCONDITIONAL, MSIHost, check_images, train_msi_batch, unconditional_key_e
 from diffpriv_core.passes import PassCounter
 
 from .adapters import ComfyEpsModel
@@ -27,6 +27,9 @@ CURVE_SIZE = (512, 256)
 CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 PREVIEWS = 20  # live loss-curve previews per run (only where the server sends previews)
 NAME = "MSI Inversion"
+# Latents per UNet call while training: 512 px face crops (64 x 64 latents), forward and
+# backward, chosen to fit a 24 GB card next to SD1.5 in bf16 (not yet measured on one).
+DEFAULT_BATCH = 8
 
 
 class MSIInversion(io.ComfyNode):
@@ -58,6 +61,10 @@ class MSIInversion(io.ComfyNode):
                 io.Boolean.Input("one_embedding", default=False, optional=True,
                                  tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
                                          "modulation, one conditioning for every stage"),
+                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=256, optional=True,
+                             tooltip="latents per UNet call: the images train together, one call a step for "
+                                     "up to this many (0: all in one call); lower it if memory runs out. The "
+                                     "keys do not depend on it"),
                 FaceCrops.Input("crop_info", optional=True,
                                 tooltip="from the Face Crop that made these images: faces it marked for the light "
                                         "protection (smaller than its msi_min_size) get key-E = the "
@@ -71,12 +78,12 @@ class MSIInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed,
-                one_embedding=False, crop_info=None) -> io.NodeOutput:
+                one_embedding=False, batch_size=None, crop_info=None) -> io.NodeOutput:
         image = rgb_images(image, NAME)
         check_images(image)
         sd1_model(model, NAME)
         check_clip_vision(clip_vision)
-        config = _config(preset, steps, lr, seed, one_embedding)
+        config = _config(preset, steps, lr, seed, one_embedding, DEFAULT_BATCH if batch_size is None else batch_size)
         light = light_faces(crop_info, image.shape[0])
         trained = [i for i in range(image.shape[0]) if i not in light]
         host = eps = None
@@ -116,7 +123,8 @@ def _with_light_faces(keys, curves, passes, trained: list[int], light: list[int]
     """The trained images' results (in ``trained`` order, indexed 0..) merged in batch order
     with the unconditional key-E of each light-protection image."""
     by_image = {trained[k]: (key, curve) for k, (key, curve) in enumerate(zip(keys, curves))}
-    passes = [dict(entry, image=trained[entry["image"]]) for entry in passes]
+    passes = [dict(entry, image=trained[entry["image"]], batch=[trained[b] for b in entry["batch"]])
+              for entry in passes]
     for i in light:
         counter = PassCounter()
         by_image[i] = (unconditional_key_e(counter.text(text), image_hw), [])
@@ -125,39 +133,39 @@ def _with_light_faces(keys, curves, passes, trained: list[int], light: list[int]
     return [by_image[i][0] for i in order], [by_image[i][1] for i in order], sorted(passes, key=lambda e: e["image"])
 
 
-def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool):
+def _config(name: str, steps: int, lr: float, seed: int, one_embedding: bool, batch_size: int):
     """The preset with the node's overrides (0 keeps the preset's value)."""
-    config = msi_train.preset(name, steps=steps or None, lr=lr or None, seed=seed)
+    config = msi_train.preset(name, steps=steps or None, lr=lr or None, seed=seed, micro_batch=batch_size)
     return dataclasses.replace(config, shape=dataclasses.replace(config.shape, one_embedding=one_embedding))
 
 
 def _train_batch(images: torch.Tensor, host: MSIHost, config) -> tuple[list, list[list[float]], list[dict]]:
-    """One key-E per image, with its loss curve and the network passes it took; progress
-    over the whole batch, a live loss-curve preview where the server sends previews."""
+    """One key-E per image, all images trained together (one UNet call a step for all, at
+    most the config's micro_batch latents a call), with each image's loss curve and the
+    network passes and calls the batch took; progress over the whole batch, a live
+    loss-curve preview where the server sends previews."""
     total = config.steps * images.shape[0]
     progress = Progress(total)
     every = max(1, total // PREVIEWS)
     live = previews_on()
-    keys, curves, passes = [], [], []
-    for i in range(images.shape[0]):
-        counter = PassCounter()
-        curve: list[float] = []
-        curves.append(curve)
+    curves: list[list[float]] = [[] for _ in range(images.shape[0])]
+    done = 0
 
-        def on_step(step, steps, loss, i=i, curve=curve):
-            curve.append(loss)
-            done = i * steps + step
-            preview = None
-            if done % every == 0 or done == total:
-                log.info("Diff-Privacy MSI: image %d/%d step %d/%d, loss %.4f (running mean %.4f)", i + 1,
-                         images.shape[0], step, steps, loss, float(np.mean(curve[-every:])))
-                preview = ("PNG", _curve_picture(curves), None) if live else None
-            progress.step(preview=preview)
+    def on_step(index, step, steps, loss):
+        nonlocal done
+        curves[index].append(loss)
+        done += 1
+        preview = None
+        if done % every == 0 or done == total:
+            log.info("Diff-Privacy MSI: image %d/%d step %d/%d, loss %.4f (running mean %.4f)", index + 1,
+                     images.shape[0], step, steps, loss, float(np.mean(curves[index][-every:])))
+            preview = ("PNG", _curve_picture(curves), None) if live else None
+        progress.step(preview=preview)
 
-        keys.append(train_msi(images[i:i + 1], counter.msi_host(host), config, callback=on_step).key)
-        progress.advance_to((i + 1) * config.steps)  # early stopping leaves steps out
-        passes += counter.report(NAME, first=i)
-    return keys, curves, passes
+    counter = PassCounter()
+    results = train_msi_batch(images, counter.msi_host(host), config, callback=on_step)
+    progress.advance_to(total)  # early stopping leaves steps out
+    return [r.key for r in results], curves, counter.report(NAME, images.shape[0])
 
 
 def _summary(index: int, key) -> dict:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.host
 
 
 def msi_graph(image_names: list[str], steps: int = 2, seed: int = 5, preset: str = "fast",
-              one_embedding: bool = False) -> dict:
+              one_embedding: bool = False, batch_size: int = 8) -> dict:
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dp-test-sd15.safetensors"}},
         "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "dp-test-vitl14.safetensors"}},
@@ -31,7 +31,8 @@ def msi_graph(image_names: list[str], steps: int = 2, seed: int = 5, preset: str
         batch = ["12", 0]
     graph["20"] = {"class_type": "DiffPrivacyMSIInversion", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clip_vision": ["2", 0], "image": batch,
-        "preset": preset, "steps": steps, "lr": 0.0, "seed": seed, "one_embedding": one_embedding}}
+        "preset": preset, "steps": steps, "lr": 0.0, "seed": seed, "one_embedding": one_embedding,
+        "batch_size": batch_size}}
     graph["30"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 1], "filename_prefix": "msi_loss"}}
     return graph
 
@@ -69,9 +70,19 @@ def test_a_batch_of_two_gives_two_key_es_and_a_loss_curve(comfy_host, batch_run)
 
 
 def test_the_same_seed_gives_the_same_key_e(comfy_host, faces, batch_run):
-    # Each image trains on its own: alone it gets the key-E it got as image 0 of the batch.
-    result = comfy_host.client.run(msi_graph(faces[:1], steps=1, seed=5))
-    assert trained(result) and key_summaries(result)[0]["sha256"] == key_summaries(batch_run)[0]["sha256"]
+    # Each image trains as if alone: alone it gets the key-E it got as image 0 of the batch,
+    # bit for bit when the batch makes one UNet call per image (batch_size 1), and up to
+    # the float rounding of a batched UNet call when both images share each call.
+    alone = comfy_host.client.run(msi_graph(faces[:1], steps=3, seed=5))
+    one_by_one = comfy_host.client.run(msi_graph(faces, steps=3, seed=5, batch_size=1))
+    together = comfy_host.client.run(msi_graph(faces, steps=3, seed=5, batch_size=2))
+    assert trained(alone) and trained(one_by_one) and trained(together)
+    assert key_summaries(alone)[0]["sha256"] == key_summaries(one_by_one)[0]["sha256"]
+    assert key_summaries(together)[0]["sha256"] != key_summaries(batch_run)[0]["sha256"]  # 3 steps, not 1
+    losses = [float(key_summaries(r)[0]["final_loss"]) for r in (alone, together)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    calls = [r.outputs["20"]["passes"][0]["calls"] for r in (one_by_one, together)]
+    assert calls[0]["unet_backward"] == 6 and calls[1]["unet_backward"] == 3  # 3 steps: 2 faces a call or 1
 
 
 def test_the_one_embedding_ablation_is_an_input_of_the_node(comfy_host, faces, batch_run):

@@ -376,3 +376,40 @@ def test_training_at_timestep_t_conditions_the_unet_on_stage_t_over_100():
     assert torch.equal(distance.argmin(dim=1), timesteps // 100)
     assert (distance.gather(1, (timesteps // 100)[:, None]) < 1e-5).all()
     assert (distance.topk(2, dim=1, largest=False).values[:, 1] > 1e-3).all()  # no other stage would match
+
+
+# --- the images of a batch trained together ---------------------------------------------------
+
+def test_a_batch_trains_each_image_as_alone_in_one_unet_call_a_step():
+    """Three images, with dropout on, flips, early stopping that ends them at different
+    steps: together they give each image the key-E and losses it gets alone (float
+    rounding aside), in one text-encoder and one UNet call per step for every image still
+    training; micro-batches of at most 2 latents split the calls and change no value."""
+    host, _ = toy_host.toy_host()
+    images = torch.cat([image(seed) for seed in (0, 1, 2)])
+    config = preset("fast", steps=40, timesteps_per_step=2, plateau_every=5, plateau_patience=2,
+                    plateau_delta=0.025, shape=toy_host.SHAPE)
+    alone = [train_msi(images[i:i + 1], host, config) for i in range(3)]
+    counter = PassCounter()
+    together = msi_train.train_msi_batch(images, counter.msi_host(host), config)
+    steps_run = [len(r.losses) for r in alone]
+    assert len(set(steps_run)) > 1, "early stopping should end the images at different steps"
+    for one, batched in zip(alone, together):
+        assert batched.losses == pytest.approx(one.losses, rel=1e-4, abs=1e-6)
+        assert torch.allclose(batched.key.stages, one.key.stages, atol=5e-5)
+        assert batched.key.meta == one.key.meta
+    probes = sum(n // 5 for n in steps_run)  # forward-only stopping probes, one call each, per image
+    assert counter.calls["unet_backward"] == max(steps_run)
+    assert counter.calls["unet_forward"] == max(steps_run) + probes
+    assert counter.counts["unet_backward"] + sum(c["unet_backward"] for c in counter.owned.values()) \
+        == 2 * sum(steps_run)
+    assert [counter.owned[k]["unet_backward"] for k in range(3)] == [2 * n for n in steps_run]
+    report = counter.report("MSI Inversion", images=3)
+    assert [e["passes"]["unet_backward"] for e in report] == [2 * n for n in steps_run]
+    assert all(e["calls"] == counter.calls_dict() and e["batch"] == [0, 1, 2] for e in report)
+
+    small = PassCounter()
+    split = msi_train.train_msi_batch(images, small.msi_host(host), dataclasses.replace(config, micro_batch=2))
+    assert small.calls["unet_backward"] == sum(steps_run)  # one call per image and step
+    for one, batched in zip(together, split):
+        assert torch.allclose(batched.key.stages, one.key.stages, atol=5e-5)
