@@ -284,17 +284,46 @@ class Protection:
         return chain(identity, background)
 
 
-ImageSampler = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+def by_rows(parts: list[tuple[slice, ddim.Correction | None]]) -> ddim.Correction | None:
+    """One correction for a batch whose rows belong to several images: each image's own
+    correction on its rows (None: its rows pass unchanged). Nones only: None."""
+    if all(correction is None for _rows, correction in parts):
+        return None
+
+    def apply(step, t, z_next, x0, eps):
+        return torch.cat([z_next[rows] if correction is None else correction(step, t, z_next[rows], x0[rows], eps[rows])
+                          for rows, correction in parts])
+
+    return apply
 
 
-def protect_batch(sample_image: ImageSampler, originals: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+def image_groups(images: int, samples: int, batch_size: int) -> list[list[int]]:
+    """The images of a batch in groups sampled together: as many whole images (each with
+    its ``samples``) as fit in ``batch_size`` latents, at least one (0: all together)."""
+    per_group = images if batch_size <= 0 else max(1, batch_size // samples)
+    return [list(range(first, min(images, first + per_group))) for first in range(0, images, per_group)]
+
+
+def sample_rows(group: list[int], samples: int) -> list[slice]:
+    """Where each image of a group lies in its latents: ``samples`` rows each, in order."""
+    return [slice(k * samples, (k + 1) * samples) for k in range(len(group))]
+
+
+GroupSampler = Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def protect_batch(sample_group: GroupSampler, originals: torch.Tensor, samples: int, seed: int,
+                  batch_size: int = 0) -> torch.Tensor:
     """Stage II over a batch of original latents [B, 4, h, w]: image i is copied ``samples``
-    times and ``sample_image(i, z0, noise)`` runs its DDIM (the core's own in ``protect``,
-    or a host's sampler) from ``start_noise(seed, i)``. Returns [B * samples, 4, h, w]."""
+    times, and ``sample_group(images, z0, noise)`` runs one DDIM (the core's own in
+    ``protect``, or a host's sampler) for a group of images together (``image_groups``:
+    one UNet call a step for the group), image i from ``start_noise(seed, i)`` whatever
+    its group. Returns [B * samples, 4, h, w], image 0's samples first."""
     outputs = []
-    for i, original in enumerate(originals):
-        z0 = original[None].expand(samples, *original.shape).clone()
-        outputs.append(sample_image(i, z0, start_noise(z0.shape, seed, i)))
+    for group in image_groups(originals.shape[0], samples, batch_size):
+        z0 = torch.cat([originals[i][None].expand(samples, *originals.shape[1:]) for i in group]).clone()
+        noise = torch.cat([start_noise((samples, *originals.shape[1:]), seed, i) for i in group])
+        outputs.append(sample_group(group, z0, noise))
     return torch.cat(outputs)
 
 
@@ -309,17 +338,22 @@ def protect(
     decoder: Decoder | None = None,
     masks: torch.Tensor | None = None,
     callback: ddim.StepCallback | None = None,
+    batch_size: int = 0,
 ) -> torch.Tensor:
     """Algorithm 1 with the core's own DDIM: noise each scaled latent of ``originals``
     [B, 4, h, w] to the start of ``grid.tail(strength)``, then run DDIM over ``eps_fn`` with
-    the ``Protection`` of ``guidance`` (through ``decoder``) and ``masks``. Returns
-    [B * samples, 4, h, w]."""
+    the ``Protection`` of ``guidance`` (through ``decoder``) and ``masks``, the images in
+    groups of at most ``batch_size`` latents (0: all together). ``eps_fn`` gets each
+    group's latents in one call, so it must condition row by row (recovery.conditioned_eps
+    with one key-E per row). Returns [B * samples, 4, h, w]."""
     tail = grid.tail(strength)
     protection = Protection(guidance, masks)
+    decode = None if decoder is None else lambda _: decoder
 
-    def sample_image(index: int, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample_group(group: list[int], z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         z0, noise = z0.to(torch.float32), noise.to(z0.device)
-        correction = protection.correction(index, tail, z0, noise, None if decoder is None else lambda _: decoder)
+        correction = by_rows([(rows, protection.correction(i, tail, z0[rows], noise[rows], decode))
+                              for i, rows in zip(group, sample_rows(group, samples))])
         return ddim.sample(eps_fn, ddim.add_noise(z0, noise, tail.alphas[0]), tail, correction, callback)
 
-    return protect_batch(sample_image, originals, samples, seed)
+    return protect_batch(sample_group, originals, samples, seed, batch_size)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 
 import comfy.model_management
 import comfy.samplers
@@ -12,7 +13,8 @@ from comfy_api.v0_0_2 import io
 
 from diffpriv_core import ddim
 from diffpriv_core.ddim import eps_from_denoised, k_diffusion_scale
-from diffpriv_core.guided import Protection, achieved_similarity, protect_batch
+from diffpriv_core.guided import (Protection, achieved_similarity, by_rows, image_groups, protect_batch,
+                                  sample_rows)
 from diffpriv_core.passes import PassCounter
 from diffpriv_core.schedule import ddim_grid, grid_from_sigmas
 from diffpriv_core.tasks import TASKS, preset_value
@@ -25,6 +27,10 @@ from .types import Guidance
 
 log = logging.getLogger("diffprivacy")
 NAME = "Guided DDIM Sampler"
+# Latents per UNet call: four faces with their 4 candidates each. Sampling takes no UNet
+# gradient; the guidance decodes and backpropagates one face's candidates at a time. Chosen
+# for a 24 GB card with 512 px crops (not yet measured on one).
+DEFAULT_BATCH = 16
 
 
 def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, make_correction=None,
@@ -68,8 +74,9 @@ class ProtectionCorrection:
     passes are counted there."""
 
     def __init__(self, decoders: "DecoderCache", protection: Protection, index: int = 0, node: str = "Guided DDIM",
-                 counter: PassCounter | None = None):
+                 counter: PassCounter | None = None, rows: slice = slice(None), owner: int = 0):
         self.decoders = decoders
+        self.rows, self.owner = rows, owner  # its samples' rows in the sampler's batch, its place in the group
         if counter is not None and protection.guidance is not None:
             guidance = dataclasses.replace(protection.guidance, embedder=counter.embedder(protection.guidance.embedder))
             protection = dataclasses.replace(protection, guidance=guidance)
@@ -83,8 +90,8 @@ class ProtectionCorrection:
     def __call__(self, grid, model):
         self.latent_format = model.inner_model.inner_model.latent_format
         try:
-            return self.protection.correction(self.index, grid, model.latent_image.float(), model.noise.float(),
-                                              self.decoder)
+            return self.protection.correction(self.index, grid, model.latent_image.float()[self.rows],
+                                              model.noise.float()[self.rows], self.decoder)
         except ValueError as exc:
             raise ValueError(f"{self.node}: {exc}") from None
 
@@ -100,9 +107,39 @@ class ProtectionCorrection:
             text = report_text([similarity_report(guidance, self.index, self.similarity)])
             log.info("Diff-Privacy %s: %s", self.node, text.replace("**", "").replace("\n", "; "))
 
+    def owning(self, rows: int):
+        """The counter's passes inside the block are this image's (``rows`` samples)."""
+        return nullcontext() if self.counter is None else self.counter.rows([self.owner] * rows)
+
+    def owned(self, correction):
+        """``correction`` with its passes counted as this image's."""
+        if correction is None:
+            return None
+
+        def apply(step, t, z_next, x0, eps):
+            with self.owning(z_next.shape[0]):
+                return correction(step, t, z_next, x0, eps)
+        return apply
+
     def decoder(self, checkpointed: bool):
         decoder = self.decoders.get(self.latent_format, checkpointed)
         return decoder if self.counter is None else self.counter.decoder(decoder)
+
+
+class GroupCorrection:
+    """The ``ProtectionCorrection`` of every image of a group sampled together, each on its
+    own rows; the decoder and recogniser passes each makes are counted as that image's."""
+
+    def __init__(self, parts: list[ProtectionCorrection]):
+        self.parts = parts
+
+    def __call__(self, grid, model):
+        return by_rows([(part.rows, part.owned(part(grid, model))) for part in self.parts])
+
+    def measure(self, z: torch.Tensor) -> None:
+        for part in self.parts:
+            with part.owning(z[part.rows].shape[0]):
+                part.measure(z[part.rows])
 
 
 class DecoderCache:
@@ -130,14 +167,15 @@ def check_conditioning(conditioning, batch: int, node: str, name: str = "positiv
         check_finite(cond, node, name)
 
 
-def conditioning_row(conditioning: list, index: int) -> list:
-    """The CONDITIONING of image ``index`` when it was batched (one key-E per image)."""
+def conditioning_rows(conditioning: list, group: list[int], samples: int) -> list:
+    """The CONDITIONING of a group of images sampled together, ``samples`` rows for each
+    (one key-E per image when it was batched; one row serves every image)."""
     rows = []
     for cond, options in conditioning:
         if cond.shape[0] > 1:
-            if index >= cond.shape[0]:
-                raise ValueError(f"the conditioning holds {cond.shape[0]} rows, but image {index} needs one")
-            cond = cond[index:index + 1]
+            if max(group) >= cond.shape[0]:
+                raise ValueError(f"the conditioning holds {cond.shape[0]} rows, but image {max(group)} needs one")
+            cond = cond[group].repeat_interleave(samples, dim=0)
         rows.append([cond, options])
     return rows
 
@@ -174,6 +212,10 @@ class GuidedDDIMSampler(io.ComfyNode):
                              tooltip="seeds each candidate's noise: the same seed gives the same pictures"),
                 Guidance.Input("guidance", optional=True, tooltip="none = the w/o-guidance ablation"),
                 io.Mask.Input("mask", optional=True, tooltip="white = protect, black = keep the original"),
+                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
+                             tooltip="latents per UNet call: the images (with their samples each) sample "
+                                     "together, one call a step for as many whole images as fit (0: all "
+                                     "at once); lower it if memory runs out. The pictures do not depend on it"),
             ],
             outputs=[io.Latent.Output(display_name="latent",
                                        tooltip="the protected latents: samples per image, image 0's first"),
@@ -187,7 +229,7 @@ class GuidedDDIMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, latent, preset, s_ns, steps, samples, seed,
-                guidance=None, mask=None) -> io.NodeOutput:
+                guidance=None, mask=None, batch_size=DEFAULT_BATCH) -> io.NodeOutput:
         originals = sd_latents(latent, NAME)
         sd1_model(model, NAME)
         batch = originals.shape[0]
@@ -213,25 +255,27 @@ class GuidedDDIMSampler(io.ComfyNode):
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
         decoders = DecoderCache(vae)
         report, passes = [], []
-        # One bar over the whole batch (the sampler runs image by image), with previews.
-        step_callback = preview_callback(model, Progress(batch * (sigmas.shape[-1] - 1)))
+        groups = image_groups(batch, samples, batch_size)
+        # One bar over the whole batch (the images sample in groups), with previews.
+        step_callback = preview_callback(model, Progress(len(groups) * (sigmas.shape[-1] - 1)))
 
-        def sample_image(i, z0_raw, noise):
+        def sample_group(group, z0_raw, noise):
             counter = PassCounter()
-            correction = ProtectionCorrection(decoders, protection, i, NAME, counter)
-            sampler = guided_sampler(correction, counter)
+            corrections = [ProtectionCorrection(decoders, protection, i, NAME, counter, rows, owner=k)
+                           for k, (i, rows) in enumerate(zip(group, sample_rows(group, samples)))]
+            sampler = guided_sampler(GroupCorrection(corrections), counter)
             guider = comfy.samplers.CFGGuider(model)
-            rows = conditioning_row(positive, i)
+            rows = conditioning_rows(positive, group, samples)
             guider.set_conds(rows, rows)
             guider.set_cfg(1.0)
-            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback, seed=seed + i).cpu()
-            if correction.similarity is not None:
-                report.append(similarity_report(protection.guidance, i, correction.similarity))
+            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback, seed=seed + group[0]).cpu()
+            report.extend(similarity_report(protection.guidance, c.index, c.similarity)
+                          for c in corrections if c.similarity is not None)
             passes.extend(dict(entry, candidates=samples, decode_region=decode_region(protection.guidance))
-                          for entry in counter.report(NAME, first=i))
+                          for entry in counter.report(NAME, len(group), first=group[0]))
             return latent
 
-        latents = protect_batch(sample_image, originals, samples, seed)
+        latents = protect_batch(sample_group, originals, samples, seed, batch_size)
         similarities = [c for entry in report for c in entry["cosines"]]
         text = report_text(report)
         return io.NodeOutput({"samples": latents}, similarities, text,

@@ -135,3 +135,45 @@ def test_guidance_built_inside_a_prompt_gives_gradients(comfy_inproc, face_model
     assert grad.abs().sum() > 0
     # the astronaut's face and half its size around it, in latent cells
     assert correction.window((64, 64)) == (1, 15, 29, 41)
+
+
+def test_the_sampler_gives_each_image_of_a_batch_the_pictures_it_gets_alone(comfy_inproc, test_models, face_models,
+                                                                              astronaut):
+    """Three images, each with its own key-E, two guided (faces found) and one without a
+    face (unguided): sampled together in one UNet call a step, each image gets the
+    pictures, similarities and per-image passes it gets in a group of its own (float
+    rounding aside); the calls made in sequence are those of one image."""
+    import folder_paths
+
+    from diffpriv_testmodels.comfy_models import CHECKPOINT
+    from test_host_recovery import random_key_e
+
+    guidance_nodes, protect = pack_module("nodes.guidance"), pack_module("nodes.protect")
+    scheduler, adapters = pack_module("nodes.scheduler"), pack_module("nodes.adapters")
+    folder_paths.add_model_folder_path("insightface", str(face_models / "insightface"))
+    face = torch.from_numpy(astronaut[:256:2, 96:352:2].copy()).float() / 255  # 128 px, the face inside
+    images = torch.stack([face, face.flip(1), torch.full_like(face, 0.5)])
+    with torch.inference_mode():
+        model, _clip, vae = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / CHECKPOINT))[:3]
+        (recogniser,) = guidance_nodes.FaceRecognizerLoader.execute(TEST_RECOGNIZER, TEST_THRESHOLD).result
+        guidance, _ = guidance_nodes.IdentityGuidanceNode.execute(
+            recogniser, images, "anonymize", 1.0, False, True, "face crop", 0, 0.5, "skip").result
+        assert [t is not None for t in guidance.targets] == [True, True, False]
+        positive = scheduler.EmbeddingScheduler.execute([random_key_e(s) for s in (1, 2, 3)], "anonymize", -1.0).args[0]
+        latent = {"samples": vae.encode(images)}
+
+        def run(batch_size):
+            out = protect.GuidedDDIMSampler.execute(model, vae, positive, latent, "custom", 0.6, 5, 2, 7,
+                                                    guidance=guidance, batch_size=batch_size)
+            return out.args[0]["samples"], out.args[1], out.ui["passes"]
+
+        alone, together = run(2), run(0)
+    assert alone[0].shape == together[0].shape == (6, 4, 16, 16)
+    assert torch.allclose(alone[0], together[0], atol=1e-4 * float(alone[0].abs().max()))
+    assert together[1] == pytest.approx(alone[1], abs=1e-4) and len(alone[1]) == 4  # two guided images x 2
+    assert [e["passes"] for e in together[2]] == [e["passes"] for e in alone[2]]
+    assert together[2][2]["passes"] == {"unet_forward": 6}  # no face: the UNet only, 3 steps x 2 samples
+    assert [e["batch"] for e in alone[2]] == [[0], [1], [2]] and together[2][0]["batch"] == [0, 1, 2]
+    assert {e["calls"]["unet_forward"] for e in alone[2] + together[2]} == {3}  # 3 steps, whatever the group
+    guided_calls = alone[2][0]["calls"]["vae_decode_forward"]
+    assert together[2][0]["calls"]["vae_decode_forward"] == 2 * guided_calls  # each face decodes its own
