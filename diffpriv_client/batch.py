@@ -236,6 +236,7 @@ class _Batch:
                 self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
                                     seconds=prompt_seconds(event.entry), server=server.url,
                                     identity=identity_of(result), passes=passes_of(result, graph),
+                                    calls=calls_of(result, graph),
                                     ablations=graphs.ablations(graph), **files.report)
                 if job.check:
                     self.bar.write(describe(job.name, self.summary.results[job.name]))
@@ -344,7 +345,7 @@ def identity_of(result: PromptResult) -> list[dict]:
 # Stock nodes in the pack's workflows and the pass each makes per latent or picture.
 STOCK_PASSES = {"VAEEncode": ("VAE Encode", "pixels", "vae_encode"),
                 "VAEDecode": ("VAE Decode", "samples", "vae_decode_forward")}
-REPORT_DETAILS = ("candidates", "decode_region", "decoded")  # what a node says besides its counts
+REPORT_DETAILS = ("candidates", "decode_region", "decoded")  # what a node says of a face besides its counts
 
 
 def passes_of(result: PromptResult, graph: dict) -> list[dict]:
@@ -374,12 +375,38 @@ def passes_of(result: PromptResult, graph: dict) -> list[dict]:
             for index, stages in sorted(faces.items())]
 
 
+def calls_of(result: PromptResult, graph: dict) -> dict:
+    """The network calls the photo took one after another, stage by stage and in total:
+    what the pack's nodes reported of each batch they ran (the faces a batch held share its
+    calls, counted once), plus one call of each stock VAE Encode and VAE Decode node in
+    ``graph`` (a node encodes or decodes its whole batch at once)."""
+    stages: dict[str, dict] = {}
+    seen = set()
+    for node_id, output in result.outputs.items():
+        entries = output.get("passes", []) if isinstance(output, dict) else []
+        for entry in entries if isinstance(entries, list) else []:
+            if not (_is_report(entry) and _is_counts(entry.get("calls")) and isinstance(entry.get("batch"), list)
+                    and all(type(i) is int for i in entry["batch"])):
+                continue
+            run = (node_id, entry["stage"], tuple(entry["batch"]))
+            if run not in seen:
+                seen.add(run)
+                stages[entry["stage"]] = _added(stages.get(entry["stage"], {}), entry["calls"])
+    for node in graph.values():
+        if node.get("class_type") in STOCK_PASSES:
+            name, _source, pass_name = STOCK_PASSES[node["class_type"]]
+            stages[name] = _added(stages.get(name, {}), {pass_name: 1})
+    return {"total": _added(*stages.values()), "stages": stages}
+
+
+def _is_counts(counts) -> bool:
+    return isinstance(counts, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in counts.items())
+
+
 def _is_report(entry) -> bool:
     """A pass report as the pack's nodes write it (a server's answer is checked, not trusted)."""
     return (isinstance(entry, dict) and type(entry.get("image")) is int and isinstance(entry.get("stage"), str)
-            and isinstance(entry.get("passes"), dict)
-            and all(isinstance(k, str) and type(v) is int for k, v in entry["passes"].items())
-            and type(entry.get("candidates", 1)) is int)
+            and _is_counts(entry.get("passes")) and type(entry.get("candidates", 1)) is int)
 
 
 def _added(*counts: dict) -> dict:

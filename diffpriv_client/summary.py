@@ -188,7 +188,8 @@ class Summary:
         Ray node that server ran on (--ray); ``identity``: per guided image, the guiding
         recogniser's cosine of each sample to the original, its threshold and verdict (the
         Guided DDIM Sampler's or Identity Similarity's report); ``passes``: per face, the
-        network passes of each stage and their total (batch.passes_of); ``faces``: per face,
+        network passes of each stage and their total (batch.passes_of), and, kept with the other
+        fields, ``calls``: the network calls the photo made in sequence (batch.calls_of); ``faces``: per face,
         what is known of it (default: each per-face key's face and box); any other field is
         kept with the entry as it is, once known (None: not kept), e.g. ``ablations``: the
         paper's ablations its graph ran (graphs.ablations), ``photo``: the size and

@@ -45,6 +45,18 @@ def test_every_face_gets_a_key_listed_in_the_summary_and_one_face_comes_back(com
               "VAE Decode": {"passes": {"vae_decode_forward": 3}}}
     total = dict(sampler, unet_forward=11, vae_decode_forward=11, recogniser_forward=9, vae_encode=1)
     assert entry["passes"] == [{"face": k, "total": total, "stages": stages} for k in (0, 1)]
+    # Calls made one after another, for the photo: both faces' 4 candidates go through the
+    # UNet together (3 guided steps: 3 calls) and key-I inverts both in one call a step (5);
+    # the guidance decodes and recognises each face's candidates on their own (per face 3
+    # steps + 1 report); the reference embedding is one call per face; the stock nodes one
+    # call each (one VAE Encode, two VAE Decodes).
+    guided_calls = {"unet_forward": 3, "vae_decode_forward": 8, "vae_decode_backward": 6, "recogniser_forward": 8,
+                    "recogniser_backward": 6}
+    assert entry["calls"] == {
+        "stages": {"Identity Energy Guidance": {"recogniser_forward": 2}, "Guided DDIM Sampler": guided_calls,
+                   "DDIM Inversion Key": {"unet_forward": 5}, "VAE Encode": {"vae_encode": 1},
+                   "VAE Decode": {"vae_decode_forward": 2}},
+        "total": dict(guided_calls, unet_forward=8, vae_decode_forward=10, recogniser_forward=10, vae_encode=1)}
 
     key = out / entry["faces"][1]["key"]
     recovered = tmp_path / "recovered"

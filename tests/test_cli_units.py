@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from diffpriv_client.batch import identity_of, passes_of, prompt_seconds
+from diffpriv_client.batch import calls_of, identity_of, passes_of, prompt_seconds
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_client import graphs
 from diffpriv_client.cli import (UsageError, build_parser, key_stem, load_template, main, parse_args, read_passphrase,
@@ -190,6 +190,24 @@ def test_passes_per_face_add_the_stock_vae_nodes_and_ignore_malformed_reports():
     assert faces[0]["stages"]["Guided DDIM Sampler"] == {"passes": {"unet_forward": 8}, "candidates": 4,
                                                          "decode_region": "face crop", "decoded": ["96x96"]}
     assert faces[0]["stages"]["VAE Decode"] == {"passes": {"vae_decode_forward": 4}}
+
+
+def test_calls_per_photo_count_a_batch_once_and_ignore_malformed_reports():
+    graph = {"enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0]}},
+             "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0]}}}
+    together = [{"image": k, "stage": "MSI Inversion", "passes": {"unet_forward": 100}, "batch": [0, 1],
+                 "calls": {"unet_forward": 60, "unet_backward": 50}} for k in (0, 1)]
+    alone = [{"image": k, "stage": "Guided DDIM Sampler", "passes": {"unet_forward": 8}, "batch": [k],
+              "calls": {"unet_forward": 2}} for k in (0, 1)]
+    hostile = [{"image": 0, "stage": "MSI Inversion", "passes": {}, "batch": [5], "calls": {"unet_forward": -9}},
+               {"image": 0, "stage": "MSI Inversion", "passes": {}, "batch": "0", "calls": {"unet_forward": 9}},
+               {"image": 0, "stage": "MSI Inversion", "passes": {}, "batch": [7], "calls": {"unet_forward": "9"}}]
+    outputs = {"msi": {"passes": together + hostile}, "sample": {"passes": alone}, "odd": {"passes": "x"}}
+    calls = calls_of(PromptResult("p", outputs, {}), graph)
+    assert calls["stages"] == {"MSI Inversion": {"unet_forward": 60, "unet_backward": 50},
+                               "Guided DDIM Sampler": {"unet_forward": 4}, "VAE Encode": {"vae_encode": 1},
+                               "VAE Decode": {"vae_decode_forward": 1}}
+    assert calls["total"] == {"unet_forward": 64, "unet_backward": 50, "vae_encode": 1, "vae_decode_forward": 1}
 
 
 def test_the_summary_lists_the_face_of_a_per_face_key(tmp_path):
