@@ -327,6 +327,21 @@ def test_fast_preset_spends_at_most_a_fifth_of_the_faithful_unet_passes():
     assert fast.steps * fast.timesteps_per_step + probe_passes <= faithful.steps * faithful.timesteps_per_step / 5
 
 
+def test_the_default_preset_makes_a_third_of_the_fast_presets_unet_calls_in_sequence():
+    """Sequential UNet calls (one a step, one a stopping probe) of each preset's full
+    budget, counted as it trains; the default trains four timesteps a step in one call."""
+    host, _ = toy_host.toy_host()
+    calls = {}
+    for name in (msi_train.DEFAULT_PRESET, "fast"):
+        counter = PassCounter()
+        config = preset(name, plateau_delta=-1.0, shape=toy_host.SHAPE)  # never a plateau: the whole budget
+        train_msi(image(), counter.msi_host(host), config)
+        calls[name] = (counter.calls["unet_forward"], counter.as_dict()["unet_backward"])
+    assert msi_train.DEFAULT_PRESET == "parallel"
+    assert calls["parallel"] == (350 + 7, 4 * 350) and calls["fast"] == (1100 + 5, 1100)
+    assert 3 * calls["parallel"][0] < calls["fast"][0]
+
+
 def test_unet_passes_are_counted_with_the_probe_of_early_stopping():
     host, _ = toy_host.toy_host()
     counter = PassCounter()
