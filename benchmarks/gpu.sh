@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures in one command: seconds and peak memory of every stage of one face at
+# The GPU figures in one command: seconds and peak memory of every stage of one face (and of six
+# faces as one batch) at
 # 512 px with SD1.5's full-size UNet (random weights: timing does not depend on them), for
 # the default anonymize and hide presets, in fp32 and in bf16. Writes the "GPU" block of
 # BENCHMARKS.md, naming the card. Meant to finish in under 8 minutes on one H100-class GPU

@@ -1,8 +1,10 @@
-"""The whole protection of one face, stage by stage, through the pack's own nodes.
+"""The whole protection of one face (or of several, as one batch), stage by stage, through
+the pack's own nodes.
 
 Runs the nodes in process on random-weight models with the real shapes: MSI Inversion
 (key-E), Identity Energy Guidance, the Guided DDIM Sampler with and without guidance, DDIM
-Inversion Key (key-I) and Recover, on the astronaut photo. Every time comes from this one
+Inversion Key (key-I) and Recover, on the astronaut photo (``--faces N``: N copies of it, the
+nodes' batch of N faces at their default batch sizes). Every time comes from this one
 run, so the ratios hold even on a noisy machine. Peak memory: on a GPU each stage's own
 (allocated tensors), on the CPU the process's so far. Timing does not depend on the
 weights, so random ones give the real cost.
@@ -19,6 +21,8 @@ from __future__ import annotations
 # gpu arguments: --unet sd15 --size 512 --task anonymize --preset --msi-steps 40 --device cuda --dtype bf16
 # gpu arguments: --unet sd15 --size 512 --task hide --preset --msi-steps 40 --device cuda --dtype fp32
 # gpu arguments: --unet sd15 --size 512 --task hide --preset --msi-steps 40 --device cuda --dtype bf16
+# gpu arguments: --unet sd15 --size 512 --task anonymize --preset --msi-steps 40 --faces 6 --device cuda --dtype fp32
+# gpu arguments: --unet sd15 --size 512 --task anonymize --preset --msi-steps 40 --faces 6 --device cuda --dtype bf16
 
 import argparse
 import resource
@@ -39,6 +43,7 @@ class Stages:
         self.cuda = cuda
         self.rows: list[tuple[str, float, int, float]] = []
         self.passes: dict[str, dict[str, int]] = {}
+        self.calls: dict[str, dict[str, int]] = {}  # calls of the batch the first face was in
 
     def run(self, name: str, units: int, fn):
         """Runs ``fn`` (a node's execute) and returns its NodeOutput."""
@@ -52,7 +57,9 @@ class Stages:
         if self.cuda:
             torch.cuda.synchronize()
         self.rows.append((name, time.perf_counter() - start, units, self.peak_mib()))
-        self.passes[name] = {k: v for entry in (out.ui or {}).get("passes", []) for k, v in entry["passes"].items()}
+        entries = (out.ui or {}).get("passes", [])
+        self.passes[name] = {k: v for entry in entries[:1] for k, v in entry["passes"].items()}  # the first face's
+        self.calls[name] = {k: v for entry in entries[:1] for k, v in entry.get("calls", {}).items()}
         print(f"{name}: {self.rows[-1][1]:.1f} s", file=sys.stderr, flush=True)
         return out
 
@@ -81,6 +88,7 @@ def measure(args) -> tuple[Stages, str]:
     import torch
 
     from diffpriv_core.faces.recognizers import load_recognizer
+    from diffpriv_core.msi_train import DEFAULT_PRESET
     from diffpriv_testmodels.comfy_models import ARCFACE_ONNX, TEST_THRESHOLD, CHECKPOINT, CLIP_VISION
     from diffpriv_testmodels.inprocess import load_host_in_process
 
@@ -92,6 +100,7 @@ def measure(args) -> tuple[Stages, str]:
     nodes = host.pack.nodes
     models = BENCHMARK_MODELS[args.unet]
     photo = astronaut_face(args.size) if args.dry else astronaut(args.size)
+    photo = photo.expand(args.faces, *photo.shape[1:]).clone()
     stages = Stages(cuda=args.device == "cuda")
     with torch.inference_mode():  # as ComfyUI runs prompts
         model, clip, vae = host.sd.load_checkpoint_guess_config(str(models / CHECKPOINT))[:3]
@@ -103,7 +112,7 @@ def measure(args) -> tuple[Stages, str]:
             face_model = load_recognizer(models / ARCFACE_ONNX, TEST_THRESHOLD)
         latent = {"samples": vae.encode(photo)}
         key_e = stages.run("MSI Inversion (key-E)", args.msi_steps, lambda: nodes.msi.MSIInversion.execute(
-            model, clip, vae, clip_vision, photo, "fast", args.msi_steps, 0.0, 0)).args[0]
+            model, clip, vae, clip_vision, photo, DEFAULT_PRESET, args.msi_steps, 0.0, 0)).args[0]
         positive = nodes.scheduler.EmbeddingScheduler.execute(key_e, args.task, args.tau).args[0]
         guidance = stages.run("Identity Energy Guidance (reference)", 1, lambda: nodes.guidance.IdentityGuidanceNode.execute(
             face_model, photo, args.task, 1.0, False, True, "face crop", 0, 0.5, "error", True)).args[0]
@@ -116,9 +125,10 @@ def measure(args) -> tuple[Stages, str]:
 
         stages.run("Guided DDIM Sampler, no guidance", sampled, lambda: sample(False))
         stages.run("Guided DDIM Sampler, guided (face crop)", sampled, lambda: sample(True))
-        key_i = stages.run("DDIM Inversion Key (key-I, fixed_point 4)", args.steps,
+        key_i_mode = nodes.recovery.KEY_I
+        key_i = stages.run(f"DDIM Inversion Key (key-I, {key_i_mode.mode})", args.steps,
                            lambda: nodes.recovery.DDIMInversionKey.execute(model, latent, key_e, args.steps,
-                                                                           "fixed_point", 4)).args[0]
+                                                                           key_i_mode.mode, key_i_mode.refine)).args[0]
         stages.run("Recover", args.steps, lambda: nodes.recovery.Recover.execute(model, key_i, key_e))
     return stages, str(model.load_device)
 
@@ -132,10 +142,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=list(TASKS), default="anonymize", help="energy, S_ns and tau of this task")
     # Defaults keep the test size to a few minutes on a CPU; --preset takes the task's.
     parser.add_argument("--steps", type=int, default=20, help="DDIM grid steps (sampling runs the last S_ns of them)")
-    parser.add_argument("--samples", type=int, default=2, help="candidates per photo")
+    parser.add_argument("--samples", type=int, default=2, help="candidates per face")
+    parser.add_argument("--faces", type=int, default=1, help="faces protected together, as one batch")
     parser.add_argument("--preset", action="store_true", help="the task preset's steps and candidates")
     parser.add_argument("--msi-steps", type=int, default=10,
-                        help="MSI training steps measured (the fast preset has at most 1100: the table projects)")
+                        help="MSI training steps measured (the default preset has at most 350: the table projects)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", *DTYPE_OPTIONS], default="auto",
                         help="the networks' precision (auto: ComfyUI's choice for the device)")
@@ -154,7 +165,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffpriv_core.msi_train import PRESETS as MSI_PRESETS
+    from diffpriv_core.msi_train import DEFAULT_PRESET, PRESETS as MSI_PRESETS
     from diffpriv_core.passes import TITLES
 
     args = parse(argv)
@@ -163,28 +174,31 @@ def main(argv: list[str] | None = None) -> None:
     precision = "ComfyUI's default precision" if args.dtype == "auto" else args.dtype
     if args.dry and args.dtype == "bf16":
         precision = "bf16 UNet, the rest fp32"
-    print(f"{'DRY RUN (nothing measured): ' if args.dry else ''}One {args.size}x{args.size} px photo, "
+    faces = f"{args.faces} faces of " if args.faces > 1 else ""
+    print(f"{'DRY RUN (nothing measured): ' if args.dry else ''}{faces}One {args.size}x{args.size} px photo, "
           f"{UNET_WORDS[args.unet]} with the real-size VAE and CLIP ViT-L/14 (random weights), ArcFace-shaped test "
           f"recogniser, device {device}, {precision}; {args.task} with {args.samples} candidate(s), S_ns "
-          f"{args.s_ns} of a {args.steps}-step grid, MSI fast preset with {args.msi_steps} steps (its time includes "
+          f"{args.s_ns} of a {args.steps}-step grid, MSI {DEFAULT_PRESET} preset with {args.msi_steps} steps (its time includes "
           "the CLIP features, computed once). Each stage ran once, in this order, in one process.\n")
     memory = "peak memory of the stage (MiB)" if stages.cuda else "peak memory so far (MiB)"
     print(f"| stage | seconds | per step | {memory} |\n|---|---|---|---|")
     for name, seconds, units, peak in stages.rows:
         print(f"| {name} | {seconds:.2f} | {seconds / units:.3f} | {peak:.0f} |")
-    print(f"\nNetwork passes each stage reported (one photo, one face; the workflow's VAE Encode of the photo and "
-          f"VAE Decode of the {args.samples} candidate(s) come on top):\n")
-    print("| stage | " + " | ".join(TITLES.values()) + " |\n|---|" + "---|" * len(TITLES))
+    print(f"\nNetwork passes each stage reported for one face, and the calls in sequence its batch of "
+          f"{args.faces} face(s) made (the workflow's VAE Encode of the photo and VAE Decode of the "
+          f"{args.samples} candidate(s) come on top):\n")
+    print("| stage | " + " | ".join(TITLES.values()) + " | UNet calls |\n|---|" + "---|" * (len(TITLES) + 1))
     for name, counts in stages.passes.items():
-        print(f"| {name} | " + " | ".join(str(counts.get(key, 0)) for key in TITLES) + " |")
+        print(f"| {name} | " + " | ".join(str(counts.get(key, 0)) for key in TITLES)
+              + f" | {stages.calls[name].get('unet_forward', 0)} |")
     plain, guided = stages.seconds("Guided DDIM Sampler, no guidance"), stages.seconds(
         "Guided DDIM Sampler, guided (face crop)")
     msi = stages.seconds("MSI Inversion (key-E)")
     protect = sum(s for n, s, _, _ in stages.rows if n not in ("Recover", "Guided DDIM Sampler, no guidance"))
-    msi_full = msi / args.msi_steps * MSI_PRESETS["fast"].steps
+    msi_full = msi / args.msi_steps * MSI_PRESETS[DEFAULT_PRESET].steps
     print(f"\nGuided sampling costs {guided / plain:.2f}x the same sampling without guidance. Protecting the "
           f"face (MSI, guidance, guided sampling, key-I) took {protect:.1f} s; recovering it "
-          f"{stages.seconds('Recover'):.1f} s. With MSI's full fast preset ({MSI_PRESETS['fast'].steps} steps at "
+          f"{stages.seconds('Recover'):.1f} s. With MSI's full {DEFAULT_PRESET} preset ({MSI_PRESETS[DEFAULT_PRESET].steps} steps at "
           f"most; projected from the {args.msi_steps} measured here) protecting would take at most "
           f"{protect - msi + msi_full:.1f} s.")
 
