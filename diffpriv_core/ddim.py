@@ -1,4 +1,5 @@
-"""Deterministic DDIM (eta = 0): the step, the x0 estimate, sampling and inversion.
+"""Deterministic DDIM (eta = 0): the step, the x0 estimate, sampling and inversion, and
+BDIA's exactly invertible pair of inversion and sampling (key-I's default).
 
 Small pure functions over an ``eps_fn(z, t) -> eps`` callable in SD's scaled latent space,
 in the manner of k-diffusion's sampling.py. The loops run in float32 whatever the model's
