@@ -2,8 +2,9 @@
 what it tells the user about them.
 
 The demo shows that everything is installed and wired up, on a CPU, in a couple of minutes:
-faces are worked on at 64 px with few steps everywhere, except key-I, which keeps enough
-steps for recovery to give the original back; the demo then proves it (check_recovery).
+faces are worked on at 64 px with few steps everywhere (key-I a few more than sampling).
+key-I is made in the workflow's mode, bdia, whose recovery retraces the inversion exactly,
+so recovery gives the original back; the demo then proves it (check_recovery).
 """
 from __future__ import annotations
 
@@ -43,10 +44,9 @@ class DemoSettings:
     crop: int = 64  # Face Crop's side: the working size of every face
     msi_steps: int = 1
     sampling_steps: int = 2  # of the DDIM grid; sampling runs its last S_ns
-    # Fixed-point inversion converges in these few steps on the demo's gentle UNet
-    # (diffpriv_testmodels.comfy_models.DEMO_OUTPUT_SCALE); recovery uses key-I's own count.
+    # key-I in the workflow's mode (bdia): recovery retraces the inversion exactly at any step
+    # count (at least 2); recovery runs on key-I's own grid.
     key_i_steps: int = 4
-    key_i_refine: int = 2
     # 64 px crops need little memory: the guidance's decoder keeps its activations rather
     # than computing them twice.
     gradient_checkpointing: bool = False
@@ -55,7 +55,7 @@ class DemoSettings:
         if steps is not None:
             return f"faces at {self.crop} px, {steps} steps everywhere (--steps)"
         return (f"faces at {self.crop} px; MSI {self.msi_steps} step, sampling on a {self.sampling_steps}-step "
-                f"grid, key-I {self.key_i_steps} steps ({self.key_i_refine} refinements each)")
+                f"grid, key-I {self.key_i_steps} steps")
 
 
 SETTINGS = DemoSettings()
@@ -97,8 +97,7 @@ def apply_settings(graph: dict, settings: DemoSettings = SETTINGS) -> None:
     values = {"DiffPrivacyFaceCrop": {"size": settings.crop},
               "DiffPrivacyMSIInversion": {"steps": settings.msi_steps},
               "DiffPrivacyGuidedDDIMSampler": {"steps": settings.sampling_steps},
-              "DiffPrivacyDDIMInversionKey": {"steps": settings.key_i_steps, "mode": "fixed_point",
-                                              "refine_iterations": settings.key_i_refine},
+              "DiffPrivacyDDIMInversionKey": {"steps": settings.key_i_steps},
               "DiffPrivacyIdentityGuidance": {"gradient_checkpointing": settings.gradient_checkpointing}}
     for class_type, inputs in values.items():
         for node in graphs.nodes_of(graph, class_type):

@@ -1,4 +1,5 @@
-"""Deterministic DDIM (eta = 0): the step, the x0 estimate, sampling and inversion.
+"""Deterministic DDIM (eta = 0): the step, the x0 estimate, sampling and inversion, and
+BDIA's exactly invertible pair of inversion and sampling (key-I's default).
 
 Small pure functions over an ``eps_fn(z, t) -> eps`` callable in SD's scaled latent space,
 in the manner of k-diffusion's sampling.py. The loops run in float32 whatever the model's
@@ -128,3 +129,76 @@ def invert(
         if callback is not None:
             callback(n, grid.steps, z, z0)
     return z
+
+
+# --- BDIA (gamma = 1): an exactly invertible pair of inversion and sampling ------------
+# Fixed-point inversion only approaches the inverse of DDIM's step, and pays a UNet call per
+# refinement. BDIA (Zhang et al. 2023, "Exact diffusion inversion via bi-directional
+# integration approximation") makes each step an explicit, invertible update of TWO states:
+# with D(z_k; k -> j) the DDIM move of z_k (level k) to level j on the noise predicted AT z_k,
+#     z_{k-1} = z_{k+1} + D(z_k; k -> k-1) - D(z_k; k -> k+1)        (one eps call, at z_k)
+# which sampling undoes by subtracting the same difference: recovery retraces the inversion
+# to float rounding, whatever the model. The key is therefore the last two states.
+
+
+def _bdia_difference(eps_fn: EpsFn, z_mid: torch.Tensor, grid: Grid, mid: int, up: int, down: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(z_mid; mid -> up) - D(z_mid; mid -> down) with one eps call at level ``mid``, and
+    the x0 estimate it implies. Inversion adds it and sampling subtracts it, so the two
+    compute bit-identical differences from the same z_mid."""
+    eps = _eps32(eps_fn, z_mid, grid.timesteps[mid])
+    x0 = predict_x0(z_mid, eps, grid.alphas[mid])
+    return ddim_step(x0, eps, grid.alphas[up]) - ddim_step(x0, eps, grid.alphas[down]), x0
+
+
+def _check_bdia_grid(grid: Grid) -> None:
+    if grid.steps < 2:
+        raise ValueError(f"BDIA needs at least 2 steps (its key is two states, one level apart), got {grid.steps}")
+
+
+def bdia_invert(
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    grid: Grid,
+    callback: StepCallback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert z0 (at level ``grid.alphas[-1]``) up to level ``grid.alphas[0]`` by BDIA:
+    one UNet call per step. Returns (top, below), the states at levels 0 and 1, which
+    ``bdia_sample`` takes back down to z0 exactly (to float rounding).
+
+    The first step (bottom -> one level up) is plain DDIM inversion (noise evaluated at the
+    bottom state): whatever it gives is what sampling's last BDIA step starts from, so its
+    approximation does not matter for exactness. Every further level is the BDIA update,
+    noise evaluated at the middle state.
+    """
+    _check_bdia_grid(grid)
+    n = grid.steps
+    down = z0.to(torch.float32)
+    mid = invert_step(eps_fn, down, grid.timesteps[n - 1], grid.alphas[n - 1], grid.alphas[n])
+    if callback is not None:
+        callback(0, n, mid, down)
+    for step, k in enumerate(range(n - 2, -1, -1), start=1):  # k: the level being made
+        diff, x0 = _bdia_difference(eps_fn, mid, grid, k + 1, k, k + 2)
+        down, mid = mid, down + diff
+        if callback is not None:
+            callback(step, n, mid, x0)
+    return mid, down
+
+
+def bdia_sample(
+    eps_fn: EpsFn,
+    top: torch.Tensor,
+    below: torch.Tensor,
+    grid: Grid,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """The exact inverse of ``bdia_invert``: from the states at levels 0 and 1 down to the
+    bottom level, ``grid.steps - 1`` UNet calls (the state at level 1 is already known)."""
+    _check_bdia_grid(grid)
+    up, mid = top.to(torch.float32), below.to(torch.float32)
+    for k in range(1, grid.steps):  # k: the middle level, whose noise is evaluated
+        diff, x0 = _bdia_difference(eps_fn, mid, grid, k, k - 1, k + 1)
+        up, mid = mid, up - diff
+        if callback is not None:
+            callback(k - 1, grid.steps - 1, mid, x0)
+    return mid

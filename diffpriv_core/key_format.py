@@ -25,17 +25,21 @@ FORMAT = "diffprivacy-key"
 #    passphrases normalised to Unicode NFC.
 # 3: keys sealed to age recipients (key_crypto.py), a face key bound to its protected
 #    photo (PROTECTED_META), every number of the face crop bounded.
-VERSION = "3"
-VERSIONS = ("1", "2", "3")
+# 4: key-I by BDIA (inversion "bdia"): a second latent, the tensor key_i.below. A pack that
+#    reads versions up to 3 refuses these files as written by a newer pack, rather than
+#    recovering from the first latent alone.
+VERSION = "4"
+VERSIONS = ("1", "2", "3", "4")
 # scrypt settings by the version that wrote the file. They are public metadata, which can
 # only be authenticated after the key is derived, so a file never chooses them.
 SCRYPT = {"1": {"n": 2**15, "r": 8, "p": 1},  # 32 MiB, about 0.1 s
           "2": {"n": 2**17, "r": 8, "p": 1},  # 128 MiB, about 0.5-1 s: as age does
-          "3": {"n": 2**17, "r": 8, "p": 1}}
+          "3": {"n": 2**17, "r": 8, "p": 1},
+          "4": {"n": 2**17, "r": 8, "p": 1}}
 ENCRYPTION = "aes-256-gcm"
 KDF = "scrypt"
 KEY_SUFFIX = ".dpkey.safetensors"
-MAX_FILE_BYTES = 64 * 2**20  # a key is ~2.4 MB (key-E) + the latent; refuse anything absurd
+MAX_FILE_BYTES = 64 * 2**20  # a key is ~2.4 MB (key-E) + key-I's latents; refuse anything absurd
 MAX_HEADER_BYTES = 2**20
 
 # The one safetensors metadata entry: the container stores its entries in an unordered
@@ -49,6 +53,11 @@ PAIR = "pair"  # key-I: the id of the key-E it was inverted under (key_types.key
 CROP_META = "face_crop"  # where the key's face sits in its photo (Face Crop), as JSON
 # Fields a version wrote first: an older version's file that holds one was not written by a pack.
 NEWER_FIELDS = {"2": ("key_i.pair",), "3": ("age.recipient", "age.wrapped")}
+# key-I's inversions (recovery.MODES) and the version that wrote each first; a bdia key-I
+# holds a second latent (KEY_I_BELOW), the state one grid level below key_i.latent.
+BDIA = "bdia"
+INVERSIONS = (BDIA, "fixed_point", "ddim")
+NEWER_INVERSIONS = {BDIA: "4"}
 # Bounds of a face crop's numbers (Face Crop never makes larger ones).
 MAX_PHOTO_SIDE = 16384
 MAX_CROP_SIZE = 2048  # the working resolution: what MSI trains on at most
@@ -61,6 +70,8 @@ DIGEST = "digest"  # unencrypted files: SHA-256 over metadata and tensors
 ENCRYPTED_FIELDS = ("encryption", "kdf", "kdf.params", "kdf.salt", "nonce")
 # Tensor names: the keys, or the sealed payload of an encrypted file.
 KEY_E_STAGES, KEY_E_UC, KEY_I_LATENT, CIPHERTEXT = "key_e.stages", "key_e.uc", "key_i.latent", "ciphertext"
+KEY_I_BELOW = "key_i.below"  # bdia key-Is only; the same shape as key_i.latent
+KEY_TENSORS = (KEY_E_STAGES, KEY_E_UC, KEY_I_LATENT, KEY_I_BELOW)
 # Every dtype safetensors names, so a key with the wrong one is told so in plain words.
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -159,7 +170,7 @@ def read_container(data: bytes, with_metadata: bool = True) -> Container:
     if not with_metadata and "__metadata__" in header:
         raise KeyFileError("the key file is damaged: its encrypted part holds unexpected metadata")
     body_start = 8 + header_len
-    known = (KEY_E_STAGES, KEY_E_UC, KEY_I_LATENT) + ((CIPHERTEXT,) if with_metadata else ())
+    known = KEY_TENSORS + ((CIPHERTEXT,) if with_metadata else ())
     unknown = sorted(name for name in header if name not in known and name != "__metadata__")
     if unknown:
         raise KeyFileError(f"the key file is damaged: it holds a tensor named {unknown[0]!r}, which no key file has")
@@ -319,6 +330,10 @@ def _diffprivacy_metadata(header: dict) -> dict[str, str]:
         if meta["version"] < version and later:
             raise KeyFileError(f"the key file was modified: a version {meta['version']} file has no {later[0]!r} "
                                f"(version {version} added it)")
+    inversion = meta.get("inversion")
+    if inversion in NEWER_INVERSIONS and meta["version"] < NEWER_INVERSIONS[inversion]:
+        raise KeyFileError(f"the key file was modified: a version {meta['version']} file has no {inversion} key-I "
+                           f"(version {NEWER_INVERSIONS[inversion]} added it)")
     return meta
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .key_format import PAIR
+from .key_format import BDIA, PAIR
 from .schedule import STAGES
 
 EMBED_SHAPE = (77, 768)  # SD 1.x: 77 tokens of CLIP ViT-L/14 text width
@@ -41,17 +41,32 @@ class KeyE:
 
 @dataclass
 class KeyI:
-    """key-I: the DDIM inversion of one image's latent under its key-E."""
+    """key-I: the DDIM inversion of one image's latent under its key-E.
+
+    A ``bdia`` key-I is two states of the inversion, ``latent`` at the top level of the grid
+    and ``below`` one level less noisy: BDIA sampling needs both to retrace the inversion
+    exactly (ddim.bdia_sample). The other inversions leave one latent and ``below`` None.
+    """
 
     latent: torch.Tensor  # [4, h, w] float32, SD scaled latent space
     steps: int
-    inversion: str  # "ddim" or "fixed_point"
-    refine: int  # fixed-point iterations per step (0 for "ddim")
+    inversion: str  # "bdia", "fixed_point" or "ddim"
+    refine: int  # fixed-point iterations per step (0 for "bdia" and "ddim")
     meta: dict[str, str] = field(default_factory=dict)
+    below: torch.Tensor | None = None  # bdia only: the state one grid level below ``latent``
 
     def __post_init__(self):
         if self.latent.ndim != 3 or self.latent.shape[0] != 4:
             raise ValueError(f"key-I must be one [4, h, w] latent, got {tuple(self.latent.shape)}")
+        if (self.below is not None) != (self.inversion == BDIA):
+            raise ValueError("a bdia key-I needs its second latent (below), and only a bdia key-I has one; "
+                             f"this {self.inversion!r} key-I {'has' if self.below is not None else 'lacks'} it")
+        if self.below is not None:
+            if tuple(self.below.shape) != tuple(self.latent.shape):
+                raise ValueError(f"a bdia key-I's two latents must have one shape, got {tuple(self.latent.shape)} "
+                                 f"and {tuple(self.below.shape)}")
+            if not bool(torch.isfinite(self.below).all()):
+                raise ValueError("a bdia key-I's second latent holds NaN or infinite values")
 
 
 PAIR_MISMATCH = ("key-E and key-I do not belong together: this key-I was made from another key-E (another "

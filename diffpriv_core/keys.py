@@ -59,6 +59,8 @@ def _tensors(key_e: KeyE, key_i: KeyI | None) -> dict[str, torch.Tensor]:
                fmt.KEY_E_UC: key_e.uc.detach().float().cpu().contiguous()}
     if key_i is not None:
         tensors[fmt.KEY_I_LATENT] = key_i.latent.detach().float().cpu().contiguous()
+        if key_i.below is not None:
+            tensors[fmt.KEY_I_BELOW] = key_i.below.detach().float().cpu().contiguous()
     return tensors
 
 
@@ -146,13 +148,18 @@ def _checked(data: bytes, records: dict[str, fmt.TensorRecord], name: str, shape
 
 def _key_tensors(data: bytes, records: dict[str, fmt.TensorRecord]) -> dict[str, torch.Tensor]:
     names = set(records)
-    if not {fmt.KEY_E_STAGES, fmt.KEY_E_UC} <= names <= {fmt.KEY_E_STAGES, fmt.KEY_E_UC, fmt.KEY_I_LATENT}:
+    key_e_names = {fmt.KEY_E_STAGES, fmt.KEY_E_UC}
+    if not (names in (key_e_names, key_e_names | {fmt.KEY_I_LATENT})
+            or names == key_e_names | {fmt.KEY_I_LATENT, fmt.KEY_I_BELOW}):
         raise KeyFileError(f"the key file is damaged: it holds the tensors {sorted(names)}; a key file holds "
-                           f"{fmt.KEY_E_STAGES}, {fmt.KEY_E_UC} and, with key-I, {fmt.KEY_I_LATENT}")
+                           f"{fmt.KEY_E_STAGES}, {fmt.KEY_E_UC} and, with key-I, {fmt.KEY_I_LATENT} (and "
+                           f"{fmt.KEY_I_BELOW} for a bdia key-I)")
     tensors = {fmt.KEY_E_STAGES: _checked(data, records, fmt.KEY_E_STAGES, (STAGES, *EMBED_SHAPE)),
                fmt.KEY_E_UC: _checked(data, records, fmt.KEY_E_UC, (1, *EMBED_SHAPE))}
     if fmt.KEY_I_LATENT in records:
         tensors[fmt.KEY_I_LATENT] = _checked(data, records, fmt.KEY_I_LATENT, None)
+    if fmt.KEY_I_BELOW in records:  # the same shape as the latent it lies below
+        tensors[fmt.KEY_I_BELOW] = _checked(data, records, fmt.KEY_I_BELOW, records[fmt.KEY_I_LATENT].shape)
     return tensors
 
 
@@ -176,13 +183,20 @@ def _keys(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[KeyE,
         key_i_meta[fmt.PAIR] = key_e_id(key_e)  # version 1 bound the pair by holding it in one verified file
     steps, inversion, refine = _number(meta, "steps"), meta.get("inversion"), _number(meta, "refine")
     if steps is None or refine is None or not 1 <= steps <= T or not 0 <= refine <= MAX_REFINE \
-            or inversion not in ("ddim", "fixed_point"):
+            or inversion not in fmt.INVERSIONS:
         raise KeyFileError("the key file is damaged: its key-I settings (steps, inversion, refine) are missing "
                            "or unreadable")
+    below = tensors.get(fmt.KEY_I_BELOW)
+    if (below is not None) != (inversion == fmt.BDIA):
+        raise KeyFileError(f"the key file is damaged: a bdia key-I holds {fmt.KEY_I_BELOW} and no other key-I does, "
+                           f"but this {inversion} key-I {'holds' if below is not None else 'lacks'} it")
+    if inversion == fmt.BDIA and (steps < 2 or refine != 0):
+        raise KeyFileError("the key file is damaged: a bdia key-I has at least 2 steps and no refinements "
+                           f"(this one: {steps} steps, refine {refine})")
     if key_i_meta.get(fmt.GRID) not in (None, ddim_grid(steps).describe()):
         raise KeyFileError(f"this key-I was made on another timestep grid ({steps} steps); it cannot be "
                            "recovered with this version of the pack")
-    key_i = KeyI(latent, steps, inversion, refine, key_i_meta)
+    key_i = KeyI(latent, steps, inversion, refine, key_i_meta, below=below)
     return key_e, key_i
 
 

@@ -1,9 +1,17 @@
 """key-I and Stage III: DDIM inversion of the original under key-E, and recovery.
 
 key-I is the inversion of the ORIGINAL latent with C^{t//100} at every step (no UC, no
-CFG); recovery is deterministic DDIM from key-I with the same key-E on the same grid. Both
-run in float32 on ``ddim_grid(steps)``, so recovery retraces the inversion exactly when
-the inversion converged (``fixed_point`` mode).
+CFG); recovery samples from key-I with the same key-E on the same grid, by the sampler
+that matches the inversion. Both run in float32 on ``ddim_grid(steps)``.
+
+Modes (``MODES``):
+- ``bdia`` (default, ours): BDIA inversion, one UNet call per step; key-I is the top two
+  states and recovery is BDIA sampling, which retraces the inversion to float rounding in
+  steps - 1 calls (ddim.bdia_invert / bdia_sample).
+- ``fixed_point`` (ours): each DDIM inversion step refined ``refine`` times (1 + refine
+  calls per step); one latent, recovered by plain DDIM, exact only where the refinement
+  converged.
+- ``ddim``: plain DDIM inversion, as the paper does; approximate.
 """
 from __future__ import annotations
 
@@ -11,10 +19,12 @@ import torch
 
 from . import ddim
 from .adapters.protocols import EpsModel
+from .key_format import BDIA, INVERSIONS
 from .key_types import PAIR, PAIR_MISMATCH, KeyE, KeyI, belong_together, key_e_id
 from .schedule import STAGES, ddim_grid, scheduled_stage, stage_of
 
-MODES = ("fixed_point", "ddim")
+MODES = INVERSIONS  # bdia (the default), fixed_point, ddim
+BDIA_MIN_STEPS = 2  # BDIA's key is two states one level apart
 
 
 class KeyMismatchError(ValueError):
@@ -33,19 +43,35 @@ def conditioned_eps(eps_model: EpsModel, keys_e: list[KeyE], tau: float | None =
     return eps_fn
 
 
-def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps: int, mode: str = "fixed_point",
+def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps: int, mode: str = BDIA,
                refine: int = 4, meta: dict[str, str] | None = None,
                callback: ddim.StepCallback | None = None) -> list[KeyI]:
-    """key-I of each latent in the batch z0 [B, 4, h, w] (scaled), one key-E per image."""
+    """key-I of each latent in the batch z0 [B, 4, h, w] (scaled), one key-E per image.
+    ``refine`` is used by ``fixed_point`` mode only. ``callback`` is called once per
+    inversion step (``steps`` times in every mode)."""
     if mode not in MODES:
         raise ValueError(f"inversion mode must be one of {MODES}, got {mode!r}")
+    if mode == BDIA and steps < BDIA_MIN_STEPS:
+        raise ValueError(f"bdia inversion needs at least {BDIA_MIN_STEPS} steps (its key is two states one level "
+                         f"apart), got {steps}: use more steps, or another mode")
     refine = refine if mode == "fixed_point" else 0
     grid = ddim_grid(steps)
+    fn = conditioned_eps(eps_model, keys_e)
     with torch.no_grad():
-        z = ddim.invert(conditioned_eps(eps_model, keys_e), z0, grid, refine=refine, callback=callback)
+        if mode == BDIA:
+            z, below = ddim.bdia_invert(fn, z0, grid, callback=callback)
+        else:
+            z, below = ddim.invert(fn, z0, grid, refine=refine, callback=callback), None
     meta = dict(meta or {}, grid=grid.describe())
-    return [KeyI(zi.cpu(), steps, mode, refine, {**meta, PAIR: key_e_id(key_e)})
-            for zi, key_e in zip(z, keys_e * len(z) if len(keys_e) == 1 else keys_e, strict=True)]
+    return [KeyI(z[n].cpu(), steps, mode, refine, {**meta, PAIR: key_e_id(key_e)},
+                 below=None if below is None else below[n].cpu())
+            for n, key_e in zip(range(len(z)), keys_e * len(z) if len(keys_e) == 1 else keys_e, strict=True)]
+
+
+def recovery_steps(key_i: KeyI) -> int:
+    """The UNet calls (per image) recovery makes from ``key_i``: its progress bar's total.
+    BDIA sampling starts from two known states, so it makes one call fewer than steps."""
+    return key_i.steps - 1 if key_i.inversion == BDIA else key_i.steps
 
 
 def check_checkpoint(meta: dict[str, str], fingerprint: str | None, what: str) -> None:
@@ -64,6 +90,12 @@ def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
     steps = {k.steps for k in keys_i}
     if len(steps) != 1 or len({tuple(k.latent.shape) for k in keys_i}) != 1:
         raise KeyMismatchError("the key-Is of one batch must share step count and size; recover them separately")
+    if len({k.inversion == BDIA for k in keys_i}) != 1:
+        raise KeyMismatchError("the key-Is of one batch mix bdia keys with fixed_point / ddim keys, which recover by "
+                               "another sampler; recover them separately")
+    if keys_i[0].inversion == BDIA and keys_i[0].steps < BDIA_MIN_STEPS:
+        raise KeyMismatchError(f"this bdia key-I has {keys_i[0].steps} step; a bdia key has at least "
+                               f"{BDIA_MIN_STEPS}, so it was not made by this pack")
     grid = ddim_grid(steps.pop())
     for k in keys_i:
         check_checkpoint(k.meta, fingerprint, "key-I")
@@ -86,14 +118,19 @@ def recover(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE], fingerp
 
 def retrace(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE],
             callback: ddim.StepCallback | None = None) -> torch.Tensor:
-    """Deterministic DDIM from each key-I under the key-E given for it, on the key-Is' grid,
+    """Deterministic sampling from each key-I under the key-E given for it, on the key-Is'
+    grid, by the sampler matching their inversion (BDIA for bdia keys, DDIM otherwise),
     whether or not the two belong together: recovery's sampling, without its checks. Only
     ``recover`` (which checks) and the wrong-key experiment (paper Fig. 7, which shows what
-    keys that do not belong together give) call it."""
+    keys that do not belong together give) call it. ``callback`` is called
+    ``recovery_steps`` times."""
     grid = ddim_grid(check_keys(keys_i))
+    fn = conditioned_eps(eps_model, keys_e)
+    top = torch.stack([k.latent for k in keys_i])
     with torch.no_grad():
-        return ddim.sample(conditioned_eps(eps_model, keys_e), torch.stack([k.latent for k in keys_i]), grid,
-                           callback=callback)
+        if keys_i[0].inversion == BDIA:
+            return ddim.bdia_sample(fn, top, torch.stack([k.below for k in keys_i]), grid, callback=callback)
+        return ddim.sample(fn, top, grid, callback=callback)
 
 
 def unconditional_key_e(key_e: KeyE) -> KeyE:

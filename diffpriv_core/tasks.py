@@ -3,9 +3,10 @@
 Where each value comes from: S_ns, tau, the DDIM steps, the anonymization's 4 samples and
 lambda_t (1; hide 1.5 above t = 600, 2.5 below) are the reference code's (its notebooks
 Anonymization.ipynb and "Visual identity information hiding.ipynb"); the paper gives no
-lambda. key-I inverts on the task's grid, as the reference code does, but its fixed-point
-refinement (4 per step) is ours: plain DDIM inversion recovers less exactly (BENCHMARKS.md). Protection re-runs the
-last S_ns x steps of the grid, so the noise starts at that part's first timestep: t = 581 for
+lambda. key-I inverts on the task's grid, as the reference code does, but by BDIA, which is
+ours: the paper (and its code) use plain DDIM inversion, which recovery retraces only
+approximately; BDIA's recovery retraces the inversion exactly, one UNet call per step
+(BENCHMARKS.md, inversion_modes). Protection re-runs the last S_ns x steps of the grid, so the noise starts at that part's first timestep: t = 581 for
 anonymization (30 of 50 steps) and t = 791 for hiding (80 of 100), not at S_ns * T = 600 and
 800 (schedule.Grid.tail).
 
@@ -50,11 +51,17 @@ class LambdaSchedule:
 
 @dataclass(frozen=True)
 class KeyIGrid:
-    """How key-I inverts the original: DDIM steps, inversion mode and refinements per step."""
+    """How key-I inverts the original: DDIM steps, inversion mode and (fixed_point mode
+    only) refinements per step.
+
+    ``bdia`` is ours, not the paper's: the paper inverts by plain DDIM (``ddim``), which
+    recovery retraces only approximately. BDIA costs one UNet call per step (fixed_point
+    costs 1 + refine) and its recovery retraces the inversion to float rounding, in
+    steps - 1 calls (recovery.py)."""
 
     steps: int = 50
-    mode: str = "fixed_point"  # or "ddim" (recovery.MODES)
-    refine: int = 4
+    mode: str = "bdia"  # or "fixed_point", "ddim" (recovery.MODES)
+    refine: int = 4  # fixed_point mode's refinements per step
 
 
 @dataclass(frozen=True)

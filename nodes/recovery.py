@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from diffpriv_core.passes import PassCounter
-from diffpriv_core.recovery import (MODES, check_checkpoint, check_keys, make_key_i, recover, retrace,
+from diffpriv_core.recovery import (MODES, check_checkpoint, check_keys, make_key_i, recover, recovery_steps, retrace,
                                    unconditional_key_e)
 from diffpriv_core.tasks import TASKS
 
@@ -14,8 +14,10 @@ from .inputs import per_image, sd1_model, sd_latents
 from .types import KeyE, KeyI
 
 KEY_I = TASKS["anonymize"].key_i  # the defaults; the hide workflows invert on their 100-step grid
-MODE_TIPS = {"fixed_point": "near-exact: refines each inversion step (recovery limited by the VAE)",
-             "ddim": "plain DDIM inversion, as in the paper"}
+MODE_TIPS = {"bdia": "exact (ours): one UNet call per step, recovery retraces the inversion to rounding "
+                     "(limited by the VAE)",
+             "fixed_point": "near-exact: refines each DDIM inversion step (1 + refine_iterations calls per step)",
+             "ddim": "plain DDIM inversion, as in the paper (approximate)"}
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -32,11 +34,12 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="the original image, VAE-encoded"),
                 KeyE.Input("key_e", tooltip="the image's key-E (from MSI Inversion)"),
                 io.Int.Input("steps", default=KEY_I.steps, min=1, max=500,
-                             tooltip="DDIM inversion steps; recovery runs the same count"),
+                             tooltip="DDIM inversion steps (bdia: at least 2); recovery runs on the same grid"),
                 io.Combo.Input("mode", options=list(MODES), default=KEY_I.mode,
                                tooltip="; ".join(f"{m}: {tip}" for m, tip in MODE_TIPS.items())),
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
-                             tooltip="fixed_point mode: refinements per step (each costs one UNet call)"),
+                             tooltip="fixed_point mode only (bdia and ddim ignore it): refinements per step "
+                                     "(each costs one UNet call)"),
             ],
             outputs=[KeyI.Output(display_name="key_i", tooltip="one key-I per image: the original latent inverted under "
                                                                    "its key-E")],
@@ -65,8 +68,8 @@ class Recover(io.ComfyNode):
             node_id="DiffPrivacyRecover",
             display_name="Recover (Diff-Privacy)",
             category="Diff-Privacy/keys",
-            description="Stage III: deterministic DDIM from key-I with key-E gives the original latent back. "
-                        "A key-E that key-I was not made from is refused.",
+            description="Stage III: deterministic sampling from key-I with key-E (BDIA for a bdia key-I, DDIM "
+                        "otherwise) gives the original latent back. A key-E that key-I was not made from is refused.",
             inputs=[io.Model.Input("model", tooltip="the SD 1.x checkpoint the keys were made with"),
                     KeyI.Input("key_i", tooltip="from Load Privacy Key (or DDIM Inversion Key)"),
                     KeyE.Input("key_e", tooltip="the key-E of the same key file")],
@@ -84,7 +87,8 @@ class Recover(io.ComfyNode):
         for k in keys_e:
             check_checkpoint(k.meta, eps.fingerprint, "key-E")
         counter = PassCounter()
-        z = recover(counter.eps(eps), key_i, keys_e, eps.fingerprint, callback=Progress(key_i[0].steps).step)
+        z = recover(counter.eps(eps), key_i, keys_e, eps.fingerprint,
+                    callback=Progress(recovery_steps(key_i[0])).step)
         return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report("Recover", len(key_i))})
 
 
@@ -125,5 +129,5 @@ class WrongKeyExperiment(io.ComfyNode):
         check_keys(key_i, eps.fingerprint)
         keys_e = [unconditional_key_e(key_e[0]) if unconditional else key_e[0]]
         counter = PassCounter()
-        z = retrace(counter.eps(eps), key_i, keys_e, callback=Progress(key_i[0].steps).step)
+        z = retrace(counter.eps(eps), key_i, keys_e, callback=Progress(recovery_steps(key_i[0])).step)
         return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report(node, 1)})

@@ -42,12 +42,15 @@ def random_key_e(seed: int, checkpoint: str | None = None) -> KeyE:
 
 
 def key_i_for(key_e: KeyE, steps: int, latent: torch.Tensor | None = None, mode: str = "ddim", refine: int = 0,
-              **meta: str) -> KeyI:
-    """A key-I bound to ``key_e`` (random 8 x 8 latent unless given)."""
+              below: torch.Tensor | None = None, **meta: str) -> KeyI:
+    """A key-I bound to ``key_e`` (random 8 x 8 latent unless given); a bdia key-I also gets
+    its second latent, ``below`` (random, of the latent's shape, unless given)."""
     latent = torch.randn(4, 8, 8) if latent is None else latent
+    if mode == fmt.BDIA and below is None:
+        below = torch.randn(latent.shape, generator=torch.Generator().manual_seed(steps))
     meta = {"checkpoint": key_e.meta["checkpoint"], "grid": ddim_grid(steps).describe(), PAIR: key_e_id(key_e),
             **meta}
-    return KeyI(latent, steps, mode, refine, meta)
+    return KeyI(latent, steps, mode, refine, meta, below=below)
 
 
 def forge(tensors: dict, version: str = fmt.VERSION, **meta) -> bytes:

@@ -133,8 +133,7 @@ def test_the_demo_works_small_and_keeps_more_key_i_steps_than_sampling_steps():
     assert inputs["DiffPrivacyMSIInversion"]["steps"] == settings.msi_steps
     assert inputs["DiffPrivacyGuidedDDIMSampler"]["steps"] == settings.sampling_steps
     key_i = inputs["DiffPrivacyDDIMInversionKey"]
-    assert (key_i["steps"], key_i["mode"], key_i["refine_iterations"]) == (settings.key_i_steps, "fixed_point",
-                                                                          settings.key_i_refine)
+    assert (key_i["steps"], key_i["mode"]) == (settings.key_i_steps, "bdia"), "the workflow's mode, the default"
     assert settings.key_i_steps > settings.sampling_steps
     assert inputs["DiffPrivacyIdentityGuidance"]["gradient_checkpointing"] is False
     assert graphs.required_models(graph) == {"checkpoints": {"dp-demo-sd15.safetensors"},

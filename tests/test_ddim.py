@@ -179,3 +179,68 @@ def test_refinement_never_ends_worse_than_plain_inversion_on_a_rough_model():
         return (ddim.sample(fn, ddim.invert(fn, z0, grid, refine=refine), grid) - z0).pow(2).mean().item()
 
     assert err(10) <= err(0)
+
+
+class CountingEps:
+    """An eps_fn that counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, z, t):
+        self.calls += 1
+        return self.fn(z, t)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [2, 3, 50])
+def test_bdia_recovery_retraces_the_inversion_to_rounding_with_one_call_per_step(steps):
+    model = ToyEps()
+    g = torch.Generator().manual_seed(2)
+    key_e, z0 = torch.randn(10, 8, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    grid = ddim_grid(steps)
+    fn = CountingEps(conditioned(model, key_e))
+    seen = []
+    top, below = ddim.bdia_invert(fn, z0, grid, callback=lambda k, n, z, x0: seen.append((k, n)))
+    assert fn.calls == steps and seen == [(k, steps) for k in range(steps)]
+    assert top.shape == below.shape == z0.shape and top.dtype == torch.float32
+
+    fn.calls, seen = 0, []
+    recovered = ddim.bdia_sample(fn, top, below, grid, callback=lambda k, n, z, x0: seen.append((k, n)))
+    assert fn.calls == steps - 1 and seen == [(k, steps - 1) for k in range(steps - 1)]
+    # Exact to float32 rounding, not merely close: the error is a few ulps of the latent.
+    assert (recovered - z0).abs().max().item() < 1e-4
+    assert (recovered - z0).pow(2).mean().item() < 1e-10 * z0.pow(2).mean().item()
+    # The pair of states is the key: plain DDIM from the top state alone does not recover.
+    plain = ddim.sample(fn, top, grid)
+    assert (plain - z0).pow(2).mean().item() > 1e6 * (recovered - z0).pow(2).mean().item()
+
+
+@torch.no_grad()
+def test_bdia_with_a_wrong_key_e_or_a_wrong_state_does_not_recover():
+    model = ToyEps()
+    g = torch.Generator().manual_seed(3)
+    key_e, other_e = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    z0 = torch.randn(1, 4, 16, 16, generator=g)
+    grid = ddim_grid(50)
+    top, below = ddim.bdia_invert(conditioned(model, key_e), z0, grid)
+
+    def rel(recovered):
+        return ((recovered - z0).pow(2).mean() / z0.pow(2).mean()).item()
+
+    right = rel(ddim.bdia_sample(conditioned(model, key_e), top, below, grid))
+    wrong_e = rel(ddim.bdia_sample(conditioned(model, other_e), top, below, grid))
+    uc_as_e = rel(ddim.bdia_sample(conditioned(model, torch.zeros(10, 8)), top, below, grid))
+    other_below = rel(ddim.bdia_sample(conditioned(model, key_e), top, torch.randn_like(below), grid))
+    assert right < 1e-10
+    for wrong in (wrong_e, uc_as_e, other_below):
+        assert wrong > 0.1, wrong
+
+
+def test_bdia_needs_two_steps():
+    fn = lambda z, t: torch.zeros_like(z)  # noqa: E731
+    z = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        ddim.bdia_invert(fn, z, ddim_grid(1))
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        ddim.bdia_sample(fn, z, z, ddim_grid(1))

@@ -39,8 +39,10 @@ SEED = int(os.environ.get("DP_FUZZ_SEED", random.randrange(2**32)))
 
 
 def small_keys(seed: int):
+    """Seed 0 a single-latent (ddim) key-I, seed 1 a bdia one (two latents)."""
     key_e = random_key_e(seed, checkpoint="fuzz")
-    return key_e, key_i_for(key_e, 10, torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed)))
+    return key_e, key_i_for(key_e, 10, torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed)),
+                            mode="bdia" if seed else "ddim")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +166,8 @@ def dtype_shape_offsets(rng, data, other):
         other_name = rng.choice(tensor_names(header))
         info["data_offsets"] = list(header[other_name]["data_offsets"])
     else:
-        header[rng.choice(["key_e.stages", "key_e.uc", "key_i.latent", "ciphertext", "extra"])] = dict(info)
+        header[rng.choice(["key_e.stages", "key_e.uc", "key_i.latent", "key_i.below", "ciphertext", "extra"])] = \
+            dict(info)
     header[name] = info
     return join(header, body), f"dtype/shape/offsets {choice} of {name}"
 
@@ -217,9 +220,10 @@ def resigned_lies(rng, data, other):
     tensors = {n: keys._tensor(data, r) for n, r in fmt.read_container(data).tensors.items()}
     del meta[fmt.DIGEST]
     field, value = rng.choice([
-        ("format", "other"), ("version", rng.choice(["0", "4", "", "1.0", "\uff12"])), ("encryption", "none"),
+        ("format", "other"), ("version", rng.choice(["0", "5", "", "1.0", "\uff12"])), ("encryption", "none"),
         ("steps", rng.choice(["0", "1001", "abc", " 10", "010", "9" * 5000, "-1", "5"])),
-        ("inversion", "magic"), ("refine", rng.choice(["-1", "x", "1e3"])), ("key_i.grid", "1,2,3"),
+        ("inversion", rng.choice(["magic", "bdia", "BDIA"])), ("refine", rng.choice(["-1", "x", "1e3"])),
+        ("key_i.grid", "1,2,3"),
         ("key_i.pair", "0" * 32), ("key_e.checkpoint", None), ("key_i.checkpoint", None), ("key_i.grid", None),
         ("key_i.pair", None), ("steps", None), (fmt.CROP_META, crop_lie(rng)), (fmt.CROP_META, crop_lie(rng)),
         ("refine", "1001"), ("age.recipient", str(IDENTITY.to_public()))])
@@ -252,7 +256,8 @@ def outcome(data: bytes, passphrase: str | None, original, identities=None) -> s
         return f"{type(exc).__name__}: {exc}"
     e0, i0, m0 = original
     same = (torch.equal(key_e.stages, e0.stages) and torch.equal(key_e.uc, e0.uc) and meta == m0
-            and torch.equal(key_i.latent, i0.latent) and key_i.meta == i0.meta)
+            and torch.equal(key_i.latent, i0.latent) and key_i.meta == i0.meta
+            and (key_i.below is None if i0.below is None else torch.equal(key_i.below, i0.below)))
     return None if same else "a different key loaded"
 
 

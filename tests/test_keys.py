@@ -18,7 +18,7 @@ from safetensors.torch import save as save_bytes
 from diffpriv_core import key_format as fmt
 from diffpriv_core import keys
 from diffpriv_core.files import PARTIAL_SUFFIX, STALE_PARTIAL_S
-from diffpriv_core.key_types import KeyE
+from diffpriv_core.key_types import KeyE, KeyI
 from diffpriv_core.keys import KeyFileError, key_bytes, load_key, load_key_bytes, next_key_path, save_key
 from key_helpers import forge, key_i_for, random_key_e
 
@@ -86,6 +86,94 @@ def test_round_trip_plain(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert fmt.read_public_metadata(path) == meta  # the torch-free reader sees the same metadata
     assert load_bytes(path.read_bytes()).keys() == {"key_e.stages", "key_e.uc", "key_i.latent"}  # plain safetensors
+
+
+def exact_keys(seed=0, steps=50):
+    """A bdia key pair: key-I is two latents, the top state and the one a level below it."""
+    key_e = random_key_e(seed, checkpoint="abc")
+    g = torch.Generator().manual_seed(100 + seed)
+    return key_e, key_i_for(key_e, steps, torch.randn(4, 8, 8, generator=g), "bdia",
+                            below=torch.randn(4, 8, 8, generator=g))
+
+
+def test_exact_key_round_trip_plain_and_encrypted(tmp_path, encrypted_exact):
+    key_e, key_i = exact_keys()
+    path = save_key(tmp_path / "k.dpkey.safetensors", key_e, key_i)
+    assert load_bytes(path.read_bytes()).keys() == {"key_e.stages", "key_e.uc", "key_i.latent", "key_i.below"}
+    for data, passphrase in ((path.read_bytes(), None), (encrypted_exact, PASSPHRASE)):
+        e2, i2, meta = load_key_bytes(data, passphrase)
+        assert (i2.steps, i2.inversion, i2.refine, meta["version"]) == (50, "bdia", 0, "4")
+        assert torch.equal(i2.latent, key_i.latent) and torch.equal(i2.below, key_i.below)
+        assert torch.equal(e2.stages, key_e.stages) and i2.meta == key_i.meta
+    assert key_i.below.numpy().tobytes()[:64] not in encrypted_exact
+
+
+@pytest.fixture(scope="module")
+def encrypted_exact() -> bytes:
+    return key_bytes(*exact_keys(), passphrase=PASSPHRASE)
+
+
+def forged_exact(change) -> tuple[dict, dict]:
+    """The tensors and metadata of an exact key file, after ``change(tensors, meta)``."""
+    key_e, key_i = exact_keys()
+    tensors, meta = keys._tensors(key_e, key_i), keys._metadata(key_e, key_i, {})
+    change(tensors, meta)
+    return tensors, meta
+
+
+FORGED_EXACT = {
+    "no second latent": (lambda t, m: t.pop("key_i.below"), "bdia key-I .* lacks it"),
+    "a second latent on a fixed_point key": (lambda t, m: m.update(inversion="fixed_point", refine="3"),
+                                             "this fixed_point key-I holds it"),
+    "a second latent on a ddim key": (lambda t, m: m.update(inversion="ddim"), "this ddim key-I holds it"),
+    "a second latent without key-I": (lambda t, m: t.pop("key_i.latent"), "a key file holds"),
+    "a second latent of another shape": (lambda t, m: t.update({"key_i.below": torch.zeros(4, 8, 16)}),
+                                         r"key_i.below is F32 \[4, 8, 16\]; .* float32 \(4, 8, 8\)"),
+    "a second latent of another dtype": (lambda t, m: t.update({"key_i.below": t["key_i.below"].double()}),
+                                         "key_i.below is F64"),
+    "a second latent holding NaN": (lambda t, m: t["key_i.below"].__setitem__((0, 0, 0), float("nan")),
+                                    "key_i.below holds NaN"),
+    "an empty second latent": (lambda t, m: t.update({"key_i.below": torch.zeros(4, 8, 0)}), "key_i.below is F32"),
+    "a one-step bdia key": (lambda t, m: m.update(steps="1", **{"key_i.grid": "1"}), "at least 2 steps"),
+    "a refined bdia key": (lambda t, m: m.update(refine="4"), "no refinements"),
+    "a bdia key in a version 3 file": (lambda t, m: m.update(version="3"), "version 3 file has no bdia key-I"),
+    "another inversion": (lambda t, m: m.update(inversion="edict"), "key-I settings"),
+}
+
+
+@pytest.mark.parametrize("case", FORGED_EXACT)
+def test_forged_exact_keys_are_refused(case):
+    change, message = FORGED_EXACT[case]
+    tensors, meta = forged_exact(change)
+    with pytest.raises(KeyFileError, match=message):
+        load_key_bytes(forge(tensors, **meta))
+
+
+@pytest.mark.parametrize("case", ["no second latent", "a second latent on a fixed_point key",
+                                  "a second latent of another shape", "a second latent holding NaN"])
+def test_forged_exact_keys_are_refused_inside_an_encrypted_file(case, monkeypatch):
+    """The same checks on the payload an encrypted file opens to (whoever knows the
+    passphrase can seal anything)."""
+    from diffpriv_core import key_crypto
+
+    monkeypatch.setitem(fmt.SCRYPT, fmt.VERSION, {"n": 2, "r": 1, "p": 1})
+    change, message = FORGED_EXACT[case]
+    tensors, meta = forged_exact(change)
+    data = key_crypto.seal_with_passphrase(meta, keys._encode(None, tensors), PASSPHRASE)
+    with pytest.raises(KeyFileError, match=message):
+        load_key_bytes(data, PASSPHRASE)
+
+
+def test_an_exact_key_i_needs_exactly_its_second_latent():
+    key_e, key_i = exact_keys()
+    with pytest.raises(ValueError, match="lacks it"):
+        KeyI(key_i.latent, 50, "bdia", 0, key_i.meta)
+    with pytest.raises(ValueError, match="has it"):
+        key_i_for(key_e, 50, key_i.latent, "fixed_point", 3, below=key_i.below)
+    with pytest.raises(ValueError, match="one shape"):
+        key_i_for(key_e, 50, key_i.latent, "bdia", below=torch.zeros(4, 8, 9))
+    with pytest.raises(ValueError, match="NaN"):
+        key_i_for(key_e, 50, key_i.latent, "bdia", below=torch.full((4, 8, 8), float("inf")))
 
 
 def test_unencrypted_bytes_are_deterministic():

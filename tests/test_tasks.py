@@ -14,15 +14,16 @@ from diffpriv_core.tasks import TASKS, preset_value, task
 NODE = "Guided DDIM Sampler"
 
 
-def test_the_tasks_hold_the_reference_codes_settings_and_our_key_i_refinement():
+def test_the_tasks_hold_the_reference_codes_settings_and_our_key_i_inversion():
     """S_ns, tau, steps, samples and lambda_t as the reference code's notebooks run them (the
-    paper gives no lambda); key-I on the task's grid, refined by fixed-point iteration (ours)."""
+    paper gives no lambda); key-I on the task's grid, inverted by BDIA (ours; fixed_point
+    mode's refinements stay at 4)."""
     anonymize, hide = TASKS["anonymize"], TASKS["hide"]
     assert (anonymize.strength, anonymize.tau, anonymize.steps, anonymize.samples) == (0.6, 0.4, 50, 4)
     assert (hide.strength, hide.tau, hide.steps, hide.samples) == (0.8, 0.6, 100, 1)
     assert anonymize.lambdas(900) == 1.0 and (hide.lambdas(900), hide.lambdas(100)) == (1.5, 2.5)
-    assert (anonymize.key_i.steps, anonymize.key_i.mode, anonymize.key_i.refine) == (50, "fixed_point", 4)
-    assert (hide.key_i.steps, hide.key_i.mode, hide.key_i.refine) == (100, "fixed_point", 4)
+    assert (anonymize.key_i.steps, anonymize.key_i.mode, anonymize.key_i.refine) == (50, "bdia", 4)
+    assert (hide.key_i.steps, hide.key_i.mode, hide.key_i.refine) == (100, "bdia", 4)
     with pytest.raises(ValueError, match="unknown task 'blur'; choose one of anonymize, hide"):
         task("blur")
 
