@@ -15,7 +15,9 @@ a fixed sample, msi_train.HeldOut) is measured with its own passes uncounted.
 Printed, as a markdown section for benchmarks/run_all.py: each preset's passes and
 held-out losses averaged over the seeds, the curves, and the ratio the fast preset must
 beat: the faithful preset's UNet passes divided by the passes the fast preset needs to
-reach the faithful preset's final held-out loss (both averaged over the seeds).
+reach the faithful preset's final held-out loss (both averaged over the seeds); and the
+UNet calls made in sequence, where the parallel preset (four timesteps a step in one call)
+must reach the fast preset's final loss in fewer calls to be the default.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def run_preset(name: str, steps: int | None, seed: int) -> dict:
     if curve[-1:] != [end]:
         curve.append(end)
     return {"preset": name, "seed": seed, "steps_run": len(result.losses), "steps": config.steps, "curve": curve,
-            "passes": counter.as_dict()}
+            "passes": counter.as_dict(), "calls": counter.calls[UNET_FORWARD]}
 
 
 def child(name: str, steps: int | None, seed: int) -> dict:
@@ -103,21 +105,31 @@ def passes_to_stay(curve: list[tuple[float, float]], target: float) -> float | N
 
 def report(runs: dict[str, list[dict]]) -> None:
     """A markdown section (benchmarks/run_all.py collects them into BENCHMARKS.md)."""
-    seeds = [run["seed"] for run in runs["faithful"]]
+    seeds = [run["seed"] for run in next(iter(runs.values()))]
     print(f"MSI presets on the toy host with a planted target (64 px image, CPU, one thread; seeds "
           f"{', '.join(map(str, seeds))}, averaged); held-out Eq. 7 loss against UNet passes, counted where "
           "the trainer calls the UNet.\n")
-    print("| preset | steps run (of) | UNet forward | UNet backward | final held-out loss |")
-    print("|---|---|---|---|---|")
+    print("| preset | steps run (of) | UNet calls in sequence | UNet forward | UNet backward | final held-out loss |")
+    print("|---|---|---|---|---|---|")
     curves = {name: mean_curve(group) for name, group in runs.items()}
     for name, group in runs.items():
         mean = lambda key: sum(r["passes"][key] for r in group) / len(group)  # noqa: E731
         steps = sum(r["steps_run"] for r in group) / len(group)
-        print(f"| {name} | {steps:.0f} ({group[0]['steps']}) | {mean('unet_forward'):.0f} | "
+        calls = sum(r["calls"] for r in group) / len(group)
+        print(f"| {name} | {steps:.0f} ({group[0]['steps']}) | {calls:.0f} | {mean('unet_forward'):.0f} | "
               f"{mean('unet_backward'):.0f} | {curves[name][-1][1]:.6f} |")
     for name, curve in curves.items():
         points = ", ".join(f"{x:.0f}: {loss:.5f}" for x, loss in curve)
         print(f"\n{name} curve (UNet forward passes: loss): {points}")
+    if "parallel" in runs:
+        calls = {name: sum(r["calls"] for r in runs[name]) / len(runs[name]) for name in ("parallel", "fast")}
+        verdict = "reaches" if curves["parallel"][-1][1] <= curves["fast"][-1][1] else "does not reach"
+        print(f"\n**Calls to equal loss**: the parallel preset {verdict} the fast preset's final held-out loss "
+              f"({curves['parallel'][-1][1]:.6f} against {curves['fast'][-1][1]:.6f}) in {calls['parallel']:.0f} "
+              f"UNet calls in sequence against {calls['fast']:.0f}: **{calls['fast'] / calls['parallel']:.1f}x** "
+              "fewer calls.")
+    if "faithful" not in runs:
+        return
     target, faithful_passes = curves["faithful"][-1][1], curves["faithful"][-1][0]
     reached, stays = passes_to_reach(curves["fast"], target), passes_to_stay(curves["fast"], target)
     if reached is None or stays is None:
@@ -134,6 +146,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--faithful-steps", type=int, default=None, help="default: the preset's 6100")
     parser.add_argument("--fast-steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--without-faithful", action="store_true",
+                        help="only the fast and parallel presets (the faithful one takes most of the time)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -141,7 +155,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_preset(args.child, args.steps, args.seed)))
         return
-    steps = {"faithful": args.faithful_steps, "fast": args.fast_steps}
+    steps = {"faithful": args.faithful_steps, "fast": args.fast_steps, "parallel": None}
+    if args.without_faithful:
+        del steps["faithful"]
     report({name: [child(name, steps[name], seed) for seed in args.seeds] for name in steps})
 
 
