@@ -254,6 +254,9 @@ def train_msi_batch(images: torch.Tensor, host: MSIHost, config: MSITrainConfig,
                 losses[k] += loss
         for k in active:
             runs[k].finish_step(step, losses[k], k, callback, probe)
+        due = [k for k in active if runs[k].check_due(step)]
+        for k, loss in zip(due, _stopping_probes([runs[k] for k in due], due, host)):
+            runs[k].stopped = runs[k].plateau.update(loss, runs[k].trained)
     return [run.result() for run in runs]
 
 
@@ -311,9 +314,10 @@ class _Run:
             callback(index, step + 1, self.config.steps, loss)
         if probe is not None:
             probe(index, step + 1, self.trained)
-        if self.plateau is not None and (step + 1) % self.config.plateau_every == 0 \
-                and self.plateau.update(self.stopping_probe(self.trained), self.trained):
-            self.stopped = True
+
+    def check_due(self, step: int) -> bool:
+        """Whether early stopping measures its probe after ``step``."""
+        return self.plateau is not None and (step + 1) % self.config.plateau_every == 0
 
     def result(self) -> MSIResult:
         if self.plateau is not None and self.plateau.best_state is not None:
@@ -365,6 +369,28 @@ def _calls(draws: dict, limit: int) -> list[list[Piece]]:
         calls[-1].append((k, part))
         rows += n
     return calls
+
+
+def _stopping_probes(runs: list[_Run], owners: list[int], host: MSIHost) -> list[float]:
+    """Each run's early-stopping probe (Eq. 7 on its fixed sample, dropout off), all in one
+    text-encoder and one UNet call: the faces of a batch check together."""
+    if not runs:
+        return []
+    tokens = []
+    for run in runs:
+        with evaluating(run.trained), torch.no_grad():
+            tokens.append(run.trained(run.stopping_probe.feats, run.stopping_probe.t // STAGE_SPAN))
+    probes = [run.stopping_probe for run in runs]
+    rows = [k for k, probe in zip(owners, probes) for _ in range(probe.t.shape[0])]
+    with torch.no_grad(), host.rows(rows):
+        cond = host.text.encode_with_token(torch.cat(tokens))
+        eps = host.eps(torch.cat([p.z_t for p in probes]), torch.cat([p.t for p in probes]), cond).float()
+    losses, row = [], 0
+    for probe in probes:
+        n = probe.t.shape[0]
+        losses.append(float(F.mse_loss(eps[row:row + n], probe.noise)))
+        row += n
+    return losses
 
 
 def _eq7_call(runs: list[_Run], draws: dict, call: list[Piece], host: MSIHost) -> dict[int, float]:

@@ -398,8 +398,9 @@ def test_training_at_timestep_t_conditions_the_unet_on_stage_t_over_100():
 def test_a_batch_trains_each_image_as_alone_in_one_unet_call_a_step():
     """Three images, with dropout on, flips, early stopping that ends them at different
     steps: together they give each image the key-E and losses it gets alone (float
-    rounding aside), in one text-encoder and one UNet call per step for every image still
-    training; micro-batches of at most 2 latents split the calls and change no value."""
+    rounding aside), in one text-encoder and one UNet call per step (and per early-stopping
+    check) for every image still training; micro-batches of at most 2 latents split the
+    training calls and change no value."""
     host, _ = toy_host.toy_host()
     images = torch.cat([image(seed) for seed in (0, 1, 2)])
     config = preset("fast", steps=40, timesteps_per_step=2, plateau_every=5, plateau_patience=2,
@@ -413,7 +414,7 @@ def test_a_batch_trains_each_image_as_alone_in_one_unet_call_a_step():
         assert batched.losses == pytest.approx(one.losses, rel=1e-4, abs=1e-6)
         assert torch.allclose(batched.key.stages, one.key.stages, atol=5e-5)
         assert batched.key.meta == one.key.meta
-    probes = sum(n // 5 for n in steps_run)  # forward-only stopping probes, one call each, per image
+    probes = max(steps_run) // 5  # forward-only stopping probes: one call for every image still training
     assert counter.calls["unet_backward"] == max(steps_run)
     assert counter.calls["unet_forward"] == max(steps_run) + probes
     assert counter.counts["unet_backward"] + sum(c["unet_backward"] for c in counter.owned.values()) \
