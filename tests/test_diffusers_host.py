@@ -8,9 +8,9 @@ from diffusers import DDIMScheduler
 
 from diffpriv_core import ddim
 from diffpriv_core.adapters.diffusers import DiffusersEps
-from diffpriv_core.key_types import KeyE
-from diffpriv_core.recovery import (KeyMismatchError, conditioned_eps, make_key_i, recover, recovery_steps, retrace,
-                                    unconditional_key_e)
+from diffpriv_core.key_types import KeyE, KeyI
+from diffpriv_core.recovery import (KeyMismatchError, check_keys, conditioned_eps, make_key_i, recover, recovery_steps,
+                                    retrace, unconditional_key_e)
 from diffpriv_core.schedule import ddim_grid
 from diffpriv_testmodels.tiny_diffusers import TOKEN_DIM, tiny_components
 from test_ddim import SD
@@ -85,6 +85,9 @@ def test_a_batch_mixing_bdia_and_single_latent_keys_is_refused():
         recover(eps, exact + plain, [key_e])
     with pytest.raises(ValueError, match="at least 2 steps"):
         make_key_i(eps, z0, [key_e], steps=1)
+    one_step = KeyI(z0[0], 1, "bdia", 0, {"grid": ddim_grid(1).describe()}, below=z0[0])
+    with pytest.raises(KeyMismatchError, match="at least 2"):
+        check_keys([one_step])
 
 
 @torch.no_grad()

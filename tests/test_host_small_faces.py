@@ -7,7 +7,7 @@ changes, keeps its own key, which records its protection and landmarks, and reco
 
 The picture: tests/photos.py crowd_photo, 256 x 192 (faces of 16, 24 and 30 px and one of
 96 px cut by the left edge, made from real photos); crops at 64 px, test-size models; a
-recoverable key-I (fixed-point inversion, 50 steps, 10 refinements: see BENCHMARKS.md).
+recoverable key-I (bdia, the default: 50 steps, recovery retraces the inversion exactly).
 
 Then the same crowd through `diffpriv protect` and the shipped anonymize_faces workflow (at
 test size, MSI included, two candidates), with a minimum face size that leaves its 16 px face out: the
@@ -40,7 +40,7 @@ from test_host_recovery import add, base_graph
 pytestmark = pytest.mark.host
 CROP = 64
 SMALL = (16, 24, 30)
-KEY_I = {"steps": 50, "mode": "fixed_point", "refine_iterations": 10}
+KEY_I = {"steps": 50, "mode": "bdia", "refine_iterations": 1}
 
 
 def crowd_graph(image: str) -> dict:

@@ -164,6 +164,22 @@ def test_forged_exact_keys_are_refused_inside_an_encrypted_file(case, monkeypatc
         load_key_bytes(data, PASSPHRASE)
 
 
+def test_version_3_files_with_a_single_latent_key_i_stay_readable(monkeypatch):
+    """Key files the pack wrote before bdia (version 3, a fixed_point key-I, no second
+    latent) load as they did, plain and encrypted."""
+    from diffpriv_core import key_crypto
+
+    monkeypatch.setitem(fmt.SCRYPT, "3", {"n": 2, "r": 1, "p": 1})
+    key_e, key_i = make_keys()
+    tensors, meta = keys._tensors(key_e, key_i), dict(keys._metadata(key_e, key_i, {}), version="3")
+    plain = forge(tensors, **meta)
+    sealed = key_crypto.seal_with_passphrase(meta, keys._encode(None, tensors), PASSPHRASE)
+    for data, passphrase in ((plain, None), (sealed, PASSPHRASE)):
+        _, i2, meta2 = load_key_bytes(data, passphrase)
+        assert meta2["version"] == "3" and (i2.inversion, i2.refine, i2.below) == ("fixed_point", 3, None)
+        assert torch.equal(i2.latent, key_i.latent)
+
+
 def test_an_exact_key_i_needs_exactly_its_second_latent():
     key_e, key_i = exact_keys()
     with pytest.raises(ValueError, match="lacks it"):
