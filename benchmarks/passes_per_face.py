@@ -6,13 +6,13 @@ Runs the core's chain for one face on toy networks (diffpriv_testmodels/toy_host
 host network behind the pass counter (diffpriv_core/passes.py): the photo's VAE encode, MSI
 (key-E), the reference embedding, Stage II, the VAE decode of the candidates, key-I, and
 recovery (counted apart: it is paid when a face is given back, not when it is protected).
-The counts do not depend on the networks' size: early stopping and the fixed-point
-inversion's early exit are the only data-dependent parts, and they run for real here.
+The counts do not depend on the networks' size: early stopping is the only data-dependent
+part, and it runs for real here.
 
 Settings: the paper's (MSI's reference 6100 steps with the photo encoded at every step, as
 the reference code does, the whole frame decoded at every guided step, plain DDIM
-inversion) and this pack's defaults (MSI fast preset, the face crop decoded, fixed-point
-inversion with 4 refinements), for both tasks.
+inversion) and this pack's defaults (MSI's parallel preset, the face crop decoded, BDIA
+inversion), for both tasks.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ class Setting:
 
 SETTINGS = [
     Setting("paper, anonymize", "anonymize", "faithful", True, False, ("ddim", 0)),
-    Setting("ours, anonymize", "anonymize", "fast", False, True, ("fixed_point", 4)),
+    Setting("ours, anonymize", "anonymize", "parallel", False, True, ("bdia", 0)),
     Setting("paper, hide", "hide", "faithful", True, False, ("ddim", 0)),
-    Setting("ours, hide", "hide", "fast", False, True, ("fixed_point", 4)),
+    Setting("ours, hide", "hide", "parallel", False, True, ("bdia", 0)),
 ]
 
 
@@ -161,8 +161,8 @@ def main() -> None:
     dry = "DRY RUN (nothing measured): " if args.dry else ""
     print(f"{dry}Network passes per protected face, for one face of a 512 px photo (a 128 px face), counted per "
           f"image where the core calls each network{capped}. Paper: MSI's reference preset encoding the photo at every "
-          "step (as its code does), the whole frame decoded at every guided step, plain DDIM key-I. Ours: MSI's fast "
-          "preset, the face crop decoded, fixed-point key-I (4 refinements). Both include the photo's VAE encode, the "
+          "step (as its code does), the whole frame decoded at every guided step, plain DDIM key-I. Ours: MSI's parallel "
+          "preset, the face crop decoded, BDIA key-I. Both include the photo's VAE encode, the "
           "reference embedding and the candidates' decode.\n")
     print("| setting | " + " | ".join(TITLES.values()) + " | decoded at guided steps |")
     print("|---|" + "---|" * (len(TITLES) + 1))
