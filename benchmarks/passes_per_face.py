@@ -69,7 +69,7 @@ class Chain:
 
     def counted(self, stage) -> tuple[dict, object]:
         """(the passes ``stage()`` made, its result)."""
-        self.counter.counts.clear()
+        self.counter.clear()
         result = stage()
         return self.counter.as_dict(), result
 
@@ -140,7 +140,6 @@ def count_all(msi_steps: int | None) -> list[tuple[Setting, dict, dict, list[str
         msi_counts, key_e = msi[setting.msi, setting.encode_every_step]
         stage_ii, _ = chain.counted(lambda: chain.protect(setting.task, setting.crop, key_e))
         sizes = chain.counter.decoded()
-        chain.counter.decoded_sizes.clear()
         key_i_counts, keys_i = chain.counted(lambda: chain.key_i(setting.task, setting.inversion, key_e))
         recovery, _ = chain.counted(lambda: chain.recover(keys_i, key_e))
         rows.append((setting, add(encode, msi_counts, stage_ii, key_i_counts), recovery, sizes))

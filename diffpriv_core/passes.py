@@ -42,6 +42,13 @@ class PassCounter:
         self.decoded_sizes: set[tuple[int, int]] = set()  # (height, width) in pixels
         self.owners: list[int] | None = None
 
+    def clear(self) -> None:
+        """Forget every count so far (a benchmark counting stage by stage)."""
+        self.counts.clear()
+        self.owned.clear()
+        self.calls.clear()
+        self.decoded_sizes.clear()
+
     @contextmanager
     def rows(self, owners: list[int]):
         """Within the block, row r of every counted call belongs to image ``owners[r]`` (a
