@@ -4,6 +4,7 @@ temporary file in its history entry, which the editor shows), not as a preview f
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +36,11 @@ def run_listening(client, graph: dict, timeout: float = 300.0) -> tuple[dict, li
                 break
     finally:
         ws.close()
-    return client.history(prompt_id), kinds, frames
+    # ComfyUI sends execution_success before it files the prompt in its history.
+    deadline = time.monotonic() + 30
+    while (entry := client.history(prompt_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return entry, kinds, frames
 
 
 def test_msi_sends_no_picture_over_the_websocket_and_shows_its_loss_curve_on_the_node(comfy_host, astronaut):
