@@ -359,10 +359,10 @@ def _calls(draws: dict, limit: int) -> list[list[Piece]]:
     pieces = []
     for k, (_feats, t, _z, _noise) in draws.items():
         size = limit or t.shape[0]
-        pieces += [(k, slice(start, start + size)) for start in range(0, t.shape[0], size)]
+        pieces += [(k, slice(start, min(start + size, t.shape[0]))) for start in range(0, t.shape[0], size)]
     calls, rows = [[]], 0
     for k, part in pieces:
-        n = len(range(*part.indices(draws[k][1].shape[0])))
+        n = part.stop - part.start
         if limit and rows + n > limit and calls[-1]:
             calls.append([])
             rows = 0
@@ -371,26 +371,31 @@ def _calls(draws: dict, limit: int) -> list[list[Piece]]:
     return calls
 
 
+def _eq7_together(host: MSIHost, tokens: list[torch.Tensor], z_t: list[torch.Tensor], t: list[torch.Tensor],
+                  noise: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
+    """Eq. 7 of several pieces (each its pseudo-tokens, z_t, timesteps and noise) in one
+    text-encoder and one UNet call: each piece's MSE. ``owners``: the image of each row."""
+    with host.rows(owners):
+        cond = host.text.encode_with_token(torch.cat(tokens))
+        eps = host.eps(torch.cat(z_t), torch.cat(t), cond).float()
+    return [F.mse_loss(part, target) for part, target in zip(eps.split([n.shape[0] for n in noise]), noise)]
+
+
 def _stopping_probes(runs: list[_Run], owners: list[int], host: MSIHost) -> list[float]:
     """Each run's early-stopping probe (Eq. 7 on its fixed sample, dropout off), all in one
     text-encoder and one UNet call: the faces of a batch check together."""
     if not runs:
         return []
-    tokens = []
-    for run in runs:
-        with evaluating(run.trained), torch.no_grad():
-            tokens.append(run.trained(run.stopping_probe.feats, run.stopping_probe.t // STAGE_SPAN))
     probes = [run.stopping_probe for run in runs]
-    rows = [k for k, probe in zip(owners, probes) for _ in range(probe.t.shape[0])]
-    with torch.no_grad(), host.rows(rows):
-        cond = host.text.encode_with_token(torch.cat(tokens))
-        eps = host.eps(torch.cat([p.z_t for p in probes]), torch.cat([p.t for p in probes]), cond).float()
-    losses, row = [], 0
-    for probe in probes:
-        n = probe.t.shape[0]
-        losses.append(float(F.mse_loss(eps[row:row + n], probe.noise)))
-        row += n
-    return losses
+    with torch.no_grad():
+        tokens = []
+        for run, probe in zip(runs, probes):
+            with evaluating(run.trained):
+                tokens.append(run.trained(probe.feats, probe.t // STAGE_SPAN))
+        rows = [k for k, probe in zip(owners, probes) for _ in range(probe.t.shape[0])]
+        losses = _eq7_together(host, tokens, [p.z_t for p in probes], [p.t for p in probes],
+                               [p.noise for p in probes], rows)
+    return [float(loss) for loss in losses]
 
 
 def _eq7_call(runs: list[_Run], draws: dict, call: list[Piece], host: MSIHost) -> dict[int, float]:
@@ -406,18 +411,13 @@ def _eq7_call(runs: list[_Run], draws: dict, call: list[Piece], host: MSIHost) -
         t.append(t_k[part])
         noise.append(noise_k[part])
         owners += [k] * z_k[part].shape[0]
-    run = runs[call[0][0]]
-    with host.rows(owners), run.autocast:
-        cond = host.text.encode_with_token(torch.cat(tokens))
-        eps = host.eps(torch.cat(z_t), torch.cat(t), cond).float()
-    losses, total, row = {}, 0.0, 0
-    for (k, _part), noise_k in zip(call, noise):
-        n = noise_k.shape[0]
-        share = n / draws[k][1].shape[0]
-        loss = F.mse_loss(eps[row:row + n], noise_k) * share
+    with runs[call[0][0]].autocast:
+        pieces = _eq7_together(host, tokens, z_t, t, noise, owners)
+    losses, total = {}, 0.0
+    for (k, _part), piece, noise_k in zip(call, pieces, noise):
+        loss = piece * (noise_k.shape[0] / draws[k][1].shape[0])  # its share of the image's rows
         losses[k] = losses.get(k, 0.0) + float(loss.detach())
         total = total + (loss if runs[k].scaler is None else runs[k].scaler.scale(loss))
-        row += n
     total.backward()
     return losses
 

@@ -80,12 +80,12 @@ class MSIInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, image, preset, steps, lr, seed,
-                one_embedding=False, batch_size=None, crop_info=None) -> io.NodeOutput:
+                one_embedding=False, batch_size=DEFAULT_BATCH, crop_info=None) -> io.NodeOutput:
         image = rgb_images(image, NAME)
         check_images(image)
         sd1_model(model, NAME)
         check_clip_vision(clip_vision)
-        config = _config(preset, steps, lr, seed, one_embedding, DEFAULT_BATCH if batch_size is None else batch_size)
+        config = _config(preset, steps, lr, seed, one_embedding, batch_size)
         light = light_faces(crop_info, image.shape[0])
         trained = [i for i in range(image.shape[0]) if i not in light]
         host = eps = None
