@@ -84,8 +84,9 @@ PRESETS = {
     # The fast preset's schedule in a third of its steps: four stratified timesteps per step
     # as one batched UNet call, 350 steps at twice the lr. On a GPU a UNet call on four
     # latents takes about as long as on one, so what counts is the 357 calls in sequence
-    # (against 1105); it spends 1470 UNet passes (against 1150) for the same held-out loss
-    # on the toy host (BENCHMARKS.md, msi_presets).
+    # (against the fast preset's 1005 as measured, early stopping included); it spends 1470
+    # UNet passes (against 1047) for the same held-out loss on the toy host (BENCHMARKS.md,
+    # msi_presets).
     "parallel": MSITrainConfig(steps=350, lr=4e-3, timesteps_per_step=4, stratified=True, reuse_encodings=True,
                                warmup_steps=10, cosine=True, min_lr_ratio=0.01, average=0.99, mixed_precision=True,
                                plateau_every=50, plateau_patience=2, plateau_delta=0.02),

@@ -49,7 +49,7 @@ class MSIInversion(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default=msi_train.DEFAULT_PRESET,
-                               tooltip="parallel: four timesteps a step in one UNet call, 350 steps at most (a "
+                               tooltip="parallel: four timesteps a step in one UNet call, 350 steps at most (about a "
                                        "third of fast's calls in sequence, for the same loss; best on a GPU); "
                                        "fast: one timestep a step, 1100 steps at most (the fewest UNet passes); "
                                        "both stop early on a loss plateau, mixed precision on GPU. faithful: "
