@@ -1,6 +1,6 @@
 """MSI presets compared in UNet passes: held-out Eq. 7 loss against the passes spent.
 
-    python benchmarks/msi_presets.py [--seeds 0 1 2] [--faithful-steps 6100]
+    python benchmarks/msi_presets.py [--seeds 0 1 ... 19] [--faithful-steps 6100]
 
 Random-weight UNets barely react to their conditioning, so their loss hardly moves and
 says nothing about a preset. This runs on the toy host of the unit tests
@@ -143,7 +143,8 @@ def report(runs: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(20)),
+                        help="default 0-19: three seeds left presets 10%% apart undecided")
     parser.add_argument("--faithful-steps", type=int, default=None, help="default: the preset's 6100")
     parser.add_argument("--fast-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--without-faithful", action="store_true",

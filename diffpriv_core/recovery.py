@@ -31,24 +31,31 @@ class KeyMismatchError(ValueError):
     """A key that cannot recover with this model or this version of the pack."""
 
 
-def conditioned_eps(eps_model: EpsModel, keys_e: list[KeyE], tau: float | None = None) -> ddim.EpsFn:
+def conditioned_eps(eps_model: EpsModel, keys_e: list[KeyE], tau: float | None = None,
+                    batch_size: int = 0) -> ddim.EpsFn:
     """eps_fn(z, t) conditioned per image on its C^{t//100} (or on UC at t <= tau*T when
-    ``tau`` is given: the protection schedule, Eq. 16)."""
+    ``tau`` is given: the protection schedule, Eq. 16). ``batch_size`` > 0: at most that many
+    latents per UNet call (0: all in one). The rows do not depend on each other, so the
+    result does not depend on it; it bounds memory."""
 
     def eps_fn(z, t):
         stage = stage_of(t) if tau is None else scheduled_stage(t, tau)
         cond = torch.cat([k.condition(stage) for k in keys_e]).float()
-        return eps_model(z, t, cond.expand(z.shape[0], -1, -1) if len(keys_e) == 1 else cond)
+        cond = cond.expand(z.shape[0], -1, -1) if len(keys_e) == 1 else cond
+        size = z.shape[0] if batch_size <= 0 else batch_size
+        return torch.cat([eps_model(z[first:first + size], t, cond[first:first + size])
+                          for first in range(0, z.shape[0], size)])
 
     return eps_fn
 
 
 def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps: int, mode: str = BDIA,
                refine: int = 4, meta: dict[str, str] | None = None,
-               callback: ddim.StepCallback | None = None) -> list[KeyI]:
+               callback: ddim.StepCallback | None = None, batch_size: int = 0) -> list[KeyI]:
     """key-I of each latent in the batch z0 [B, 4, h, w] (scaled), one key-E per image.
     ``refine`` is used by ``fixed_point`` mode only. ``callback`` is called once per
-    inversion step (``steps`` times in every mode)."""
+    inversion step (``steps`` times in every mode). ``batch_size``: latents per UNet call
+    (0: the whole batch in one), which the keys do not depend on."""
     if mode not in MODES:
         raise ValueError(f"inversion mode must be one of {MODES}, got {mode!r}")
     if mode == BDIA and steps < BDIA_MIN_STEPS:
@@ -56,7 +63,7 @@ def make_key_i(eps_model: EpsModel, z0: torch.Tensor, keys_e: list[KeyE], steps:
                          f"apart), got {steps}: use more steps, or another mode")
     refine = refine if mode == "fixed_point" else 0
     grid = ddim_grid(steps)
-    fn = conditioned_eps(eps_model, keys_e)
+    fn = conditioned_eps(eps_model, keys_e, batch_size=batch_size)
     with torch.no_grad():
         if mode == BDIA:
             z, below = ddim.bdia_invert(fn, z0, grid, callback=callback)
@@ -106,18 +113,19 @@ def check_keys(keys_i: list[KeyI], fingerprint: str | None = None) -> int:
 
 
 def recover(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE], fingerprint: str | None = None,
-            callback: ddim.StepCallback | None = None) -> torch.Tensor:
+            callback: ddim.StepCallback | None = None, batch_size: int = 0) -> torch.Tensor:
     """Stage III: the latents [B, 4, h, w] (scaled) that key-I + key-E give back. Refuses a
-    key-E and key-I that do not belong together (another photo's key-E, UC)."""
+    key-E and key-I that do not belong together (another photo's key-E, UC). ``batch_size``:
+    latents per UNet call (0: all in one)."""
     check_keys(keys_i, fingerprint)
     pairs = zip(keys_e * len(keys_i) if len(keys_e) == 1 else keys_e, keys_i, strict=True)
     if not all(belong_together(e, i) for e, i in pairs):
         raise KeyMismatchError(PAIR_MISMATCH)
-    return retrace(eps_model, keys_i, keys_e, callback)
+    return retrace(eps_model, keys_i, keys_e, callback, batch_size)
 
 
 def retrace(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE],
-            callback: ddim.StepCallback | None = None) -> torch.Tensor:
+            callback: ddim.StepCallback | None = None, batch_size: int = 0) -> torch.Tensor:
     """Deterministic sampling from each key-I under the key-E given for it, on the key-Is'
     grid, by the sampler matching their inversion (BDIA for bdia keys, DDIM otherwise),
     whether or not the two belong together: recovery's sampling, without its checks. Only
@@ -125,7 +133,7 @@ def retrace(eps_model: EpsModel, keys_i: list[KeyI], keys_e: list[KeyE],
     keys that do not belong together give) call it. ``callback`` is called
     ``recovery_steps`` times."""
     grid = ddim_grid(check_keys(keys_i))
-    fn = conditioned_eps(eps_model, keys_e)
+    fn = conditioned_eps(eps_model, keys_e, batch_size=batch_size)
     top = torch.stack([k.latent for k in keys_i])
     with torch.no_grad():
         if keys_i[0].inversion == BDIA:

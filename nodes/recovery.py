@@ -18,6 +18,11 @@ MODE_TIPS = {"bdia": "exact (ours): one UNet call per step, recovery retraces th
                      "(limited by the VAE)",
              "fixed_point": "near-exact: refines each DDIM inversion step (1 + refine_iterations calls per step)",
              "ddim": "plain DDIM inversion, as in the paper (approximate)"}
+# Latents per UNet call: forward passes only, no gradient, so far more fit than in MSI's
+# training or the guided sampler; as many as the sampler's default all the same.
+DEFAULT_BATCH = 16
+BATCH_TIP = ("latents per UNet call: the images {what} together, one call a step for up to this many (0: all at "
+             "once); lower it if memory runs out. {result} not depend on it")
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -40,13 +45,15 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode only (bdia and ddim ignore it): refinements per step "
                                      "(each costs one UNet call)"),
+                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
+                             tooltip=BATCH_TIP.format(what="invert", result="The keys do")),
             ],
             outputs=[KeyI.Output(display_name="key_i", tooltip="one key-I per image: the original latent inverted under "
                                                                    "its key-E")],
         )
 
     @classmethod
-    def execute(cls, model, latent, key_e, steps, mode, refine_iterations) -> io.NodeOutput:
+    def execute(cls, model, latent, key_e, steps, mode, refine_iterations, batch_size=DEFAULT_BATCH) -> io.NodeOutput:
         node = "DDIM Inversion Key"
         samples = sd_latents(latent, node)
         sd1_model(model, node)
@@ -57,7 +64,7 @@ class DDIMInversionKey(io.ComfyNode):
         meta = {"checkpoint": eps.fingerprint, "latent_size": f"{samples.shape[-1]}x{samples.shape[-2]}"}
         counter = PassCounter()
         keys_i = make_key_i(counter.eps(eps), eps.to_z(samples), keys_e, steps, mode, refine_iterations, meta,
-                            callback=Progress(steps).step)
+                            callback=Progress(steps).step, batch_size=batch_size)
         return io.NodeOutput(keys_i, ui={"passes": counter.report("DDIM Inversion Key", samples.shape[0])})
 
 
@@ -72,12 +79,14 @@ class Recover(io.ComfyNode):
                         "otherwise) gives the original latent back. A key-E that key-I was not made from is refused.",
             inputs=[io.Model.Input("model", tooltip="the SD 1.x checkpoint the keys were made with"),
                     KeyI.Input("key_i", tooltip="from Load Privacy Key (or DDIM Inversion Key)"),
-                    KeyE.Input("key_e", tooltip="the key-E of the same key file")],
+                    KeyE.Input("key_e", tooltip="the key-E of the same key file"),
+                    io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
+                                 tooltip=BATCH_TIP.format(what="recover", result="The latents do"))],
             outputs=[io.Latent.Output(display_name="latent", tooltip="the original latent, recovered: VAE Decode it")],
         )
 
     @classmethod
-    def execute(cls, model, key_i, key_e) -> io.NodeOutput:
+    def execute(cls, model, key_i, key_e, batch_size=DEFAULT_BATCH) -> io.NodeOutput:
         if not key_i:
             raise ValueError("Recover got no key-I: the key file holds only key-E (it was saved before "
                              "DDIM Inversion Key); save key-E and key-I together to recover")
@@ -88,7 +97,7 @@ class Recover(io.ComfyNode):
             check_checkpoint(k.meta, eps.fingerprint, "key-E")
         counter = PassCounter()
         z = recover(counter.eps(eps), key_i, keys_e, eps.fingerprint,
-                    callback=Progress(recovery_steps(key_i[0])).step)
+                    callback=Progress(recovery_steps(key_i[0])).step, batch_size=batch_size)
         return io.NodeOutput({"samples": eps.to_samples(z)}, ui={"passes": counter.report("Recover", len(key_i))})
 
 

@@ -222,3 +222,30 @@ def test_stock_sampler_with_the_scheduler_matches_the_core_loop(comfy_inproc, te
         z_no_uc = ddim.sample(conditioned_eps(eps, [key_e]), ddim.add_noise(eps.to_z(latent), noise,
                                                                                           grid.alphas[0]), grid)
     assert not torch.allclose(eps.to_samples(z_no_uc), stock.float(), atol=1e-3 * stock.abs().max().item())
+
+
+def test_key_i_and_recovery_give_each_image_of_a_batch_what_it_gets_alone(comfy_inproc, test_models):
+    """Three latents, each with its own key-E, inverted and recovered one per UNet call
+    (batch_size 1) and all in one call (0): the same key-Is and recovered latents (float
+    rounding aside), in three times the calls against the same passes."""
+    recovery = pack_module("nodes.recovery")
+    model = comfy_inproc.sd.load_checkpoint_guess_config(str(test_models / CHECKPOINT))[0]
+    keys_e = [random_key_e(s) for s in (1, 2, 3)]
+    latent = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 4}
+    steps = 20  # on a 6-step grid this random-weight UNet amplifies BDIA's rounding to a 40% error
+
+    def run(batch_size):
+        made = recovery.DDIMInversionKey.execute(model, latent, keys_e, steps, "bdia", 1, batch_size=batch_size)
+        back = recovery.Recover.execute(model, made.args[0], keys_e, batch_size=batch_size)
+        return made.args[0], back.args[0]["samples"], made.ui["passes"], back.ui["passes"]
+
+    alone, together = run(1), run(0)
+    for one, all_ in zip(alone[0], together[0], strict=True):
+        assert torch.allclose(one.latent, all_.latent, atol=1e-4 * float(one.latent.abs().max()))
+        assert torch.allclose(one.below, all_.below, atol=1e-4 * float(one.below.abs().max()))
+    assert torch.allclose(alone[1], together[1], atol=1e-4 * float(alone[1].abs().max()))
+    assert torch.allclose(together[1], latent["samples"], atol=1e-3 * float(latent["samples"].abs().max()))
+    for report_alone, report_together, calls in ((alone[2], together[2], steps), (alone[3], together[3], steps - 1)):
+        assert [e["passes"] for e in report_alone] == [e["passes"] for e in report_together]
+        assert report_together[0]["calls"]["unet_forward"] == calls
+        assert report_alone[0]["calls"]["unet_forward"] == 3 * calls
