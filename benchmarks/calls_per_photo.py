@@ -12,8 +12,8 @@ count):
 - ours: every face of the photo in one batch: MSI's default preset for all faces together
   (``train_msi_batch``), Stage II's anonymize preset (4 candidates a face) for the faces
   together, key-I for all faces in one call a step (the default inversion). Measured with
-  no batch limit and with the nodes' default batch sizes (MSI 8 latents a call, the Guided
-  DDIM Sampler 16).
+  no batch limit and with the nodes' default batch sizes (MSI 16 latents a call, the Guided
+  DDIM Sampler 16, DDIM Inversion Key 16).
 - one face at a time (the pack before faces were batched: MSI's fast preset, fixed-point
   key-I with 4 refinements): one face measured, times the faces.
 - paper: one face at a time, MSI's faithful preset (6100 steps, batch 1: 6100 calls, no
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MSI_BATCH, SAMPLER_BATCH = 8, 16  # the nodes' defaults (nodes/msi.py, nodes/protect.py)
+MSI_BATCH, SAMPLER_BATCH, KEY_I_BATCH = 16, 16, 16  # the nodes' defaults (nodes/msi.py, protect.py, recovery.py)
 
 
 def faces(n: int):
@@ -78,7 +78,7 @@ def stage_ii_calls(n: int, key_e, batch: int) -> int:
                                                batch_size=batch))
 
 
-def key_i_calls(n: int, keys_e: list, **mode) -> int:
+def key_i_calls(n: int, keys_e: list, batch: int = 0, **mode) -> int:
     import torch
 
     from diffpriv_core.recovery import make_key_i
@@ -88,7 +88,7 @@ def key_i_calls(n: int, keys_e: list, **mode) -> int:
     _host, nets = toy_host(positional=True)
     z0 = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     return unet_calls(lambda c: make_key_i(c.eps(nets.latent_eps), z0, keys_e[:n], task("anonymize").key_i.steps,
-                                           **mode))
+                                           batch_size=batch, **mode))
 
 
 def main() -> None:
@@ -107,9 +107,10 @@ def main() -> None:
     for n in args.faces:
         print(f"{n} faces ...", file=sys.stderr, flush=True)
         measured = {}
-        for label, msi_batch, sampler_batch in (("no limit", 0, 0), ("default batch sizes", MSI_BATCH, SAMPLER_BATCH)):
+        for label, msi_batch, sampler_batch, key_i_batch in (("no limit", 0, 0, 0),
+                                                             ("default batch sizes", MSI_BATCH, SAMPLER_BATCH, KEY_I_BATCH)):
             msi, keys = msi_calls(n, DEFAULT_PRESET, msi_batch, steps)
-            measured[label] = (msi, stage_ii_calls(n, keys[0], sampler_batch), key_i_calls(n, keys))
+            measured[label] = (msi, stage_ii_calls(n, keys[0], sampler_batch), key_i_calls(n, keys, key_i_batch))
         rows.append((n, measured, n * one_face, n * paper_face))
     dry = "DRY RUN (nothing measured): " if args.dry else ""
     print(f"{dry}UNet calls made one after another per photo (a forward call and its backward count as one), "

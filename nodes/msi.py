@@ -28,8 +28,10 @@ CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), 
 PREVIEWS = 20  # live loss-curve previews per run (only where the server sends previews)
 NAME = "MSI Inversion"
 # Latents per UNet call while training: 512 px face crops (64 x 64 latents), forward and
-# backward, chosen to fit a 24 GB card next to SD1.5 in bf16 (not yet measured on one).
-DEFAULT_BATCH = 8
+# backward. A bf16 call keeps 0.54 GiB per latent for its backward (counted on SD1.5's UNet,
+# BENCHMARKS.md, msi_memory): on a 24 GB card next to ComfyUI's fp16 models there is room for
+# about 35; half of that leaves the backward its temporaries. Not yet run on such a card.
+DEFAULT_BATCH = 16
 
 
 class MSIInversion(io.ComfyNode):
@@ -49,9 +51,9 @@ class MSIInversion(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="OpenAI CLIP ViT-L/14 (clip_vit_large_patch14)"),
                 io.Image.Input("image", tooltip="one key-E is trained per image of the batch"),
                 io.Combo.Input("preset", options=list(msi_train.PRESETS), default=msi_train.DEFAULT_PRESET,
-                               tooltip="parallel: four timesteps a step in one UNet call, 350 steps at most (about a "
-                                       "third of fast's calls in sequence, for the same loss; best on a GPU); "
-                                       "fast: one timestep a step, 1100 steps at most (the fewest UNet passes); "
+                               tooltip="parallel: four timesteps a step in one UNet call, 300 steps at most (about a "
+                                       "quarter of fast's calls in sequence, for as low a loss; best on a GPU); "
+                                       "fast: one timestep a step, 1100 steps at most (about the same UNet passes); "
                                        "both stop early on a loss plateau, mixed precision on GPU. faithful: "
                                        "the reference code's 6100 steps at lr 1e-4 (the paper gives lr 1e-3 "
                                        "and no step count)"),
