@@ -9,8 +9,9 @@ values) on the CPU, runs one forward on 1 and on 2 latents of 64 x 64 (a 512 px 
 with the conditioning requiring a gradient, and adds up the distinct storages autograd
 saves for the backward. The growth from 1 to 2 latents is the memory per latent; what does
 not grow is the weights the backward needs. Attention probability matrices (tokens x
-tokens) are counted apart: on a CUDA card ComfyUI's default attention (PyTorch's fused
-scaled-dot-product kernels) does not keep them, the CPU's does.
+tokens) are counted apart: the UNet runs ComfyUI's default attention on a CUDA card,
+PyTorch's scaled_dot_product_attention, whose fused CUDA kernels keep none (the CPU's kernel
+keeps some).
 
 The figures are a lower bound of a card's peak (the backward's own temporaries come on
 top), so the batch they imply is halved for headroom in the last line.
@@ -39,8 +40,10 @@ def saved_bytes(unet, latents: int, dtype: str) -> tuple[float, float]:
 
     kept: dict[int, int] = {}
     attention: dict[int, int] = {}
+    alive = []  # held until counted, so that no storage's address is reused by another
 
     def pack(t):
+        alive.append(t)
         storage = t.untyped_storage()
         square = t.ndim >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] in TOKEN_COUNTS
         (attention if square else kept)[storage.data_ptr()] = storage.nbytes()
@@ -66,8 +69,13 @@ def main() -> None:
     from diffpriv_testmodels.inprocess import load_host_in_process
 
     load_host_in_process()
+    import comfy.ldm.modules.attention as attention
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    # ComfyUI's default attention on a CUDA card. On the CPU it would choose by free memory
+    # (split or sub-quadratic chunks), which moves what is kept from run to run.
+    attention.optimized_attention = attention.attention_pytorch
 
     torch.manual_seed(0)
     unet = UNetModel(**SD15_UNET_CONFIG, operations=comfy.ops.disable_weight_init).requires_grad_(False)

@@ -19,7 +19,7 @@ from key_helpers import key_i_for, random_key_e  # noqa: F401  (random_key_e: sh
 
 pytestmark = pytest.mark.host
 # Random-weight UNets are far less smooth than trained ones, so plain DDIM inversion
-# drifts badly on them; BDIA's recovery retraces its inversion exactly on any model.
+# drifts badly on them; BDIA's recovery retraces its inversion to rounding on this grid.
 STEPS = 50
 
 
