@@ -39,6 +39,10 @@ SPLITS = {("VAEDecode", 0): "faces", ("DiffPrivacyMSIInversion", 0): "key_e",
           ("DiffPrivacyDDIMInversionKey", 0): "key_i"}
 SPLIT_OUTPUT = {"faces": 0, "key_e": 1, "key_i": 2}  # Photo Faces' output of each
 SEEDED_BY_CROPS = "DiffPrivacyGuidedDDIMSampler"  # seeds each face by its index within its photo, given crop_info
+# The seeded stages that give a face the same result in any batch: MSI seeds every image's
+# training alike, the sampler as above. Another seeded node (a stock sampler's noise) seeds
+# by place in the batch, which joining photos would change.
+SEEDED_PER_FACE = (SEEDED_BY_CROPS, "DiffPrivacyMSIInversion")
 ROWS_REPORT = "diffprivacy_photo"  # Photo Faces' history output: the photo's rows of the batch
 # On a GPU a few faces per UNet call cost about as much time as one; on a CPU every face
 # costs its own time, so joining photos gains nothing there.
@@ -163,6 +167,9 @@ def photos_prompt(photos: list[dict]) -> PhotosPrompt:
     splits: list[list[str]] = [[] for _ in photos]
     for node_id in shared:
         node = graph[node_id] = copy.deepcopy(template[node_id])
+        if node.get("class_type") not in SEEDED_PER_FACE and set(node.get("inputs", {})) & set(graphs.SEED_INPUTS):
+            raise NotGroupable(f"the workflow's {node.get('class_type')} seeds its batch by place, so a face's result "
+                               "would depend on the photos sharing its prompt")
         for name, link in _links(node):
             source = str(link[0])
             if source in own:
@@ -229,7 +236,7 @@ def photos_per_prompt(servers: list, asked: int | None) -> int:
     GPU_PHOTOS_PER_PROMPT when a server computes on another device than its CPU (ComfyUI's
     /system_stats lists its devices), else 1."""
     if asked is not None:
-        return min(asked, MAX_PHOTOS_PER_PROMPT)
+        return asked
     return GPU_PHOTOS_PER_PROMPT if any(has_accelerator(server.client) for server in servers) else 1
 
 

@@ -79,10 +79,13 @@ def test_whole_image_workflows_and_photos_that_differ_do_not_share_a_prompt():
         photo_batches.photos_prompt(photos)
 
 
-def test_a_shared_stage_that_reads_the_photo_itself_is_refused():
+def test_a_shared_stage_that_reads_the_photo_itself_or_seeds_by_place_is_refused():
     (template,) = photo_graphs(photos=1)
     template["11"]["inputs"]["image"] = ["3", 0]  # the guidance reads the Load Image, not the crops
     assert "not from its Face Crop" in photo_batches.grouping_problem(template)
+    (template,) = photo_graphs(photos=1)
+    template["20"] = {"class_type": "KSampler", "inputs": {"seed": 1, "latent_image": ["6", 0]}}
+    assert "seeds its batch by place" in photo_batches.grouping_problem(template)
 
 
 def test_each_photo_gets_its_own_outputs_and_the_reports_of_its_faces_renumbered():
@@ -164,7 +167,8 @@ def test_joined_crops_number_the_photos_and_keep_each_face_index():
     third = join_crops(joined, [crop(0, 0), crop(0, 1)])
     assert [c.image_index for c in third] == [0, 0, 1, 2, 2]
     assert photo_rows(third, 2) == range(3, 5)
-    assert rows_of(list("aabbcddeeff"[:10]), photo_rows(third, 1), 5, "x") == ["c", "d"]  # 2 candidates a face
+    candidates = [f"face {n} candidate {c}" for n in range(5) for c in range(2)]
+    assert rows_of(candidates, photo_rows(third, 1), 5, "faces") == ["face 2 candidate 0", "face 2 candidate 1"]
     assert rows_of(["one key-E for all"], photo_rows(third, 2), 5, "key_e") == ["one key-E for all"]
     with pytest.raises(ValueError, match="no face of photo 3"):
         photo_rows(third, 3)
