@@ -13,6 +13,7 @@ from PIL import Image
 from diffpriv_client import cli
 from diffpriv_core.key_format import CROP_META
 from diffpriv_core.keys import load_key
+from test_cli_host import server_state
 from test_host_faces import every_face_graph, install_key_e, pair_photo
 
 pytestmark = pytest.mark.host
@@ -91,7 +92,9 @@ def test_photos_in_one_prompt_get_what_each_gets_in_its_own(comfy_host, photos, 
 
 def test_a_photo_without_a_face_fails_alone_and_the_others_come_out(comfy_host, photos, alone, tmp_path, capsys):
     out = tmp_path / "out"
+    before = server_state(comfy_host)
     assert protect(comfy_host, photos, ["pair", "grey", "astronaut"], out, 3) == 1
+    assert server_state(comfy_host) == before, "the shared prompt's uploads, outputs and history were removed too"
     got, want = results(out), results(alone)
     assert got["grey"]["status"] == "failed" and "no face found in image 0" in got["grey"]["error"]
     assert not (out / "grey").exists() or not any((out / "grey").iterdir())
