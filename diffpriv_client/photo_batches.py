@@ -152,74 +152,89 @@ def photos_prompt(photos: list[dict]) -> PhotosPrompt:
     for photo in photos[1:]:
         if set(photo) != set(template) or any(photo[i] != template[i] for i in shared):
             raise ValueError("the photos' graphs differ outside their own nodes: they cannot share a prompt")
-    (crop,) = _of_class(template, FACE_CROP)
-    names = _Names(set(template))
-    copies = [{names.free(f"photo{k}_{node_id}"): node_id for node_id in own} for k in range(len(photos))]
-    copy_of = [{node_id: prompt_id for prompt_id, node_id in c.items()} for c in copies]
-    graph: dict = {}
-    joined = [copy_of[0][crop], 0], [copy_of[0][crop], 1]
-    for k in range(1, len(photos)):
-        join = names.free(f"face_batch{k}")
-        graph[join] = {"class_type": FACE_BATCH, "inputs": {
-            "crops": joined[0], "crop_info": joined[1],
-            "crops_2": [copy_of[k][crop], 0], "crop_info_2": [copy_of[k][crop], 1]}}
-        joined = [join, 0], [join, 1]
-    splits: list[list[str]] = [[] for _ in photos]
+    builder = _Builder(template, own, len(photos))
     for node_id in shared:
-        node = graph[node_id] = copy.deepcopy(template[node_id])
-        if node.get("class_type") not in SEEDED_PER_FACE and set(node.get("inputs", {})) & set(graphs.SEED_INPUTS):
-            raise NotGroupable(f"the workflow's {node.get('class_type')} seeds its batch by place, so a face's result "
-                               "would depend on the photos sharing its prompt")
-        for name, link in _links(node):
-            source = str(link[0])
-            if source in own:
-                if source != crop or link[1] not in (0, 1):
-                    raise NotGroupable(f"the workflow's {node.get('class_type')} takes '{name}' from the photo's "
-                                       f"{template[source].get('class_type')}, not from its Face Crop: its faces "
-                                       "cannot share a batch with other photos'")
-                node["inputs"][name] = list(joined[link[1]])
-        if node.get("class_type") == SEEDED_BY_CROPS:
-            node["inputs"]["crop_info"] = list(joined[1])
-    after_crops = _descendants(template, {crop}) - {crop}
+        builder.add_shared(node_id)
     for k, photo in enumerate(photos):
         for node_id in own:
-            node = graph[copy_of[k][node_id]] = copy.deepcopy(photo[node_id])
-            for name, link in _links(node):
-                source = str(link[0])
-                if source in own:
-                    node["inputs"][name] = [copy_of[k][source], link[1]]
-                elif source in after_crops:
-                    node["inputs"][name] = _split(graph, names, splits[k], template, link, joined[1], k, name)
-    return PhotosPrompt(graph, photos, copies, shared, splits)
+            builder.add_own(photo, node_id, k)
+    return PhotosPrompt(builder.graph, photos, builder.copies, shared, builder.splits)
 
 
-def _split(graph: dict, names: "_Names", splits: list[str], template: dict, link: list, crop_info: list,
-           photo: int, name: str) -> list:
-    """The link to a Photo Faces that gives ``photo`` its rows of the shared output ``link``."""
-    source = str(link[0])
-    kind = SPLITS.get((template[source].get("class_type"), link[1]))
-    if kind is None:
-        raise NotGroupable(f"a photo's own nodes take '{name}' from the shared {template[source].get('class_type')}, "
-                           "which cannot be split per photo: its faces cannot share a batch with other photos'")
-    node_id = names.free(f"photo{photo}_{kind}_of_{source}")
-    if node_id not in graph:
-        graph[node_id] = {"class_type": PHOTO_FACES, "inputs": {"crop_info": list(crop_info), "photo": photo,
-                                                                 kind: [source, link[1]]}}
-        splits.append(node_id)
-    return [node_id, SPLIT_OUTPUT[kind]]
+class _Builder:
+    """The prompt of ``photos`` photos of ``template``, node by node: each photo's copies of
+    the ``own`` nodes, its Face Crop's crops joined by a chain of Face Batch nodes, the
+    shared nodes taking the joined crops, and a Photo Faces wherever a photo's own node
+    takes a shared node's output."""
 
+    def __init__(self, template: dict, own: set[str], photos: int):
+        self.template, self.own = template, own
+        (self.crop,) = _of_class(template, FACE_CROP)
+        self.after_crops = _descendants(template, {self.crop}) - {self.crop}
+        self.taken = set(template)
+        self.copies = [{self._free(f"photo{k}_{node_id}"): node_id for node_id in own} for k in range(photos)]
+        self.copy_of = [{node_id: prompt_id for prompt_id, node_id in c.items()} for c in self.copies]
+        self.splits: list[list[str]] = [[] for _ in range(photos)]
+        self.graph: dict = {}
+        self.joined = self._join(photos)
 
-class _Names:
-    """Node ids for the prompt, none of them a template's."""
+    def _free(self, wanted: str) -> str:
+        """A node id for the prompt that is none of the template's."""
+        while wanted in self.taken:
+            wanted = f"_{wanted}"
+        return wanted
 
-    def __init__(self, taken: set[str]):
-        self.taken = taken
+    def _join(self, photos: int) -> tuple[list, list]:
+        """The links to every photo's crops and crop_info, joined photo by photo."""
+        crops = [self.copy_of[k][self.crop] for k in range(photos)]
+        joined = [crops[0], 0], [crops[0], 1]
+        for k in range(1, photos):
+            join = self._free(f"face_batch{k}")
+            self.graph[join] = {"class_type": FACE_BATCH, "inputs": {
+                "crops": joined[0], "crop_info": joined[1], "crops_2": [crops[k], 0], "crop_info_2": [crops[k], 1]}}
+            joined = [join, 0], [join, 1]
+        return joined
 
-    def free(self, wanted: str) -> str:
-        name = wanted
-        while name in self.taken:
-            name = f"_{name}"
-        return name
+    def add_shared(self, node_id: str) -> None:
+        node = self.graph[node_id] = copy.deepcopy(self.template[node_id])
+        kind = node.get("class_type")
+        if kind not in SEEDED_PER_FACE and set(node.get("inputs", {})) & set(graphs.SEED_INPUTS):
+            raise NotGroupable(f"the workflow's {kind} seeds its batch by place, so a face's result would depend "
+                               "on the photos sharing its prompt")
+        for name, link in _links(node):
+            source = str(link[0])
+            if source in self.own:
+                if source != self.crop or link[1] not in (0, 1):
+                    raise NotGroupable(f"the workflow's {kind} takes '{name}' from the photo's "
+                                       f"{self.template[source].get('class_type')}, not from its Face Crop: its "
+                                       "faces cannot share a batch with other photos'")
+                node["inputs"][name] = list(self.joined[link[1]])
+        if kind == SEEDED_BY_CROPS:
+            node["inputs"]["crop_info"] = list(self.joined[1])
+
+    def add_own(self, photo: dict, node_id: str, k: int) -> None:
+        node = self.graph[self.copy_of[k][node_id]] = copy.deepcopy(photo[node_id])
+        for name, link in _links(node):
+            source = str(link[0])
+            if source in self.own:
+                node["inputs"][name] = [self.copy_of[k][source], link[1]]
+            elif source in self.after_crops:
+                node["inputs"][name] = self._split(link, k, name)
+
+    def _split(self, link: list, k: int, name: str) -> list:
+        """The link to a Photo Faces that gives photo ``k`` its rows of the shared output ``link``."""
+        source = str(link[0])
+        source_class = self.template[source].get("class_type")
+        kind = SPLITS.get((source_class, link[1]))
+        if kind is None:
+            raise NotGroupable(f"a photo's own nodes take '{name}' from the shared {source_class}, which cannot be "
+                               "split per photo: its faces cannot share a batch with other photos'")
+        node_id = self._free(f"photo{k}_{kind}_of_{source}")
+        if node_id not in self.graph:
+            self.graph[node_id] = {"class_type": PHOTO_FACES, "inputs": {
+                "crop_info": list(self.joined[1]), "photo": k, kind: [source, link[1]]}}
+            self.splits[k].append(node_id)
+        return [node_id, SPLIT_OUTPUT[kind]]
 
 
 def grouping_problem(template: dict) -> str | None:
