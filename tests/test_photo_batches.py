@@ -6,6 +6,7 @@ import pytest
 
 from diffpriv_client import graphs, photo_batches
 from diffpriv_client.batch import Job, in_prompts
+from diffpriv_client.cli import Connection, build_parser, main, photos_per_prompt
 from diffpriv_client.comfy_http import PromptResult
 from diffpriv_core.faces.crop import FaceCrop
 from diffpriv_core.faces.photo_batch import join_crops, noise_indices, photo_rows, rows_of
@@ -174,3 +175,20 @@ def test_joined_crops_number_the_photos_and_keep_each_face_index():
         photo_rows(third, 3)
     with pytest.raises(ValueError, match="7 entries for 5 faces"):
         rows_of(list(range(7)), photo_rows(third, 0), 5, "faces")
+
+
+def test_a_workflow_whose_faces_cannot_share_a_batch_runs_one_photo_a_prompt_and_says_why(capsys):
+    whole = graphs.load_workflow(graphs.default_workflow("anonymize"))
+    args = build_parser().parse_args(["protect", "a.png", "--task", "anonymize", "--out", "o",
+                                      "--photos-per-prompt", "4"])
+    assert photos_per_prompt(args, whole, Connection([FakeServer({"devices": [{"type": "cuda"}]})])) == 1
+    assert "--photos-per-prompt: the workflow has 0 Face Crop" in capsys.readouterr().err
+    assert photos_per_prompt(args, photo_graphs(photos=1)[0], Connection([])) == 4
+
+
+@pytest.mark.parametrize("extra, words", [(["--photos-per-prompt", "17"], "1 <= N <= 16"),
+                                          (["--photos-per-prompt", "2", "--ray"], "with --ray each actor")])
+def test_photos_per_prompt_is_refused_out_of_range_and_with_ray(tmp_path, capsys, extra, words):
+    with pytest.raises(SystemExit) as stopped:
+        main(["protect", str(tmp_path / "a.png"), "--task", "anonymize", "--out", str(tmp_path / "o"), *extra])
+    assert stopped.value.code == 2 and words in capsys.readouterr().err
