@@ -13,6 +13,11 @@ fetch, and a name that could point anywhere else fails the job before anything i
 written. After each prompt (finished, failed, withdrawn or given up) the job's cleanup
 removes what it uploaded and what its prompt wrote, with the prompt's history, unless
 asked to keep it; a removal that fails is reported.
+
+A job may hold several photos in one prompt (photos_job, photo_batches): each photo's
+part of the result is then checked, written and recorded as its own prompt's would be,
+and a photo whose part fails, or all of them when the prompt itself fails, is done again
+alone, so that every failure lands on the photo that caused it.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from diffpriv_core.files import write_new_file
 from diffpriv_core.job_protocol import prompt_digest
 from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError, face_crop_summary, read_container
 
-from . import graphs
+from . import graphs, photo_batches
 from .comfy_http import ComfyClient, PackRouteMissing, PromptFailed, PromptRejected, PromptResult, ServerJob
 from .pictures import PhotoError, read_photo
 from .progress import ProgressBoard, stage_title
@@ -72,6 +77,9 @@ class Job:
     # Protect jobs: check(graph, result, pictures, keys) checks what came back before any of
     # it is written and returns the summary's report of it (verify.check_protected).
     check: Callable[..., dict] | None = None
+    # A job for several photos in one prompt (photos_job): the jobs of its photos. Its
+    # build returns a photo_batches.PhotosPrompt.
+    photos: list["Job"] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +103,21 @@ class UnsafeDownload(RuntimeError):
 
 class UntrustedResult(RuntimeError):
     """The server's history entry is not the prompt the command queued."""
+
+
+def photos_job(jobs: list[Job]) -> Job:
+    """One job for the photos of ``jobs`` in one prompt (photo_batches): their faces share
+    the batches of the stages between Face Crop and Face Paste; each photo's result is its
+    own, written and recorded as its job's would be."""
+    def build(session: JobSession) -> photo_batches.PhotosPrompt:
+        return photo_batches.photos_prompt([job.build(session) for job in jobs])
+    return Job(" + ".join(job.name for job in jobs), jobs[0].source, build, photos=list(jobs))
+
+
+def in_prompts(jobs: list[Job], photos_per_prompt: int) -> list[Job]:
+    """``jobs`` in prompts of at most ``photos_per_prompt`` photos each (a lone one stays as it is)."""
+    chunks = [jobs[i:i + photos_per_prompt] for i in range(0, len(jobs), max(1, photos_per_prompt))]
+    return [chunk[0] if len(chunk) == 1 else photos_job(chunk) for chunk in chunks]
 
 
 def upload_photo(session: JobSession, path: Path) -> str:
@@ -125,8 +148,9 @@ class _Batch:
         self.submitted: dict[Job, tuple[dict, JobSession]] = {}  # graph and server job, per job on a server
         self.running: dict[Job, Server] = {}
         self.graphs: dict[Job, dict] = {}  # what each running job's server runs: names its stages
+        self.prompts: dict[Job, photo_batches.PhotosPrompt] = {}  # jobs of several photos: how each maps in
         self.board = ProgressBoard()
-        self.bar = tqdm(total=len(jobs), unit="image", dynamic_ncols=True)
+        self.bar = tqdm(total=sum(len(job.photos) or 1 for job in jobs), unit="image", dynamic_ncols=True)
         self.drawn = 0.0
 
     def run(self) -> list[str]:
@@ -169,6 +193,8 @@ class _Batch:
                 session = JobSession(server.client, server.client.start_job())
                 self.submitted[job] = ({}, session)
                 graph = job.build(session)
+                if job.photos:
+                    self.prompts[job], graph = graph, graph.graph
                 self.submitted[job] = (graph, session)
                 server.submit(job, graph, session.job)
                 self.running[job] = server
@@ -216,35 +242,78 @@ class _Batch:
         try:
             check_entry(event.entry, event.prompt_id, graph, server.client.client_id)
             result = ComfyClient.result_of(event.prompt_id, event.entry)
-            files = download(server.client, result, self.summary.out_dir / job.name, graphs.output_labels(graph),
-                             session.job, self.seal_key,
-                             expect_keys=bool(graphs.nodes_of(graph, "DiffPrivacySaveKey")),
-                             check=partial(job.check, graph) if job.check else None)
+        except PromptFailed as exc:
+            self._fail(job, server, exc.message or "the prompt failed")
+        except UntrustedResult as exc:
+            self._fail(job, server, str(exc))
+        else:
+            try:
+                if job.photos:
+                    self._finish_photos(server, event, job, result, session)
+                else:
+                    self._finish_photo(server, event, job, graph, result, session)
+            finally:  # even when recording fails (a full disk): nothing of the job stays on the server
+                self._clean(server, job)
+            return
+        self._clean(server, job)
+
+    def _finish_photo(self, server: Server, event: Finished, job: Job, graph: dict, result: PromptResult,
+                      session: JobSession) -> None:
+        try:
+            files = self._download(server, job, graph, result, session)
         except requests.ConnectionError:
             self.submitted.pop(job, None)
             self.pending.appendleft(job)  # finished, but the server died before we had the files
             return
-        except PromptFailed as exc:
-            self._fail(job, server, exc.message or "the prompt failed")
         except NotProtected as exc:
             self._fail(job, server, str(exc), **exc.report)
             self.bar.write(describe(job.name, self.summary.results[job.name]))
         except (UnsafeDownload, UntrustedResult, KeyFileError, PhotoError, OSError) as exc:
             self._fail(job, server, str(exc))
         else:
+            self._record_ok(server, event, job, graph, result, files)
+
+    def _finish_photos(self, server: Server, event: Finished, job: Job, result: PromptResult,
+                       session: JobSession) -> None:
+        """Each photo of a shared prompt gets its own result (photo_batches.PhotosPrompt),
+        checked, written and recorded as its own prompt's would be; a photo whose part
+        cannot be had or fails its check is done again alone, so that a failure is its own."""
+        prompt = self.prompts.pop(job)
+        names = [photo.name for photo in job.photos]
+        alone = []
+        for k, photo in enumerate(job.photos):
             try:
-                self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
-                                    seconds=prompt_seconds(event.entry), server=server.url,
-                                    identity=identity_of(result), passes=passes_of(result, graph),
-                                    calls=calls_of(result, graph),
-                                    ablations=graphs.ablations(graph), **files.report)
-                if job.check:
-                    self.bar.write(describe(job.name, self.summary.results[job.name]))
-                self.bar.update(1)
-            finally:  # even when recording fails (a full disk): nothing of the job stays on the server
-                self._clean(server, job)
-            return
-        self._clean(server, job)
+                own = prompt.photo_result(result, k)
+                files = self._download(server, photo, prompt.photos[k], own, session)
+            except requests.ConnectionError:
+                alone.append(photo)  # the server died before we had its files
+                continue
+            except (NotProtected, UnsafeDownload, UntrustedResult, KeyFileError, PhotoError, OSError,
+                    ValueError) as exc:
+                self.bar.write(f"{photo.name}: its part of the prompt it shared failed ({exc}); done again alone")
+                alone.append(photo)
+                continue
+            self._record_ok(server, event, photo, prompt.photos[k], own, files, shared_prompt=names)
+        self.pending.extendleft(reversed(alone))
+
+    def _download(self, server: Server, job: Job, graph: dict, result: PromptResult,
+                  session: JobSession) -> Downloaded:
+        return download(server.client, result, self.summary.out_dir / job.name, graphs.output_labels(graph),
+                        session.job, self.seal_key, expect_keys=bool(graphs.nodes_of(graph, "DiffPrivacySaveKey")),
+                        check=partial(job.check, graph) if job.check else None)
+
+    def _record_ok(self, server: Server, event: Finished, job: Job, graph: dict, result: PromptResult,
+                   files: Downloaded, shared_prompt: list[str] | None = None) -> None:
+        """``shared_prompt``: every photo of the prompt, when it held several: its seconds and
+        its shared stages' calls are the whole prompt's, counted once for all of them."""
+        self.summary.record(job.name, job.source, "ok", files.outputs, files.keys,
+                            seconds=prompt_seconds(event.entry), server=server.url,
+                            identity=identity_of(result), passes=passes_of(result, graph),
+                            calls=calls_of(result, graph), ablations=graphs.ablations(graph),
+                            shared_prompt=shared_prompt, **files.report)
+        if job.check:
+            self.bar.write(describe(job.name, self.summary.results[job.name]))
+        self.bar.update(1)
 
     def _clean(self, server: Server, job: Job) -> None:
         """Remove what the job made on the server (its uploads, its prompt's outputs and
@@ -274,7 +343,15 @@ class _Batch:
             self._fail(self.pending.popleft(), None, message)
 
     def _fail(self, job: Job, server: Server | None, message: str, **report) -> None:
-        """``report``: what the job's check found of the photo (summary fields)."""
+        """``report``: what the job's check found of the photo (summary fields). A prompt of
+        several photos that fails is not their failure: each is done again alone, so a
+        failure lands on the photo that caused it."""
+        if job.photos:
+            self.prompts.pop(job, None)
+            self.bar.write(f"{job.name}: the prompt they shared failed ({message.splitlines()[0] if message else ''}); "
+                           "each photo is done again alone")
+            self.pending.extendleft(reversed(job.photos))
+            return
         self.summary.record(job.name, job.source, "failed", server=server.url if server else None, error=message,
                             **report)
         self.bar.write(f"{job.name}: failed: {message}")

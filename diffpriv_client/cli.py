@@ -39,8 +39,8 @@ from diffpriv_core import key_crypto
 from diffpriv_core.key_format import KEY_SUFFIX, KeyFileError
 from diffpriv_core.tasks import TASKS
 
-from . import demo, graphs
-from .batch import Cleanup, Job, JobSession, run_batch, upload_photo
+from . import demo, graphs, photo_batches
+from .batch import Cleanup, Job, JobSession, in_prompts, run_batch, upload_photo
 from .embedded import EmbeddedComfy, prepare_base_directory
 from .preflight import (PICTURE_SUFFIXES, Inputs, PreflightError, check_models, check_passphrase, collect_inputs,
                         model_fingerprints, photo_problem, refused_keys, refused_photos)
@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--one-embedding", action="store_true",
                          help="the paper's ablation Ours-OE (Table 6): MSI learns one conditioning, from the last CLIP "
                               "layer without time modulation, for every stage; recorded and labelled as --no-guidance")
+    protect.add_argument("--photos-per-prompt", type=int, metavar="N",
+                         help="every-face workflows: put the faces of up to N photos (at most "
+                              f"{photo_batches.MAX_PHOTOS_PER_PROMPT}) in one prompt, so MSI, the sampler and key-I "
+                              "make one network call a step for all of them; each photo's results, keys and summary "
+                              "entry stay its own (default: "
+                              f"{photo_batches.GPU_PHOTOS_PER_PROMPT} when a server computes on a GPU, else 1)")
     protect.set_defaults(func=protect_command, whole_image=False)
 
     recover = sub.add_parser("recover", help="recover the original pictures from key files",
@@ -273,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-gpus-per-actor G needs --ray and G >= 0")
     if args.ray_cpus_per_actor != 1.0 and (args.ray is None or args.ray_cpus_per_actor <= 0):
         parser.error("--ray-cpus-per-actor C needs --ray and C > 0")
+    if getattr(args, "photos_per_prompt", None) is not None and not 1 <= args.photos_per_prompt <= \
+            photo_batches.MAX_PHOTOS_PER_PROMPT:
+        parser.error(f"--photos-per-prompt N needs 1 <= N <= {photo_batches.MAX_PHOTOS_PER_PROMPT}")
+    if getattr(args, "photos_per_prompt", None) is not None and args.ray is not None:
+        parser.error("--photos-per-prompt: with --ray each actor runs one photo a prompt; leave it out")
     if args.ray_shared and args.ray is None:
         parser.error("--ray-shared needs --ray")
     if args.max_in_flight < 1:
@@ -425,8 +436,10 @@ def run_command(args, inputs: Inputs, template: dict, make_jobs, secrets: KeySec
             return report(summary, args, not_removed)
         with connect(args, needed=bool(todo)) as conn:
             preflight_models(conn, template, args)
-            not_removed = run_batch(make_jobs(args, template, secrets, conn, todo), conn.servers, summary,
-                                    cleanup_of(args), seal_key=secrets.seal)
+            jobs = make_jobs(args, template, secrets, conn, todo)
+            if args.command == "protect":
+                jobs = in_prompts(jobs, photos_per_prompt(args, template, conn))
+            not_removed = run_batch(jobs, conn.servers, summary, cleanup_of(args), seal_key=secrets.seal)
             if args.demo_weights and args.command == "protect":
                 not_removed += demo.check_recovery(summary, template, secrets, conn.servers, cleanup_of(args),
                                                    _recover_graph)
@@ -435,6 +448,17 @@ def run_command(args, inputs: Inputs, template: dict, make_jobs, secrets: KeySec
         summary.finish()
         summary.write_json()
         summary.close()
+
+
+def photos_per_prompt(args, template: dict, conn: Connection) -> int:
+    """--photos-per-prompt, or its default for these servers; 1 (said, when it was asked
+    for) when the workflow's faces cannot share a batch across photos."""
+    problem = photo_batches.grouping_problem(template)
+    if problem is not None:
+        if (args.photos_per_prompt or 1) > 1:
+            print(f"diffpriv: --photos-per-prompt: {problem}; one photo per prompt", file=sys.stderr)
+        return 1
+    return photo_batches.photos_per_prompt(conn.servers, args.photos_per_prompt)
 
 
 def _photo_stem(path: Path) -> str:

@@ -313,16 +313,21 @@ GroupSampler = Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def protect_batch(sample_group: GroupSampler, originals: torch.Tensor, samples: int, seed: int,
-                  batch_size: int = 0) -> torch.Tensor:
+                  batch_size: int = 0, noise_index: list[int] | None = None) -> torch.Tensor:
     """Stage II over a batch of original latents [B, 4, h, w]: image i is copied ``samples``
     times, and ``sample_group(images, z0, noise)`` runs one DDIM (the core's own in
     ``protect``, or a host's sampler) for a group of images together (``image_groups``:
     one UNet call a step for the group), image i from ``start_noise(seed, i)`` whatever
-    its group. Returns [B * samples, 4, h, w], image 0's samples first."""
+    its group (``noise_index[i]`` instead of ``i`` when given: faces of several photos in
+    one batch are seeded by their index within their own photo, faces.photo_batch). Returns
+    [B * samples, 4, h, w], image 0's samples first."""
+    noise_index = list(range(originals.shape[0])) if noise_index is None else noise_index
+    if len(noise_index) != originals.shape[0]:
+        raise ValueError(f"{len(noise_index)} noise indices for {originals.shape[0]} images")
     outputs = []
     for group in image_groups(originals.shape[0], samples, batch_size):
         z0 = torch.cat([originals[i][None].expand(samples, *originals.shape[1:]) for i in group]).clone()
-        noise = torch.cat([start_noise((samples, *originals.shape[1:]), seed, i) for i in group])
+        noise = torch.cat([start_noise((samples, *originals.shape[1:]), seed, noise_index[i]) for i in group])
         outputs.append(sample_group(group, z0, noise))
     return torch.cat(outputs)
 

@@ -19,6 +19,7 @@ JOB_HEADER = "X-DiffPrivacy-Job"  # the job token, on requests about the job's f
 JOB_EXTRA = "diffprivacy_job"  # the job token in a prompt's extra_data (removed by the pack)
 TOKEN_ENV = "DIFFPRIV_SERVER_TOKEN"  # a server started with it answers only requests carrying it
 TOKEN_COOKIE = "diffpriv_token"  # the same token, for a browser (set by /?diffpriv_token=...)
+MAX_UPLOADS_PER_JOB = 16  # so a prompt of several photos holds at most this many
 
 
 def prompt_digest(graph) -> str:

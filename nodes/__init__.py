@@ -3,7 +3,7 @@ import functools
 
 from diffpriv_core.dependencies import missing_dependency
 
-from .faces import FaceCrop, FaceDetect, FacePaste
+from .faces import FaceBatch, FaceCrop, FaceDetect, FacePaste, PhotoFaces
 from .frame import CropToOriginalSize, PadToVAESize
 from .guidance import FaceRecognizerLoader, IdentityGuidanceNode
 from .keyfiles import LoadPrivacyKey, SavePrivacyKey
@@ -25,6 +25,8 @@ NODES = [
     FaceDetect,
     FaceCrop,
     FacePaste,
+    FaceBatch,
+    PhotoFaces,
     FaceRecognizerLoader,
     IdentityGuidanceNode,
     IdentitySimilarity,

@@ -1,4 +1,5 @@
-"""Face nodes: detect every face, crop each for protection, paste the results back."""
+"""Face nodes: detect every face, crop each for protection, paste the results back; join
+the faces of several photos into one batch and take each photo's part back."""
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,12 @@ from diffpriv_core.faces.crop import MSI_MIN_SIZE, crop_faces, paste_faces, plan
 from diffpriv_core.faces.detect import (CENTERFACE, DEFAULT_MIN_SCORE, DEFAULT_MIN_SIZE, KNOWN_DETECTORS, MTCNN,
                                         SCORE_FLOOR, Face, NoFaceError, box_mask, detect, find_detector,
                                         is_detector_file)
+from diffpriv_core.faces.photo_batch import join_crops, photo_rows, rows_of
 
 from .face_models import find_centerface, model_options, resolve_model
 from .host import Progress
 from .inputs import image_side_at_least, rgb_images
-from .types import FaceCrops, Faces
+from .types import FaceCrops, Faces, KeyE, KeyI
 
 log = logging.getLogger("diffprivacy")
 
@@ -207,3 +209,74 @@ class FacePaste(io.ComfyNode):
                 check_bound(image[b], crop)
         return io.NodeOutput(*paste_faces(image, rgb_images(faces, "Face Paste", "faces"), crop_info, feather,
                                           restore))
+
+
+class FaceBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyFaceBatch",
+            display_name="Face Batch (Diff-Privacy)",
+            category="Diff-Privacy/faces",
+            description="Joins the face crops of two Face Crops (photos of any sizes) into one batch, so MSI, the "
+                        "sampler and key-I make one network call a step for the faces of every photo. Chain it for "
+                        "more photos; Photo Faces takes each photo's part back afterwards.",
+            inputs=[
+                io.Image.Input("crops", tooltip="the first Face Crop's crops (or an earlier Face Batch's)"),
+                FaceCrops.Input("crop_info", tooltip="their crop_info"),
+                io.Image.Input("crops_2", tooltip="the next photo's crops, at the same size"),
+                FaceCrops.Input("crop_info_2", tooltip="their crop_info; its photos are numbered after the first's"),
+            ],
+            outputs=[io.Image.Output(display_name="crops", tooltip="every crop of both, the first's first"),
+                     FaceCrops.Output(display_name="crop_info",
+                                      tooltip="per crop, as Face Crop gives it, with the photo numbered within the "
+                                              "joined batch (for MSI Inversion, the guidance, the sampler and "
+                                              "Photo Faces)")],
+        )
+
+    @classmethod
+    def execute(cls, crops, crop_info, crops_2, crop_info_2) -> io.NodeOutput:
+        for images, info, name in ((crops, crop_info, "crops"), (crops_2, crop_info_2, "crops_2")):
+            if images.shape[0] != len(info):
+                raise ValueError(f"Face Batch: '{name}' holds {images.shape[0]} crops but its crop_info {len(info)}: "
+                                 "connect both outputs of the same Face Crop")
+        if crops.shape[1:] != crops_2.shape[1:]:
+            raise ValueError(f"Face Batch: crops of {crops.shape[2]}x{crops.shape[1]} and {crops_2.shape[2]}x"
+                             f"{crops_2.shape[1]} px cannot share a batch: give both Face Crops the same size")
+        return io.NodeOutput(torch.cat([crops, crops_2]), join_crops(crop_info, crop_info_2))
+
+
+class PhotoFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffPrivacyPhotoFaces",
+            display_name="Photo Faces (Diff-Privacy)",
+            category="Diff-Privacy/faces",
+            description="Takes one photo's part back out of a Face Batch's joined batch: its faces (with their "
+                        "candidates), key-Es and key-Is, for that photo's own Face Paste and Save Privacy Key.",
+            inputs=[
+                FaceCrops.Input("crop_info", tooltip="the joined crop_info (from Face Batch)"),
+                io.Int.Input("photo", default=0, min=0, max=4096,
+                             tooltip="which photo of the joined batch: 0 for the first Face Batch's first input"),
+                io.Image.Input("faces", optional=True,
+                               tooltip="the processed crops of the whole batch (VAE Decode of the sampler): N per "
+                                       "crop"),
+                KeyE.Input("key_e", optional=True, tooltip="the batch's key-Es (one per crop, or one for all)"),
+                KeyI.Input("key_i", optional=True, tooltip="the batch's key-Is (one per crop)"),
+            ],
+            outputs=[io.Image.Output(display_name="faces", tooltip="the photo's processed crops, N per crop"),
+                     KeyE.Output(display_name="key_e", tooltip="the photo's key-Es"),
+                     KeyI.Output(display_name="key_i", tooltip="the photo's key-Is")],
+        )
+
+    @classmethod
+    def execute(cls, crop_info, photo, faces=None, key_e=None, key_i=None) -> io.NodeOutput:
+        try:
+            rows = photo_rows(crop_info, photo)
+            parts = [None if value is None else rows_of(value, rows, len(crop_info), name)
+                     for value, name in ((faces, "faces"), (key_e, "key_e"), (key_i, "key_i"))]
+        except ValueError as exc:
+            raise ValueError(f"Photo Faces: {exc}") from None
+        return io.NodeOutput(*parts, ui={"diffprivacy_photo": [{"photo": photo, "first": rows.start,
+                                                                "faces": len(rows)}]})

@@ -20,12 +20,11 @@ from pathlib import Path
 import folder_paths
 
 from diffpriv_core.files import remove_file_no_follow, remove_tree_no_follow
-from diffpriv_core.job_protocol import JOBS_FOLDER, prompt_digest
+from diffpriv_core.job_protocol import JOBS_FOLDER, MAX_UPLOADS_PER_JOB, prompt_digest
 
 from .keyfiles import keys_dir
 
 MAX_JOBS = 1024  # jobs alive at once: the oldest is forgotten beyond (its folders stay)
-MAX_UPLOADS_PER_JOB = 16
 MAX_UPLOAD_BYTES = 2 * 2**30  # held by all live jobs' uploads together
 QUEUE_WAIT_S = 30.0  # how long cleanup waits for a withdrawn prompt to leave the queue
 

@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from diffpriv_core import ddim
 from diffpriv_core.ddim import eps_from_denoised, k_diffusion_scale
+from diffpriv_core.faces.photo_batch import noise_indices
 from diffpriv_core.guided import (Protection, achieved_similarity, by_rows, image_groups, protect_batch,
                                   sample_rows)
 from diffpriv_core.passes import PassCounter
@@ -23,7 +24,7 @@ from .adapters import ComfyDecoder
 from .host import Progress
 from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
 from .similarity import report_text, similarity_entry
-from .types import Guidance
+from .types import FaceCrops, Guidance
 
 log = logging.getLogger("diffprivacy")
 NAME = "Guided DDIM Sampler"
@@ -216,6 +217,11 @@ class GuidedDDIMSampler(io.ComfyNode):
                              tooltip="latents per UNet call: the images (with their samples each) sample "
                                      "together, one call a step for as many whole images as fit (0: all "
                                      "at once); lower it if memory runs out. The pictures do not depend on it"),
+                FaceCrops.Input("crop_info", optional=True,
+                                tooltip="the crops' crop_info (from Face Crop, or Face Batch for several photos): "
+                                        "each face's noise is then seeded by its index within its own photo (seed + "
+                                        "face index), so a face gets the same pictures whichever photos share the "
+                                        "batch"),
             ],
             outputs=[io.Latent.Output(display_name="latent",
                                        tooltip="the protected latents: samples per image, image 0's first"),
@@ -229,7 +235,7 @@ class GuidedDDIMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, latent, preset, s_ns, steps, samples, seed,
-                guidance=None, mask=None, batch_size=DEFAULT_BATCH) -> io.NodeOutput:
+                guidance=None, mask=None, batch_size=DEFAULT_BATCH, crop_info=None) -> io.NodeOutput:
         originals = sd_latents(latent, NAME)
         sd1_model(model, NAME)
         batch = originals.shape[0]
@@ -250,6 +256,7 @@ class GuidedDDIMSampler(io.ComfyNode):
         steps = preset_value(NAME, preset, "steps", steps, 0)
         samples = preset_value(NAME, preset, "samples", samples, 0)
         sigmas = ddim_grid(steps).tail(s_ns).sigmas().float()
+        noise_index = face_noise_indices(crop_info, batch)
         # The UNet and the VAE stay loaded together: loading one mid-loop could evict the other.
         model = model.clone()
         model.set_additional_models("diffprivacy_vae", [vae.patcher])
@@ -268,18 +275,30 @@ class GuidedDDIMSampler(io.ComfyNode):
             rows = conditioning_rows(positive, group, samples)
             guider.set_conds(rows, rows)
             guider.set_cfg(1.0)
-            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback, seed=seed + group[0]).cpu()
+            latent = guider.sample(noise, z0_raw, sampler, sigmas, callback=step_callback,
+                                  seed=seed + noise_index[group[0]]).cpu()
             report.extend(similarity_report(protection.guidance, c.index, c.similarity)
                           for c in corrections if c.similarity is not None)
             passes.extend(dict(entry, candidates=samples, decode_region=decode_region(protection.guidance))
                           for entry in counter.report(NAME, len(group), first=group[0]))
             return latent
 
-        latents = protect_batch(sample_group, originals, samples, seed, batch_size)
+        latents = protect_batch(sample_group, originals, samples, seed, batch_size, noise_index)
         similarities = [c for entry in report for c in entry["cosines"]]
         text = report_text(report)
         return io.NodeOutput({"samples": latents}, similarities, text,
                              ui={"identity_similarity": report, "text": [text], "passes": passes})
+
+
+def face_noise_indices(crop_info, batch: int) -> list[int]:
+    """Per image, the index its noise is seeded by: its place in the batch, or with
+    ``crop_info`` its face's index within its own photo."""
+    if crop_info is None:
+        return list(range(batch))
+    if len(crop_info) != batch:
+        raise ValueError(f"{NAME}: {len(crop_info)} face crops for {batch} latents: connect the crop_info of the "
+                         "crops the latent encodes")
+    return noise_indices(crop_info)
 
 
 def preview_callback(model, progress: Progress):

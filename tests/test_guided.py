@@ -266,3 +266,19 @@ def test_one_guided_step_is_the_ddim_step_minus_lambda_times_the_energys_gradien
     expected = np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps - lam * grad
     assert np.abs(lam * grad).max() > 1e-2  # the guidance moves the step well beyond float error
     assert np.abs(stepped[0].double().numpy() - expected).max() < 1e-5
+
+
+def test_an_image_seeded_by_its_index_in_its_own_photo_starts_from_the_same_noise_in_any_batch():
+    originals = torch.randn(3, 4, 8, 8)
+    seen = []
+
+    def sample_group(group, z0, noise):
+        seen.append(noise)
+        return z0
+
+    guided.protect_batch(sample_group, originals, samples=2, seed=5, batch_size=4, noise_index=[0, 1, 0])
+    alone = guided.start_noise((2, 4, 8, 8), 5, 0)
+    assert torch.equal(seen[0][:2], alone) and torch.equal(seen[1], alone), "photo 2's face 0 = photo 1's face 0"
+    assert not torch.equal(seen[0][2:], alone)
+    with pytest.raises(ValueError, match="2 noise indices for 3 images"):
+        guided.protect_batch(sample_group, originals, 2, 5, noise_index=[0, 1])
