@@ -5,10 +5,11 @@
 MSI backpropagates through the frozen SD1.5 UNet to the conditioning, so each latent of a
 call keeps the activations its backward needs until the backward runs. This builds
 ComfyUI's own SD1.5 UNet (full shape, random weights: the bytes do not depend on the
-values) on the CPU, runs one forward on 1 and on 2 latents of 64 x 64 (a 512 px face crop)
-with the conditioning requiring a gradient, and adds up the distinct storages autograd
+values) on the CPU in bf16 (as ComfyUI runs it in half precision on a card) and in fp32,
+runs one forward on 1 and on 2 latents of 64 x 64 (a 512 px face crop) with the
+conditioning requiring a gradient, and adds up the distinct storages autograd
 saves for the backward. The growth from 1 to 2 latents is the memory per latent; what does
-not grow is the weights the backward needs. Attention probability matrices (tokens x
+not grow is the weights the backward needs (the model's own). Attention probability matrices (tokens x
 tokens) are counted apart: the UNet runs ComfyUI's default attention on a CUDA card,
 PyTorch's scaled_dot_product_attention, whose fused CUDA kernels keep none (the CPU's kernel
 keeps some).
@@ -33,7 +34,7 @@ CARD_GIB = 24
 OTHERS_GIB = (123 + 304 + 84) * 1e6 * 2 / GIB + 1.0
 
 
-def saved_bytes(unet, latents: int, dtype: str) -> tuple[float, float]:
+def saved_bytes(unet, latents: int) -> tuple[float, float]:
     """(GiB saved for the backward apart from attention matrices, GiB of attention matrices)
     of one forward on ``latents`` latents."""
     import torch
@@ -50,11 +51,10 @@ def saved_bytes(unet, latents: int, dtype: str) -> tuple[float, float]:
         return t
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(latents, 4, 64, 64, generator=g)
-    context = torch.randn(latents, 77, 768, generator=g).requires_grad_()
+    x = torch.randn(latents, 4, 64, 64, generator=g).to(unet.dtype)
+    context = torch.randn(latents, 77, 768, generator=g).to(unet.dtype).requires_grad_()
     timesteps = torch.full((latents,), 500.0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         unet(x, timesteps, context=context)
     return sum(kept.values()) / GIB, sum(attention.values()) / GIB
 
@@ -77,21 +77,23 @@ def main() -> None:
     # (split or sub-quadratic chunks), which moves what is kept from run to run.
     attention.optimized_attention = attention.attention_pytorch
 
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     torch.manual_seed(0)
-    unet = UNetModel(**SD15_UNET_CONFIG, operations=comfy.ops.disable_weight_init).requires_grad_(False)
-    weights_fp16 = sum(p.numel() for p in unet.parameters()) * 2 / GIB
+    unets = {name: UNetModel(**SD15_UNET_CONFIG, dtype=dtypes[name], operations=comfy.ops.disable_weight_init)
+             .to(dtypes[name]).requires_grad_(False) for name in args.dtype}
+    weights_fp16 = sum(p.numel() for p in next(iter(unets.values())).parameters()) * 2 / GIB
     print(f"SD1.5 UNet ({weights_fp16 * GIB / 2 / 1e6:.0f} M parameters, {weights_fp16:.2f} GiB in fp16), one "
           "forward with the conditioning requiring a gradient, 64 x 64 latents; GiB that autograd keeps for the "
           "backward (CPU, counted, not timed).\n")
     print("| MSI call in | per latent | per latent, attention matrices (not kept on CUDA) | weights kept |")
     print("|---|---|---|---|")
     per_latent, weights_kept = {}, {}
-    for dtype in args.dtype:
-        one, two = saved_bytes(unet, 1, dtype), saved_bytes(unet, 2, dtype)
+    for dtype, unet in unets.items():
+        one, two = saved_bytes(unet, 1), saved_bytes(unet, 2)
         per_latent[dtype], weights_kept[dtype] = two[0] - one[0], 2 * one[0] - two[0]
         print(f"| {dtype} | {per_latent[dtype]:.2f} | {two[1] - one[1]:.2f} | {weights_kept[dtype]:.2f} |")
-    if "bf16" in per_latent:  # autocast's bf16 copies of the fp16 weights are kept beside them
-        room = CARD_GIB - OTHERS_GIB - weights_fp16 - weights_kept["bf16"]
+    if "bf16" in per_latent:  # the weights it keeps are the model's own
+        room = CARD_GIB - OTHERS_GIB - weights_fp16
         print(f"\nOn a {CARD_GIB} GiB card with ComfyUI's fp16 models (UNet {weights_fp16:.1f} GiB, text encoder, CLIP "
               f"vision and VAE, context: {OTHERS_GIB:.1f} GiB): about {room:.0f} GiB for activations, "
               f"{room / per_latent['bf16']:.0f} latents of bf16 MSI at {per_latent['bf16']:.2f} GiB each; half of "

@@ -28,9 +28,9 @@ CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), 
 PREVIEWS = 20  # live loss-curve previews per run (only where the server sends previews)
 NAME = "MSI Inversion"
 # Latents per UNet call while training: 512 px face crops (64 x 64 latents), forward and
-# backward. A bf16 call keeps 0.54 GiB per latent for its backward (counted on SD1.5's UNet,
+# backward. A bf16 call keeps 0.55 GiB per latent for its backward (counted on SD1.5's UNet,
 # BENCHMARKS.md, msi_memory): on a 24 GB card next to ComfyUI's fp16 models there is room for
-# about 35; half of that leaves the backward its temporaries. Not yet run on such a card.
+# about 37; half of that leaves the backward its temporaries. Not yet run on such a card.
 DEFAULT_BATCH = 16
 
 
