@@ -313,11 +313,11 @@ GroupSampler = Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def protect_batch(sample_group: GroupSampler, originals: torch.Tensor, samples: int, seed: int,
-                  batch_size: int = 0, noise_index: list[int] | None = None) -> torch.Tensor:
+                  groups: list[list[int]] | None = None, noise_index: list[int] | None = None) -> torch.Tensor:
     """Stage II over a batch of original latents [B, 4, h, w]: image i is copied ``samples``
     times, and ``sample_group(images, z0, noise)`` runs one DDIM (the core's own in
-    ``protect``, or a host's sampler) for a group of images together (``image_groups``:
-    one UNet call a step for the group), image i from ``start_noise(seed, i)`` whatever
+    ``protect``, or a host's sampler) for each of ``groups`` together (``image_groups``;
+    None: all images in one group, one UNet call a step), image i from ``start_noise(seed, i)`` whatever
     its group (``noise_index[i]`` instead of ``i`` when given: faces of several photos in
     one batch are seeded by their index within their own photo, faces.photo_batch). Returns
     [B * samples, 4, h, w], image 0's samples first."""
@@ -325,7 +325,7 @@ def protect_batch(sample_group: GroupSampler, originals: torch.Tensor, samples: 
     if len(noise_index) != originals.shape[0]:
         raise ValueError(f"{len(noise_index)} noise indices for {originals.shape[0]} images")
     outputs = []
-    for group in image_groups(originals.shape[0], samples, batch_size):
+    for group in groups or [list(range(originals.shape[0]))]:
         z0 = torch.cat([originals[i][None].expand(samples, *originals.shape[1:]) for i in group]).clone()
         noise = torch.cat([start_noise((samples, *originals.shape[1:]), seed, noise_index[i]) for i in group])
         outputs.append(sample_group(group, z0, noise))
@@ -361,4 +361,4 @@ def protect(
                               for i, rows in zip(group, sample_rows(group, samples))])
         return ddim.sample(eps_fn, ddim.add_noise(z0, noise, tail.alphas[0]), tail, correction, callback)
 
-    return protect_batch(sample_group, originals, samples, seed, batch_size)
+    return protect_batch(sample_group, originals, samples, seed, image_groups(originals.shape[0], samples, batch_size))

@@ -283,7 +283,7 @@ class GuidedDDIMSampler(io.ComfyNode):
                           for entry in counter.report(NAME, len(group), first=group[0]))
             return latent
 
-        latents = protect_batch(sample_group, originals, samples, seed, batch_size, noise_index)
+        latents = protect_batch(sample_group, originals, samples, seed, groups, noise_index)
         similarities = [c for entry in report for c in entry["cosines"]]
         text = report_text(report)
         return io.NodeOutput({"samples": latents}, similarities, text,

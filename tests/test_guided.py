@@ -276,7 +276,8 @@ def test_an_image_seeded_by_its_index_in_its_own_photo_starts_from_the_same_nois
         seen.append(noise)
         return z0
 
-    guided.protect_batch(sample_group, originals, samples=2, seed=5, batch_size=4, noise_index=[0, 1, 0])
+    guided.protect_batch(sample_group, originals, samples=2, seed=5, groups=guided.image_groups(3, 2, 4),
+                         noise_index=[0, 1, 0])
     alone = guided.start_noise((2, 4, 8, 8), 5, 0)
     assert torch.equal(seen[0][:2], alone) and torch.equal(seen[1], alone), "photo 2's face 0 = photo 1's face 0"
     assert not torch.equal(seen[0][2:], alone)
