@@ -19,7 +19,7 @@ from .adapters import ComfyEpsModel
 from .host import Progress, gradients, grad_input, previews_on
 from .inputs import rgb_images, sd1_model
 from .msi_adapters import ComfyCodec, ComfyImageFeatures, ComfyText, alphas_of, check_clip_vision, load_all
-from .types import FaceCrops, KeyE
+from .types import FaceCrops, KeyE, batch_size_input
 
 log = logging.getLogger("diffprivacy")
 
@@ -65,10 +65,8 @@ class MSIInversion(io.ComfyNode):
                 io.Boolean.Input("one_embedding", default=False, optional=True,
                                  tooltip="the paper's Ours-OE ablation: the last CLIP layer only, no time "
                                          "modulation, one conditioning for every stage"),
-                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=256, optional=True,
-                             tooltip="latents per UNet call: the images train together, one call a step for "
-                                     "up to this many (0: all in one call); lower it if memory runs out. The "
-                                     "keys do not depend on it"),
+                batch_size_input(DEFAULT_BATCH, 256, "the images train together, one call a step for up to this many",
+                                 "The keys do"),
                 FaceCrops.Input("crop_info", optional=True,
                                 tooltip="from the Face Crop that made these images: faces it marked for the light "
                                         "protection (smaller than its msi_min_size) get key-E = the "

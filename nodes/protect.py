@@ -24,7 +24,7 @@ from .adapters import ComfyDecoder
 from .host import Progress
 from .inputs import TEXT_WIDTH, check_finite, one_or_batch, sd1_model, sd_latents
 from .similarity import report_text, similarity_entry
-from .types import FaceCrops, Guidance
+from .types import FaceCrops, Guidance, batch_size_input
 
 log = logging.getLogger("diffprivacy")
 NAME = "Guided DDIM Sampler"
@@ -213,10 +213,8 @@ class GuidedDDIMSampler(io.ComfyNode):
                              tooltip="seeds each candidate's noise: the same seed gives the same pictures"),
                 Guidance.Input("guidance", optional=True, tooltip="none = the w/o-guidance ablation"),
                 io.Mask.Input("mask", optional=True, tooltip="white = protect, black = keep the original"),
-                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
-                             tooltip="latents per UNet call: the images (with their samples each) sample "
-                                     "together, one call a step for as many whole images as fit (0: all "
-                                     "at once); lower it if memory runs out. The pictures do not depend on it"),
+                batch_size_input(DEFAULT_BATCH, 1024, "the images (with their samples each) sample together, one "
+                                 "call a step for as many whole images as fit", "The pictures do"),
                 FaceCrops.Input("crop_info", optional=True,
                                 tooltip="the crops' crop_info (from Face Crop, or Face Batch for several photos): "
                                         "each face's noise is then seeded by its index within its own photo (seed + "

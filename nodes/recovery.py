@@ -11,7 +11,7 @@ from diffpriv_core.tasks import TASKS
 from .adapters import ComfyEpsModel
 from .host import Progress
 from .inputs import per_image, sd1_model, sd_latents
-from .types import KeyE, KeyI
+from .types import KeyE, KeyI, batch_size_input
 
 KEY_I = TASKS["anonymize"].key_i  # the defaults; the hide workflows invert on their 100-step grid
 MODE_TIPS = {"bdia": "exact (ours): one UNet call per step, recovery retraces the inversion to rounding "
@@ -21,8 +21,6 @@ MODE_TIPS = {"bdia": "exact (ours): one UNet call per step, recovery retraces th
 # Latents per UNet call: forward passes only, no gradient, so far more fit than in MSI's
 # training or the guided sampler; as many as the sampler's default all the same.
 DEFAULT_BATCH = 16
-BATCH_TIP = ("latents per UNet call: the images {what} together, one call a step for up to this many (0: all at "
-             "once); lower it if memory runs out. {result} not depend on it")
 
 
 class DDIMInversionKey(io.ComfyNode):
@@ -45,8 +43,8 @@ class DDIMInversionKey(io.ComfyNode):
                 io.Int.Input("refine_iterations", default=KEY_I.refine, min=1, max=50,
                              tooltip="fixed_point mode only (bdia and ddim ignore it): refinements per step "
                                      "(each costs one UNet call)"),
-                io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
-                             tooltip=BATCH_TIP.format(what="invert", result="The keys do")),
+                batch_size_input(DEFAULT_BATCH, 1024, "the images invert together, one call a step for up to this "
+                                 "many", "The keys do"),
             ],
             outputs=[KeyI.Output(display_name="key_i", tooltip="one key-I per image: the original latent inverted under "
                                                                    "its key-E")],
@@ -80,8 +78,8 @@ class Recover(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="the SD 1.x checkpoint the keys were made with"),
                     KeyI.Input("key_i", tooltip="from Load Privacy Key (or DDIM Inversion Key)"),
                     KeyE.Input("key_e", tooltip="the key-E of the same key file"),
-                    io.Int.Input("batch_size", default=DEFAULT_BATCH, min=0, max=1024, optional=True,
-                                 tooltip=BATCH_TIP.format(what="recover", result="The latents do"))],
+                    batch_size_input(DEFAULT_BATCH, 1024, "the key-Is recover together, one call a step for up to "
+                                     "this many", "The latents do")],
             outputs=[io.Latent.Output(display_name="latent", tooltip="the original latent, recovered: VAE Decode it")],
         )
 
