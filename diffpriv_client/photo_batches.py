@@ -24,6 +24,7 @@ import copy
 from dataclasses import dataclass
 
 from diffpriv_core.job_protocol import MAX_UPLOADS_PER_JOB
+from diffpriv_core.key_format import MAX_FACES
 
 from . import graphs
 from .comfy_http import ComfyClient, PromptResult
@@ -119,7 +120,8 @@ class PhotosPrompt:
         if len(reported) != 1:
             raise ValueError(f"the server did not say which faces of the shared batch are photo {photo}'s")
         ((first, faces),) = reported
-        if not (type(first) is int and type(faces) is int and first >= 0 and faces > 0):
+        if not (type(first) is int and type(faces) is int and 0 <= first < MAX_FACES * len(self.photos)
+                and 0 < faces <= MAX_FACES):
             raise ValueError(f"the server's rows of photo {photo} in the shared batch cannot be read")
         return first, faces
 

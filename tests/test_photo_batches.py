@@ -120,6 +120,10 @@ def test_each_photo_gets_its_own_outputs_and_the_reports_of_its_faces_renumbered
         outputs[split] = {"diffprivacy_photo": [{"photo": 1, "first": "2", "faces": 1}]}
     with pytest.raises(ValueError, match="cannot be read"):
         prompt.photo_result(result, 1)
+    for split in prompt.splits[1]:  # more faces than a photo can hold
+        outputs[split] = {"diffprivacy_photo": [{"photo": 1, "first": 2, "faces": 10 ** 9}]}
+    with pytest.raises(ValueError, match="cannot be read"):
+        prompt.photo_result(result, 1)
     for split in prompt.splits[1]:
         del outputs[split]
     with pytest.raises(ValueError, match="did not say"):
